@@ -115,9 +115,53 @@ def find_yagna() -> str | None:
 
 # Inside the zipapp the C extensions of aiohttp & co cannot load (a `.so` cannot be imported from a zip):
 # their *_NO_EXTENSIONS switches select the pure-Python fallbacks. Set before golem-core is imported.
-if type(globals().get("__loader__")).__name__ == "zipimporter":  # pragma: no cover - zipapp only
+_ZIPAPP = globals().get("__loader__").archive if type(globals().get("__loader__")).__name__ == "zipimporter" else None
+if _ZIPAPP:  # pragma: no cover - zipapp only
     for _name in ("AIOHTTP", "MULTIDICT", "YARL", "FROZENLIST", "PROPCACHE"):
         os.environ.setdefault(f"{_name}_NO_EXTENSIONS", "1")
+
+
+def prepare_bundled_imports() -> str | None:
+    """Call before the first `import golem`: inside the zipapp, put its bundle on disk first on sys.path.
+
+    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path next
+    to `__file__`, which cannot work inside a zip. The bundled packages are extracted once per zip
+    (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), their precompiled pycs
+    into `__pycache__`. Outside the zipapp this does nothing and returns None.
+    """
+    if not _ZIPAPP:
+        return None
+    import zipfile
+    from importlib.util import MAGIC_NUMBER, cache_from_source
+
+    stat = os.stat(_ZIPAPP)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with zipfile.ZipFile(_ZIPAPP) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                if name.split(".")[0] in ("__main__", "ray_on_golem", "golem_localnet", "bundled-versions"):
+                    continue  # our own modules stay in the zip
+                data = zf.read(info)
+                if name.endswith(".pyc"):
+                    if data[:4] != MAGIC_NUMBER:
+                        continue  # another Python: it compiles the .py itself
+                    name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
+                path = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: use theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    return target
 
 
 ###############################################################################
