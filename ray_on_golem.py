@@ -122,12 +122,13 @@ if _ZIPAPP:  # pragma: no cover - zipapp only
 
 
 def prepare_bundled_imports() -> str | None:
-    """Call before the first `import golem`: inside the zipapp, put its bundle on disk first on sys.path.
+    """Call before the first `import yaml`/`import golem`: inside the zipapp, put its bundle on sys.path.
 
-    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path next
-    to `__file__`, which cannot work inside a zip. The bundled packages are extracted once per zip
-    (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), their precompiled pycs
-    into `__pycache__`. Outside the zipapp this does nothing and returns None.
+    The zipapp keeps its dependencies in an inner `bundle.zip` (build_zipapp.py says why), and
+    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path
+    next to `__file__`, which cannot work inside a zip anyway. So the bundle is extracted once per
+    zip (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), its precompiled
+    pycs into `__pycache__`. Outside the zipapp this does nothing and returns None.
     """
     if not _ZIPAPP:
         return None
@@ -139,11 +140,9 @@ def prepare_bundled_imports() -> str | None:
     target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
     if not os.path.isdir(target):
         tmp = f"{target}.tmp.{os.getpid()}"
-        with zipfile.ZipFile(_ZIPAPP) as zf:
+        with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
             for info in zf.infolist():
                 name = info.filename
-                if name.split(".")[0] in ("__main__", "ray_on_golem", "golem_localnet", "bundled-versions"):
-                    continue  # our own modules stay in the zip
                 data = zf.read(info)
                 if name.endswith(".pyc"):
                     if data[:4] != MAGIC_NUMBER:
@@ -641,6 +640,7 @@ def _read_cluster_yaml(path: str) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise UsageError(f"cluster config {path}: cannot be read ({err.__class__.__name__})") from None
     try:
+        prepare_bundled_imports()
         import yaml
     except ImportError:
         raise RayOnGolemError("reading a cluster YAML needs PyYAML: pip install 'PyYAML==6.0.3'") from None
