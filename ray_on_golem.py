@@ -23,7 +23,6 @@ Sections, in dependency order (each uses only those above it):
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -1607,6 +1606,8 @@ def _add_reputation(commands, common) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
+    import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--datadir", metavar="PATH",
                         help="data directory (default: $RAY_ON_GOLEM_DATADIR or ~/.local/share/ray_on_golem)")
