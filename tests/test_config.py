@@ -257,8 +257,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 # No timing in tests (the machine is shared): no deadline, no "too slow" health check.
 untimed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_values = st.recursive(st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=3),
-                       lambda inner: st.dictionaries(st.sampled_from("abcd"), inner, max_size=4), max_leaves=12)
+_leaves = st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=3)
+_keys = st.sampled_from("abcd")
+_values = _leaves | st.dictionaries(_keys, _leaves | st.dictionaries(_keys, _leaves, max_size=3), max_size=4)
 
 
 @untimed
