@@ -1301,40 +1301,45 @@ def _datadir(args) -> str:
 
 # -- version -------------------------------------------------------------------
 
-def installed_version(dist_name: str) -> str | None:
-    """Version of an installed distribution without importing it or importlib.metadata.
+def installed_versions() -> dict[str, str]:
+    """Versions of the installed distributions (normalized name -> version), without importing them.
 
-    Both are slow on a cold start (importlib.metadata alone costs ~100 ms here): the version is in
-    the name of the `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp
-    lists what it bundles in `bundled-versions.json` at its root.
+    Neither the packages nor importlib.metadata are imported: both are slow on a cold start
+    (importlib.metadata alone costs ~100 ms here). The version is in the name of each
+    `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp lists what it bundles
+    in `bundled-versions.json` at its root. The first entry on sys.path wins, as for imports.
     """
-    wanted = re.sub(r"[-_.]+", "_", dist_name).lower()
+    found: dict[str, str] = {}
     for entry in sys.path:
         entry = entry or "."
+        names: list[tuple[str, str]] = []
         if os.path.isfile(entry):
+            import json
             import zipimport
 
             try:
-                import json
-
                 bundled = json.loads(zipimport.zipimporter(entry).get_data("bundled-versions.json"))
+                names = list(bundled.items())
             except (OSError, ValueError, zipimport.ZipImportError):
                 continue
-            found = {re.sub(r"[-_.]+", "_", k).lower(): v for k, v in bundled.items()}.get(wanted)
-            if found:
-                return found
-            continue
-        try:
-            names = os.listdir(entry)
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith((".dist-info", ".egg-info")) and "-" in name:
-                stem = name.rsplit(".", 1)[0]
-                dist, _, version = stem.partition("-")
-                if re.sub(r"[-_.]+", "_", dist).lower() == wanted:
-                    return version.split("-")[0] or None
-    return None
+        else:
+            try:
+                listing = os.listdir(entry)
+            except OSError:
+                continue
+            for name in listing:
+                if name.endswith((".dist-info", ".egg-info")) and "-" in name:
+                    dist, _, version = name.rsplit(".", 1)[0].partition("-")
+                    names.append((dist, version.split("-")[0]))
+        for dist, version in names:
+            found.setdefault(re.sub(r"[-_.]+", "_", dist).lower(), version)
+    return found
+
+
+def installed_version(dist_name: str, _versions: dict | None = None) -> str | None:
+    """Version of one installed distribution (see `installed_versions`), or None."""
+    versions = installed_versions() if _versions is None else _versions
+    return versions.get(re.sub(r"[-_.]+", "_", dist_name).lower()) or None
 
 
 def _yagna_info() -> dict:
@@ -1386,14 +1391,15 @@ def _yagna_info() -> dict:
 def version_info() -> dict:
     """What a bug report needs: our version, Python, platform, dependencies, yagna, data dir."""
     uname = os.uname()
+    versions = installed_versions()
     return {
         "ray-on-golem": __version__,
         "python": {"version": sys.version.split()[0], "implementation": sys.implementation.name,
                    "executable": sys.executable},
         "platform": f"{uname.sysname}-{uname.release}-{uname.machine}",
-        "golem-core": installed_version("golem-core"),
-        "PyYAML": installed_version("PyYAML"),
-        "ray": installed_version("ray"),
+        "golem-core": installed_version("golem-core", versions),
+        "PyYAML": installed_version("PyYAML", versions),
+        "ray": installed_version("ray", versions),
         "yagna": _yagna_info(),
         "datadir": default_datadir(),
     }
