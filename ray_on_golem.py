@@ -571,6 +571,60 @@ def _has(raw, *keys) -> bool:
     return True
 
 
+def _resolve_node_config(own: dict, common: dict, is_head: bool, own_path: str, common_path: str,
+                         issues: list) -> dict:
+    """Head defaults <- provider-level `common` <- the node type's `own`, defaulted and cross-checked.
+
+    Both inputs were checked field by field already; what is left are the rules across fields, and
+    an error blames the level that set the field (`own_path` or `common_path`).
+    """
+    merged = merge_node_config(merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, common), own)
+
+    def origin(*keys):
+        return own_path if _has(own, *keys) or not _has(common, *keys) else common_path
+
+    resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
+    usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
+    if usage is not None:
+        base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
+        for key in ("cpu_load", "duration_hours"):
+            if key not in usage:
+                issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
+    demand = resolved["demand"]
+    if demand["image_tag"] and demand["image_hash"]:
+        blame_own = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
+        issues.append(((own_path if blame_own else common_path) + ".demand",
+                       "Either the `image_tag` or `image_hash` is allowed, not both "
+                       f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
+    elif not demand["image_tag"] and not demand["image_hash"]:
+        issues.append((origin("demand") + ".demand",
+                       "Either the `image_tag` or `image_hash` is required (found neither)"))
+    intervals = resolved["budget_control"]["payment_interval_hours"]
+    if intervals["optimal"] is None:
+        intervals["optimal"] = intervals["minimal"]
+    elif intervals["optimal"] < intervals["minimal"]:
+        issues.append((origin("budget_control", "payment_interval_hours")
+                       + ".budget_control.payment_interval_hours.optimal",
+                       f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+    return resolved
+
+
+def resolve_node_config(node_config: dict, common: dict | None = None, *, head: bool = False) -> dict:
+    """One node's `node_config` (what Ray passes to `create_node`), checked, merged over `common` and
+    defaulted; `ConfigError` naming `node_config.<field>` otherwise. For callers that hold no whole
+    cluster YAML (the node provider on the head node)."""
+    issues: list[tuple[str, str]] = []
+    common = common or {}
+    _walk(NODE_CONFIG_SCHEMA, common, "provider.parameters.node_config", issues, defaults=False)
+    _walk(NODE_CONFIG_SCHEMA, node_config, "node_config", issues, defaults=False)
+    if not issues:
+        resolved = _resolve_node_config(node_config or {}, common, head, "node_config",
+                                        "provider.parameters.node_config", issues)
+    if issues:
+        raise ConfigError(issues[0][0], issues[0][1], issues)
+    return resolved
+
+
 class NodeType:
     """One entry of `available_node_types` with its fully merged and defaulted `node_config`."""
 
@@ -745,39 +799,8 @@ def load_cluster_config(source) -> ClusterConfig:
         if len(issues) > before or not provider_node_config_ok:
             continue
         is_head = name == head_type
-        merged = merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, provider_node_config)
-        merged = merge_node_config(merged, own)
-
-        def origin(*keys, _own=own, _type_path=type_path):
-            """Blame the node type if it set the field, else the provider level that did."""
-            if _has(_own, *keys) or not _has(provider_node_config, *keys):
-                return f"{_type_path}.node_config"
-            return "provider.parameters.node_config"
-
-        resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
-        usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
-        if usage is not None:
-            base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
-            for key in ("cpu_load", "duration_hours"):
-                if key not in usage:
-                    issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
-        demand = resolved["demand"]
-        if demand["image_tag"] and demand["image_hash"]:
-            blame_type = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
-            issues.append(((f"{type_path}.node_config" if blame_type else "provider.parameters.node_config")
-                           + ".demand",
-                           "Either the `image_tag` or `image_hash` is allowed, not both "
-                           f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
-        elif not demand["image_tag"] and not demand["image_hash"]:
-            issues.append((origin("demand") + ".demand",
-                           "Either the `image_tag` or `image_hash` is required (found neither)"))
-        intervals = resolved["budget_control"]["payment_interval_hours"]
-        if intervals["optimal"] is None:
-            intervals["optimal"] = intervals["minimal"]
-        elif intervals["optimal"] < intervals["minimal"]:
-            issues.append((origin("budget_control", "payment_interval_hours")
-                           + ".budget_control.payment_interval_hours.optimal",
-                           f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+        resolved = _resolve_node_config(own, provider_node_config, is_head, f"{type_path}.node_config",
+                                        "provider.parameters.node_config", issues)
         node_types[name] = NodeType(name, is_head, resolved, fields["resources"], fields["min_workers"], max_w)
 
     if issues:
