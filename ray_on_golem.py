@@ -82,6 +82,12 @@ def write_secret_file(path: str, content: str) -> None:
     os.replace(tmp, path)
 
 
+def cache_dir() -> str:
+    """`$XDG_CACHE_HOME/ray-on-golem` (default `~/.cache/ray-on-golem`): what can be rebuilt at any time."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ray-on-golem")
+
+
 DB_FILENAME = "ray_on_golem.sqlite3"
 # Ray resolves `provider.module` with importlib + getattr (ray-provider.md), so this is the module path.
 PROVIDER_MODULE = "ray_on_golem.GolemNodeProvider"
@@ -135,8 +141,7 @@ def prepare_bundled_imports() -> str | None:
     from importlib.util import MAGIC_NUMBER, cache_from_source
 
     stat = os.stat(_ZIPAPP)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    target = os.path.join(cache_dir(), f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
     if not os.path.isdir(target):
         tmp = f"{target}.tmp.{os.getpid()}"
         with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
@@ -1381,9 +1386,7 @@ def _yagna_info() -> dict:
     except OSError as err:
         return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
     key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
-    cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                             "ray-on-golem")
-    cache_file = os.path.join(cache_dir, "yagna-version.json")
+    cache_file = os.path.join(cache_dir(), "yagna-version.json")
     try:
         with open(cache_file, encoding="utf-8") as f:
             cached = json.load(f)
@@ -1401,7 +1404,7 @@ def _yagna_info() -> dict:
     version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
     if out.returncode == 0:
         try:
-            os.makedirs(cache_dir, exist_ok=True)
+            os.makedirs(cache_dir(), exist_ok=True)
             tmp = f"{cache_file}.tmp.{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"key": key, "version": version}, f)
