@@ -743,6 +743,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
+                if spec.get("behaviour") == "slow" and "latency_s" not in spec:
+                    # drawn apart from the main sequence, which the other providers depend on
+                    p.latency_s = round(random.Random(f"{self.seed}:slow:{i}").uniform(*slow_r), 3)
             # yagna's subscription id shape: <uuid hex>-<sha256 hex>
             digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
             p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
@@ -1105,10 +1108,11 @@ class Market:
         # offers already on the market match at once; the rest arrive as they are
         # broadcast (P2P discovery), on the simulated clock
         now_sim = demand.subscribed_sim_s
+        # ... in the order the node received them, the known ones included
         schedule = sorted(
-            (max(0.0, p.offer_at_s - now_sim), p.index) for p in self.population.providers)
+            (max(0.0, p.offer_at_s - now_sim), p.offer_at_s, p.index) for p in self.population.providers)
         mono = demand.subscribed_mono
-        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, i in schedule)
+        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, _, i in schedule)
         self.demands[demand.id] = demand
         return demand
 
