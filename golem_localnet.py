@@ -974,9 +974,9 @@ def flatten_properties(props: dict, prefix: str = "") -> dict:
 
 # --- market state ---
 
+# the enums of ya-aioclient's models: anything else kills golem-core's loops (§3, checklist item 5)
 PROPOSAL_STATES = ("Initial", "Draft", "Rejected", "Accepted", "Expired")
 AGREEMENT_STATES = ("Proposal", "Pending", "Cancelled", "Rejected", "Approved", "Expired", "Terminated")
-LIVE_AGREEMENT_STATES = ("Proposal", "Pending", "Approved")
 
 
 class Proposal:
@@ -992,6 +992,7 @@ class Proposal:
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
+        assert state in PROPOSAL_STATES, state
         self.state = state
         self.properties = properties
         self.constraints = constraints
@@ -1328,6 +1329,7 @@ class Market:
         return agreement
 
     def set_state(self, agreement: Agreement, state: str) -> None:
+        assert state in AGREEMENT_STATES, state
         old = agreement.state
         if old == state:
             return
