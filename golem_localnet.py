@@ -521,6 +521,28 @@ OUTBOUND_REJECTION = (
 )
 
 
+DEBIT_NOTE_INTERVAL_KEY = "golem.com.scheme.payu.debit-note.interval-sec?"
+PAYMENT_TIMEOUT_KEY = "golem.com.scheme.payu.payment-timeout-sec?"
+MID_AGREEMENT_REQUIRED_FROM_S = 10 * 3600  # payment_timeout.rs: payment_timeout_required_duration
+
+
+def humantime(seconds: int) -> str:
+    """A duration as Rust's humantime::format_duration writes it in provider messages
+    ("1s", "2m 30s", "10h", "1day")."""
+    parts = []
+    for unit, size, plural in (("year", 31_557_600, True), ("month", 2_630_016, True), ("day", 86_400, True),
+                               ("h", 3600, False), ("m", 60, False), ("s", 1, False)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}{'s' if plural and count > 1 else ''}")
+    return " ".join(parts) or "0s"
+
+
+def _rfc3339(ts: datetime) -> str:
+    """chrono's to_rfc3339 (AutoSi fractions) for millisecond timestamps."""
+    return ts.isoformat(timespec="milliseconds" if ts.microsecond else "seconds")
+
+
 class ProfileError(ValueError):
     """A bad profile; the message names the field."""
 
@@ -1255,11 +1277,23 @@ class Market:
             return OUTBOUND_REJECTION, True
         if "golem.com.payment.chosen-platform" not in properties:
             return "Missing fields: /golem/com/payment/chosen-platform", False
-        for key, label in (("golem.com.scheme.payu.debit-note.interval-sec?", "DebitNote interval"),
-                           ("golem.com.scheme.payu.payment-timeout-sec?", "DebitNote payment timeout")):
+        # payment_timeout.rs and note_interval.rs, with the provider agent's default limits
+        expiration = properties.get("golem.srv.comp.expiration")
+        if isinstance(expiration, (int, float)) and not isinstance(expiration, bool):
+            expires_at = datetime.fromtimestamp(expiration / 1000, timezone.utc)
+            if expires_at <= utcnow():
+                return "Computation expiration time was set in the past", True
+            if (PAYMENT_TIMEOUT_KEY not in properties
+                    and expires_at - utcnow() >= timedelta(seconds=MID_AGREEMENT_REQUIRED_FROM_S)):
+                return (f"Expiration time {_rfc3339(expires_at)} exceeds the "
+                        f"{humantime(MID_AGREEMENT_REQUIRED_FROM_S)} threshold of enforcing mid-agreement payments "
+                        f"but the required property '{PAYMENT_TIMEOUT_KEY}' was not present in the Demand"), True
+        for key, label in ((PAYMENT_TIMEOUT_KEY, "DebitNote payment timeout"),
+                           (DEBIT_NOTE_INTERVAL_KEY, "DebitNote interval")):
             value = properties.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or not 1 <= value <= 86400):
-                return f"Demand {label} {value}s not in acceptable range of [1s; 86400s]", True
+            if isinstance(value, (int, float)) and not 1 <= value <= 86400:
+                return (f"Demand {label} {humantime(int(value))} not in acceptable range of "
+                        f"[{humantime(1)}; {humantime(86400)}]"), True
         return None
 
     def _provider_answer(self, counter: Proposal) -> None:
@@ -1277,11 +1311,12 @@ class Market:
         else:
             props = dict(provider.offer_properties(self._offer_ms))
             # a real provider echoes the requestor's mid-agreement terms within its limits,
-            # so one round trip is enough (§2.6)
-            for key in ("golem.com.scheme.payu.debit-note.interval-sec?",
-                        "golem.com.scheme.payu.payment-timeout-sec?"):
+            # so one round trip is enough (§2.6), and drops them when the demand has none
+            for key in (DEBIT_NOTE_INTERVAL_KEY, PAYMENT_TIMEOUT_KEY):
                 if key in counter.properties:
                     props[key] = counter.properties[key]
+                else:
+                    props.pop(key, None)
             timeout = counter.properties.get("golem.com.payment.debit-notes.accept-timeout?")
             if isinstance(timeout, (int, float)) and timeout <= props["golem.com.payment.debit-notes.accept-timeout?"]:
                 props["golem.com.payment.debit-notes.accept-timeout?"] = timeout
