@@ -1065,3 +1065,10 @@ def test_malformed_http_gets_a_json_error_and_the_server_lives_on(localnet, raw,
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert json.loads(body)["message"]
     assert localnet.call("GET", "/me")[0] == 200
+
+
+def test_population_table_piped_into_head_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} {REPO / 'golem_localnet.py'} population --providers 2000 | head -1",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split()[:2] == ["#", "name"]
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
