@@ -453,13 +453,14 @@ class PriceFilter:
     label: str
     limit: float  # in the unit `price` returns (GLM, or GLM per second)
     price: object  # callable(ProposalData) -> float | None
+    per: float = 1.0  # 3600 for the per-hour limits: the unit of the label
 
     def rejection(self, proposal_data) -> str | None:
         value = self.price(proposal_data)
         if value is None:
             return REASON_UNPRICEABLE
         if value > self.limit:
-            return f"{self.label} (offered {value:.6g})"
+            return f"{self.label} (offered {value * self.per:.6g})"
         return None
 
 
@@ -478,12 +479,12 @@ def budget_filters(budget: BudgetControl, pricing: Pricing) -> list[PriceFilter]
         filters.append(PriceFilter(
             "Reject if cpu per hour price exceeds `max_cpu_per_hour_price` = "
             f"{budget.max_cpu_per_hour_price}",
-            budget.max_cpu_per_hour_price / 3600, pricing.cpu_per_sec))
+            budget.max_cpu_per_hour_price / 3600, pricing.cpu_per_sec, 3600))
     if budget.max_env_per_hour_price is not None:
         filters.append(PriceFilter(
             "Reject if env per hour price exceeds `max_env_per_hour_price` = "
             f"{budget.max_env_per_hour_price}",
-            budget.max_env_per_hour_price / 3600, pricing.env_per_sec))
+            budget.max_env_per_hour_price / 3600, pricing.env_per_sec, 3600))
     return filters
 
 
@@ -648,7 +649,8 @@ class DemandSpec:
             builder.add_constraints(Constraint(defaults.PROP_INF_CPU_THREADS, "<=", self.max_cpu_threads))
         if self.node_descriptor:
             builder.add_properties({"golem.!exp.gap-31.v0.node.descriptor": self.node_descriptor})
-        await builder.add(await allocation.get_demand_spec())
+        if allocation is not None:  # its platform address and protocol version (yagna-api.md §2.3)
+            await builder.add(await allocation.get_demand_spec())
         return builder
 
 
