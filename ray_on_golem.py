@@ -681,7 +681,8 @@ class MarketPipeline:
                  is_blacklisted=lambda provider_id: False, reputation=lambda provider_id: None,
                  total_budget: float = 5.0, payment_driver: str = "erc20",
                  concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
-                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, seed: int | None = None):
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, seed: int | None = None,
+                 max_drafts: int | None = None):
         import asyncio
         from datetime import timedelta
 
@@ -699,6 +700,7 @@ class MarketPipeline:
         self.total_budget = total_budget
         self.payment_driver = payment_driver
         self.concurrency = concurrency
+        self.max_drafts = max_drafts  # node starts hold a few drafts; a scan negotiates everything
         self.response_timeout = response_timeout
         self.pricing = Pricing(budget)
         self.filters = budget_filters(budget, self.pricing)
@@ -722,6 +724,8 @@ class MarketPipeline:
         self.demand = None
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()  # (-score, seq, Candidate)
         self._drafts: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._room = asyncio.Condition()  # signalled when a draft slot frees (max_drafts)
+        self._reserved = 0  # negotiator slots holding or about to hold a draft
         self._seq = 0
         self._tasks: list = []
         self._stopping = False
@@ -820,6 +824,8 @@ class MarketPipeline:
                 if item[2].provider_id in exclude:
                     skipped.append(item)
                     continue
+                async with self._room:
+                    self._room.notify_all()
                 return item[2]
         finally:
             for item in skipped:
@@ -829,15 +835,19 @@ class MarketPipeline:
         """Sign the best draft: (Agreement, Candidate). Failures are counted and the next one tried."""
         while True:
             candidate = await self.next_draft(exclude)
+            agreement = None
             try:
                 agreement = await candidate.draft.create_agreement(autoclose=True)
                 await agreement.confirm()
+                # `wait` answers 410 on a rejection: golem-core returns False (yagna-api.md §2.7)
                 if await agreement.wait_for_approval():
                     candidate.row["outcome"] = "agreement"
                     return agreement, candidate
                 reason = "Agreement rejected by the provider"
             except Exception as e:  # any failure: record it and take the next draft
                 reason = f"Agreement failed: {_describe_error(e)}"
+                if agreement is not None:
+                    await _quietly(agreement.terminate("Agreement failed"))
             candidate.row["outcome"] = self.funnel.failed(reason)
 
     async def agreements(self, exclude=frozenset()):
@@ -884,23 +894,36 @@ class MarketPipeline:
 
     async def _negotiate_forever(self) -> None:
         while True:
-            _, _, candidate = await self._queue.get()
-            if self._stopping:
-                continue
-            self.negotiating += 1
-            self.funnel.passed(STAGE_NEGOTIATION_INITIALIZED)
-            candidate.row["outcome"] = "negotiating"
+            if self.max_drafts:
+                async with self._room:  # reserve a draft slot before taking a proposal
+                    await self._room.wait_for(
+                        lambda: self._drafts.qsize() + self._reserved < self.max_drafts)
+                    self._reserved += 1
             try:
-                candidate.draft = await self.negotiate(candidate.proposal)
-            except Exception as e:
-                candidate.row["outcome"] = self.funnel.failed(_negotiation_failure(e))
-            else:
-                self.funnel.passed(STAGE_NEGOTIATED)
-                candidate.row["outcome"] = "negotiated"
-                self._seq += 1
-                self._drafts.put_nowait((-candidate.score, self._seq, candidate))
+                _, _, candidate = await self._queue.get()
+                if not self._stopping:
+                    await self._negotiate_candidate(candidate)
             finally:
-                self.negotiating -= 1
+                if self.max_drafts:
+                    async with self._room:
+                        self._reserved -= 1
+                        self._room.notify_all()
+
+    async def _negotiate_candidate(self, candidate: Candidate) -> None:
+        self.negotiating += 1
+        self.funnel.passed(STAGE_NEGOTIATION_INITIALIZED)
+        candidate.row["outcome"] = "negotiating"
+        try:
+            candidate.draft = await self.negotiate(candidate.proposal)
+        except Exception as e:
+            candidate.row["outcome"] = self.funnel.failed(_negotiation_failure(e))
+        else:
+            self.funnel.passed(STAGE_NEGOTIATED)
+            candidate.row["outcome"] = "negotiated"
+            self._seq += 1
+            self._drafts.put_nowait((-candidate.score, self._seq, candidate))
+        finally:
+            self.negotiating -= 1
 
     async def negotiate(self, offer):
         """Counter-propose until the provider's Draft needs no change; return that Draft.
