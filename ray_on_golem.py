@@ -595,153 +595,33 @@ class YagnaService:
 
 
 # --- golem-core connection ----------------------------------------------------
-# The client side of yagna: where it listens, the app key, a reachability and
-# auth check with a message that says what to do, and a GolemNode bound to them.
-# golem-core itself makes no HTTP call on start (reference/yagna-api.md §1.3), so
-# without `check_yagna` a wrong URL or key shows up only as silently dead loops.
+# golem-core makes no HTTP call when a GolemNode starts (reference/yagna-api.md §1.3):
+# a wrong URL or app key would only show up as silently dead event loops, so the
+# daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
 
-def check_yagna(api_url: str, app_key: str, timeout: float = 5.0) -> dict:
-    """GET `/me` with the app key; return the identity or raise what the user must fix.
 
-    yagna serves `/me` at the root and answers 401 with a plain-text body on a bad key
-    (reference/yagna-api.md §1.2, §2.2).
-    """
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{api_url.rstrip('/')}/me", headers={"Authorization": f"Bearer {app_key}"}
-    )
+def start_yagna_for(network: str, datadir: str) -> "YagnaService":
+    """A started YagnaService (reused or spawned), or ServiceUnavailable naming the fix."""
+    service = YagnaService(network, datadir)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        if e.code == 401:
-            raise Unauthorized(
-                f"yagna at {api_url} rejected the app key: set YAGNA_APPKEY to a key from "
-                "`yagna app-key list` (or unset it to use the local network's key)"
-            ) from None
-        raise ServiceUnavailable(f"yagna at {api_url} answered /me with HTTP {e.code}") from None
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ServiceUnavailable(
-            f"yagna is not reachable at {api_url} ({reason}): start it with `ray-on-golem start` "
-            "or `yagna service run`, or point YAGNA_API_URL at a running one"
-        ) from None
-
-
-class LocalNetworkProcess:
-    """A `golem_localnet.py serve` this command started, stopped by PID when done.
-
-    Contract: docs/internals.md (ready line on stdout, `DIR/appkey` mode 0600).
-    """
-
-    READY_PREFIX = "golem-localnet listening on "
-
-    def __init__(self, datadir: str, options: dict | None = None):
-        self.datadir = datadir
-        self.options = options or {}
-        self.process = None
-        self.url = ""
-        self.app_key = ""
-
-    def start(self, ready_timeout: float = 30.0) -> "LocalNetworkProcess":
-        import subprocess
-        import threading
-
-        ensure_datadir(self.datadir)
-        here = os.path.dirname(os.path.abspath(__file__))  # the zipapp path when zipped
-        argv = [sys.executable, "-m", "golem_localnet", "serve", "--port", "0",
-                "--datadir", self.datadir, "--host", "127.0.0.1"]
-        for key, flag in (("providers", "--providers"), ("seed", "--seed"),
-                          ("profile", "--profile"), ("time_scale", "--time-scale")):
-            if self.options.get(key) is not None:
-                argv += [flag, str(self.options[key])]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (here, os.environ.get("PYTHONPATH")) if p))
-        env.pop("YAGNA_APPKEY", None)  # the local network keeps its own key in DIR/appkey
-        self.process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            env=env, text=True, start_new_session=True,
-        )
-        line_box: list[str] = []
-        reader = threading.Thread(
-            target=lambda: line_box.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(ready_timeout)
-        line = line_box[0].strip() if line_box else ""
-        if not line.startswith(self.READY_PREFIX):
-            self.stop()
+        service.start()
+    except ServiceUnavailable as e:
+        if " 401 " in str(e):
             raise ServiceUnavailable(
-                f"the local network did not start (no ready line within {ready_timeout:g} s); "
-                f"see `python -m golem_localnet serve --datadir {self.datadir}`"
-            )
-        self.url = line[len(self.READY_PREFIX):]
-        with open(os.path.join(self.datadir, "appkey")) as f:
-            self.app_key = f.read().strip()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the local network kills its activities and exits 0), then SIGKILL."""
-        import signal
-        import subprocess
-
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
-
-    def remove_datadir(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.datadir, ignore_errors=True)
+                f"{service.kind} at {service.api_url} rejected the app key: set YAGNA_APPKEY to a key "
+                "from `yagna app-key list`, or unset it to let Ray on Golem find one") from None
+        raise ServiceUnavailable(
+            f"{e} (start the services with `ray-on-golem start`, or point YAGNA_API_URL at a "
+            "running yagna)") from None
+    return service
 
 
-def connect_local_network(datadir: str, options: dict | None = None):
-    """(url, app_key, started) for `payment_network: local`: reuse a reachable one, else start one.
+def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
+    """An unstarted golem-core GolemNode bound to the service's URL and app key."""
+    from golem.node import GolemNode
 
-    Reachable means `YAGNA_API_URL` + `YAGNA_APPKEY` answer `/me`, or the local network
-    recorded in `<datadir>/localnet/localnet.json` does with its appkey file.
-    """
-    import json
-
-    candidates = []
-    if os.environ.get("YAGNA_API_URL") and os.environ.get("YAGNA_APPKEY"):
-        candidates.append((os.environ["YAGNA_API_URL"], os.environ["YAGNA_APPKEY"]))
-    localnet_dir = os.path.join(datadir, "localnet")
-    try:
-        with open(os.path.join(localnet_dir, "localnet.json")) as f:
-            url = json.load(f)["url"]
-        with open(os.path.join(localnet_dir, "appkey")) as f:
-            candidates.append((url, f.read().strip()))
-    except (OSError, ValueError, KeyError):
-        pass
-    for url, key in candidates:
-        try:
-            check_yagna(url, key, timeout=2.0)
-            return url, key, None
-        except Unauthorized:
-            raise
-        except ServiceUnavailable:
-            continue
-    import tempfile
-
-    # Ours lives in a fresh directory so a webserver's local network record is never clobbered.
-    process = LocalNetworkProcess(tempfile.mkdtemp(prefix="rog-localnet-"), options)
-    try:
-        process.start()
-    except BaseException:
-        process.remove_datadir()
-        raise
-    return process.url, process.app_key, process
+    return GolemNode(app_key=service.app_key, api_url=service.api_url,
+                     collect_payment_events=collect_payment_events)
 
 
 ###############################################################################
@@ -2465,13 +2345,12 @@ class NetworkStatsScan:
 
     def __init__(self, node_type: str, node_config: dict, payment_network: str,
                  payment_driver: str = "erc20", total_budget: float = 5.0,
-                 local_network: dict | None = None, datadir: str | None = None):
+                 datadir: str | None = None):
         self.node_type = node_type
         self.node_config = node_config
         self.payment_network = payment_network
         self.payment_driver = payment_driver
         self.total_budget = total_budget
-        self.local_network = local_network or {}
         self.datadir = datadir or default_datadir()
         self.interrupted = False
 
@@ -2508,8 +2387,6 @@ class NetworkStatsScan:
         import asyncio
         import signal
 
-        from golem.node import GolemNode
-
         _quiet_golem_logging(self.datadir)
         loop = asyncio.get_running_loop()
         stop_event = asyncio.Event()
@@ -2520,14 +2397,15 @@ class NetworkStatsScan:
                 print("\nReceived CTRL-C, exiting...", file=err, flush=True)
                 stop_event.set()
 
-        localnet = None
+        yagna = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
-            url, app_key, localnet = await loop.run_in_executor(None, self._connect)
+            # a local network it starts is stopped below; a running one is left alone
+            yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
             store = open_store_for_market(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
-            node = GolemNode(app_key=app_key, api_url=url, collect_payment_events=False)
+            node = golem_node_for(yagna, collect_payment_events=False)
             await node.start()
             try:
                 pipeline = MarketPipeline(
@@ -2545,22 +2423,8 @@ class NetworkStatsScan:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            if localnet is not None:
-                await loop.run_in_executor(None, localnet.stop)
-                localnet.remove_datadir()
-
-    def _connect(self):
-        """(url, app key, LocalNetworkProcess we started or None); raises what to do otherwise."""
-        if self.payment_network == "local":
-            return connect_local_network(self.datadir, self.local_network)
-        url = os.environ.get("YAGNA_API_URL") or DEFAULT_YAGNA_API_URL
-        app_key = os.environ.get("YAGNA_APPKEY")
-        if not app_key:
-            raise ServiceUnavailable(
-                "no yagna app key: set YAGNA_APPKEY to a key from `yagna app-key list` "
-                "(or start the services with `ray-on-golem start`)")
-        check_yagna(url, app_key)
-        return url, app_key, None
+            if yagna is not None:
+                await loop.run_in_executor(None, yagna.stop)
 
 
 def providers_table(funnel: Funnel) -> list[str]:
