@@ -1687,7 +1687,6 @@ def golem_node_for(service: "YagnaService", collect_payment_events: bool = True)
 # Every stage counts what passes it in the Funnel; every failure reason is grouped.
 
 import dataclasses
-import re
 
 # A fixed image for the local network: its providers run Ray from this host, so no
 # image is fetched; the hash only has to be well-formed.
@@ -1703,7 +1702,7 @@ DEMAND_LIFETIME_DAYS = 365
 # Scoring without a `per_cpu_expected_usage` block still prefers cheap providers: price
 # them for one fully used CPU-hour.
 DEFAULT_EXPECTED_USAGE = (1.0, 1.0)  # (cpu_load, duration_hours)
-SCORE_WEIGHTS = {"cost": 1.0, "reputation": 1.0, "random": 0.1}  # as the original's scorers
+MARKET_SCORE_WEIGHTS = {"cost": 1.0, "reputation": 1.0, "random": 0.1}  # as the original's scorers
 
 STAGE_INITIAL = "Initial"
 STAGE_NOT_BLACKLISTED = "Not blacklisted"
@@ -1887,12 +1886,12 @@ class Scorer:
         self.rng = random.Random(seed)
 
     def score(self, provider_id: str, expected_cost: float | None) -> float:
-        parts = [(SCORE_WEIGHTS["random"], self.rng.random())]
+        parts = [(MARKET_SCORE_WEIGHTS["random"], self.rng.random())]
         if expected_cost is not None:
-            parts.append((SCORE_WEIGHTS["cost"], 1.0 / (1.0 + max(expected_cost, 0.0) / self.cost_reference)))
+            parts.append((MARKET_SCORE_WEIGHTS["cost"], 1.0 / (1.0 + max(expected_cost, 0.0) / self.cost_reference)))
         reputation = self.reputation(provider_id)
         if reputation is not None:
-            parts.append((SCORE_WEIGHTS["reputation"], min(max(float(reputation), 0.0), 1.0)))
+            parts.append((MARKET_SCORE_WEIGHTS["reputation"], min(max(float(reputation), 0.0), 1.0)))
         return sum(w * s for w, s in parts) / sum(w for w, _ in parts)
 
 
@@ -1927,7 +1926,7 @@ class DemandSpec:
             payment_network=payment_network,
             subnet_tag=node_config.get("subnet_tag") or "public",
             image_tag=demand.get("image_tag"),
-            image_hash=demand.get("image_hash"),
+            image_hash=(demand.get("image_hash") or "").removeprefix("sha3:") or None,
             capabilities=tuple(demand.get("capabilities", ("vpn", "inet"))),
             outbound_urls=tuple(demand.get("outbound_urls") or ()),
             min_mem_gib=demand.get("min_mem_gib") or 0.0,
@@ -2408,6 +2407,23 @@ async def _quietly(awaitable) -> None:
         await awaitable
     except Exception:
         pass
+
+
+def market_store_callbacks(store: "Store", network: str) -> dict:
+    """`is_blacklisted` and `reputation` for a MarketPipeline, read from the Store.
+
+    The blacklist is read once: a scan is short, and a node start builds a new pipeline.
+    """
+    blocked = store.blocked_node_ids(network)
+
+    def reputation(provider_id: str) -> float | None:
+        try:
+            return store.score(provider_id, network)
+        except UsageError:  # not a Golem node id: no reputation to speak of
+            return None
+
+    return {"is_blacklisted": lambda provider_id: provider_id.lower() in blocked,
+            "reputation": reputation}
 
 
 ###############################################################################
@@ -3712,6 +3728,11 @@ def _add_network_stats(commands, common) -> None:
                         help="node type of `available_node_types` (default: the head node type)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--providers", action="store_true", help="add a table per provider")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_NEGOTIATION_CONCURRENCY, metavar="N",
+                        help=f"negotiations at once (default {DEFAULT_NEGOTIATION_CONCURRENCY})")
+    parser.add_argument("--response-timeout", type=float, default=DEFAULT_PROPOSAL_RESPONSE_TIMEOUT,
+                        metavar="SECONDS", help="how long a provider may take to answer a counter-proposal "
+                                                f"(default {DEFAULT_PROPOSAL_RESPONSE_TIMEOUT:g})")
     parser.set_defaults(func=cmd_network_stats)
 
 
@@ -3721,22 +3742,40 @@ def cmd_network_stats(args) -> int:
 
     if not (args.duration > 0 and math.isfinite(args.duration)):
         raise UsageError(f"--duration: must be a positive number of minutes, got {args.duration:g}")
-    scan = NetworkStatsScan.from_config_file(args.cluster_config, args.node_type)
+    if not (args.response_timeout > 0 and math.isfinite(args.response_timeout)):
+        raise UsageError(f"--response-timeout: must be a positive number of seconds, got {args.response_timeout:g}")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency: must be at least 1, got {args.concurrency}")
+    config = load_cluster_config(args.cluster_config)  # exit 2 with the field path
+    node_type = args.node_type or config.head_node_type
+    if node_type not in config.node_types:
+        available = ", ".join(f"`{name}`" for name in config.node_types)
+        raise UsageError(f"--node-type: node type `{node_type}` is not in available_node_types "
+                         f"(available: {available}){_did_you_mean(node_type, config.node_types)}")
+    datadir = (_datadir(args) if args.datadir else
+               os.path.expanduser(config.parameters.get("webserver_datadir") or default_datadir()))
+    scan = NetworkStatsScan(
+        node_type, config.node_config(node_type), config.payment_network,
+        payment_driver=config.parameters["payment_driver"], total_budget=config.total_budget,
+        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout)
     return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
 
 
 class NetworkStatsScan:
     """One `network-stats` run: connect, scan with the MarketPipeline, print, clean up."""
 
-    def __init__(self, node_type: str, node_config: dict, payment_network: str,
-                 payment_driver: str = "erc20", total_budget: float = 5.0,
-                 datadir: str | None = None):
+    def __init__(self, node_type: str, node_config: dict, payment_network: str, *,
+                 payment_driver: str = "erc20", total_budget: float = 5.0, datadir: str | None = None,
+                 concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT):
         self.node_type = node_type
         self.node_config = node_config
         self.payment_network = payment_network
         self.payment_driver = payment_driver
         self.total_budget = total_budget
         self.datadir = datadir or default_datadir()
+        self.concurrency = concurrency
+        self.response_timeout = response_timeout
         self.interrupted = False
 
     # -- running ------------------------------------------------------------------
@@ -3782,22 +3821,22 @@ class NetworkStatsScan:
                 print("\nReceived CTRL-C, exiting...", file=err, flush=True)
                 stop_event.set()
 
-        yagna = None
+        yagna = store = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
             # a local network it starts is stopped below; a running one is left alone
             yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
-            store = open_store_for_market(self.datadir)
+            store = Store(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
             node = golem_node_for(yagna, collect_payment_events=False)
             await node.start()
             try:
                 pipeline = MarketPipeline(
                     node, spec, budget, total_budget=self.total_budget,
-                    payment_driver=self.payment_driver,
-                    is_blacklisted=store.blacklist_check(self.payment_network),
-                    reputation=store.reputation_lookup(self.payment_network))
+                    payment_driver=self.payment_driver, concurrency=self.concurrency,
+                    response_timeout=self.response_timeout,
+                    **market_store_callbacks(store, self.payment_network))
                 await pipeline.scan(duration_s, stop_event,
                                     on_progress=progress and (lambda e, r: progress.show(e, r, pipeline)))
             finally:
@@ -3806,6 +3845,8 @@ class NetworkStatsScan:
                 await node.aclose()
             return pipeline
         finally:
+            if store is not None:
+                store.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if yagna is not None:
