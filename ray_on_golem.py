@@ -1741,13 +1741,14 @@ class Funnel:
         self.counts[stage] += 1
 
     def failed(self, reason: str) -> str:
-        key = mask_ids(reason.strip()) or "Rejected without a reason"
+        # kept verbatim (trailing " ; " of the outbound message included): users grep for it
+        key = mask_ids(reason) if reason.strip() else "Rejected without a reason"
         self.errors[key] = self.errors.get(key, 0) + 1
         return key
 
     def sorted_errors(self) -> list[tuple[str, int]]:
-        """Most frequent first; ties in the order they were first seen."""
-        return sorted(self.errors.items(), key=lambda kv: -kv[1])
+        """Most frequent first; ties alphabetically, so the report is reproducible."""
+        return sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def report_lines(self) -> list[str]:
         lines = ["Proposals count:"]
@@ -2151,16 +2152,23 @@ class MarketPipeline:
         if self.allocation is not None:
             await _quietly(self.allocation.release())
 
-    async def settle(self) -> None:
-        """Stop taking new proposals; let running negotiations end (bounded by the timeout)."""
+    async def settle(self, stop_event=None) -> None:
+        """Stop taking new proposals; negotiate every one already accepted, then return.
+
+        Bounded: each negotiation ends within the response timeout, `concurrency` at a time.
+        """
         import asyncio
 
         if self._tasks:
             self._tasks[0].cancel()  # the collector
             await asyncio.gather(self._tasks[0], return_exceptions=True)
+        # asyncio.Queue removes an item only when its getter resumes, so an item being
+        # handed over still counts as queued here: no gap between the two conditions.
+        while not self._queue.empty() or self.negotiating:
+            if stop_event is not None and stop_event.is_set():
+                break
+            await asyncio.sleep(0.02)
         self._stopping = True
-        while self.negotiating:
-            await asyncio.sleep(0.05)
 
     # -- what callers use ---------------------------------------------------------------
 
@@ -2168,7 +2176,9 @@ class MarketPipeline:
                    progress_interval: float = 0.5) -> bool:
         """network-stats: run for `duration_s` (or until `stop_event`), sign nothing.
 
-        Returns True when the scan ran its full duration, False when stopped early.
+        Returns True when the scan ran its full duration, False when stopped early. After the
+        full duration the proposals already accepted are still negotiated (`settle`); an early
+        stop cancels negotiations at once.
         """
         import asyncio
         import time
@@ -2188,7 +2198,7 @@ class MarketPipeline:
                     on_progress(time.monotonic() - started, remaining)
                 await asyncio.sleep(min(progress_interval, remaining))
             if full:
-                await self.settle()
+                await self.settle(stop_event)
         finally:
             await self.stop(reject_drafts=True)
         return full
