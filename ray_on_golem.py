@@ -2106,6 +2106,9 @@ class MarketPipeline:
         self._room = asyncio.Condition()  # signalled when a draft slot frees (max_drafts)
         self._reserved = 0  # negotiator slots holding or about to hold a draft
         self._seq = 0
+        self._demand_data = None
+        self._answers: dict = {}  # our counter-proposal id -> future of the provider's answer
+        self._answer_handler = None
         self._tasks: list = []
         self._stopping = False
 
@@ -2128,6 +2131,12 @@ class MarketPipeline:
         self.demand = await Demand.create_from_properties_constraints(
             self.node, builder.properties, builder.constraints)
         self.demand.start_collecting_events()
+        # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
+        # every call (its cache is never filled): read it once for all negotiations.
+        self._demand_data = await self.demand.get_demand_data()
+        from golem.resources.proposal.events import NewProposal
+
+        self._answer_handler = await self.node.event_bus.on(NewProposal, self._on_new_proposal)
         self._tasks.append(asyncio.create_task(self._collect()))
         self._tasks += [asyncio.create_task(self._negotiate_forever())
                         for _ in range(self.concurrency)]
@@ -2141,6 +2150,9 @@ class MarketPipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._answer_handler is not None:
+            await _quietly(self.node.event_bus.off(self._answer_handler))
+            self._answer_handler = None
         if reject_drafts:
             drafts = []
             while not self._drafts.empty():
@@ -2321,14 +2333,15 @@ class MarketPipeline:
         enough with a real provider, who echoes our payment terms.
         """
         import asyncio
-        from copy import deepcopy
 
         from golem.managers import RejectProposal
         from golem.managers.base import ManagerPluginException
+        from golem.payload import Properties
 
-        demand_data = await offer.demand.get_demand_data()
+        demand_data = self._demand_data or await offer.demand.get_demand_data()
         while True:
-            negotiated = deepcopy(demand_data)
+            # negotiators change properties only: copy those, share the parsed constraints
+            negotiated = dataclasses.replace(demand_data, properties=Properties(demand_data.properties))
             try:
                 for negotiator in self.negotiators:
                     if await negotiator(negotiated, _proposal_data(offer)) is False:
@@ -2345,10 +2358,48 @@ class MarketPipeline:
             except Exception as e:  # HTTP error or the 5 s client timeout of `respond`
                 raise ManagerPluginException(
                     f"Failed to send proposal response! {_describe_error(e)}") from None
+            offer = await self._answer(ours)
+
+    async def _answer(self, ours):
+        """The provider's Draft answering our counter-proposal, as soon as it arrives.
+
+        golem-core's `responses()` notices a new child only on a 100 ms poll
+        (`Resource.child_aiter`), which would cap negotiation at ~10 rounds/s per
+        negotiator; the NewProposal event of the Draft wakes us at once. `responses()`
+        still delivers the provider's rejection (ProposalRejected) and ends the wait.
+        """
+        import asyncio
+
+        from golem.managers.base import ManagerPluginException
+
+        answered = asyncio.get_running_loop().create_future()
+        self._answers[ours.id] = answered
+        for child in ours.children:  # answered before we started listening
+            if not answered.done():
+                answered.set_result(child)
+        fallback = asyncio.ensure_future(ours.responses().__anext__())
+        try:
+            done, _ = await asyncio.wait({answered, fallback}, timeout=self.response_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._answers.pop(ours.id, None)
+            for waiter in (answered, fallback):
+                if not waiter.done():
+                    waiter.cancel()
+        if answered in done:
+            return answered.result()
+        if fallback in done:
             try:
-                offer = await asyncio.wait_for(ours.responses().__anext__(), self.response_timeout)
-            except (StopAsyncIteration, asyncio.TimeoutError):
-                raise ManagerPluginException(REASON_NO_RESPONSE) from None
+                return fallback.result()  # raises ProposalRejected on the provider's rejection
+            except StopAsyncIteration:
+                pass
+        raise ManagerPluginException(REASON_NO_RESPONSE)
+
+    async def _on_new_proposal(self, event) -> None:
+        data = event.resource.data
+        answered = self._answers.get(data.prev_proposal_id) if data is not None else None
+        if answered is not None and not answered.done():
+            answered.set_result(event.resource)
 
     async def _reject(self, proposal, reason: str) -> None:
         await _quietly(proposal.reject(reason))
@@ -2374,7 +2425,9 @@ def _proposal_data(proposal):
     from golem.resources import ProposalData
 
     data = proposal.data
-    return ProposalData(properties=Properties(data.properties), constraints=Constraints(),
+    properties = Properties()  # Properties(mapping) deep-copies; nothing here mutates them
+    properties.update(data.properties)
+    return ProposalData(properties=properties, constraints=Constraints(),
                         proposal_id=data.proposal_id, issuer_id=data.issuer_id, state=data.state,
                         timestamp=data.timestamp, prev_proposal_id=data.prev_proposal_id)
 
