@@ -364,6 +364,10 @@ class YagnaService:
         self.pid: int | None = None
         self.pid_start_time: int | None = None
         self.started_by_us = False
+        self.warnings: list[str] = []
+        # The daemon a killed webserver had started in this data dir ({"url", "pid",
+        # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
+        self.orphan: dict | None = None
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -428,7 +432,7 @@ class YagnaService:
         if state.get("url") and process_alive(int(state.get("pid") or 0)) and self._reachable(state["url"]):
             self.api_url = state["url"]
             self.pid = int(state["pid"])
-            self._log.info("not starting the local network: it already runs (pid %s)", self.pid)
+            self._adopt_or_leave("the local network")
         else:
             try:
                 os.unlink(state_path)  # stale: the new process writes its own
@@ -443,6 +447,16 @@ class YagnaService:
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+
+    def _adopt_or_leave(self, what: str) -> None:
+        """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
+        orphan = self.orphan or {}
+        if orphan.get("url") == self.api_url and process_alive(orphan.get("pid") or 0, orphan.get("pid_start_time")):
+            self.pid, self.pid_start_time = orphan["pid"], orphan.get("pid_start_time")
+            self.started_by_us = True
+            self._log.info("adopting %s (pid %s), left running by a webserver that was killed", what, self.pid)
+        else:
+            self._log.info("not starting %s: it was started externally (%s)", what, self.api_url)
 
     def _localnet_url(self, state_path: str) -> str | None:
         """The URL from `localnet.json` once our child wrote it (internals.md: the local network process)."""
@@ -469,7 +483,7 @@ class YagnaService:
         url = os.environ.get("YAGNA_API_URL", DEFAULT_YAGNA_API_URL).rstrip("/")
         if self._reachable(url):
             self.api_url = url
-            self._log.info("not starting yagna: it was started externally at %s", url)
+            self._adopt_or_leave("yagna")
         else:
             binary = find_yagna_binary()
             env = dict(os.environ, RUST_BACKTRACE="0")
@@ -477,6 +491,18 @@ class YagnaService:
             self._spawn([binary, "service", "run", "--disable-metrics-push"], env)
             self._wait_ready(timeout, lambda: url if self._reachable(url) else None)
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._yagna_app_key()
+        try:
+            # Registers the requestor account for this platform; works offline and is
+            # idempotent (yagna-offline.md §3). Funding needs the chain, so it is not done here.
+            self.yagna_cli("payment", "init", "--sender", "--network", self.network)
+        except ServiceUnavailable as e:
+            self._warn(f"payment account not initialised: {e}")
+
+    def _warn(self, message: str) -> None:
+        import datetime
+
+        self._log.warning("%s", message)
+        self.warnings.append(f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} {message}")
 
     def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
         import subprocess
@@ -642,6 +668,17 @@ def live_pid(datadir: str) -> tuple[int, int | None] | None:
     if entry and process_alive(entry[0], entry[1] or None):
         return entry
     return None
+
+
+def read_runtime(datadir: str) -> dict:
+    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 class MethodNotAllowed(RayOnGolemError):
@@ -864,6 +901,7 @@ class Webserver:
         self._stopped = None  # asyncio.Event, set when shutdown is complete
         self._connections: set = set()
         self._run_lock_fd: int | None = None
+        self._watcher = None
         self._log = None
 
     # -- status and shutdown (used by the route methods) ------------------------
@@ -896,7 +934,7 @@ class Webserver:
             "uptime": self.uptime(),
             "yagna": self.yagna.info(),
             "clusters": self.clusters(),
-            "warnings": list(self.warnings),
+            "warnings": self.yagna.warnings + self.warnings,
         }
 
     async def wallet_status(self) -> dict:
@@ -1009,6 +1047,11 @@ class Webserver:
 
         self._log = setup_webserver_logging(self.datadir, self.redactor)
         self._take_run_lock()
+        # Holding the run lock, any runtime file left is a dead webserver's.
+        previous = read_runtime(self.datadir)
+        if (previous.get("yagna") or {}).get("started_by_us"):
+            self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
+                                 "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
         token = load_or_create_token(self.datadir)
         self.redactor.secrets.add(token)
         self._token = f"Bearer {token}".encode()
@@ -1039,11 +1082,23 @@ class Webserver:
                 self._write_runtime_files()
                 self.state = "running"
                 self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
         await self._stopped.wait()
         await self._server.wait_closed()
         self._remove_runtime_files()
         self._log.info("stopped, bye")
         return self.exit_code
+
+    async def _watch_yagna(self) -> None:
+        """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
+        import asyncio
+
+        while self.state == "running" and self.yagna.started_by_us:
+            await asyncio.sleep(1.0)
+            if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
+                self.yagna.started_by_us = False
+                self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
+                                 "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
     # -- HTTP/1.1 ----------------------------------------------------------------
 
@@ -1154,17 +1209,6 @@ WEBSERVER_OUT_FILE = "webserver.out"  # the webserver's stdout/stderr: what it s
 WEBSERVER_START_TIMEOUT = 180.0  # covers a real yagna's start (~4 s offline, more on a busy machine)
 WEBSERVER_STOP_TIMEOUT = 60.0
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
-
-
-def read_runtime(datadir: str) -> dict:
-    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
-    import json
-
-    try:
-        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return {}
 
 
 def webserver_module_command(*args: str) -> tuple[list[str], dict[str, str]]:
