@@ -41,7 +41,7 @@ def localnet_available() -> bool:
 
 def yagna_binary() -> str | None:
     try:
-        return rog.find_yagna_binary()
+        return rog.require_yagna()
     except rog.RayOnGolemError:
         return None
 
