@@ -244,10 +244,10 @@ def test_start_status_stop(any_services):
     assert not svc.alive()
     assert not os.path.exists(os.path.join(svc.datadir, rog.WEBSERVER_PID_FILE))
 
-    after = svc.status()
+    after = svc.status("-p", str(svc.port))  # no runtime file left to name the port
     assert after.returncode == 0
     assert f"The webserver doesn't seem to be listening on http://127.0.0.1:{svc.port}." in after.stdout
-    assert "No webserver found on" in svc.stop().stdout
+    assert "No webserver found on" in svc.stop("-p", str(svc.port)).stdout
 
 
 def test_kill_9_then_status_and_start(any_services):
