@@ -638,6 +638,7 @@ def load_cluster_config(source) -> ClusterConfig:
 
     # provider: Ray's external provider block pointing at our module.
     provider = raw.get("provider")
+    provider_node_config_ok = False  # node types are resolved only on top of a valid provider level
     parameters: dict = {}
     provider_node_config: dict = {}
     if not isinstance(provider, dict):
@@ -662,7 +663,9 @@ def load_cluster_config(source) -> ClusterConfig:
                            issues, defaults=True)
         provider_node_config = (provider.get("parameters") or {}).get("node_config") or {}
         if isinstance(provider_node_config, dict):
+            before = len(issues)
             _walk(NODE_CONFIG_SCHEMA, provider_node_config, "provider.parameters.node_config", issues, defaults=False)
+            provider_node_config_ok = len(issues) == before
         else:
             provider_node_config = {}
         if parameters.get("payment_network") != "local" and _has(provider.get("parameters"), "local_network"):
@@ -696,7 +699,7 @@ def load_cluster_config(source) -> ClusterConfig:
         if max_w is not None and fields.get("min_workers", 0) > max_w:
             issues.append((f"{type_path}.min_workers", f"expected at most max_workers ({max_w}), "
                                                        f"found {fields['min_workers']}"))
-        if len(issues) > before:
+        if len(issues) > before or not provider_node_config_ok:
             continue
         is_head = name == head_type
         merged = merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, provider_node_config)
@@ -717,7 +720,9 @@ def load_cluster_config(source) -> ClusterConfig:
                     issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
         demand = resolved["demand"]
         if demand["image_tag"] and demand["image_hash"]:
-            issues.append((origin("demand", "image_tag") + ".demand",
+            blame_type = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
+            issues.append(((f"{type_path}.node_config" if blame_type else "provider.parameters.node_config")
+                           + ".demand",
                            "Either the `image_tag` or `image_hash` is allowed, not both "
                            f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
         elif not demand["image_tag"] and not demand["image_hash"]:
