@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ray_on_golem as rog  # noqa: E402
+from conftest import cli_env  # noqa: E402
 
 MODULE = os.path.join(ROOT, "ray_on_golem.py")
 
@@ -113,10 +114,10 @@ class Services:
             return f.read().strip()
 
 
-def _service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YAGNA_", "RAY_ON_GOLEM_"))}
-    env.update(extra or {})
-    return env
+def _service_env(tmp_path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return cli_env(None, home, extra)
 
 
 def _make_services(tmp_path, network: str, netns: str | None) -> Services:
@@ -124,11 +125,11 @@ def _make_services(tmp_path, network: str, netns: str | None) -> Services:
     if network == "local":
         if not localnet_available():
             pytest.skip("golem_localnet.py serve is not built on this branch yet")
-        return Services(datadir, free_port(), network, _service_env())
+        return Services(datadir, free_port(), network, _service_env(tmp_path))
     if yagna_binary() is None:
         pytest.skip("the yagna binary (PyPI golem-node) is not installed")
     # Inside the namespace every port is free; the loopback recipe keeps yagna off the internet.
-    env = _service_env(rog.yagna_loopback_env(str(tmp_path / "yagna"), next(_YAGNA_PORTS)))
+    env = _service_env(tmp_path, rog.yagna_loopback_env(str(tmp_path / "yagna"), next(_YAGNA_PORTS)))
     env["PATH"] = os.path.dirname(yagna_binary()) + os.pathsep + env.get("PATH", "")
     return Services(datadir, 4578, network, env, netns)
 
@@ -168,35 +169,42 @@ def any_services(request, tmp_path):
 
 @pytest.fixture
 def running(services):
-    """A started webserver on the local network, stopped at the end."""
+    """A started webserver on the local network, stopped at the end: for tests that stop or restart it."""
     done = services.start()
     assert done.returncode == 0, done.stdout + done.stderr
     yield services
     services.stop("--kill")
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One webserver on the local network for the read-only HTTP tests of this module."""
+    svc = _make_services(tmp_path_factory.mktemp("shared"), "local", None)
+    done = svc.start()
+    assert done.returncode == 0, done.stdout + done.stderr
+    yield svc
+    svc.stop("--kill")
+    _teardown(svc)
+
+
 def raw_http(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict, bytes]:
     """Send raw bytes, read one response: (status, headers, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        return _read_response(s)
+        return _read_response(s.makefile("rb"))
 
 
-def _read_response(s: socket.socket) -> tuple[int, dict, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {buf!r}")
-        buf += chunk
-    head, body = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", 0))
-    while len(body) < length:
-        body += s.recv(65536)
-    return status, headers, body
+def _read_response(stream) -> tuple[int, dict, bytes]:
+    """One response from a buffered socket file (exact framing: pipelined answers stay in the buffer)."""
+    status_line = stream.readline()
+    if not status_line:
+        raise ConnectionError("closed before a response")
+    status = int(status_line.split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers.get("content-length", 0)))
 
 
 def request_bytes(method: str, path: str, token: str | None, body: bytes = b"", extra: str = "") -> bytes:
@@ -342,7 +350,7 @@ def test_status_names_a_live_process_that_does_not_answer(services):
 def test_start_failure_shows_log_lines_and_exit_1(tmp_path):
     """yagna cannot be found: the webserver exits, `start` prints why and the log tail, no traceback."""
     svc = Services(str(tmp_path / "rog"), free_port(), "holesky",
-                   _service_env({"YAGNA_PATH": str(tmp_path / "no-yagna"), "YAGNA_API_URL": f"http://127.0.0.1:{free_port()}"}))  # fmt: skip
+                   _service_env(tmp_path, {"YAGNA_PATH": str(tmp_path / "no-yagna"), "YAGNA_API_URL": f"http://127.0.0.1:{free_port()}"}))  # fmt: skip
     done = svc.start()
     assert done.returncode == 1
     assert "Starting the webserver failed: the webserver exited with code 1" in done.stdout
@@ -399,15 +407,15 @@ def test_token_file_is_0600_and_reused(running):
     [None, "Authorization: Bearer wrong\r\n", "Authorization: Basic Zm9vOmJhcg==\r\n", "Authorization: Bearer\r\n"],
 )
 @pytest.mark.parametrize("method, path", [("GET", "/status"), ("POST", "/shutdown"), ("GET", "/no/such/route")])
-def test_unauthorised_requests_get_401_json(running, auth, method, path):
+def test_unauthorised_requests_get_401_json(shared, auth, method, path):
     data = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth or ''}Content-Length: 0\r\n\r\n".encode()
-    status, headers, body = raw_http(running.port, data)
+    status, headers, body = raw_http(shared.port, data)
     assert status == 401
     assert headers["content-type"] == "application/json"
     assert headers["www-authenticate"] == "Bearer"
     assert "bearer token" in json.loads(body)["error"]
-    assert running.token() not in body.decode()
-    assert rog.process_alive(running.runtime()["pid"])  # and the shutdown did not happen
+    assert shared.token() not in body.decode()
+    assert rog.process_alive(shared.runtime()["pid"])  # and the shutdown did not happen
 
 
 @pytest.mark.parametrize(
@@ -421,13 +429,13 @@ def test_unauthorised_requests_get_401_json(running, auth, method, path):
         (("DELETE", "/status", b""), 405, "DELETE not allowed on /status (allowed: GET)"),
     ],
 )
-def test_malformed_requests_get_4xx_json(running, raw, status, message):
+def test_malformed_requests_get_4xx_json(shared, raw, status, message):
     method, path, body = raw
-    got, headers, answer = raw_http(running.port, request_bytes(method, path, running.token(), body))
+    got, headers, answer = raw_http(shared.port, request_bytes(method, path, shared.token(), body))
     assert got == status
     assert headers["content-type"] == "application/json"
     assert message in json.loads(answer)["error"]
-    assert rog.process_alive(running.runtime()["pid"])
+    assert rog.process_alive(shared.runtime()["pid"])
 
 
 @pytest.mark.parametrize(
@@ -440,46 +448,47 @@ def test_malformed_requests_get_4xx_json(running, raw, status, message):
         ("POST /shutdown HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked request bodies are not supported"),
     ],
 )
-def test_unparseable_requests_get_400_and_close(running, head, message):
-    status, headers, body = raw_http(running.port, head.encode())
+def test_unparseable_requests_get_400_and_close(shared, head, message):
+    status, headers, body = raw_http(shared.port, head.encode())
     assert status == 400
     assert headers["connection"] == "close"
     assert message in json.loads(body)["error"]
 
 
-def test_oversized_body_gets_413(running):
-    head = f"POST /shutdown HTTP/1.1\r\nAuthorization: Bearer {running.token()}\r\n"
+def test_oversized_body_gets_413(shared):
+    head = f"POST /shutdown HTTP/1.1\r\nAuthorization: Bearer {shared.token()}\r\n"
     head += f"Content-Length: {rog.MAX_REQUEST_BODY + 1}\r\n\r\n"
-    status, headers, body = raw_http(running.port, head.encode())  # answered before any body byte is read
+    status, headers, body = raw_http(shared.port, head.encode())  # answered before any body byte is read
     assert status == 413 and headers["connection"] == "close"
     assert "request body over" in json.loads(body)["error"]
 
 
-def test_oversized_head_gets_431(running):
-    status, _, body = raw_http(running.port, b"GET /status HTTP/1.1\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n")
+def test_oversized_head_gets_431(shared):
+    status, _, body = raw_http(shared.port, b"GET /status HTTP/1.1\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n")
     assert status == 431
     assert "too large" in json.loads(body)["error"]
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(running):
-    token = running.token()
-    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as s:
+def test_keep_alive_serves_many_requests_on_one_connection(shared):
+    token = shared.token()
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=10) as s:
+        stream = s.makefile("rb")
         for _ in range(20):
             s.sendall(request_bytes("GET", "/status", token))
-            status, headers, body = _read_response(s)
+            status, headers, body = _read_response(stream)
             assert status == 200 and "connection" not in headers
             assert json.loads(body)["state"] == "running"
         # Pipelined: two requests in one write, two answers in order.
         s.sendall(request_bytes("GET", "/status", token) + request_bytes("GET", "/nope", token))
-        assert _read_response(s)[0] == 200
-        assert _read_response(s)[0] == 404
+        assert _read_response(stream)[0] == 200
+        assert _read_response(stream)[0] == 404
 
 
-def test_status_route_fields(running):
-    client = rog.WebserverClient(running.datadir, running.port)
+def test_status_route_fields(shared):
+    client = rog.WebserverClient(shared.datadir, shared.port)
     status = client.request("GET", "/status")
     assert status["version"] == rog.__version__
-    assert status["datadir"] == running.datadir
+    assert status["datadir"] == shared.datadir
     assert status["state"] == "running" and status["shutting_down"] is False
     assert status["uptime"] >= 0
     assert status["yagna"]["kind"] == "localnet" and status["yagna"]["url"].startswith("http://127.0.0.1:")
@@ -487,18 +496,50 @@ def test_status_route_fields(running):
     assert "app_key" not in json.dumps(status)
 
 
-def test_wallet_route(running):
-    wallet = rog.WebserverClient(running.datadir, running.port).request("GET", "/wallet")
+def test_wallet_route(shared):
+    wallet = rog.WebserverClient(shared.datadir, shared.port).request("GET", "/wallet")
     assert wallet["payment_platform"] == "erc20-local-tglm"
-    assert wallet["wallet_address"] == running.runtime()["yagna"]["identity"]
+    assert wallet["wallet_address"] == shared.runtime()["yagna"]["identity"]
     assert isinstance(wallet["allocations"], list)
 
 
-def test_shutdown_route_and_already_shutting_down(running):
+def test_shutdown_route(running):
     client = rog.WebserverClient(running.datadir, running.port)
     pid = running.runtime()["pid"]
     assert client.request("POST", "/shutdown", {}) == {"shutdown": "will_shutdown", "live_nodes": 0}
     assert rog.wait_process_exit(pid, None, 30)
+    assert not running.alive()
+
+
+def _add_cluster(datadir: str, name: str, node_states: list[str]) -> None:
+    """Rows as the Clusters section writes them: the webserver's status and stop read the same database."""
+    now = time.time()
+    with rog.Store(datadir) as store:
+        store.conn.execute("INSERT INTO clusters (name, network, state, config, total_budget, created_at, updated_at) "
+                           "VALUES (?, 'local', 'running', '{}', '1', ?, ?)", (name, now, now))  # fmt: skip
+        for i, state in enumerate(node_states):
+            store.conn.execute("INSERT INTO nodes (node_id, cluster_name, node_type, state, created_at, updated_at) "
+                               "VALUES (?, ?, 'ray.worker.default', ?, ?, ?)", (f"{name}-{i}", name, state, now, now))  # fmt: skip
+
+
+def test_stop_refuses_while_clusters_have_live_nodes(running):
+    _add_cluster(running.datadir, "golem-cluster", ["running", "pending", "terminated"])
+    _add_cluster(running.datadir, "empty-cluster", [])
+    status = running.status()
+    assert "\tgolem-cluster: 1 pending, 1 running, 1 terminated" in status.stdout
+    assert "\tempty-cluster: no nodes" in status.stdout
+    report = json.loads(running.status("--json").stdout)
+    assert report["webserver"]["clusters"]["golem-cluster"] == {"pending": 1, "running": 1, "terminated": 1}
+
+    refused = running.stop()
+    assert refused.returncode == 1
+    assert "Cannot stop the webserver: the webserver has 2 live node(s)" in refused.stdout
+    assert "ray-on-golem stop --force" in refused.stdout
+    assert rog.process_alive(running.runtime()["pid"])
+
+    forced = running.stop("--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "Forcing webserver shutdown" in forced.stdout and "Webserver stopped" in forced.stdout
     assert not running.alive()
 
 
@@ -533,17 +574,18 @@ def test_log_redactor_blanks_secrets():
     assert record.getMessage() == "key=[***] here"
 
 
-def test_many_concurrent_clients(running):
+def test_many_concurrent_clients(shared):
     """100 keep-alive clients at once all get answers (the bench measures how fast)."""
-    token = running.token()
+    token = shared.token()
     errors: list[BaseException] = []
 
     def client():
         try:
-            with socket.create_connection(("127.0.0.1", running.port), timeout=30) as s:
+            with socket.create_connection(("127.0.0.1", shared.port), timeout=30) as s:
+                stream = s.makefile("rb")
                 for _ in range(10):
                     s.sendall(request_bytes("GET", "/status", token))
-                    assert _read_response(s)[0] == 200
+                    assert _read_response(stream)[0] == 200
         except BaseException as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
