@@ -1236,6 +1236,7 @@ class Store:
 
 # Payment tokens: mainnets pay in GLM, every test network (and the local one) in tGLM.
 MAINNET_PAYMENT_NETWORKS = ("polygon", "mainnet")
+DEFAULT_SERVICE_NETWORK = "local"  # what `start` runs when no cluster asks: works with no wallet and no internet
 YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): yagna-offline.md §1
 YAGNA_STOP_TIMEOUT = 10.0
 YAGNA_LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -1250,21 +1251,13 @@ def payment_platform(network: str, driver: str = "erc20", token: str | None = No
     return f"{driver}-{network}-{token}"
 
 
-def find_yagna_binary() -> str:
-    """`$YAGNA_PATH`, else `yagna` on PATH, else the one golem-node installed next to this Python."""
-    explicit = os.environ.get("YAGNA_PATH")
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise ServiceUnavailable(f"YAGNA_PATH={explicit!r} is not an executable file")
-        return explicit
-    import shutil
-
-    found = shutil.which("yagna")
-    if found:
-        return found
-    beside_python = os.path.join(os.path.dirname(sys.executable), "yagna")
-    if os.access(beside_python, os.X_OK):
-        return beside_python
+def require_yagna() -> str:
+    """The yagna binary (`find_yagna`), or a ServiceUnavailable that says how to get one."""
+    path = find_yagna()
+    if path:
+        return path
+    if os.environ.get("YAGNA_PATH"):
+        raise ServiceUnavailable(f"YAGNA_PATH={os.environ['YAGNA_PATH']!r} is not an executable file")
     raise ServiceUnavailable(
         "the yagna binary was not found: install it with `pip install golem-node==0.17.6` or set YAGNA_PATH"
     )
@@ -1458,6 +1451,10 @@ class YagnaService:
         self.pid: int | None = None
         self.pid_start_time: int | None = None
         self.started_by_us = False
+        self.warnings: list[str] = []
+        # The daemon a killed webserver had started in this data dir ({"url", "pid",
+        # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
+        self.orphan: dict | None = None
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -1522,7 +1519,7 @@ class YagnaService:
         if state.get("url") and process_alive(int(state.get("pid") or 0)) and self._reachable(state["url"]):
             self.api_url = state["url"]
             self.pid = int(state["pid"])
-            self._log.info("not starting the local network: it already runs (pid %s)", self.pid)
+            self._adopt_or_leave("the local network")
         else:
             try:
                 os.unlink(state_path)  # stale: the new process writes its own
@@ -1537,6 +1534,16 @@ class YagnaService:
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+
+    def _adopt_or_leave(self, what: str) -> None:
+        """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
+        orphan = self.orphan or {}
+        if orphan.get("url") == self.api_url and process_alive(orphan.get("pid") or 0, orphan.get("pid_start_time")):
+            self.pid, self.pid_start_time = orphan["pid"], orphan.get("pid_start_time")
+            self.started_by_us = True
+            self._log.info("adopting %s (pid %s), left running by a webserver that was killed", what, self.pid)
+        else:
+            self._log.info("not starting %s: it was started externally (%s)", what, self.api_url)
 
     def _localnet_url(self, state_path: str) -> str | None:
         """The URL from `localnet.json` once our child wrote it (internals.md: the local network process)."""
@@ -1563,14 +1570,26 @@ class YagnaService:
         url = os.environ.get("YAGNA_API_URL", DEFAULT_YAGNA_API_URL).rstrip("/")
         if self._reachable(url):
             self.api_url = url
-            self._log.info("not starting yagna: it was started externally at %s", url)
+            self._adopt_or_leave("yagna")
         else:
-            binary = find_yagna_binary()
+            binary = require_yagna()
             env = dict(os.environ, RUST_BACKTRACE="0")
             # --disable-metrics-push: no reports to metrics.golem.network from a user's machine.
             self._spawn([binary, "service", "run", "--disable-metrics-push"], env)
             self._wait_ready(timeout, lambda: url if self._reachable(url) else None)
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._yagna_app_key()
+        try:
+            # Registers the requestor account for this platform; works offline and is
+            # idempotent (yagna-offline.md §3). Funding needs the chain, so it is not done here.
+            self.yagna_cli("payment", "init", "--sender", "--network", self.network)
+        except ServiceUnavailable as e:
+            self._warn(f"payment account not initialised: {e}")
+
+    def _warn(self, message: str) -> None:
+        import datetime
+
+        self._log.warning("%s", message)
+        self.warnings.append(f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} {message}")
 
     def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
         import subprocess
@@ -1616,7 +1635,7 @@ class YagnaService:
 
         try:
             done = subprocess.run(
-                [find_yagna_binary(), *args], capture_output=True, text=True, timeout=timeout,
+                [require_yagna(), *args], capture_output=True, text=True, timeout=timeout,
                 env=dict(os.environ, RUST_BACKTRACE="0"), stdin=subprocess.DEVNULL,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -1734,8 +1753,6 @@ def golem_node_for(service: "YagnaService", collect_payment_events: bool = True)
 #
 # Every stage counts what passes it in the Funnel; every failure reason is grouped.
 
-import dataclasses
-
 # A fixed image for the local network: its providers run Ray from this host, so no
 # image is fetched; the hash only has to be well-formed.
 LOCAL_IMAGE_HASH = "0" * 56
@@ -1816,18 +1833,26 @@ class Funnel:
 # --- Budget filters -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class BudgetControl:
-    """`node_config.budget_control`: the four price limits and the expected usage."""
+    """`node_config.budget_control`: the four price limits and the expected usage.
 
-    cpu_load: float | None = None
-    duration_hours: float | None = None
-    max_cost: float | None = None
-    max_start_price: float | None = None
-    max_cpu_per_hour_price: float | None = None
-    max_env_per_hour_price: float | None = None
-    payment_interval_minimal_hours: float = 12.0
-    payment_interval_optimal_hours: float | None = None
+    (Plain classes, not dataclasses, in this module: `import dataclasses` would cost
+    every cold start of the CLI its `inspect` import.)
+    """
+
+    def __init__(self, *, cpu_load: float | None = None, duration_hours: float | None = None,
+                 max_cost: float | None = None, max_start_price: float | None = None,
+                 max_cpu_per_hour_price: float | None = None, max_env_per_hour_price: float | None = None,
+                 payment_interval_minimal_hours: float = 12.0,
+                 payment_interval_optimal_hours: float | None = None):
+        self.cpu_load = cpu_load
+        self.duration_hours = duration_hours
+        self.max_cost = max_cost
+        self.max_start_price = max_start_price
+        self.max_cpu_per_hour_price = max_cpu_per_hour_price
+        self.max_env_per_hour_price = max_env_per_hour_price
+        self.payment_interval_minimal_hours = payment_interval_minimal_hours
+        self.payment_interval_optimal_hours = payment_interval_optimal_hours
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "BudgetControl":
@@ -1873,14 +1898,14 @@ class Pricing:
         self.env_per_sec = LinearCoeffsCost("price_duration_sec")
 
 
-@dataclasses.dataclass(frozen=True)
 class PriceFilter:
     """One budget limit: rejects offers priced above `limit`, or unpriceable ones."""
 
-    label: str
-    limit: float  # in the unit `price` returns (GLM, or GLM per second)
-    price: object  # callable(ProposalData) -> float | None
-    per: float = 1.0  # 3600 for the per-hour limits: the unit of the label
+    def __init__(self, label: str, limit: float, price, per: float = 1.0):
+        self.label = label
+        self.limit = limit  # in the unit `price` returns (GLM, or GLM per second)
+        self.price = price  # callable(ProposalData) -> float | None
+        self.per = per  # 3600 for the per-hour limits: the unit of the label
 
     def rejection(self, proposal_data) -> str | None:
         value = self.price(proposal_data)
@@ -1947,24 +1972,29 @@ class Scorer:
 # --- Demand ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class DemandSpec:
     """What a node needs from a provider, from the resolved `node_config`."""
 
-    payment_network: str
-    subnet_tag: str = "public"
-    image_tag: str | None = None
-    image_hash: str | None = None
-    capabilities: tuple = ("vpn", "inet")
-    outbound_urls: tuple = ()
-    min_mem_gib: float = 0.0
-    min_cpu_threads: int = 0
-    min_storage_gib: float = 0.0
-    max_cpu_threads: int | None = None
-    runtime: str = "vm"
-    node_descriptor: dict | None = None
-    payment_timeout_s: int = 12 * 3600
-    registry_url: str = DEFAULT_REGISTRY_URL
+    def __init__(self, payment_network: str, *, subnet_tag: str = "public", image_tag: str | None = None,
+                 image_hash: str | None = None, capabilities: tuple = ("vpn", "inet"),
+                 outbound_urls: tuple = (), min_mem_gib: float = 0.0, min_cpu_threads: int = 0,
+                 min_storage_gib: float = 0.0, max_cpu_threads: int | None = None, runtime: str = "vm",
+                 node_descriptor: dict | None = None, payment_timeout_s: int = 12 * 3600,
+                 registry_url: str = DEFAULT_REGISTRY_URL):
+        self.payment_network = payment_network
+        self.subnet_tag = subnet_tag
+        self.image_tag = image_tag
+        self.image_hash = image_hash
+        self.capabilities = tuple(capabilities)
+        self.outbound_urls = tuple(outbound_urls)
+        self.min_mem_gib = min_mem_gib
+        self.min_cpu_threads = min_cpu_threads
+        self.min_storage_gib = min_storage_gib
+        self.max_cpu_threads = max_cpu_threads
+        self.runtime = runtime
+        self.node_descriptor = node_descriptor
+        self.payment_timeout_s = payment_timeout_s
+        self.registry_url = registry_url
 
     @classmethod
     def from_node_config(cls, node_config: dict, payment_network: str,
@@ -2084,16 +2114,18 @@ class DemandSpec:
 # --- Pipeline -------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class Candidate:
     """One initial proposal on its way through the pipeline."""
 
-    proposal: object  # golem.resources.Proposal
-    provider_id: str
-    row: dict  # the provider's row in the Funnel
-    expected_cost: float | None = None
-    score: float = 0.0
-    draft: object = None  # the provider's Draft once negotiated
+    __slots__ = ("proposal", "provider_id", "row", "expected_cost", "score", "draft")
+
+    def __init__(self, proposal, provider_id: str, row: dict, expected_cost: float | None = None):
+        self.proposal = proposal  # golem.resources.Proposal
+        self.provider_id = provider_id
+        self.row = row  # the provider's row in the Funnel
+        self.expected_cost = expected_cost
+        self.score = 0.0
+        self.draft = None  # the provider's Draft once negotiated
 
 
 class MarketPipeline:
@@ -2381,6 +2413,7 @@ class MarketPipeline:
         enough with a real provider, who echoes our payment terms.
         """
         import asyncio
+        import dataclasses
 
         from golem.managers import RejectProposal
         from golem.managers.base import ManagerPluginException
@@ -2582,6 +2615,17 @@ def live_pid(datadir: str) -> tuple[int, int | None] | None:
     return None
 
 
+def read_runtime(datadir: str) -> dict:
+    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 class MethodNotAllowed(RayOnGolemError):
     http_status = 405
 
@@ -2738,6 +2782,23 @@ class Router:
         return name, params
 
 
+def cluster_node_counts(store) -> dict[str, dict[str, int]]:
+    """`{cluster: {node_state: count}}` from the Store's clusters and nodes tables.
+
+    Kept here until the Store has a query of its own for it (the Clusters section may replace it).
+    """
+    rows = store.conn.execute(
+        "SELECT c.name, n.state, COUNT(n.node_id) FROM clusters c LEFT JOIN nodes n ON n.cluster_name = c.name "
+        "GROUP BY c.name, n.state"
+    ).fetchall()
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in rows:
+        counts.setdefault(name, {})
+        if state is not None:
+            counts[name][state] = n
+    return counts
+
+
 class WebserverHandler:
     """The webserver's routes, in the style of `http.server`: one coroutine method per route.
 
@@ -2802,6 +2863,8 @@ class Webserver:
         self._stopped = None  # asyncio.Event, set when shutdown is complete
         self._connections: set = set()
         self._run_lock_fd: int | None = None
+        self._watcher = None
+        self.store = None
         self._log = None
 
     # -- status and shutdown (used by the route methods) ------------------------
@@ -2834,7 +2897,7 @@ class Webserver:
             "uptime": self.uptime(),
             "yagna": self.yagna.info(),
             "clusters": self.clusters(),
-            "warnings": list(self.warnings),
+            "warnings": self.yagna.warnings + self.warnings,
         }
 
     async def wallet_status(self) -> dict:
@@ -2947,6 +3010,13 @@ class Webserver:
 
         self._log = setup_webserver_logging(self.datadir, self.redactor)
         self._take_run_lock()
+        # Holding the run lock, any runtime file left is a dead webserver's.
+        previous = read_runtime(self.datadir)
+        if (previous.get("yagna") or {}).get("started_by_us"):
+            self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
+                                 "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
+        self.store = Store(self.datadir)
+        self.cluster_sources.append(lambda: cluster_node_counts(self.store))
         token = load_or_create_token(self.datadir)
         self.redactor.secrets.add(token)
         self._token = f"Bearer {token}".encode()
@@ -2977,11 +3047,24 @@ class Webserver:
                 self._write_runtime_files()
                 self.state = "running"
                 self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
         await self._stopped.wait()
         await self._server.wait_closed()
         self._remove_runtime_files()
+        self.store.close()
         self._log.info("stopped, bye")
         return self.exit_code
+
+    async def _watch_yagna(self) -> None:
+        """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
+        import asyncio
+
+        while self.state == "running" and self.yagna.started_by_us:
+            await asyncio.sleep(1.0)
+            if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
+                self.yagna.started_by_us = False
+                self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
+                                 "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
     # -- HTTP/1.1 ----------------------------------------------------------------
 
@@ -3092,17 +3175,6 @@ WEBSERVER_OUT_FILE = "webserver.out"  # the webserver's stdout/stderr: what it s
 WEBSERVER_START_TIMEOUT = 180.0  # covers a real yagna's start (~4 s offline, more on a busy machine)
 WEBSERVER_STOP_TIMEOUT = 60.0
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
-
-
-def read_runtime(datadir: str) -> dict:
-    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
-    import json
-
-    try:
-        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return {}
 
 
 def webserver_module_command(*args: str) -> tuple[list[str], dict[str, str]]:
@@ -3736,9 +3808,9 @@ def _add_reputation(commands, common) -> None:
     update.set_defaults(func=cmd_reputation_update)
 
 
-def _port_arg(value: str) -> int:
-    import argparse
+# -- services: webserver, start, stop, status ---------------------------------------
 
+def _port_arg(value: str) -> int:
     try:
         port = int(value)
     except ValueError:
@@ -3748,9 +3820,11 @@ def _port_arg(value: str) -> int:
     return port
 
 
-def _payment_network_arg(value: str) -> str:
-    import argparse
+def _listen_port_arg(value: str) -> int:
+    return 0 if value.strip() == "0" else _port_arg(value)
 
+
+def _payment_network_arg(value: str) -> str:
     if value in DEAD_PAYMENT_NETWORKS:
         raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
     if value not in PAYMENT_NETWORKS:
@@ -3758,68 +3832,77 @@ def _payment_network_arg(value: str) -> str:
     return value
 
 
-def _service_datadir(args) -> str:
-    return os.path.abspath(os.path.expanduser(args.datadir)) if args.datadir else default_datadir()
-
-
 def cmd_webserver(args) -> int:
     """Run the webserver in the foreground until shut down."""
     import asyncio
 
-    return asyncio.run(Webserver(_service_datadir(args), args.port, args.network).run())
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network).run())
 
 
 def cmd_start(args) -> int:
-    return start_webserver(_service_datadir(args), args.port, args.network, args.timeout)
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout)
 
 
 def cmd_stop(args) -> int:
-    return stop_webserver(_service_datadir(args), args.port, args.force, args.kill, args.timeout)
+    return stop_webserver(_datadir(args), args.port, args.force, args.kill, args.timeout)
 
 
 def cmd_status(args) -> int:
-    import json
-
-    report = webserver_status(_service_datadir(args), args.port)
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    report = webserver_status(_datadir(args), args.port)
+    if args.json:
+        _print_json(report)
+    else:
+        text = format_status(report)
+        first, _, rest = text.partition("\n")
+        print(_paint(first, "cyan" if report["running"] else "yellow"), *([rest] if rest else []), sep="\n")
     return EXIT_OK
 
 
-def add_service_parsers(subparsers) -> None:
-    """The `webserver`, `start`, `stop` and `status` subcommands."""
-    datadir_help = f"Ray on Golem's data directory (default: {default_datadir()})"
-    network_help = "payment network: `local` runs the local Golem network, others the real yagna (default: local)"
+_NETWORK_HELP = (f"payment network: `local` runs the local Golem network, the others the real yagna "
+                 f"(default: {DEFAULT_SERVICE_NETWORK})")  # fmt: skip
 
-    p = subparsers.add_parser("webserver", help="Run Ray on Golem's webserver in the foreground.")
-    p.add_argument("-p", "--port", type=lambda v: 0 if v == "0" else _port_arg(v), default=DEFAULT_WEBSERVER_PORT,
-                   help=f"listen port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
-    p.add_argument("--network", type=_payment_network_arg, default="local", help=network_help)
-    p.add_argument("--datadir", help=datadir_help)
+
+def _add_webserver(commands, common) -> None:
+    p = commands.add_parser("webserver", parents=[common], help="run Ray on Golem's webserver in the foreground",
+                            description="Run the webserver in the foreground; it connects to yagna (or the "
+                                        "local network) or starts it, and stops what it started on exit.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_listen_port_arg, default=DEFAULT_WEBSERVER_PORT,
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
     p.set_defaults(func=cmd_webserver)
 
-    p = subparsers.add_parser("start", help="Start Ray on Golem's webserver and yagna (or the local network).")
+
+def _add_start(commands, common) -> None:
+    p = commands.add_parser("start", parents=[common], help="start the webserver and yagna in the background",
+                            description="Start the webserver detached, with yagna or the local network; "
+                                        "wait until it serves. Says so if it already runs.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_WEBSERVER_PORT,
-                   help=f"listen port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
-    p.add_argument("--network", type=_payment_network_arg, default="local", help=network_help)
-    p.add_argument("--timeout", type=float, default=WEBSERVER_START_TIMEOUT,
-                   help=f"seconds to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
-    p.add_argument("--datadir", help=datadir_help)
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    p.add_argument("--timeout", type=float, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_start)
 
-    p = subparsers.add_parser("stop", help="Stop Ray on Golem's webserver and the yagna it started.")
+
+def _add_stop(commands, common) -> None:
+    p = commands.add_parser("stop", parents=[common], help="stop the webserver and the yagna it started",
+                            description="Shut the webserver down gracefully; it stops yagna only if it "
+                                        "started it. Refuses while clusters have live nodes unless --force.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
     p.add_argument("-f", "--force", action="store_true",
-                   help="stop even if clusters have live nodes: terminate them and settle payments first")  # fmt: skip
-    p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not exit in time")
-    p.add_argument("--timeout", type=float, default=WEBSERVER_STOP_TIMEOUT,
-                   help=f"seconds to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
-    p.add_argument("--datadir", help=datadir_help)
+                   help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
+    p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
+    p.add_argument("--timeout", type=float, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_stop)
 
-    p = subparsers.add_parser("status", help="Show the webserver's status.")
+
+def _add_status(commands, common) -> None:
+    p = commands.add_parser("status", parents=[common], help="show the webserver's status",
+                            description="Show the webserver, yagna, clusters and warnings; or, when "
+                                        "nothing answers, what the pid file says.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--datadir", help=datadir_help)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_status)
 
 
@@ -4032,7 +4115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_version(commands, common)
     _add_validate(commands, common)
     _add_reputation(commands, common)
-    add_service_parsers(commands)
+    _add_webserver(commands, common)
+    _add_start(commands, common)
+    _add_stop(commands, common)
+    _add_status(commands, common)
     _add_network_stats(commands, common)
     return parser
 
