@@ -1729,6 +1729,26 @@ def start_yagna_for(network: str, datadir: str) -> "YagnaService":
     return service
 
 
+# Networks whose faucet `yagna payment fund` may call; never a mainnet (polygon): that is real money.
+AUTO_FUNDED_TESTNETS = ("holesky",)
+
+
+def top_up_testnet_wallet(service: "YagnaService", network: str, driver: str = "erc20") -> str | None:
+    """Ask the testnet faucet for tGLM (the original's `prepare_funds`); a warning if it fails.
+
+    One attempt, no 5-minute retry loop: offline the CLI fails in well under a second
+    ("Server is unreachable", yagna-offline.md §3) and the allocation then says what is missing.
+    """
+    if network not in AUTO_FUNDED_TESTNETS or service.kind != "yagna":
+        return None
+    try:
+        # `--network` always: the 0.17.6 CLI defaults to hoodi (yagna-offline.md §3)
+        service.yagna_cli("payment", "fund", "--network", network, "--driver", driver, timeout=120)
+    except ServiceUnavailable as e:
+        return f"could not top up the {network} wallet: {e}"
+    return None
+
+
 def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
     """An unstarted golem-core GolemNode bound to the service's URL and app key."""
     from golem.node import GolemNode
@@ -2204,9 +2224,12 @@ class MarketPipeline:
             self.allocation = await Allocation.create_any_account(
                 self.node, _decimal(self.total_budget), self.spec.payment_network, self.payment_driver)
         except Exception as e:
+            network = self.spec.payment_network
+            hint = f"; check the wallet with `yagna payment status --network {network}`"
+            if network in AUTO_FUNDED_TESTNETS:
+                hint += f" and top it up with `yagna payment fund --network {network}`"
             raise ServiceUnavailable(
-                f"could not allocate {self.total_budget} GLM on {self.spec.payment_network}: "
-                f"{_describe_error(e)}") from None
+                f"could not allocate {self.total_budget} GLM on {network}: {_api_error_text(e)}{hint}") from None
         builder = await self.spec.build(self.allocation)
         self.demand = await Demand.create_from_properties_constraints(
             self.node, builder.properties, builder.constraints)
@@ -2533,6 +2556,22 @@ def _describe_error(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "Request timed out"
     return str(e) or type(e).__name__
+
+
+def _api_error_text(e: BaseException) -> str:
+    """The reason inside a yagna error body (`message`, or `internalError` of a 500), else one line."""
+    import json
+
+    body = getattr(e, "body", None)
+    try:
+        data = json.loads(body) if body else None
+    except (TypeError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        for key in ("message", "internalError", "detail"):
+            if isinstance(data.get(key), str):
+                return f"{getattr(e, 'status', '')} {data[key]}".strip()
+    return _describe_error(e)
 
 
 def _per_hour(per_second: float | None) -> float | None:
@@ -4021,6 +4060,10 @@ class NetworkStatsScan:
         try:
             # a local network it starts is stopped below; a running one is left alone
             yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
+            warning = await loop.run_in_executor(
+                None, top_up_testnet_wallet, yagna, self.payment_network, self.payment_driver)
+            if warning:
+                print(f"{PACKAGE_NAME}: warning: {warning}", file=err, flush=True)
             store = Store(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
             node = golem_node_for(yagna, collect_payment_events=False)

@@ -336,3 +336,83 @@ def test_wrong_app_key_exits_1_with_what_to_do(localnet, run_cli, tmp_path):
     assert "rejected the app key" in done.stderr and "YAGNA_APPKEY" in done.stderr
     assert "not-the-key" not in done.stderr + done.stdout  # never echo a secret
     assert localnet.state()["demands"]["count"] == 0
+
+
+# --- the real yagna, offline (loopback-only network namespace, yagna-offline.md §1) -----
+
+from test_services import netns  # noqa: E402,F401  the namespace fixture: one recipe, one place
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """PIDs whose environment mentions `marker` (our private yagna data dir): a check, never a kill list."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return [pid for pid in found if pid_alive(pid)]
+
+
+@pytest.fixture
+def offline_yagna_env(netns, tmp_path):
+    """Environment and a loopback image registry for a CLI run inside the namespace."""
+    import ray_on_golem as rog
+
+    try:
+        yagna = rog.require_yagna()
+    except rog.RayOnGolemError:
+        pytest.skip("the yagna binary (PyPI golem-node) is not installed")
+    registry = tmp_path / "registry"
+    (registry / "v1" / "image").mkdir(parents=True)
+    (registry / "v1" / "image" / "info").write_text(json.dumps(
+        {"sha3": "a" * 56, "http": "http://127.0.0.1:9/ray-on-golem.gvmi"}))
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-u", "-m", "http.server", "0",
+                               "--bind", "127.0.0.1", "--directory", str(registry)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = server.stdout.readline().split(" port ")[1].split()[0]
+        yagna_dir = str(tmp_path / "yagna")
+        env = {**rog.yagna_loopback_env(yagna_dir, 27464), "RAY_ON_GOLEM_REGISTRY_URL": f"http://127.0.0.1:{port}",
+               "PATH": os.path.dirname(yagna) + os.pathsep + os.environ.get("PATH", "")}
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        server.stdout.close()
+    assert _processes_with_env(yagna_dir) == [], "a yagna started by network-stats is still running"
+
+
+def run_in_netns(netns, datadir, tmp_path, env, *args):
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(ROG), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=cli_env(datadir, home, env))
+
+
+@pytest.mark.yagna
+def test_scan_on_the_real_yagna_subscribes_and_releases(netns, offline_yagna_env, datadir, tmp_path):
+    # 0.17.6 only: allocate without the on-chain balance check (yagna-offline.md §3)
+    env = {**offline_yagna_env, "YAGNA_DEV_SKIP_ALLOCATION_VALIDATION": "1"}
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
+    done = run_in_netns(netns, datadir, tmp_path, env, "network-stats", cluster, "--duration", "0.05")
+    assert done.returncode == 0, done.stderr
+    # the faucet is tried on a testnet and fails fast offline; the scan goes on
+    assert "warning: could not top up the holesky wallet" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == ["Gathering stats data for 0.05 minutes...", "Gathering stats data done", "",
+                         "Proposals count:"]
+    assert "Initial: 0" in lines and "Negotiated successfully: 0" in lines  # nobody else on this market
+
+
+@pytest.mark.yagna
+def test_real_yagna_without_funds_exits_1_and_stops_what_it_started(netns, offline_yagna_env, datadir, tmp_path):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
+    done = run_in_netns(netns, datadir, tmp_path, offline_yagna_env, "network-stats", cluster, "--duration", "0.05")
+    assert done.returncode == 1
+    assert "could not allocate 5.0 GLM on holesky" in done.stderr and "Traceback" not in done.stderr
+    assert "Server is unreachable" in done.stderr  # yagna's own reason, then what to do
+    assert "`yagna payment status --network holesky`" in done.stderr
