@@ -250,3 +250,34 @@ def test_agreement_signs_the_best_draft_and_skips_a_provider_that_rejects(localn
     state = net.state()
     assert state["agreements"]["by_state"] == {"Rejected": 1, "Terminated": 2}
     assert state["allocations"]["count"] == 0
+
+
+def test_max_drafts_holds_negotiation_until_a_draft_is_taken(localnet_factory):
+    from golem.node import GolemNode
+
+    net = localnet_factory(profile={**AGREEMENT_PROFILE, "explicit": [
+        {**p, "behaviour": "ok"} for p in AGREEMENT_PROFILE["explicit"]]})
+
+    async def scenario():
+        node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
+        await node.start()
+        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local"), rog.BudgetControl(), max_drafts=1)
+        try:
+            await pipeline.start()
+            counts = pipeline.funnel.counts
+            while counts[rog.STAGE_NEGOTIATED] < 1:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # room for a wrong second negotiation to show up
+            held = (counts[rog.STAGE_NEGOTIATION_INITIALIZED], counts[rog.STAGE_NEGOTIATED])
+            await pipeline.next_draft()  # a node start takes it: the next negotiation may begin
+            while counts[rog.STAGE_NEGOTIATED] < 2:
+                await asyncio.sleep(0.02)
+            return held, counts[rog.STAGE_NEGOTIATION_INITIALIZED]
+        finally:
+            await pipeline.stop()
+            await node.aclose()
+
+    held, initialized_after = asyncio.run(scenario())
+    assert held == (1, 1)
+    assert initialized_after == 2
+    assert net.state()["agreements"]["count"] == 0
