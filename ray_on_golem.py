@@ -1713,9 +1713,32 @@ class YagnaService:
 # daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
 
 
-def start_yagna_for(network: str, datadir: str) -> "YagnaService":
+class ConfiguredYagnaService(YagnaService):
+    """A YagnaService that starts the local network with the cluster's `local_network` block
+    (providers, seed, profile, time_scale), so a scan sees the market the YAML describes.
+
+    A small subclass at the end of the golem-core part of this section: the process side
+    (YagnaService) takes no such options yet; it should, and then this class goes away.
+    """
+
+    LOCALNET_FLAGS = {"providers": "--providers", "seed": "--seed", "profile": "--profile",
+                      "time_scale": "--time-scale"}
+
+    def __init__(self, network: str, datadir: str, local_network: dict | None = None):
+        super().__init__(network, datadir)
+        self.local_network = local_network or {}
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        if self.kind == "localnet":
+            for key, flag in self.LOCALNET_FLAGS.items():
+                if self.local_network.get(key) is not None:
+                    cmd = [*cmd, flag, str(self.local_network[key])]
+        super()._spawn(cmd, env)
+
+
+def start_yagna_for(network: str, datadir: str, local_network: dict | None = None) -> "YagnaService":
     """A started YagnaService (reused or spawned), or ServiceUnavailable naming the fix."""
-    service = YagnaService(network, datadir)
+    service = ConfiguredYagnaService(network, datadir, local_network)
     try:
         service.start()
     except ServiceUnavailable as e:
@@ -3990,8 +4013,18 @@ def cmd_network_stats(args) -> int:
     scan = NetworkStatsScan(
         node_type, config.node_config(node_type), config.payment_network,
         payment_driver=config.parameters["payment_driver"], total_budget=config.total_budget,
-        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout)
+        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout,
+        local_network=_local_network_options(config.parameters.get("local_network"), args.cluster_config))
     return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
+
+
+def _local_network_options(block: dict | None, config_path: str) -> dict:
+    """`local_network` with a relative `profile` taken from the YAML's directory, as users write it."""
+    options = dict(block or {})
+    if options.get("profile"):
+        options["profile"] = os.path.join(os.path.dirname(os.path.abspath(config_path)),
+                                          os.path.expanduser(options["profile"]))
+    return options
 
 
 class NetworkStatsScan:
@@ -4000,8 +4033,9 @@ class NetworkStatsScan:
     def __init__(self, node_type: str, node_config: dict, payment_network: str, *,
                  payment_driver: str = "erc20", total_budget: float = 5.0, datadir: str | None = None,
                  concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
-                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT):
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, local_network: dict | None = None):
         self.node_type = node_type
+        self.local_network = local_network or {}
         self.node_config = node_config
         self.payment_network = payment_network
         self.payment_driver = payment_driver
@@ -4059,7 +4093,8 @@ class NetworkStatsScan:
             loop.add_signal_handler(sig, on_signal)
         try:
             # a local network it starts is stopped below; a running one is left alone
-            yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
+            yagna = await loop.run_in_executor(
+                None, start_yagna_for, self.payment_network, self.datadir, self.local_network)
             warning = await loop.run_in_executor(
                 None, top_up_testnet_wallet, yagna, self.payment_network, self.payment_driver)
             if warning:

@@ -72,14 +72,15 @@ def localnet(datadir):
         assert stop_localnet(net) == 0
 
 
-def write_cluster(path: Path, node_config: dict, payment_network="local") -> Path:
+def write_cluster(path: Path, node_config: dict, payment_network="local", **parameters) -> Path:
     node_config = {**node_config, "demand": {"image_tag": "golem/ray-on-golem:test",
                                              **node_config.get("demand", {})}}
     config = {
         "cluster_name": "stats",
         "provider": {"type": "external", "module": "ray_on_golem.GolemNodeProvider",
                      "use_internal_ips": True,
-                     "parameters": {"payment_network": payment_network, "node_config": node_config}},
+                     "parameters": {"payment_network": payment_network, "node_config": node_config,
+                                    **parameters}},
         "available_node_types": {
             "ray.head.default": {"resources": {}, "node_config": {}},
             "ray.worker.default": {"resources": {}, "node_config": {}},
@@ -252,10 +253,14 @@ def test_ctrl_c_ends_the_scan_early_and_still_prints(localnet, datadir, tmp_path
 
 
 def test_starts_a_local_network_when_none_runs_and_stops_it_after(run_cli, datadir, tmp_path):
-    cluster = write_cluster(tmp_path / "cluster.yaml", {})
-    done = run_cli("network-stats", cluster, "--duration", "0.02", "--response-timeout", "5")
+    # the YAML's local_network block shapes the market it starts (profile relative to the YAML)
+    (tmp_path / "market.json").write_text(json.dumps({"known_at_start": 1.0, "behaviours": {}}))
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, local_network={
+        "providers": 5, "seed": 3, "time_scale": TIME_SCALE, "profile": "market.json"})
+    done = run_cli("network-stats", cluster, "--duration", SCAN_MINUTES, "--response-timeout", "5")
     assert done.returncode == 0, done.stderr
-    assert "Proposals count:" in done.stdout.splitlines()
+    lines = done.stdout.splitlines()
+    assert "Initial: 5" in lines and "Negotiated successfully: 5" in lines
     started = json.loads((datadir / "localnet" / "localnet.json").read_text())
     assert not pid_alive(started["pid"])
 
