@@ -53,3 +53,19 @@ def test_import_touches_the_standard_library_only(tmp_path):
             "'argparse', 'sqlite3')))" % str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.stdout == "[]\n", proc.stderr
+
+
+def test_yagna_version_is_cached_per_binary(run_cli, tmp_path):
+    """A fake yagna (a shell script) proves the cache follows the binary: a new binary, a new answer."""
+    fake = tmp_path / "bin" / "yagna"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho yagna 9.9.9 '(fake)'\n")
+    fake.chmod(0o755)
+    env = {"YAGNA_PATH": str(fake)}
+    first = json.loads(run_cli("version", "--json", env=env).stdout)["yagna"]
+    assert first == {"path": str(fake), "version": "yagna 9.9.9 (fake)"}
+    cache = tmp_path / "home" / ".cache" / "ray-on-golem" / "yagna-version.json"
+    assert json.loads(cache.read_text())["version"] == "yagna 9.9.9 (fake)"
+    fake.write_text("#!/bin/sh\necho yagna 10.0.0-longer '(fake)'\n")  # another size: another binary
+    second = json.loads(run_cli("version", "--json", env=env).stdout)["yagna"]
+    assert second["version"] == "yagna 10.0.0-longer (fake)"
