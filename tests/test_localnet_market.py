@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -690,14 +692,16 @@ def test_killer_10_repeated_closes_are_idempotent(localnet):
                 await agreement.terminate()
                 await allocation.release()
             await demand.unsubscribe()
-            await demand.unsubscribe()  # 410 "already unsubscribed": ignored by golem-core
+            await demand.unsubscribe()  # 404 as yagna answers: ignored by golem-core
             return demand.id, allocation.id
         # aclose repeats every close once more
 
     demand_id, allocation_id = run(main())
+    # the answers yagna 0.17.6 gives to repeated deletes (see the fidelity test)
     status, body = localnet.call("DELETE", f"{M}/demands/{demand_id}")
-    assert status == 410 and body["message"] == f"Subscription [{demand_id}] was already unsubscribed."
-    assert localnet.call("DELETE", f"{P}/allocations/{allocation_id}")[0] == 200
+    assert status == 404 and body["message"] == f"Demand [{demand_id}] not found."
+    status, body = localnet.call("DELETE", f"{P}/allocations/{allocation_id}")
+    assert status == 410 and body["message"] == f"Allocation {allocation_id} has been already released"
 
 
 @pytest.mark.slow
@@ -779,3 +783,123 @@ def test_negotiation_outcomes_match_the_population_behaviours(localnet_factory):
     }
     for node_id, provider in population.items():
         assert outcome.get(node_id) == expected_by_behaviour[provider["behaviour"]], provider
+
+
+# ---- fidelity: the same golem-core scenario on the real yagna 0.17.6 and on localnet ----
+
+SCENARIO = REPO / "tests" / "fidelity_scenario.py"
+FIDELITY_PROFILE = {"providers": 1, "known_at_start": 1.0, "latency_s": [0.01, 0.05], "behaviours": {},
+                    "explicit": [{"name": "fidelity-provider"}]}
+TIMING_DEPENDENT = ("/payment-api/v1/invoiceEvents", "/payment-api/v1/debitNoteEvents")
+
+
+def _yagna_binary():
+    return shutil.which("yagna", path=os.path.dirname(sys.executable)) or shutil.which("yagna")
+
+
+@pytest.fixture
+def loopback_netns():
+    """A network namespace with only `lo` up (yagna-offline.md §1), or None without root."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield None
+        return
+    name = f"lnm-{os.getpid()}-{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def _route(path):
+    return "/".join("{id}" if len(seg) >= 20 else seg for seg in path.split("/"))
+
+
+def _fields(obj, prefix=""):
+    """Dotted key paths of a JSON value; property maps are opaque (their keys are data)."""
+    out = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.add(prefix + key)
+            if key != "properties":
+                out |= _fields(value, f"{prefix}{key}.")
+    elif isinstance(obj, list):
+        for item in obj:
+            out |= _fields(item, prefix + "[].")
+    return out
+
+
+def _field_sets(trace):
+    sets = {}
+    for call in trace:
+        if call["path"] in TIMING_DEPENDENT or (call["path"].endswith("/events") and call["status"] == 404):
+            continue  # polls in flight at shutdown: recorded or not depending on timing
+        key = (call["method"], _route(call["path"]), call["status"])
+        sets.setdefault(key, set()).update(_fields(call["response"]))
+    return sets
+
+
+def _negotiation_events(trace):
+    """Demand event types (with proposal state) received before the agreement was created."""
+    events = []
+    for call in trace:
+        if call["method"] == "POST" and call["path"].endswith("/agreements"):
+            break
+        if call["method"] == "GET" and call["path"].endswith("/events"):
+            events += [f"{e['eventType']}:{e.get('proposal', {}).get('state')}" for e in call["response"]]
+    return events
+
+
+@pytest.mark.yagna
+@pytest.mark.slow
+def test_fidelity_same_negotiation_on_real_yagna_and_localnet(localnet_factory, loopback_netns, tmp_path):
+    binary = _yagna_binary()
+    if binary is None:
+        pytest.skip("the yagna binary (PyPI golem-node 0.17.6) is not installed")
+    if loopback_netns is None:
+        pytest.skip("needs root and `ip netns` for a loopback-only network namespace (yagna-offline.md §1)")
+    ydir = tmp_path / "yagna"
+    ydir.mkdir()
+    try:
+        real_run = subprocess.run(["ip", "netns", "exec", loopback_netns, sys.executable, str(SCENARIO), "yagna",
+                                   str(ydir)], env={**os.environ, "YAGNA_BINARY": binary},
+                                  capture_output=True, text=True, timeout=300)
+    finally:
+        pids = [int(p) for p in (ydir / "yagna.pids").read_text().split()] if (ydir / "yagna.pids").exists() else []
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert not [pid for pid in pids if pid_alive(pid)], "a yagna daemon was left running"
+    assert real_run.returncode == 0, real_run.stderr[-4000:]
+    real = json.loads(real_run.stdout)
+    (tmp_path / "trace-yagna.json").write_text(real_run.stdout)  # kept for a failing run
+
+    ln = localnet_factory(profile=FIDELITY_PROFILE)
+    fake_run = subprocess.run([sys.executable, str(SCENARIO), "localnet", ln.url],
+                              env={**os.environ, "YAGNA_APPKEY": ln.app_key}, capture_output=True, text=True,
+                              timeout=300)
+    assert fake_run.returncode == 0, fake_run.stderr[-4000:]
+    fake = json.loads(fake_run.stdout)
+    (tmp_path / "trace-localnet.json").write_text(fake_run.stdout)
+
+    assert _negotiation_events(real) == ["ProposalEvent:Initial", "ProposalEvent:Draft"]
+    assert _negotiation_events(fake) == _negotiation_events(real)
+    assert _field_sets(fake) == _field_sets(real)
+
+
+def test_unsubscribe_ends_the_polls_in_flight_with_yagnas_404(localnet):
+    demand_id, _, _ = raw_demand(localnet)
+    poll_events(localnet, demand_id, 8, timeout=2)  # drain the offers
+    answers = []
+    poller = threading.Thread(target=lambda: answers.append(
+        localnet.call("GET", f"{M}/demands/{demand_id}/events?timeout=15&maxEvents=10")))
+    poller.start()
+    time.sleep(0.3)  # the poll is parked on the server
+    assert localnet.call("DELETE", f"{M}/demands/{demand_id}")[0] == 204
+    poller.join(10)  # well before the poll's own 15 s
+    assert not poller.is_alive()
+    assert answers == [(404, {"message": f"Subscription [{demand_id}] not found. Could be unsubscribed."})]
