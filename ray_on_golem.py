@@ -3020,6 +3020,16 @@ def _listen_port_arg(value: str) -> int:
     return 0 if value.strip() == "0" else _port_arg(value)
 
 
+def _seconds_arg(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
 def _payment_network_arg(value: str) -> str:
     if value in DEAD_PAYMENT_NETWORKS:
         raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
@@ -3075,7 +3085,7 @@ def _add_start(commands, common) -> None:
     p.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_WEBSERVER_PORT,
                    help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
-    p.add_argument("--timeout", type=float, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_start)
 
@@ -3088,7 +3098,7 @@ def _add_stop(commands, common) -> None:
     p.add_argument("-f", "--force", action="store_true",
                    help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
     p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
-    p.add_argument("--timeout", type=float, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_stop)
 

@@ -376,6 +376,8 @@ def test_port_in_use_fails_cleanly(services):
         (["start", "--network", "goerli"], "goerli was shut down"),
         (["start", "--network", "nowhere"], "'nowhere' is not one of local, holesky, polygon"),
         (["stop", "--port", "x"], "'x' is not a port number"),
+        (["stop", "--timeout", "-1"], "'-1' must be a positive number of seconds"),
+        (["start", "--timeout", "soon"], "'soon' is not a number of seconds"),
         (["status", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
