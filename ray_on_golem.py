@@ -23,7 +23,6 @@ Sections, in dependency order (each uses only those above it):
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -115,9 +114,52 @@ def find_yagna() -> str | None:
 
 # Inside the zipapp the C extensions of aiohttp & co cannot load (a `.so` cannot be imported from a zip):
 # their *_NO_EXTENSIONS switches select the pure-Python fallbacks. Set before golem-core is imported.
-if type(globals().get("__loader__")).__name__ == "zipimporter":  # pragma: no cover - zipapp only
+_ZIPAPP = globals().get("__loader__").archive if type(globals().get("__loader__")).__name__ == "zipimporter" else None
+if _ZIPAPP:  # pragma: no cover - zipapp only
     for _name in ("AIOHTTP", "MULTIDICT", "YARL", "FROZENLIST", "PROPCACHE"):
         os.environ.setdefault(f"{_name}_NO_EXTENSIONS", "1")
+
+
+def prepare_bundled_imports() -> str | None:
+    """Call before the first `import yaml`/`import golem`: inside the zipapp, put its bundle on sys.path.
+
+    The zipapp keeps its dependencies in an inner `bundle.zip` (build_zipapp.py says why), and
+    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path
+    next to `__file__`, which cannot work inside a zip anyway. So the bundle is extracted once per
+    zip (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), its precompiled
+    pycs into `__pycache__`. Outside the zipapp this does nothing and returns None.
+    """
+    if not _ZIPAPP:
+        return None
+    import zipfile
+    from importlib.util import MAGIC_NUMBER, cache_from_source
+
+    stat = os.stat(_ZIPAPP)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                data = zf.read(info)
+                if name.endswith(".pyc"):
+                    if data[:4] != MAGIC_NUMBER:
+                        continue  # another Python: it compiles the .py itself
+                    name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
+                path = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: use theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    return target
 
 
 ###############################################################################
@@ -597,6 +639,7 @@ def _read_cluster_yaml(path: str) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise UsageError(f"cluster config {path}: cannot be read ({err.__class__.__name__})") from None
     try:
+        prepare_bundled_imports()
         import yaml
     except ImportError:
         raise RayOnGolemError("reading a cluster YAML needs PyYAML: pip install 'PyYAML==6.0.3'") from None
@@ -2738,17 +2781,48 @@ def installed_version(dist_name: str) -> str | None:
 
 
 def _yagna_info() -> dict:
+    """Path and `yagna --version` output, cached per binary (path, size, mtime).
+
+    Starting yagna just to print its version costs ~30 ms and ~30 MB, more than all the rest of
+    `ray-on-golem version`; the cache key changes whenever the binary does, so the output stays exact.
+    """
+    import json
+
     path = find_yagna()
     if not path:
         return {"path": None, "version": None}
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                             "ray-on-golem")
+    cache_file = os.path.join(cache_dir, "yagna-version.json")
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return {"path": path, "version": cached["version"]}
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
     import subprocess
 
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
                              stdin=subprocess.DEVNULL)
-        version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
     except (OSError, subprocess.TimeoutExpired) as err:
-        version = f"cannot run: {err.__class__.__name__}"
+        return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
+    version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
+    if out.returncode == 0:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache_file}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"key": key, "version": version}, f)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home: no cache, still correct
     return {"path": path, "version": version}
 
 
@@ -3114,6 +3188,8 @@ def _add_status(commands, common) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
+    import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--datadir", metavar="PATH",
                         help="data directory (default: $RAY_ON_GOLEM_DATADIR or ~/.local/share/ray_on_golem)")

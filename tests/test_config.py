@@ -250,3 +250,33 @@ def test_validation_does_not_mutate_input():
     before = copy.deepcopy(config)
     rog.load_cluster_config(config)
     assert config == before
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+# No timing in tests (the machine is shared): no deadline, no "too slow" health check.
+untimed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_leaves = st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=3)
+_keys = st.sampled_from("abcd")
+_values = _leaves | st.dictionaries(_keys, _leaves | st.dictionaries(_keys, _leaves, max_size=3), max_size=4)
+
+
+@untimed
+@given(st.dictionaries(st.sampled_from("abcd"), _values), st.dictionaries(st.sampled_from("abcd"), _values))
+def test_merge_override_wins_lists_replace_dicts_merge(base, override):
+    merged = rog.merge_node_config(base, override)
+    assert set(merged) == set(base) | set(override)
+    for key, value in merged.items():
+        if key not in override:
+            assert value == base[key]
+        elif isinstance(override[key], dict) and isinstance(base.get(key), dict):
+            assert value == rog.merge_node_config(base[key], override[key])
+        else:
+            assert value == override[key]  # lists and scalars replace
+
+
+@untimed
+@given(st.integers(min_value=1, max_value=10 ** 8))
+def test_format_duration_round_trips(seconds):
+    assert rog.parse_duration(rog.format_duration(seconds)) == seconds
