@@ -3081,6 +3081,8 @@ def _add_reputation(commands, common) -> None:
 # -- services: webserver, start, stop, status ---------------------------------------
 
 def _port_arg(value: str) -> int:
+    import argparse  # already loaded by build_parser
+
     try:
         port = int(value)
     except ValueError:
@@ -3095,6 +3097,8 @@ def _listen_port_arg(value: str) -> int:
 
 
 def _seconds_arg(value: str) -> float:
+    import argparse  # already loaded by build_parser
+
     try:
         seconds = float(value)
     except ValueError:
@@ -3105,6 +3109,8 @@ def _seconds_arg(value: str) -> float:
 
 
 def _payment_network_arg(value: str) -> str:
+    import argparse  # already loaded by build_parser
+
     if value in DEAD_PAYMENT_NETWORKS:
         raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
     if value not in PAYMENT_NETWORKS:
