@@ -1382,6 +1382,19 @@ def open_rotated_log(path: str, max_bytes: int, backups: int = 3):
     return os.fdopen(fd, "ab", buffering=0)
 
 
+def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run `module` (ours or golem_localnet) with `sys.executable`.
+
+    `-m` with this module's directory first on PYTHONPATH works from a checkout, a venv and
+    the zipapp alike (there the directory is the .pyz itself and zipimport reads it).
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return [sys.executable, "-m", module, *args], env
+
+
 class HTTPConnection:
     """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
 
@@ -1591,12 +1604,7 @@ class YagnaService:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            # `-m golem_localnet` with this module's directory on the path works from a
-            # checkout, a venv and the zipapp alike (zipimport reads the .pyz entry).
-            cmd = [sys.executable, "-m", "golem_localnet", "serve", "--port", "0", "--datadir", netdir]
-            env = dict(os.environ)
-            here = os.path.dirname(os.path.abspath(__file__))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
@@ -2417,14 +2425,6 @@ WEBSERVER_STOP_TIMEOUT = 60.0
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
 
 
-def webserver_module_command(*args: str) -> tuple[list[str], dict[str, str]]:
-    """argv and environment that run this module with `sys.executable`, from a checkout, venv or zipapp."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))  # the .pyz itself when run from the zipapp
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return [sys.executable, "-m", "ray_on_golem", *args], env
-
-
 class WebserverClient:
     """HTTP client of the webserver (CLI, node provider): bearer token from the data dir, one keep-alive connection."""
 
@@ -2518,8 +2518,8 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
-        cmd, env = webserver_module_command(
-            "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+        cmd, env = python_module_command(
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
