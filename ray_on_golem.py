@@ -1410,6 +1410,90 @@ def open_rotated_log(path: str, max_bytes: int, backups: int = 3):
     return os.fdopen(fd, "ab", buffering=0)
 
 
+def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run `module` (ours or golem_localnet) with `sys.executable`.
+
+    `-m` with this module's directory first on PYTHONPATH works from a checkout, a venv and
+    the zipapp alike (there the directory is the .pyz itself and zipimport reads it).
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return [sys.executable, "-m", module, *args], env
+
+
+class HTTPConnection:
+    """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
+
+    Not `http.client`: it imports `email` and `ssl`, ~50 ms (100 ms on a busy machine) of
+    a `status` whose whole budget is 60 ms. Plain http only; every service here is on 127.0.0.1.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._sock = None
+        self._stream = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._stream.close()
+            self._sock.close()
+            self._sock = self._stream = None
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
+        """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
+        import socket
+
+        # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            if fresh:
+                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._stream = self._sock.makefile("rb")
+            self._sock.settimeout(self.timeout)
+            head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
+            head += [f"{k}: {v}" for k, v in headers.items()]
+            try:
+                self._sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (body or b""))
+                return self._read_response()
+            except (OSError, ValueError):
+                self.close()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_response(self) -> tuple[int, bytes]:
+        stream = self._stream
+        status_line = stream.readline(65537)
+        if not status_line:
+            raise ConnectionResetError("connection closed before a response")
+        status = int(status_line.split()[1])
+        headers = {}
+        while True:
+            line = stream.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
+                body += stream.read(size)
+                stream.readline(3)
+            while stream.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+        elif "content-length" in headers:
+            body = stream.read(int(headers["content-length"]))
+        else:
+            body = stream.read()  # until the server closes
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+
 def http_request(
     method: str,
     url: str,
@@ -1417,21 +1501,19 @@ def http_request(
     token: str | None = None,
     body: object = None,
     timeout: float = 10.0,
-    connection=None,
+    connection: HTTPConnection | None = None,
 ) -> tuple[int, object]:
-    """One JSON request over HTTP/1.1 (stdlib); returns (status, decoded JSON or text).
+    """One JSON request to `http://host:port/path`; returns (status, decoded JSON or text).
 
     Raises ServiceUnavailable when nothing answers. `connection` reuses a keep-alive
-    `http.client.HTTPConnection` to the same host.
+    HTTPConnection to the same host.
     """
-    import http.client
     import json
-    import urllib.parse
 
-    parts = urllib.parse.urlsplit(url)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
+    if not url.startswith("http://"):
+        raise UsageError(f"only http:// URLs are supported here, not {url!r}")
+    netloc, slash, path = url[len("http://") :].partition("/")
+    host, _, port = netloc.rpartition(":") if ":" in netloc else (netloc, "", "80")
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -1439,22 +1521,19 @@ def http_request(
     if body is not None:
         payload = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    conn = connection or http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    conn = connection or HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-    except (OSError, http.client.HTTPException) as e:
-        conn.close()
-        raise ServiceUnavailable(f"no answer from {parts.scheme}://{parts.netloc}: {e}") from None
+        status, raw = conn.request(method, slash + path, headers, payload)
+    except (OSError, ValueError, IndexError) as e:
+        raise ServiceUnavailable(f"no answer from http://{netloc}: {e}") from None
     finally:
         if connection is None:
             conn.close()
     text = raw.decode(errors="replace")
     try:
-        return response.status, json.loads(text) if text else None
+        return status, json.loads(text) if text else None
     except ValueError:
-        return response.status, text
+        return status, text
 
 
 class YagnaService:
@@ -1553,12 +1632,7 @@ class YagnaService:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            # `-m golem_localnet` with this module's directory on the path works from a
-            # checkout, a venv and the zipapp alike (zipimport reads the .pyz entry).
-            cmd = [sys.executable, "-m", "golem_localnet", "serve", "--port", "0", "--datadir", netdir]
-            env = dict(os.environ)
-            here = os.path.dirname(os.path.abspath(__file__))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
@@ -2716,6 +2790,9 @@ def read_runtime(datadir: str) -> dict:
         return {}
 
 
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
+
+
 class MethodNotAllowed(RayOnGolemError):
     http_status = 405
 
@@ -2951,9 +3028,12 @@ class Webserver:
         self._token = b""
         self._server = None
         self._stopped = None  # asyncio.Event, set when shutdown is complete
-        self._connections: set = set()
+        # writer -> (timeout, since) while waiting for the client, None while handling a request.
+        self._connections: dict = {}
         self._run_lock_fd: int | None = None
         self._watcher = None
+        self._reaper = None
+        self._counts_cache: tuple[tuple[int, int], dict] | None = None
         self.store = None
         self._log = None
 
@@ -2970,6 +3050,17 @@ class Webserver:
             for name, counts in source().items():
                 merged.setdefault(name, {}).update(counts)
         return merged
+
+    def _stored_cluster_counts(self) -> dict[str, dict[str, int]]:
+        """cluster_node_counts, recomputed only when the database changed: status polls stay cheap.
+
+        `PRAGMA data_version` moves on commits of other connections, `total_changes` on ours.
+        """
+        conn = self.store.conn
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        if self._counts_cache is None or self._counts_cache[0] != version:
+            self._counts_cache = (version, cluster_node_counts(self.store))
+        return self._counts_cache[1]
 
     def live_nodes(self) -> int:
         """Nodes that still hold an agreement: everything not `terminated`."""
@@ -3106,7 +3197,7 @@ class Webserver:
             self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
                                  "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
         self.store = Store(self.datadir)
-        self.cluster_sources.append(lambda: cluster_node_counts(self.store))
+        self.cluster_sources.append(self._stored_cluster_counts)
         token = load_or_create_token(self.datadir)
         self.redactor.secrets.add(token)
         self._token = f"Bearer {token}".encode()
@@ -3119,6 +3210,7 @@ class Webserver:
             raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
         self._write_runtime_files()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3162,25 +3254,27 @@ class Webserver:
         """Serve one keep-alive connection: read a request, dispatch it, answer; repeat."""
         import asyncio
 
-        self._connections.add(writer)
+        connections, clock = self._connections, asyncio.get_running_loop().time
         try:
             while True:
+                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
+                connections[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
                 try:
-                    async with asyncio.timeout(KEEPALIVE_IDLE_TIMEOUT):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-                    return  # client went away or idled out
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # client went away or was reaped
                 except asyncio.LimitOverrunError:
                     await self._respond(writer, 431, {"error": "request head too large"}, keep_alive=False)
                     return
+                connections[writer] = (REQUEST_READ_TIMEOUT, clock())
                 try:
-                    async with asyncio.timeout(REQUEST_READ_TIMEOUT):
-                        request, keep_alive = await self._parse_request(head, reader)
+                    request, keep_alive = await self._parse_request(head, reader)
                 except RayOnGolemError as e:
                     await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
                     return
-                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+                except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                connections[writer] = None  # handling: never reaped
                 status, payload = await self._dispatch(request)
                 if self.state == "shutting_down":
                     keep_alive = False
@@ -3190,8 +3284,20 @@ class Webserver:
         except ConnectionError:
             pass
         finally:
-            self._connections.discard(writer)
+            connections.pop(writer, None)
             writer.close()
+
+    async def _reap_connections(self) -> None:
+        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for writer, waiting in list(self._connections.items()):
+                if waiting is not None and now - waiting[1] > waiting[0]:
+                    writer.close()
 
     @staticmethod
     async def _parse_request(head: bytes, reader) -> tuple[Request, bool]:
@@ -3246,7 +3352,7 @@ class Webserver:
         from http import HTTPStatus
 
         body = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
                 f"Content-Length: {len(body)}"]  # fmt: skip
         if not keep_alive:
             head.append("Connection: close")
@@ -3267,14 +3373,6 @@ WEBSERVER_STOP_TIMEOUT = 60.0
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
 
 
-def webserver_module_command(*args: str) -> tuple[list[str], dict[str, str]]:
-    """argv and environment that run this module with `sys.executable`, from a checkout, venv or zipapp."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))  # the .pyz itself when run from the zipapp
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return [sys.executable, "-m", "ray_on_golem", *args], env
-
-
 class WebserverClient:
     """HTTP client of the webserver (CLI, node provider): bearer token from the data dir, one keep-alive connection."""
 
@@ -3287,13 +3385,12 @@ class WebserverClient:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
-        import http.client
-
         token = read_token(self.datadir)
         if token is None:
             raise ServiceUnavailable(f"no webserver token in {self.datadir}: is the webserver started?")
         if self._connection is None:
-            self._connection = http.client.HTTPConnection(WEBSERVER_HOST, self.port, timeout=timeout or self.timeout)
+            self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
+        self._connection.timeout = timeout or self.timeout
         try:
             status, data = http_request(method, self.url + path, token=token, body=body, connection=self._connection)
         except ServiceUnavailable:
@@ -3369,8 +3466,8 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
-        cmd, env = webserver_module_command(
-            "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+        cmd, env = python_module_command(
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
@@ -3936,6 +4033,8 @@ def _add_reputation(commands, common) -> None:
 # -- services: webserver, start, stop, status ---------------------------------------
 
 def _port_arg(value: str) -> int:
+    import argparse  # already loaded by build_parser
+
     try:
         port = int(value)
     except ValueError:
@@ -3949,7 +4048,21 @@ def _listen_port_arg(value: str) -> int:
     return 0 if value.strip() == "0" else _port_arg(value)
 
 
+def _seconds_arg(value: str) -> float:
+    import argparse  # already loaded by build_parser
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
 def _payment_network_arg(value: str) -> str:
+    import argparse  # already loaded by build_parser
+
     if value in DEAD_PAYMENT_NETWORKS:
         raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
     if value not in PAYMENT_NETWORKS:
@@ -4004,7 +4117,7 @@ def _add_start(commands, common) -> None:
     p.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_WEBSERVER_PORT,
                    help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
-    p.add_argument("--timeout", type=float, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_start)
 
@@ -4017,7 +4130,7 @@ def _add_stop(commands, common) -> None:
     p.add_argument("-f", "--force", action="store_true",
                    help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
     p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
-    p.add_argument("--timeout", type=float, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_stop)
 

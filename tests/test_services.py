@@ -376,6 +376,8 @@ def test_port_in_use_fails_cleanly(services):
         (["start", "--network", "goerli"], "goerli was shut down"),
         (["start", "--network", "nowhere"], "'nowhere' is not one of local, holesky, polygon"),
         (["stop", "--port", "x"], "'x' is not a port number"),
+        (["stop", "--timeout", "-1"], "'-1' must be a positive number of seconds"),
+        (["start", "--timeout", "soon"], "'soon' is not a number of seconds"),
         (["status", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -627,3 +629,34 @@ def test_proc_start_time_tells_reused_pids_apart():
     assert not rog.process_alive(child.pid, start + 1)
     child.wait()
     assert rog.proc_start_time(child.pid) is None
+
+
+@pytest.mark.slow
+def test_start_status_stop_from_the_zipapp(tmp_path):
+    """`start` from the zipapp on a bare Python (-I -S) spawns a webserver and local network that run from it."""
+    if not localnet_available():
+        pytest.skip("golem_localnet.py serve is not built on this branch yet")
+    pyz = tmp_path / "ray-on-golem.pyz"
+    built = subprocess.run([sys.executable, os.path.join(ROOT, "build_zipapp.py"), "--output", str(pyz)],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    svc = Services(str(tmp_path / "rog"), free_port(), "local", _service_env(tmp_path))
+
+    def bare(*args):
+        done = subprocess.run([sys.executable, "-I", "-S", str(pyz), *args, "--datadir", svc.datadir],
+                              capture_output=True, text=True, env=svc.env, timeout=120, cwd=tmp_path)  # fmt: skip
+        svc.remember()
+        assert "Traceback" not in done.stderr, done.stderr
+        return done
+
+    try:
+        started = bare("start", "-p", str(svc.port))
+        assert started.returncode == 0, started.stdout + (tmp_path / "rog" / "webserver.out").read_text()
+        for pid in svc.seen:  # both children run this zipapp's code, not a checkout's
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert f"PYTHONPATH={pyz}".encode() in f.read().split(b"\0")
+        assert "Status:           Running" in bare("status").stdout
+        stopped = bare("stop")
+        assert stopped.returncode == 0 and "Webserver stopped" in stopped.stdout
+    finally:
+        _teardown(svc)
