@@ -4258,15 +4258,15 @@ class NetworkStatsScan:
         loop = asyncio.get_running_loop()
         stop_event = asyncio.Event()
 
-        def on_signal():
-            if not stop_event.is_set():
+        def on_signal(name: str):
+            if not stop_event.is_set():  # the first signal ends the scan; cleanup is bounded
                 self.interrupted = True
-                print("\nReceived CTRL-C, exiting...", file=err, flush=True)
+                print(f"\nReceived {name}, exiting...", file=err, flush=True)
                 stop_event.set()
 
         yagna = store = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        for sig, name in ((signal.SIGINT, "CTRL-C"), (signal.SIGTERM, "SIGTERM")):
+            loop.add_signal_handler(sig, on_signal, name)
         try:
             # a local network it starts is stopped below; a running one is left alone
             yagna = await loop.run_in_executor(
