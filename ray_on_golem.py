@@ -2308,8 +2308,8 @@ class MarketPipeline:
         self.response_timeout = response_timeout
         self.pricing = Pricing(budget)
         self.filters = budget_filters(budget, self.pricing)
-        cost_reference = budget.max_cost if budget.max_cost else None
-        self.scorer = Scorer(reputation, cost_reference, seed)
+        # cost scores are relative to the user's own limit, else to 1 GLM per expected usage
+        self.scorer = Scorer(reputation, budget.max_cost or 1.0, seed)
         minimal = timedelta(hours=budget.payment_interval_minimal_hours)
         optimal = timedelta(hours=budget.payment_interval_optimal_hours or budget.payment_interval_minimal_hours)
         self.negotiators = [
@@ -2344,6 +2344,7 @@ class MarketPipeline:
         import asyncio
 
         from golem.resources import Allocation, Demand
+        from golem.resources.proposal.events import NewProposal
 
         try:
             self.allocation = await Allocation.create_any_account(
@@ -2362,8 +2363,6 @@ class MarketPipeline:
         # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
         # every call (its cache is never filled): read it once for all negotiations.
         self._demand_data = await self.demand.get_demand_data()
-        from golem.resources.proposal.events import NewProposal
-
         self._answer_handler = await self.node.event_bus.on(NewProposal, self._on_new_proposal)
         self._tasks.append(asyncio.create_task(self._collect()))
         self._tasks += [asyncio.create_task(self._negotiate_forever())
