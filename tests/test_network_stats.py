@@ -267,30 +267,37 @@ def test_starts_a_local_network_when_none_runs_and_stops_it_after(run_cli, datad
 
 def test_progress_line_only_on_a_terminal(localnet, datadir, tmp_path):
     import pty
+    import threading
 
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
     leader, follower = pty.openpty()
-    try:
-        process = subprocess.Popen(
-            [sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "0.03",
-             "--response-timeout", str(RESPONSE_TIMEOUT_S)],
-            stdout=subprocess.PIPE, stderr=follower, text=True,
-            env=cli_env(datadir, tmp_path))
-        os.close(follower)
-        out, _ = process.communicate(timeout=120)
-        terminal = b""
+    terminal = []
+
+    def drain():  # read as it comes: a full pty buffer would block the child
         while True:
             try:
                 chunk = os.read(leader, 65536)
             except OSError:  # EIO: the child closed the terminal
-                break
+                return
             if not chunk:
-                break
-            terminal += chunk
+                return
+            terminal.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "0.03",
+             "--response-timeout", str(RESPONSE_TIMEOUT_S)],
+            stdout=subprocess.PIPE, stderr=follower, text=True, env=cli_env(datadir, tmp_path))
+        os.close(follower)
+        out, _ = process.communicate(timeout=120)
+        reader.join(timeout=30)
     finally:
         os.close(leader)
+    seen = b"".join(terminal)
     assert process.returncode == 0
-    assert b"\r\x1b[2K" in terminal and b"elapsed" in terminal and b"left: " in terminal
+    assert b"\r\x1b[2K" in seen and b"elapsed" in seen and b"left: " in seen
     assert "elapsed" not in out  # the report itself stays clean
 
 
