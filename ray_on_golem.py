@@ -2320,7 +2320,7 @@ class Webserver:
                     return
                 connections[writer] = (REQUEST_READ_TIMEOUT, clock())
                 try:
-                    request, keep_alive = await self._parse_request(head, reader)
+                    request, keep_alive = await self._parse_request(head, reader, writer)
                 except RayOnGolemError as e:
                     await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
                     return
@@ -2352,7 +2352,7 @@ class Webserver:
                     writer.close()
 
     @staticmethod
-    async def _parse_request(head: bytes, reader) -> tuple[Request, bool]:
+    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
         lines = head[:-4].decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
@@ -2376,6 +2376,8 @@ class Webserver:
             raise UsageError("malformed Content-Length")
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
         body = await reader.readexactly(length) if length else b""
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
@@ -2437,9 +2439,9 @@ class WebserverClient:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
+        # No token file yet: ask anyway. Nothing listening is ServiceUnavailable; a webserver
+        # of another data dir answers 401, which `status` turns into a clear Conflict.
         token = read_token(self.datadir)
-        if token is None:
-            raise ServiceUnavailable(f"no webserver token in {self.datadir}: is the webserver started?")
         if self._connection is None:
             self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
         self._connection.timeout = timeout or self.timeout
@@ -2459,6 +2461,9 @@ class WebserverClient:
             return self.request("GET", "/status", timeout=3.0)
         except ServiceUnavailable:
             return None
+        except Unauthorized:
+            raise Conflict(f"the webserver on {self.url} does not accept the token in {self.datadir}: "
+                           "it serves another data directory (use another --port)") from None  # fmt: skip
 
     def close(self) -> None:
         if self._connection is not None:
@@ -2513,6 +2518,13 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
             return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+        elsewhere = read_runtime(datadir).get("port")
+        if elsewhere not in (None, port):
+            other = WebserverClient(datadir, elsewhere).status()
+            if other:
+                out(f"A webserver for {datadir} already runs on http://{WEBSERVER_HOST}:{elsewhere} (pid {other['pid']}).")
+                out(f"Stop it first (`ray-on-golem stop`) to start one on port {port}.")
+                return EXIT_FAILED
         running = live_pid(datadir)
         if running:
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
@@ -2548,7 +2560,7 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
             return EXIT_FAILED
-        status = client.status() if read_token(datadir) else None
+        status = client.status()
         if status and status["state"] == "running":
             yagna = status["yagna"]
             out(f"Webserver is running on {client.url} (pid {status['pid']}); "

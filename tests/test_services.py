@@ -660,3 +660,30 @@ def test_start_status_stop_from_the_zipapp(tmp_path):
         assert stopped.returncode == 0 and "Webserver stopped" in stopped.stdout
     finally:
         _teardown(svc)
+
+
+def test_one_webserver_per_datadir_and_per_port(running, tmp_path):
+    """Another port for the same data dir is refused; another data dir on the same port is told the port is taken."""
+    other_port = free_port()
+    again = running.cli("start", "--datadir", running.datadir, "-p", str(other_port))
+    assert again.returncode == 1
+    assert f"A webserver for {running.datadir} already runs on http://127.0.0.1:{running.port}" in again.stdout
+
+    stranger = Services(str(tmp_path / "other"), running.port, "local", running.env)
+    clash = stranger.start()
+    assert clash.returncode == 1
+    assert f"the webserver on http://127.0.0.1:{running.port} does not accept the token" in clash.stderr
+    assert "Traceback" not in clash.stdout + clash.stderr
+    _teardown(stranger)
+
+
+def test_expect_100_continue(shared):
+    body = b'{"force": "no"}'
+    data = request_bytes("POST", "/shutdown", shared.token(), body, extra="Expect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=10) as s:
+        stream = s.makefile("rb")
+        s.sendall(data[: -len(body)])
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
+        s.sendall(body)
+        status, _, answer = _read_response(stream)
+    assert status == 400 and "field 'force' must be bool, got str" in json.loads(answer)["error"]
