@@ -1518,6 +1518,7 @@ class YagnaService:
 
     def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
         import logging
+        import threading
 
         self.network = network
         self.datadir = datadir
@@ -1534,6 +1535,8 @@ class YagnaService:
         # The daemon a killed webserver had started in this data dir ({"url", "pid",
         # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
         self.orphan: dict | None = None
+        self.cancelled = threading.Event()  # set by a shutdown that comes while we start
+        self.stopped = False
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -1688,6 +1691,9 @@ class YagnaService:
 
         deadline = time.monotonic() + timeout
         while True:
+            if self.cancelled.is_set():
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} start cancelled: the webserver is shutting down")
             if self._process.poll() is not None:
                 lines = "\n".join(tail_lines(self.log_path, 20))
                 raise ServiceUnavailable(
@@ -1764,6 +1770,8 @@ class YagnaService:
         """Stop the daemon if we started it; say what happened."""
         import signal
 
+        if self.stopped:
+            return "stopped"
         if not self.started_by_us or self.pid is None:
             if self.api_url:
                 self._log.info("not stopping %s: it was started externally", self.kind)
@@ -1777,7 +1785,7 @@ class YagnaService:
             except Exception:  # noqa: BLE001 - already killed above; reaping is best effort
                 pass
         self._log.info("stopped %s (pid %s): %s", self.kind, self.pid, how)
-        self.started_by_us = False
+        self.stopped = True
         return {"gone": "already gone", "signal": "stopped", "killed": "killed after a timeout"}[how]
 
 
@@ -2085,6 +2093,7 @@ class Webserver:
         self._run_lock_fd: int | None = None
         self._watcher = None
         self._reaper = None
+        self._bring_up_task = None
         self._counts_cache: tuple[tuple[int, int], dict] | None = None
         self.store = None
         self._log = None
@@ -2188,6 +2197,7 @@ class Webserver:
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
+        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         for hook in self.shutdown_hooks:
             try:
@@ -2198,6 +2208,9 @@ class Webserver:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
+        starting = self._bring_up_task
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
         outcome = await asyncio.to_thread(self.yagna.stop)
         self._log.info("%s: %s", self.yagna.kind, outcome)
         self._stopped.set()
@@ -2268,20 +2281,7 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
-        try:
-            await asyncio.to_thread(self.yagna.start)
-        except RayOnGolemError as e:
-            self._log.error("cannot start: %s", e)
-            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
-            self.exit_code = e.exit_code
-            await self.shutdown()
-        else:
-            if self.state == "starting":
-                self.redactor.secrets.add(self.yagna.app_key)
-                self._write_runtime_files()
-                self.state = "running"
-                self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
-                self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+        self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()
         self._remove_runtime_files()
@@ -2289,14 +2289,35 @@ class Webserver:
         self._log.info("stopped, bye")
         return self.exit_code
 
+    async def _bring_up(self) -> None:
+        """Connect to or start the daemon (a blocking job, in a thread); then serve as `running`."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.yagna.start)
+        except RayOnGolemError as e:
+            if self.state == "shutting_down":
+                return  # cancelled by the shutdown, which stops what was started
+            self._log.error("cannot start: %s", e)
+            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = e.exit_code
+            await self.shutdown()
+            return
+        if self.state == "starting":
+            self.redactor.secrets.add(self.yagna.app_key)
+            self._write_runtime_files()
+            self.state = "running"
+            self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
         import asyncio
 
-        while self.state == "running" and self.yagna.started_by_us:
+        while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
             await asyncio.sleep(1.0)
             if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
-                self.yagna.started_by_us = False
+                self.yagna.stopped = True
                 self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
                                  "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
