@@ -82,6 +82,12 @@ def write_secret_file(path: str, content: str) -> None:
     os.replace(tmp, path)
 
 
+def cache_dir() -> str:
+    """`$XDG_CACHE_HOME/ray-on-golem` (default `~/.cache/ray-on-golem`): what can be rebuilt at any time."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ray-on-golem")
+
+
 DB_FILENAME = "ray_on_golem.sqlite3"
 # Ray resolves `provider.module` with importlib + getattr (ray-provider.md), so this is the module path.
 PROVIDER_MODULE = "ray_on_golem.GolemNodeProvider"
@@ -135,8 +141,7 @@ def prepare_bundled_imports() -> str | None:
     from importlib.util import MAGIC_NUMBER, cache_from_source
 
     stat = os.stat(_ZIPAPP)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    target = os.path.join(cache_dir(), f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
     if not os.path.isdir(target):
         tmp = f"{target}.tmp.{os.getpid()}"
         with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
@@ -571,6 +576,60 @@ def _has(raw, *keys) -> bool:
     return True
 
 
+def _resolve_node_config(own: dict, common: dict, is_head: bool, own_path: str, common_path: str,
+                         issues: list) -> dict:
+    """Head defaults <- provider-level `common` <- the node type's `own`, defaulted and cross-checked.
+
+    Both inputs were checked field by field already; what is left are the rules across fields, and
+    an error blames the level that set the field (`own_path` or `common_path`).
+    """
+    merged = merge_node_config(merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, common), own)
+
+    def origin(*keys):
+        return own_path if _has(own, *keys) or not _has(common, *keys) else common_path
+
+    resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
+    usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
+    if usage is not None:
+        base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
+        for key in ("cpu_load", "duration_hours"):
+            if key not in usage:
+                issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
+    demand = resolved["demand"]
+    if demand["image_tag"] and demand["image_hash"]:
+        blame_own = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
+        issues.append(((own_path if blame_own else common_path) + ".demand",
+                       "Either the `image_tag` or `image_hash` is allowed, not both "
+                       f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
+    elif not demand["image_tag"] and not demand["image_hash"]:
+        issues.append((origin("demand") + ".demand",
+                       "Either the `image_tag` or `image_hash` is required (found neither)"))
+    intervals = resolved["budget_control"]["payment_interval_hours"]
+    if intervals["optimal"] is None:
+        intervals["optimal"] = intervals["minimal"]
+    elif intervals["optimal"] < intervals["minimal"]:
+        issues.append((origin("budget_control", "payment_interval_hours")
+                       + ".budget_control.payment_interval_hours.optimal",
+                       f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+    return resolved
+
+
+def resolve_node_config(node_config: dict, common: dict | None = None, *, head: bool = False) -> dict:
+    """One node's `node_config` (what Ray passes to `create_node`), checked, merged over `common` and
+    defaulted; `ConfigError` naming `node_config.<field>` otherwise. For callers that hold no whole
+    cluster YAML (the node provider on the head node)."""
+    issues: list[tuple[str, str]] = []
+    common = common or {}
+    _walk(NODE_CONFIG_SCHEMA, common, "provider.parameters.node_config", issues, defaults=False)
+    _walk(NODE_CONFIG_SCHEMA, node_config, "node_config", issues, defaults=False)
+    if not issues:
+        resolved = _resolve_node_config(node_config or {}, common, head, "node_config",
+                                        "provider.parameters.node_config", issues)
+    if issues:
+        raise ConfigError(issues[0][0], issues[0][1], issues)
+    return resolved
+
+
 class NodeType:
     """One entry of `available_node_types` with its fully merged and defaulted `node_config`."""
 
@@ -745,39 +804,8 @@ def load_cluster_config(source) -> ClusterConfig:
         if len(issues) > before or not provider_node_config_ok:
             continue
         is_head = name == head_type
-        merged = merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, provider_node_config)
-        merged = merge_node_config(merged, own)
-
-        def origin(*keys, _own=own, _type_path=type_path):
-            """Blame the node type if it set the field, else the provider level that did."""
-            if _has(_own, *keys) or not _has(provider_node_config, *keys):
-                return f"{_type_path}.node_config"
-            return "provider.parameters.node_config"
-
-        resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
-        usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
-        if usage is not None:
-            base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
-            for key in ("cpu_load", "duration_hours"):
-                if key not in usage:
-                    issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
-        demand = resolved["demand"]
-        if demand["image_tag"] and demand["image_hash"]:
-            blame_type = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
-            issues.append(((f"{type_path}.node_config" if blame_type else "provider.parameters.node_config")
-                           + ".demand",
-                           "Either the `image_tag` or `image_hash` is allowed, not both "
-                           f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
-        elif not demand["image_tag"] and not demand["image_hash"]:
-            issues.append((origin("demand") + ".demand",
-                           "Either the `image_tag` or `image_hash` is required (found neither)"))
-        intervals = resolved["budget_control"]["payment_interval_hours"]
-        if intervals["optimal"] is None:
-            intervals["optimal"] = intervals["minimal"]
-        elif intervals["optimal"] < intervals["minimal"]:
-            issues.append((origin("budget_control", "payment_interval_hours")
-                           + ".budget_control.payment_interval_hours.optimal",
-                           f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+        resolved = _resolve_node_config(own, provider_node_config, is_head, f"{type_path}.node_config",
+                                        "provider.parameters.node_config", issues)
         node_types[name] = NodeType(name, is_head, resolved, fields["resources"], fields["min_workers"], max_w)
 
     if issues:
@@ -2777,40 +2805,45 @@ def _datadir(args) -> str:
 
 # -- version -------------------------------------------------------------------
 
-def installed_version(dist_name: str) -> str | None:
-    """Version of an installed distribution without importing it or importlib.metadata.
+def installed_versions() -> dict[str, str]:
+    """Versions of the installed distributions (normalized name -> version), without importing them.
 
-    Both are slow on a cold start (importlib.metadata alone costs ~100 ms here): the version is in
-    the name of the `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp
-    lists what it bundles in `bundled-versions.json` at its root.
+    Neither the packages nor importlib.metadata are imported: both are slow on a cold start
+    (importlib.metadata alone costs ~100 ms here). The version is in the name of each
+    `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp lists what it bundles
+    in `bundled-versions.json` at its root. The first entry on sys.path wins, as for imports.
     """
-    wanted = re.sub(r"[-_.]+", "_", dist_name).lower()
+    found: dict[str, str] = {}
     for entry in sys.path:
         entry = entry or "."
+        names: list[tuple[str, str]] = []
         if os.path.isfile(entry):
+            import json
             import zipimport
 
             try:
-                import json
-
                 bundled = json.loads(zipimport.zipimporter(entry).get_data("bundled-versions.json"))
+                names = list(bundled.items())
             except (OSError, ValueError, zipimport.ZipImportError):
                 continue
-            found = {re.sub(r"[-_.]+", "_", k).lower(): v for k, v in bundled.items()}.get(wanted)
-            if found:
-                return found
-            continue
-        try:
-            names = os.listdir(entry)
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith((".dist-info", ".egg-info")) and "-" in name:
-                stem = name.rsplit(".", 1)[0]
-                dist, _, version = stem.partition("-")
-                if re.sub(r"[-_.]+", "_", dist).lower() == wanted:
-                    return version.split("-")[0] or None
-    return None
+        else:
+            try:
+                listing = os.listdir(entry)
+            except OSError:
+                continue
+            for name in listing:
+                if name.endswith((".dist-info", ".egg-info")) and "-" in name:
+                    dist, _, version = name.rsplit(".", 1)[0].partition("-")
+                    names.append((dist, version.split("-")[0]))
+        for dist, version in names:
+            found.setdefault(re.sub(r"[-_.]+", "_", dist).lower(), version)
+    return found
+
+
+def installed_version(dist_name: str, _versions: dict | None = None) -> str | None:
+    """Version of one installed distribution (see `installed_versions`), or None."""
+    versions = installed_versions() if _versions is None else _versions
+    return versions.get(re.sub(r"[-_.]+", "_", dist_name).lower()) or None
 
 
 def _yagna_info() -> dict:
@@ -2829,9 +2862,7 @@ def _yagna_info() -> dict:
     except OSError as err:
         return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
     key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
-    cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                             "ray-on-golem")
-    cache_file = os.path.join(cache_dir, "yagna-version.json")
+    cache_file = os.path.join(cache_dir(), "yagna-version.json")
     try:
         with open(cache_file, encoding="utf-8") as f:
             cached = json.load(f)
@@ -2849,7 +2880,7 @@ def _yagna_info() -> dict:
     version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
     if out.returncode == 0:
         try:
-            os.makedirs(cache_dir, exist_ok=True)
+            os.makedirs(cache_dir(), exist_ok=True)
             tmp = f"{cache_file}.tmp.{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"key": key, "version": version}, f)
@@ -2862,14 +2893,15 @@ def _yagna_info() -> dict:
 def version_info() -> dict:
     """What a bug report needs: our version, Python, platform, dependencies, yagna, data dir."""
     uname = os.uname()
+    versions = installed_versions()
     return {
         "ray-on-golem": __version__,
         "python": {"version": sys.version.split()[0], "implementation": sys.implementation.name,
                    "executable": sys.executable},
         "platform": f"{uname.sysname}-{uname.release}-{uname.machine}",
-        "golem-core": installed_version("golem-core"),
-        "PyYAML": installed_version("PyYAML"),
-        "ray": installed_version("ray"),
+        "golem-core": installed_version("golem-core", versions),
+        "PyYAML": installed_version("PyYAML", versions),
+        "ray": installed_version("ray", versions),
         "yagna": _yagna_info(),
         "datadir": default_datadir(),
     }

@@ -280,3 +280,19 @@ def test_merge_override_wins_lists_replace_dicts_merge(base, override):
 @given(st.integers(min_value=1, max_value=10 ** 8))
 def test_format_duration_round_trips(seconds):
     assert rog.parse_duration(rog.format_duration(seconds)) == seconds
+
+
+def test_resolve_one_node_config():
+    """What the node provider does with the node_config Ray hands to create_node."""
+    common = {"demand": {"image_tag": "golem/ray-on-golem:x", "outbound_urls": ["https://a.example"]}}
+    worker = rog.resolve_node_config({"demand": {"min_cpu_threads": 4, "outbound_urls": []}}, common)
+    assert worker["demand"]["image_tag"] == "golem/ray-on-golem:x" and worker["demand"]["outbound_urls"] == []
+    assert worker["demand"]["min_cpu_threads"] == 4 and worker["priority_subnet_tag"] is None
+    head = rog.resolve_node_config({}, common, head=True)
+    assert head["priority_subnet_tag"] == "ray-on-golem-heads"
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.resolve_node_config({"demand": {"image_hash": "c" * 56}}, common)
+    assert caught.value.path == "node_config.demand"
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.resolve_node_config({"budget_control": {"max_start_price": -1}}, common)
+    assert caught.value.path == "node_config.budget_control.max_start_price"

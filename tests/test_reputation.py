@@ -290,3 +290,20 @@ def test_update_from_a_url(run_cli, tmp_path):
         thread.join(timeout=10)
     (row,) = listing(run_cli)
     assert (row["network"], row["score"]) == ("polygon", 1.0)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_rate = st.none() | st.floats(min_value=0, max_value=1)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rate, _rate, st.integers(0, 50), st.integers(0, 50), st.floats(min_value=0, max_value=1))
+def test_score_is_bounded_and_rewards_uptime(success, uptime, ok, failed, more):
+    _, _, score = rog.Store._combine(success, uptime, ok, failed)
+    assert 0.0 <= score <= 1.0
+    _, _, better = rog.Store._combine(success, min(1.0, (uptime or 0.0) + more), ok, failed)
+    assert better >= score
+    _, _, with_success = rog.Store._combine(success, uptime, ok + 1, failed)
+    _, _, with_failure = rog.Store._combine(success, uptime, ok, failed + 1)
+    assert with_success >= with_failure
