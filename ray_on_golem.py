@@ -1426,32 +1426,37 @@ def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str,
 class HTTPConnection:
     """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
 
-    Not `http.client`: it imports `email` and `ssl`, ~50 ms (100 ms on a busy machine) of
-    a `status` whose whole budget is 60 ms. Plain http only; every service here is on 127.0.0.1.
+    Not `http.client` (it imports `email` and `ssl`: ~50 ms) nor even `socket` (its enum
+    conversions: ~10 ms), out of a `status` whose whole budget is 60 ms: the C `_socket`
+    and a small buffer. Plain http only; every service here is on 127.0.0.1.
     """
 
     def __init__(self, host: str, port: int, timeout: float = 10.0):
         self.host, self.port, self.timeout = host, port, timeout
         self._sock = None
-        self._stream = None
+        self._buffer = b""
 
     def close(self) -> None:
         if self._sock is not None:
-            self._stream.close()
             self._sock.close()
-            self._sock = self._stream = None
+            self._sock, self._buffer = None, b""
 
     def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
         """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
-        import socket
+        import _socket
 
         # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
         for attempt in (0, 1):
             fresh = self._sock is None
             if fresh:
-                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._stream = self._sock.makefile("rb")
+                self._sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+                self._sock.settimeout(self.timeout)
+                try:
+                    self._sock.connect((self.host, self.port))
+                except OSError:
+                    self.close()
+                    raise
+                self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             self._sock.settimeout(self.timeout)
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
@@ -1464,31 +1469,48 @@ class HTTPConnection:
                     raise
         raise AssertionError("unreachable")
 
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buffer += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if len(self._buffer) > 65536:
+                raise ValueError("response line too long")
+            self._fill()
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
     def _read_response(self) -> tuple[int, bytes]:
-        stream = self._stream
-        status_line = stream.readline(65537)
-        if not status_line:
-            raise ConnectionResetError("connection closed before a response")
-        status = int(status_line.split()[1])
+        status = int(self._line().split()[1])
         headers = {}
-        while True:
-            line = stream.readline(65537)
-            if line in (b"\r\n", b"\n", b""):
-                break
+        while line := self._line():
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = b""
-            while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
-                body += stream.read(size)
-                stream.readline(3)
-            while stream.readline(65537) not in (b"\r\n", b"\n", b""):
+            while (size := int(self._line().split(b";")[0], 16)) > 0:
+                body += self._exactly(size)
+                self._line()
+            while self._line():
                 pass  # trailers
         elif "content-length" in headers:
-            body = stream.read(int(headers["content-length"]))
-        else:
-            body = stream.read()  # until the server closes
-            headers["connection"] = "close"
+            body = self._exactly(int(headers["content-length"]))
+        else:  # until the server closes
+            try:
+                while True:
+                    self._fill()
+            except ConnectionResetError:
+                pass
+            body, headers["connection"] = self._buffer, "close"
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, body
