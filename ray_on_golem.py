@@ -2322,6 +2322,7 @@ class Webserver:
                 self._serve_connection, WEBSERVER_HOST, self.port, limit=MAX_REQUEST_HEAD, backlog=512
             )
         except OSError as e:
+            self._remove_runtime_files()  # the pidfile `start` wrote for us: no stale pointer left
             raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]

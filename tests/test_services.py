@@ -369,6 +369,8 @@ def test_port_in_use_fails_cleanly(services):
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{services.port}" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    assert rog.read_pidfile(services.datadir) is None  # the failed webserver removed what `start` wrote
+    assert "stale" not in services.status().stdout
 
 
 @pytest.mark.parametrize(
