@@ -1426,32 +1426,37 @@ def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str,
 class HTTPConnection:
     """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
 
-    Not `http.client`: it imports `email` and `ssl`, ~50 ms (100 ms on a busy machine) of
-    a `status` whose whole budget is 60 ms. Plain http only; every service here is on 127.0.0.1.
+    Not `http.client` (it imports `email` and `ssl`: ~50 ms) nor even `socket` (its enum
+    conversions: ~10 ms), out of a `status` whose whole budget is 60 ms: the C `_socket`
+    and a small buffer. Plain http only; every service here is on 127.0.0.1.
     """
 
     def __init__(self, host: str, port: int, timeout: float = 10.0):
         self.host, self.port, self.timeout = host, port, timeout
         self._sock = None
-        self._stream = None
+        self._buffer = b""
 
     def close(self) -> None:
         if self._sock is not None:
-            self._stream.close()
             self._sock.close()
-            self._sock = self._stream = None
+            self._sock, self._buffer = None, b""
 
     def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
         """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
-        import socket
+        import _socket
 
         # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
         for attempt in (0, 1):
             fresh = self._sock is None
             if fresh:
-                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._stream = self._sock.makefile("rb")
+                self._sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+                self._sock.settimeout(self.timeout)
+                try:
+                    self._sock.connect((self.host, self.port))
+                except OSError:
+                    self.close()
+                    raise
+                self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             self._sock.settimeout(self.timeout)
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
@@ -1464,31 +1469,48 @@ class HTTPConnection:
                     raise
         raise AssertionError("unreachable")
 
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buffer += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if len(self._buffer) > 65536:
+                raise ValueError("response line too long")
+            self._fill()
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
     def _read_response(self) -> tuple[int, bytes]:
-        stream = self._stream
-        status_line = stream.readline(65537)
-        if not status_line:
-            raise ConnectionResetError("connection closed before a response")
-        status = int(status_line.split()[1])
+        status = int(self._line().split()[1])
         headers = {}
-        while True:
-            line = stream.readline(65537)
-            if line in (b"\r\n", b"\n", b""):
-                break
+        while line := self._line():
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = b""
-            while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
-                body += stream.read(size)
-                stream.readline(3)
-            while stream.readline(65537) not in (b"\r\n", b"\n", b""):
+            while (size := int(self._line().split(b";")[0], 16)) > 0:
+                body += self._exactly(size)
+                self._line()
+            while self._line():
                 pass  # trailers
         elif "content-length" in headers:
-            body = stream.read(int(headers["content-length"]))
-        else:
-            body = stream.read()  # until the server closes
-            headers["connection"] = "close"
+            body = self._exactly(int(headers["content-length"]))
+        else:  # until the server closes
+            try:
+                while True:
+                    self._fill()
+            except ConnectionResetError:
+                pass
+            body, headers["connection"] = self._buffer, "close"
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, body
@@ -1546,6 +1568,7 @@ class YagnaService:
 
     def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
         import logging
+        import threading
 
         self.network = network
         self.datadir = datadir
@@ -1562,6 +1585,8 @@ class YagnaService:
         # The daemon a killed webserver had started in this data dir ({"url", "pid",
         # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
         self.orphan: dict | None = None
+        self.cancelled = threading.Event()  # set by a shutdown that comes while we start
+        self.stopped = False
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -1716,6 +1741,9 @@ class YagnaService:
 
         deadline = time.monotonic() + timeout
         while True:
+            if self.cancelled.is_set():
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} start cancelled: the webserver is shutting down")
             if self._process.poll() is not None:
                 lines = "\n".join(tail_lines(self.log_path, 20))
                 raise ServiceUnavailable(
@@ -1792,6 +1820,8 @@ class YagnaService:
         """Stop the daemon if we started it; say what happened."""
         import signal
 
+        if self.stopped:
+            return "stopped"
         if not self.started_by_us or self.pid is None:
             if self.api_url:
                 self._log.info("not stopping %s: it was started externally", self.kind)
@@ -1805,7 +1835,7 @@ class YagnaService:
             except Exception:  # noqa: BLE001 - already killed above; reaping is best effort
                 pass
         self._log.info("stopped %s (pid %s): %s", self.kind, self.pid, how)
-        self.started_by_us = False
+        self.stopped = True
         return {"gone": "already gone", "signal": "stopped", "killed": "killed after a timeout"}[how]
 
 
@@ -3055,6 +3085,7 @@ class Webserver:
         self._run_lock_fd: int | None = None
         self._watcher = None
         self._reaper = None
+        self._bring_up_task = None
         self._counts_cache: tuple[tuple[int, int], dict] | None = None
         self.store = None
         self._log = None
@@ -3158,6 +3189,7 @@ class Webserver:
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
+        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         for hook in self.shutdown_hooks:
             try:
@@ -3168,6 +3200,9 @@ class Webserver:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
+        starting = self._bring_up_task
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
         outcome = await asyncio.to_thread(self.yagna.stop)
         self._log.info("%s: %s", self.yagna.kind, outcome)
         self._stopped.set()
@@ -3229,6 +3264,7 @@ class Webserver:
                 self._serve_connection, WEBSERVER_HOST, self.port, limit=MAX_REQUEST_HEAD, backlog=512
             )
         except OSError as e:
+            self._remove_runtime_files()  # the pidfile `start` wrote for us: no stale pointer left
             raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
@@ -3238,20 +3274,7 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
-        try:
-            await asyncio.to_thread(self.yagna.start)
-        except RayOnGolemError as e:
-            self._log.error("cannot start: %s", e)
-            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
-            self.exit_code = e.exit_code
-            await self.shutdown()
-        else:
-            if self.state == "starting":
-                self.redactor.secrets.add(self.yagna.app_key)
-                self._write_runtime_files()
-                self.state = "running"
-                self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
-                self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+        self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()
         self._remove_runtime_files()
@@ -3259,14 +3282,40 @@ class Webserver:
         self._log.info("stopped, bye")
         return self.exit_code
 
+    async def _bring_up(self) -> None:
+        """Connect to or start the daemon (a blocking job, in a thread); then serve as `running`."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.yagna.start)
+        except RayOnGolemError as e:
+            if self.state == "shutting_down":
+                return  # cancelled by the shutdown, which stops what was started
+            self._log.error("cannot start: %s", e)
+            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = e.exit_code
+            await self.shutdown()
+            return
+        if self.state == "starting":
+            self.redactor.secrets.add(self.yagna.app_key)
+            self._write_runtime_files()
+            self.state = "running"
+            self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            import gc
+
+            # What start-up allocated lives as long as the process: out of the collector's sight,
+            # a full collection no longer walks it (tens of ms of stall at the p99 otherwise).
+            gc.freeze()
+
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
         import asyncio
 
-        while self.state == "running" and self.yagna.started_by_us:
+        while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
             await asyncio.sleep(1.0)
             if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
-                self.yagna.started_by_us = False
+                self.yagna.stopped = True
                 self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
                                  "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
@@ -3290,7 +3339,7 @@ class Webserver:
                     return
                 connections[writer] = (REQUEST_READ_TIMEOUT, clock())
                 try:
-                    request, keep_alive = await self._parse_request(head, reader)
+                    request, keep_alive = await self._parse_request(head, reader, writer)
                 except RayOnGolemError as e:
                     await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
                     return
@@ -3322,7 +3371,7 @@ class Webserver:
                     writer.close()
 
     @staticmethod
-    async def _parse_request(head: bytes, reader) -> tuple[Request, bool]:
+    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
         lines = head[:-4].decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
@@ -3346,6 +3395,8 @@ class Webserver:
             raise UsageError("malformed Content-Length")
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
         body = await reader.readexactly(length) if length else b""
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
@@ -3407,9 +3458,9 @@ class WebserverClient:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
+        # No token file yet: ask anyway. Nothing listening is ServiceUnavailable; a webserver
+        # of another data dir answers 401, which `status` turns into a clear Conflict.
         token = read_token(self.datadir)
-        if token is None:
-            raise ServiceUnavailable(f"no webserver token in {self.datadir}: is the webserver started?")
         if self._connection is None:
             self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
         self._connection.timeout = timeout or self.timeout
@@ -3429,6 +3480,9 @@ class WebserverClient:
             return self.request("GET", "/status", timeout=3.0)
         except ServiceUnavailable:
             return None
+        except Unauthorized:
+            raise Conflict(f"the webserver on {self.url} does not accept the token in {self.datadir}: "
+                           "it serves another data directory (use another --port)") from None  # fmt: skip
 
     def close(self) -> None:
         if self._connection is not None:
@@ -3483,6 +3537,13 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
             return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+        elsewhere = read_runtime(datadir).get("port")
+        if elsewhere not in (None, port):
+            other = WebserverClient(datadir, elsewhere).status()
+            if other:
+                out(f"A webserver for {datadir} already runs on http://{WEBSERVER_HOST}:{elsewhere} (pid {other['pid']}).")
+                out(f"Stop it first (`ray-on-golem stop`) to start one on port {port}.")
+                return EXIT_FAILED
         running = live_pid(datadir)
         if running:
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
@@ -3518,7 +3579,7 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
             return EXIT_FAILED
-        status = client.status() if read_token(datadir) else None
+        status = client.status()
         if status and status["state"] == "running":
             yagna = status["yagna"]
             out(f"Webserver is running on {client.url} (pid {status['pid']}); "

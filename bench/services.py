@@ -187,6 +187,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rog-bench-") as tmp:
+        os.chdir(tmp)  # `-m ray_on_golem` looks in the cwd first: never pick up a stray checkout
         env = clean_env(tmp)
         print(f"# services bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, median of {args.runs} runs")
         print(f"\n{'wall time':<42} {'median':>9} {'min':>9} {'max':>9}")
