@@ -428,3 +428,19 @@ def test_real_yagna_without_funds_exits_1_and_stops_what_it_started(netns, offli
     assert "could not allocate 5.0 GLM on holesky" in done.stderr and "Traceback" not in done.stderr
     assert "Server is unreachable" in done.stderr  # yagna's own reason, then what to do
     assert "`yagna payment status --network holesky`" in done.stderr
+
+
+@pytest.mark.yagna
+@pytest.mark.parametrize("network, asks_the_faucet", [("holesky", True), ("polygon", False)])
+def test_only_testnet_wallets_are_topped_up(netns, offline_yagna_env, tmp_path, network, asks_the_faucet):
+    """With no daemon the real `yagna payment fund` fails at once: a warning proves it ran."""
+    snippet = ("import sys, ray_on_golem as rog; service = rog.YagnaService(sys.argv[1], sys.argv[2]); "
+               "print(repr(rog.top_up_testnet_wallet(service, sys.argv[1])))")
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", snippet, network, str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO),
+                          env=cli_env(None, tmp_path, offline_yagna_env))
+    assert done.returncode == 0, done.stderr
+    if asks_the_faucet:
+        assert done.stdout.startswith("'could not top up the holesky wallet: `yagna payment fund --network holesky")
+    else:
+        assert done.stdout.strip() == "None"
