@@ -2677,8 +2677,11 @@ class MarketPipeline:
         raise ManagerPluginException(REASON_NO_RESPONSE)
 
     async def _on_new_proposal(self, event) -> None:
-        data = event.resource.data
-        answered = self._answers.get(data.prev_proposal_id) if data is not None else None
+        try:
+            data = event.resource.data
+        except RuntimeError:  # our own counter-proposals carry no data until fetched
+            return
+        answered = self._answers.get(data.prev_proposal_id)
         if answered is not None and not answered.done():
             answered.set_result(event.resource)
 

@@ -174,7 +174,7 @@ def test_funnel_counts_and_error_groups_match_the_population(localnet, run_cli, 
     assert state["demands"]["unsubscribed"] == 1
 
 
-def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, tmp_path, population):
+def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, datadir, tmp_path, population):
     budget = BUDGETS["sample budget"][0]
     cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget})
     done = scan(run_cli, cluster)
@@ -187,6 +187,9 @@ def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, tmp_pat
         *report_of(stages, errors),
     ]
     assert "elapsed" not in done.stderr  # no progress line without a terminal
+    # golem-core's own complaints go to the log, and a clean scan leaves none there
+    log = (datadir / "network-stats.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log
 
 
 def test_providers_table_lists_every_provider_with_its_outcome(localnet, run_cli, tmp_path, population):
