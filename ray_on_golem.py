@@ -2451,6 +2451,8 @@ class MarketPipeline:
         import asyncio
         import time
 
+        if stop_event is not None and stop_event.is_set():
+            return False  # interrupted while connecting: allocate and subscribe nothing
         started = time.monotonic()
         full = True
         await self.start()
