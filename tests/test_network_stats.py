@@ -447,3 +447,40 @@ def test_only_testnet_wallets_are_topped_up(netns, offline_yagna_env, tmp_path, 
         assert done.stdout.startswith("'could not top up the holesky wallet: `yagna payment fund --network holesky")
     else:
         assert done.stdout.strip() == "None"
+
+
+def test_ctrl_c_also_stops_the_local_network_it_started(datadir, tmp_path):
+    import urllib.request
+
+    (tmp_path / "market.json").write_text(json.dumps({"known_at_start": 1.0}))
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, local_network={
+        "providers": 5, "time_scale": TIME_SCALE, "profile": "market.json"})
+    process = subprocess.Popen([sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cli_env(datadir, tmp_path))
+    try:
+        assert process.stdout.readline() == "Gathering stats data for 5 minutes...\n"
+        record = datadir / "localnet" / "localnet.json"
+        demands = 0
+        while not demands:  # the local network it started has our demand: the scan runs
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+            if record.exists() and (datadir / "localnet" / "appkey").exists():
+                url = json.loads(record.read_text())["url"]
+                key = (datadir / "localnet" / "appkey").read_text().strip()
+                request = urllib.request.Request(f"{url}/localnet/v1/state",
+                                                 headers={"Authorization": f"Bearer {key}"})
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        demands = json.loads(response.read())["demands"]["count"]
+                except OSError:
+                    pass
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "Proposals count:" in out.splitlines()
+    assert not pid_alive(json.loads(record.read_text())["pid"])
