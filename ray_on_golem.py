@@ -2332,6 +2332,8 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
+        print(f"Ray on Golem webserver {__version__} listening on http://{WEBSERVER_HOST}:{self.port} (pid {os.getpid()}); "
+              f"log: {os.path.join(self.datadir, WEBSERVER_LOG_FILE)}", flush=True)  # fmt: skip
         self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()

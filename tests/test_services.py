@@ -729,6 +729,8 @@ def test_sigterm_is_a_graceful_shutdown(services, when):
         services.remember()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read()
+        assert proc.stdout.readline().startswith(f"Ray on Golem webserver {rog.__version__} listening on "
+                                                 f"http://127.0.0.1:{services.port} (pid {proc.pid})")  # fmt: skip
         assert processes_mentioning(services.datadir) == []
         assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_PID_FILE))
         assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_RUNTIME_FILE))
