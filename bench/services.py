@@ -185,22 +185,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bench_route(port: int, token: str, clients: int, duration: float, runs: int, rate: float | None
-                ) -> list[tuple[str, float, float, float]]:  # fmt: skip
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a process has used: /proc/PID/stat fields 14 and 15."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_route(port: int, pid: int, token: str, clients: int, duration: float, runs: int, rate: float | None
+                ) -> list[tuple[str, float, float, float, float]]:  # fmt: skip
+    """Rows (server, p50, p99, requests/s, server CPU per request): the CPU figure holds on a busy machine."""
     rows = []
     floor_port = free_port()
     floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)], stdout=subprocess.PIPE, text=True)
     try:
         assert floor.stdout.readline().strip() == "ready"
-        for name, target, tok in (("floor: constant-answer asyncio server", floor_port, None),
-                                  ("webserver GET /status (bearer token)", port, token)):  # fmt: skip
-            p50s, p99s, rates = [], [], []
+        for name, target, server_pid, tok in (("floor: constant-answer asyncio server", floor_port, floor.pid, None),
+                                              ("webserver GET /status (bearer token)", port, pid, token)):  # fmt: skip
+            p50s, p99s, rates, cpus = [], [], [], []
             for _ in range(runs):
+                cpu0 = process_cpu(server_pid)
                 latencies, wall = asyncio.run(load(target, tok, clients, duration, rate))
+                cpus.append((process_cpu(server_pid) - cpu0) / len(latencies))
                 p50s.append(percentile(latencies, 0.50))
                 p99s.append(percentile(latencies, 0.99))
                 rates.append(len(latencies) / wall)
-            rows.append((name, statistics.median(p50s), statistics.median(p99s), statistics.median(rates)))
+            rows.append((name, statistics.median(p50s), statistics.median(p99s), statistics.median(rates),
+                         statistics.median(cpus)))  # fmt: skip
     finally:
         floor.terminate()
         floor.wait(10)
@@ -242,9 +253,10 @@ def main() -> int:
                 mode = f"open loop, {rate:.0f} req/s offered" if rate else "closed loop, back to back"
                 print(f"\n{args.clients} keep-alive clients, {mode}, {args.duration:.0f} s per run, "
                       f"median of {args.runs} runs")  # fmt: skip
-                print(f"{'server':<42} {'p50':>9} {'p99':>9} {'req/s':>9}")
-                for name, p50, p99, done_rate in bench_route(port, token, args.clients, args.duration, args.runs, rate):
-                    print(f"{name:<42} {p50 * 1000:>7.2f}ms {p99 * 1000:>7.2f}ms {done_rate:>9.0f}")
+                print(f"{'server':<42} {'p50':>9} {'p99':>9} {'req/s':>9} {'CPU/req':>9}")
+                for name, p50, p99, done_rate, cpu in bench_route(port, pid, token, args.clients, args.duration,
+                                                                  args.runs, rate):  # fmt: skip
+                    print(f"{name:<42} {p50 * 1000:>7.2f}ms {p99 * 1000:>7.2f}ms {done_rate:>9.0f} {cpu * 1e6:>7.0f}us")
             with open(f"/proc/{pid}/status") as f:
                 rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
             print(f"\nwebserver RSS after the load: {int(rss) / 1024:.1f} MiB")
