@@ -752,3 +752,47 @@ def test_daemon_dying_becomes_a_status_warning(running):
     assert "Server warnings:" in running.status().stdout
     assert running.stop().returncode == 0
     assert processes_mentioning(running.datadir) == []
+
+
+def test_listens_on_loopback_only(shared):
+    """The listening socket is bound to 127.0.0.1, not 0.0.0.0 (/proc/net/tcp: state 0A = LISTEN)."""
+    with open("/proc/net/tcp") as f:
+        listening = [line.split()[1] for line in f.readlines()[1:] if line.split()[3] == "0A"]
+    ours = [addr for addr in listening if int(addr.split(":")[1], 16) == shared.port]
+    assert ours == ["0100007F:%04X" % shared.port]
+
+
+def test_external_daemon_is_used_and_left_running(services):
+    """A local network that already runs for this data dir is used; stop leaves it to whoever started it."""
+    netdir = os.path.join(_mk(services.datadir), "localnet")
+    external = subprocess.Popen([sys.executable, os.path.join(ROOT, "golem_localnet.py"), "serve", "--port", "0",
+                                 "--datadir", netdir], stdout=subprocess.PIPE, text=True, env=services.env)  # fmt: skip
+    try:
+        assert external.stdout.readline().startswith("golem-localnet listening on http://127.0.0.1:")
+        started = services.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        yagna = services.runtime()["yagna"]
+        assert yagna["pid"] == external.pid and yagna["started_by_us"] is False
+        assert "started externally" in services.status().stdout
+        stopped = services.stop()
+        assert stopped.returncode == 0
+        assert "localnet at http://127.0.0.1:" in stopped.stdout and "left running (started externally)" in stopped.stdout
+        assert external.poll() is None  # still running: not ours to stop
+        services.seen.pop(external.pid, None)
+    finally:
+        external.terminate()
+        assert external.wait(30) == 0
+
+
+def test_stop_kill_ends_a_frozen_webserver_and_its_daemon(running):
+    """A webserver that cannot answer (SIGSTOP): stop refuses without --kill; --kill ends it and its local network."""
+    runtime = running.runtime()
+    os.kill(runtime["pid"], signal.SIGSTOP)
+    refused = running.stop("--timeout", "1")
+    assert refused.returncode == 1 and "Use `ray-on-golem stop --kill` to end it." in refused.stdout
+    killed = running.stop("--kill", "--timeout", "1")
+    assert killed.returncode == 0, killed.stdout
+    assert f"Process {runtime['pid']} terminated." in killed.stdout
+    assert f"Stopped the localnet it had started (pid {runtime['yagna']['pid']})." in killed.stdout
+    assert not running.alive() and processes_mentioning(running.datadir) == []
+    assert rog.read_pidfile(running.datadir) is None
