@@ -107,6 +107,10 @@ def parse_iso(text: str, field: str) -> datetime:
     return ts
 
 
+def json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
@@ -237,7 +241,7 @@ class Response:
             return self.raw
         if self.status == 204:
             return b""
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        return json_text(self.body).encode()
 
 
 class Signal:
@@ -739,6 +743,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
+                if spec.get("behaviour") == "slow" and "latency_s" not in spec:
+                    # drawn apart from the main sequence, which the other providers depend on
+                    p.latency_s = round(random.Random(f"{self.seed}:slow:{i}").uniform(*slow_r), 3)
             # yagna's subscription id shape: <uuid hex>-<sha256 hex>
             digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
             p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
@@ -967,9 +974,9 @@ def flatten_properties(props: dict, prefix: str = "") -> dict:
 
 # --- market state ---
 
+# the enums of ya-aioclient's models: anything else kills golem-core's loops (§3, checklist item 5)
 PROPOSAL_STATES = ("Initial", "Draft", "Rejected", "Accepted", "Expired")
 AGREEMENT_STATES = ("Proposal", "Pending", "Cancelled", "Rejected", "Approved", "Expired", "Terminated")
-LIVE_AGREEMENT_STATES = ("Proposal", "Pending", "Approved")
 
 
 class Proposal:
@@ -985,6 +992,7 @@ class Proposal:
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
+        assert state in PROPOSAL_STATES, state
         self.state = state
         self.properties = properties
         self.constraints = constraints
@@ -1088,6 +1096,7 @@ class Market:
         self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
         self._offer_ms = ms(clock.started_at)
         self._offer_trees: dict[str, tuple] = {}
+        self._offer_json: dict[int, str] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- demands and offers ---
@@ -1100,10 +1109,11 @@ class Market:
         # offers already on the market match at once; the rest arrive as they are
         # broadcast (P2P discovery), on the simulated clock
         now_sim = demand.subscribed_sim_s
+        # ... in the order the node received them, the known ones included
         schedule = sorted(
-            (max(0.0, p.offer_at_s - now_sim), p.index) for p in self.population.providers)
+            (max(0.0, p.offer_at_s - now_sim), p.offer_at_s, p.index) for p in self.population.providers)
         mono = demand.subscribed_mono
-        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, i in schedule)
+        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, _, i in schedule)
         self.demands[demand.id] = demand
         return demand
 
@@ -1155,19 +1165,33 @@ class Market:
         self.proposals[proposal.id] = proposal
         proposal.demand.proposals[proposal.id] = proposal
 
-    def take_events(self, demand: Demand, max_events: int) -> list[dict]:
-        """Take up to max_events: yagna removes what it returns, so each is delivered once (§2.0)."""
+    def take_events(self, demand: Demand, max_events: int) -> list[str]:
+        """Take up to max_events, as JSON texts: yagna removes what it returns, so each
+        is delivered once (§2.0)."""
         self._release_due_offers(demand, max_events)
         out = []
         while demand.events and len(out) < max_events:
             event = demand.events.popleft()
             date = iso(self.clock.event_now())
             if event["eventType"] == "ProposalEvent":
-                out.append({"eventType": "ProposalEvent", "eventDate": date,
-                            "proposal": event["proposal"].to_json(self)})
+                out.append(self._proposal_event_json(event["proposal"], date))
             else:
-                out.append({**event, "eventDate": date})
+                out.append(json_text({**event, "eventDate": date}))
         return out
+
+    def _proposal_event_json(self, proposal: Proposal, date: str) -> str:
+        """A ProposalEvent; an offer's properties are encoded once per provider, since a big
+        population sends the same offers to every demand."""
+        provider = proposal.provider
+        if proposal.properties is provider.offer_properties(self._offer_ms):
+            props = self._offer_json.get(provider.index)
+            if props is None:
+                props = self._offer_json[provider.index] = json_text(proposal.properties)
+        else:
+            props = json_text(proposal.properties)
+        rest = proposal.to_json(self)
+        del rest["properties"]
+        return f'{{"eventType":"ProposalEvent","eventDate":"{date}","proposal":{{"properties":{props},{json_text(rest)[1:]}}}'
 
     def seconds_to_next_offer(self, demand: Demand) -> float | None:
         if not demand.pending_offers:
@@ -1305,6 +1329,7 @@ class Market:
         return agreement
 
     def set_state(self, agreement: Agreement, state: str) -> None:
+        assert state in AGREEMENT_STATES, state
         old = agreement.state
         if old == state:
             return
@@ -1442,7 +1467,7 @@ class MarketRoutes(HttpHandler):
                                  lambda: market.seconds_to_next_offer(demand))
         if events is True:
             market.get_demand(demand.id)  # raises the 404
-        return self.ok(events)
+        return Response(200, raw=("[" + ",".join(events) + "]").encode())
 
     async def get_proposal(self) -> Response:
         market = self.net.market

@@ -949,3 +949,32 @@ def test_unsubscribe_ends_the_polls_in_flight_with_yagnas_404(localnet):
     poller.join(10)  # well before the poll's own 15 s
     assert not poller.is_alive()
     assert answers == [(404, {"message": f"Subscription [{demand_id}] not found. Could be unsubscribed."})]
+
+
+def test_offers_reach_the_market_over_time_in_broadcast_order(localnet_factory):
+    """With nothing known at start, offers arrive as the simulated P2P broadcasts reach the
+    node, in the order `population --json` publishes (offer_at_s); x60 makes 5 min 5 s."""
+    ln = localnet_factory(providers=20, seed=3, time_scale=60,
+                          profile={**FAST_PROFILE, "known_at_start": 0.0, "discovery_s": 300, "behaviours": {}})
+    population = ln.population()
+    assert all(p["offer_at_s"] > 0 for p in population)
+    demand_id, _, _ = raw_demand(ln)
+    events = poll_events(ln, demand_id, 20, timeout=5)
+    assert len(events) == 20
+    expected = [p["node_id"] for p in sorted(population, key=lambda p: (p["offer_at_s"], p["index"]))]
+    assert [e["proposal"]["issuerId"] for e in events] == expected
+
+
+def test_time_scale_speeds_up_provider_latency(localnet_factory):
+    """The `slow` provider answers after 30 simulated seconds: at x100 golem-core gets its Draft."""
+    ln = localnet_factory(profile=MARKET_TEST_PROFILE, time_scale=100)
+
+    async def main():
+        async with golem_node(ln) as node:
+            _, _, offers = await market_of_the_test_profile(node)
+            ours = await counter(offers["slow"])
+            draft = await asyncio.wait_for(ours.responses().__anext__(), 30)
+            return draft.data.state
+
+    assert run(main()) == "Draft"
+    assert [p["latency_s"] for p in ln.population() if p["name"] == "slow"] == [30.0]
