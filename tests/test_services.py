@@ -82,6 +82,15 @@ class Services:
         self.remember()
         return done
 
+    def cli_python(self, code: str) -> subprocess.CompletedProcess:
+        """Run Python code where the CLI runs (inside the namespace for the real yagna)."""
+        cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); {code}"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
     def start(self, *extra: str) -> subprocess.CompletedProcess:
         return self.cli("start", "--datadir", self.datadir, "-p", str(self.port), "--network", self.network, *extra)
 
@@ -241,6 +250,18 @@ def test_start_status_stop(any_services):
     assert report["webserver"]["datadir"] == svc.datadir
     if kind == "yagna":
         assert report["webserver"]["yagna"]["version"] == "0.17.6"
+        # The wallet route, asked from inside the namespace as the node provider would.
+        asked = svc.cli_python(
+            "import json, ray_on_golem as r; "
+            f"print(json.dumps(r.WebserverClient({svc.datadir!r}, {svc.port}).request('GET', '/wallet')))"
+        )
+        wallet = json.loads(asked.stdout)
+        assert wallet["wallet_address"] == report["webserver"]["yagna"]["identity"].lower()
+        assert wallet["payment_platform"] == "erc20-holesky-tglm"
+        # `payment init --sender` registered the account offline (yagna-offline.md §3) ...
+        assert any(a["platform"] == "erc20-holesky-tglm" and a["send"] for a in wallet["accounts"])
+        # ... but a balance needs the chain: said, not hidden.
+        assert wallet["balance"] is None and any("Server is unreachable" in e for e in wallet["errors"])
 
     again = svc.start()
     assert again.returncode == 0
