@@ -2234,8 +2234,10 @@ class Webserver:
             return {"shutdown": "already_shutting_down", "live_nodes": self.live_nodes()}
         live = self.live_nodes()
         if live and not force:
-            names = ", ".join(sorted(self.clusters()))
-            raise Conflict(f"the webserver has {live} live node(s) in cluster(s) {names}; force the shutdown to terminate them")
+            per_cluster = {name: sum(n for state, n in counts.items() if state != "terminated")
+                           for name, counts in sorted(self.clusters().items())}  # fmt: skip
+            where = ", ".join(f"{name} ({n})" for name, n in per_cluster.items() if n)
+            raise Conflict(f"{live} live node(s) in cluster(s) {where}; a forced shutdown terminates them")
         self._log.info("shutdown requested%s (live nodes: %d)", " with force" if force else "", live)
         asyncio.get_running_loop().create_task(self.shutdown(force))
         return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}

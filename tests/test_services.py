@@ -560,7 +560,7 @@ def test_stop_refuses_while_clusters_have_live_nodes(running):
 
     refused = running.stop()
     assert refused.returncode == 1
-    assert "Cannot stop the webserver: the webserver has 2 live node(s)" in refused.stdout
+    assert "Cannot stop the webserver: 2 live node(s) in cluster(s) golem-cluster (2); " in refused.stdout
     assert "ray-on-golem stop --force" in refused.stdout
     assert rog.process_alive(running.runtime()["pid"])
 
