@@ -2598,7 +2598,9 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
                 out(f"Warning: its data directory is {status['datadir']}, not {datadir}.")
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
-            return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+            if status["state"] == "starting":  # another `start` spawned it: wait for it like that one does
+                return _wait_running(client, None, datadir, timeout, out, pid=status["pid"])
+            return EXIT_OK
         elsewhere = read_runtime(datadir).get("port")
         if elsewhere not in (None, port):
             other = WebserverClient(datadir, elsewhere).status()
@@ -2631,15 +2633,22 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
         return code
 
 
-def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out) -> int:
-    """Poll the status route until `running`; report the log tail if the process dies or time runs out."""
+def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out, pid: int | None = None) -> int:
+    """Poll the status route until `running`; report the log tail if the process dies or time runs out.
+
+    `process` is the child we spawned; else `pid` is a webserver someone else spawned.
+    """
     import signal
     import time
 
     deadline = time.monotonic() + timeout
+    start_time = proc_start_time(pid) if pid else None
     while True:
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
+            return EXIT_FAILED
+        if pid is not None and not process_alive(pid, start_time):
+            out(_failure_report(datadir, f"the webserver (pid {pid}) exited while starting"))
             return EXIT_FAILED
         status = client.status()
         if status and status["state"] == "running":

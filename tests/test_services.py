@@ -817,3 +817,24 @@ def test_stop_kill_ends_a_frozen_webserver_and_its_daemon(running):
     assert f"Stopped the localnet it had started (pid {runtime['yagna']['pid']})." in killed.stdout
     assert not running.alive() and processes_mentioning(running.datadir) == []
     assert rog.read_pidfile(running.datadir) is None
+
+
+def test_start_waits_for_a_webserver_that_is_still_starting(services):
+    proc = _foreground_webserver(services)
+    try:
+        client = rog.WebserverClient(services.datadir, services.port)
+        for _ in range(3000):
+            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
+            if status:
+                break
+            time.sleep(0.005)
+        assert status["state"] == "starting"
+        started = services.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "already running" in started.stdout and "Webserver is running on" in started.stdout
+        assert client.request("GET", "/status")["state"] == "running"
+        assert services.stop().returncode == 0
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
