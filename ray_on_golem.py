@@ -3181,8 +3181,10 @@ class Webserver:
             return {"shutdown": "already_shutting_down", "live_nodes": self.live_nodes()}
         live = self.live_nodes()
         if live and not force:
-            names = ", ".join(sorted(self.clusters()))
-            raise Conflict(f"the webserver has {live} live node(s) in cluster(s) {names}; force the shutdown to terminate them")
+            per_cluster = {name: sum(n for state, n in counts.items() if state != "terminated")
+                           for name, counts in sorted(self.clusters().items())}  # fmt: skip
+            where = ", ".join(f"{name} ({n})" for name, n in per_cluster.items() if n)
+            raise Conflict(f"{live} live node(s) in cluster(s) {where}; a forced shutdown terminates them")
         self._log.info("shutdown requested%s (live nodes: %d)", " with force" if force else "", live)
         asyncio.get_running_loop().create_task(self.shutdown(force))
         return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}
@@ -3279,6 +3281,8 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
+        print(f"Ray on Golem webserver {__version__} listening on http://{WEBSERVER_HOST}:{self.port} (pid {os.getpid()}); "
+              f"log: {os.path.join(self.datadir, WEBSERVER_LOG_FILE)}", flush=True)  # fmt: skip
         self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()
@@ -3541,7 +3545,9 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
                 out(f"Warning: its data directory is {status['datadir']}, not {datadir}.")
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
-            return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+            if status["state"] == "starting":  # another `start` spawned it: wait for it like that one does
+                return _wait_running(client, None, datadir, timeout, out, pid=status["pid"])
+            return EXIT_OK
         elsewhere = read_runtime(datadir).get("port")
         if elsewhere not in (None, port):
             other = WebserverClient(datadir, elsewhere).status()
@@ -3574,15 +3580,22 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
         return code
 
 
-def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out) -> int:
-    """Poll the status route until `running`; report the log tail if the process dies or time runs out."""
+def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out, pid: int | None = None) -> int:
+    """Poll the status route until `running`; report the log tail if the process dies or time runs out.
+
+    `process` is the child we spawned; else `pid` is a webserver someone else spawned.
+    """
     import signal
     import time
 
     deadline = time.monotonic() + timeout
+    start_time = proc_start_time(pid) if pid else None
     while True:
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
+            return EXIT_FAILED
+        if pid is not None and not process_alive(pid, start_time):
+            out(_failure_report(datadir, f"the webserver (pid {pid}) exited while starting"))
             return EXIT_FAILED
         status = client.status()
         if status and status["state"] == "running":
