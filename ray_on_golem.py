@@ -1262,10 +1262,1534 @@ class Store:
 # 5. Yagna ####################################################################
 ###############################################################################
 
+# Payment tokens: mainnets pay in GLM, every test network (and the local one) in tGLM.
+MAINNET_PAYMENT_NETWORKS = ("polygon", "mainnet")
+DEFAULT_SERVICE_NETWORK = "local"  # what `start` runs when no cluster asks: works with no wallet and no internet
+YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): yagna-offline.md §1
+YAGNA_STOP_TIMEOUT = 10.0
+YAGNA_LOG_MAX_BYTES = 10 * 1024 * 1024
+# Chains whose RPC endpoint yagna resolves at run time as `{CHAIN}_GETH_ADDR` (yagna-offline.md §1).
+YAGNA_CHAINS = ("MAINNET", "GOERLI", "HOLESKY", "MUMBAI", "POLYGON", "AMOY", "SEPOLIA", "HOODI", "RINKEBY")
+
+
+def payment_platform(network: str, driver: str = "erc20", token: str | None = None) -> str:
+    """yagna's payment platform name, `erc20-<network>-<token>` (e.g. `erc20-holesky-tglm`)."""
+    if token is None:
+        token = "glm" if network in MAINNET_PAYMENT_NETWORKS else "tglm"
+    return f"{driver}-{network}-{token}"
+
+
+def require_yagna() -> str:
+    """The yagna binary (`find_yagna`), or a ServiceUnavailable that says how to get one."""
+    path = find_yagna()
+    if path:
+        return path
+    if os.environ.get("YAGNA_PATH"):
+        raise ServiceUnavailable(f"YAGNA_PATH={os.environ['YAGNA_PATH']!r} is not an executable file")
+    raise ServiceUnavailable(
+        "the yagna binary was not found: install it with `pip install golem-node==0.17.6` or set YAGNA_PATH"
+    )
+
+
+def yagna_loopback_env(yagna_datadir: str, port_base: int) -> dict[str, str]:
+    """Environment that keeps a real yagna on 127.0.0.1: yagna-offline.md §1, used verbatim.
+
+    Without `YA_NET_RELAY_HOST` yagna asks 8.8.8.8 for relay SRV records and never
+    serves REST (§8); the proxies make the GitHub release check fail at once.
+    Ports: GSB `port_base`, REST `+1`, net bind (UDP) `+2`, dead relay `+3`, central `+4`.
+    """
+    dead = "http://127.0.0.1:1"
+    env = {
+        "YAGNA_DATADIR": yagna_datadir,
+        "GSB_URL": f"tcp://127.0.0.1:{port_base}",
+        "YAGNA_API_URL": f"http://127.0.0.1:{port_base + 1}",
+        "YA_NET_TYPE": "hybrid",
+        "YA_NET_BIND_URL": f"udp://127.0.0.1:{port_base + 2}",
+        "YA_NET_RELAY_HOST": f"127.0.0.1:{port_base + 3}",
+        "CENTRAL_NET_HOST": f"127.0.0.1:{port_base + 4}",
+        "YAGNA_METRICS_URL": f"{dead}/",
+        "RUST_LOG": "info",
+        "RUST_BACKTRACE": "0",  # else every CLI error prints a 45-frame backtrace (§3)
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    for chain in YAGNA_CHAINS:
+        env[f"{chain}_GETH_ADDR"] = dead
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env[proxy] = env[proxy.lower()] = dead
+    return env
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22), None if it is gone.
+
+    A pid plus its start time names one process for good: the kernel reuses pids,
+    never (pid, start time) pairs.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie has exited; only its parent's wait() is missing
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether `pid` runs and, if `start_time` is given, is still the same process."""
+    now = proc_start_time(pid)
+    return now is not None and (start_time is None or now == start_time)
+
+
+def stop_process(pid: int, start_time: int | None, first_signal: int, timeout: float) -> str:
+    """Send `first_signal`, wait up to `timeout`, then SIGKILL. Returns what it took: gone|signal|killed."""
+    import signal
+
+    if not process_alive(pid, start_time):
+        return "gone"
+    try:
+        os.kill(pid, first_signal)
+    except ProcessLookupError:
+        return "gone"
+    if wait_process_exit(pid, start_time, timeout):
+        return "signal"
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "signal"
+    wait_process_exit(pid, start_time, 5.0)
+    return "killed"
+
+
+def wait_process_exit(pid: int, start_time: int | None, timeout: float) -> bool:
+    """Poll until the process is gone (reaping it if it is our child); True if it went in time."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # our own child stays a zombie until reaped
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not process_alive(pid, start_time):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def tail_lines(path: str, count: int = 20) -> list[str]:
+    """The last `count` lines of a log file (empty if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return data.splitlines()[-count:]
+
+
+def open_rotated_log(path: str, max_bytes: int, backups: int = 3):
+    """Open a child process's log for appending, first rolling it over if it grew past `max_bytes`.
+
+    A child writes through an inherited fd, so it can only be rotated between runs.
+    """
+    try:
+        if os.path.getsize(path) > max_bytes:
+            for i in range(backups - 1, 0, -1):
+                if os.path.exists(f"{path}.{i}"):
+                    os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+            os.replace(path, f"{path}.1")
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab", buffering=0)
+
+
+def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run `module` (ours or golem_localnet) with `sys.executable`.
+
+    `-m` with this module's directory first on PYTHONPATH works from a checkout, a venv and
+    the zipapp alike (there the directory is the .pyz itself and zipimport reads it).
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return [sys.executable, "-m", module, *args], env
+
+
+class HTTPConnection:
+    """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
+
+    Not `http.client` (it imports `email` and `ssl`: ~50 ms) nor even `socket` (its enum
+    conversions: ~10 ms), out of a `status` whose whole budget is 60 ms: the C `_socket`
+    and a small buffer. Plain http only; every service here is on 127.0.0.1.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._sock = None
+        self._buffer = b""
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock, self._buffer = None, b""
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
+        """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
+        import _socket
+
+        # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            if fresh:
+                self._sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+                self._sock.settimeout(self.timeout)
+                try:
+                    self._sock.connect((self.host, self.port))
+                except OSError:
+                    self.close()
+                    raise
+                self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            self._sock.settimeout(self.timeout)
+            head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
+            head += [f"{k}: {v}" for k, v in headers.items()]
+            try:
+                self._sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (body or b""))
+                return self._read_response()
+            except (OSError, ValueError):
+                self.close()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buffer += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if len(self._buffer) > 65536:
+                raise ValueError("response line too long")
+            self._fill()
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def _read_response(self) -> tuple[int, bytes]:
+        status = int(self._line().split()[1])
+        headers = {}
+        while line := self._line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(self._line().split(b";")[0], 16)) > 0:
+                body += self._exactly(size)
+                self._line()
+            while self._line():
+                pass  # trailers
+        elif "content-length" in headers:
+            body = self._exactly(int(headers["content-length"]))
+        else:  # until the server closes
+            try:
+                while True:
+                    self._fill()
+            except ConnectionResetError:
+                pass
+            body, headers["connection"] = self._buffer, "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+
+def http_request(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    body: object = None,
+    timeout: float = 10.0,
+    connection: HTTPConnection | None = None,
+) -> tuple[int, object]:
+    """One JSON request to `http://host:port/path`; returns (status, decoded JSON or text).
+
+    Raises ServiceUnavailable when nothing answers. `connection` reuses a keep-alive
+    HTTPConnection to the same host.
+    """
+    import json
+
+    if not url.startswith("http://"):
+        raise UsageError(f"only http:// URLs are supported here, not {url!r}")
+    netloc, slash, path = url[len("http://") :].partition("/")
+    host, _, port = netloc.rpartition(":") if ":" in netloc else (netloc, "", "80")
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    conn = connection or HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        status, raw = conn.request(method, slash + path, headers, payload)
+    except (OSError, ValueError, IndexError) as e:
+        raise ServiceUnavailable(f"no answer from http://{netloc}: {e}") from None
+    finally:
+        if connection is None:
+            conn.close()
+    text = raw.decode(errors="replace")
+    try:
+        return status, json.loads(text) if text else None
+    except ValueError:
+        return status, text
+
+
+class YagnaService:
+    """The yagna REST endpoint the webserver talks to, and the process behind it if we started it.
+
+    `payment_network: local` means the local Golem network (`golem_localnet.py serve`);
+    anything else means the real `yagna service run`. A daemon that already answers
+    is used as it is and left running on stop: only what we started is ours to stop.
+    """
+
+    def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
+        import logging
+        import threading
+
+        self.network = network
+        self.datadir = datadir
+        self.appname = appname
+        self.kind = "localnet" if network == "local" else "yagna"
+        self.api_url = ""
+        self.app_key = ""  # secret: never logged, never in argv, never in an HTTP response
+        self.version: str | None = None
+        self.identity: str | None = None
+        self.pid: int | None = None
+        self.pid_start_time: int | None = None
+        self.started_by_us = False
+        self.warnings: list[str] = []
+        # The daemon a killed webserver had started in this data dir ({"url", "pid",
+        # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
+        self.orphan: dict | None = None
+        self.cancelled = threading.Event()  # set by a shutdown that comes while we start
+        self.stopped = False
+        self._process = None
+        self._log = logging.getLogger("ray_on_golem.yagna")
+
+    @property
+    def payment_platform(self) -> str:
+        return payment_platform(self.network)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.datadir, "localnet.log" if self.kind == "localnet" else "yagna.log")
+
+    def info(self) -> dict:
+        """What status shows about the daemon (no secrets)."""
+        return {
+            "kind": self.kind,
+            "url": self.api_url or None,
+            "version": self.version,
+            "pid": self.pid,
+            "started_by_us": self.started_by_us,
+            "identity": self.identity,
+            "payment_network": self.network,
+            "payment_platform": self.payment_platform,
+        }
+
+    # -- start ---------------------------------------------------------------
+
+    def start(self, timeout: float = YAGNA_READY_TIMEOUT) -> None:
+        """Connect to a reachable daemon or start one; then get the app key and version. Blocking."""
+        if self.kind == "localnet":
+            self._connect_or_start_localnet(timeout)
+        else:
+            self._connect_or_start_yagna(timeout)
+        me = self.get("/me")
+        self.identity = me.get("identity") if isinstance(me, dict) else None
+        self.version = self._fetch_version()
+        self._log.info(
+            "using %s at %s (version %s, %s)",
+            self.kind,
+            self.api_url,
+            self.version,
+            "started by us" if self.started_by_us else "started externally",
+        )
+
+    def _reachable(self, url: str) -> bool:
+        """Any HTTP answer (even 401) means a daemon listens: the anchor's check (§2.5)."""
+        try:
+            http_request("GET", f"{url}/me", timeout=2.0)
+        except ServiceUnavailable:
+            return False
+        return True
+
+    def _connect_or_start_localnet(self, timeout: float) -> None:
+        import json
+
+        netdir = ensure_datadir(os.path.join(self.datadir, "localnet"))
+        state_path = os.path.join(netdir, "localnet.json")
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (FileNotFoundError, ValueError):
+            state = {}
+        if state.get("url") and process_alive(int(state.get("pid") or 0)) and self._reachable(state["url"]):
+            self.api_url = state["url"]
+            self.pid = int(state["pid"])
+            self._adopt_or_leave("the local network")
+        else:
+            try:
+                os.unlink(state_path)  # stale: the new process writes its own
+            except FileNotFoundError:
+                pass
+            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir)
+            self._spawn(cmd, env)
+            self._wait_ready(timeout, lambda: self._localnet_url(state_path))
+        self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+
+    def _adopt_or_leave(self, what: str) -> None:
+        """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
+        orphan = self.orphan or {}
+        if orphan.get("url") == self.api_url and process_alive(orphan.get("pid") or 0, orphan.get("pid_start_time")):
+            self.pid, self.pid_start_time = orphan["pid"], orphan.get("pid_start_time")
+            self.started_by_us = True
+            self._log.info("adopting %s (pid %s), left running by a webserver that was killed", what, self.pid)
+        else:
+            self._log.info("not starting %s: it was started externally (%s)", what, self.api_url)
+
+    def _localnet_url(self, state_path: str) -> str | None:
+        """The URL from `localnet.json` once our child wrote it (internals.md: the local network process)."""
+        import json
+
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        if state.get("pid") != self.pid or not state.get("url"):
+            return None
+        return state["url"] if self._reachable(state["url"]) else None
+
+    @staticmethod
+    def _read_localnet_appkey(netdir: str) -> str:
+        try:
+            with open(os.path.join(netdir, "appkey")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            raise ServiceUnavailable(f"the local network wrote no app key in {netdir}") from None
+
+    def _connect_or_start_yagna(self, timeout: float) -> None:
+        url = os.environ.get("YAGNA_API_URL", DEFAULT_YAGNA_API_URL).rstrip("/")
+        if self._reachable(url):
+            self.api_url = url
+            self._adopt_or_leave("yagna")
+        else:
+            binary = require_yagna()
+            env = dict(os.environ, RUST_BACKTRACE="0")
+            # --disable-metrics-push: no reports to metrics.golem.network from a user's machine.
+            self._spawn([binary, "service", "run", "--disable-metrics-push"], env)
+            self._wait_ready(timeout, lambda: url if self._reachable(url) else None)
+        self.app_key = os.environ.get("YAGNA_APPKEY") or self._yagna_app_key()
+        try:
+            # Registers the requestor account for this platform; works offline and is
+            # idempotent (yagna-offline.md §3). Funding needs the chain, so it is not done here.
+            self.yagna_cli("payment", "init", "--sender", "--network", self.network)
+        except ServiceUnavailable as e:
+            self._warn(f"payment account not initialised: {e}")
+
+    def _warn(self, message: str) -> None:
+        import datetime
+
+        self._log.warning("%s", message)
+        self.warnings.append(f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} {message}")
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        import subprocess
+
+        log = open_rotated_log(self.log_path, YAGNA_LOG_MAX_BYTES)
+        try:
+            # Own session: a Ctrl-C on a foreground webserver must not reach the daemon
+            # before the webserver has closed its agreements.
+            self._process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, close_fds=True,
+            )  # fmt: skip
+        finally:
+            log.close()
+        self.pid = self._process.pid
+        self.pid_start_time = proc_start_time(self.pid)
+        self.started_by_us = True
+        self._log.info("started %s (pid %s), log in %s", self.kind, self.pid, self.log_path)
+
+    def _wait_ready(self, timeout: float, ready) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.cancelled.is_set():
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} start cancelled: the webserver is shutting down")
+            if self._process.poll() is not None:
+                lines = "\n".join(tail_lines(self.log_path, 20))
+                raise ServiceUnavailable(
+                    f"{self.kind} exited with code {self._process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{lines}"
+                )
+            url = ready()
+            if url:
+                self.api_url = url.rstrip("/")
+                return
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} did not answer within {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.05)
+
+    def yagna_cli(self, *args: str, timeout: float = 30.0) -> str:
+        """Run `yagna ARGS` (same environment as the daemon: the CLI needs its GSB_URL) and return stdout."""
+        import subprocess
+
+        try:
+            done = subprocess.run(
+                [require_yagna(), *args], capture_output=True, text=True, timeout=timeout,
+                env=dict(os.environ, RUST_BACKTRACE="0"), stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ServiceUnavailable(f"`yagna {' '.join(args)}` did not finish within {timeout:.0f} s") from None
+        if done.returncode != 0:
+            # stderr of the yagna CLI names the problem ("Server is unreachable"); it never holds the key.
+            err = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ServiceUnavailable(f"`yagna {' '.join(args)}` failed: {err}")
+        return done.stdout
+
+    def _yagna_app_key(self) -> str:
+        """Reuse the app key named `appname`, else create it (`yagna app-key create` is idempotent by name)."""
+        import json
+
+        for entry in json.loads(self.yagna_cli("app-key", "list", "--json") or "[]"):
+            if entry.get("name") == self.appname:
+                return entry["key"]
+        out = self.yagna_cli("app-key", "create", self.appname).strip()
+        try:  # some yagna versions print the key as a JSON string
+            out = json.loads(out)
+        except ValueError:
+            pass
+        if not out:
+            raise ServiceUnavailable("`yagna app-key create` printed no key")
+        return out
+
+    def _fetch_version(self) -> str | None:
+        """yagna answers `/version/get` with `{"current": {"version": ...}}` (yagna-offline.md §2)."""
+        try:
+            data = self.get("/version/get")
+            return data["current"]["version"]
+        except (RayOnGolemError, KeyError, TypeError):
+            pass
+        if self.kind == "yagna":
+            try:  # `yagna 0.17.6 (a98d28015 2026-03-13)`
+                return self.yagna_cli("--version", timeout=10).split()[1]
+            except (RayOnGolemError, IndexError):
+                return None
+        return None
+
+    def get(self, path: str, timeout: float = 10.0) -> object:
+        """GET a yagna REST path with the app key; raises ServiceUnavailable on an HTTP error."""
+        status, data = http_request("GET", self.api_url + path, token=self.app_key, timeout=timeout)
+        if status >= 400:
+            msg = data.get("message") if isinstance(data, dict) else data
+            raise ServiceUnavailable(f"{self.kind} answered {status} to GET {path}: {msg}")
+        return data
+
+    # -- stop ----------------------------------------------------------------
+
+    def stop(self) -> str:
+        """Stop the daemon if we started it; say what happened."""
+        import signal
+
+        if self.stopped:
+            return "stopped"
+        if not self.started_by_us or self.pid is None:
+            if self.api_url:
+                self._log.info("not stopping %s: it was started externally", self.kind)
+            return "left running (started externally)"
+        # yagna: SIGINT, never SIGTERM alone: a daemon stuck in net init ignores
+        # SIGTERM for minutes (yagna-offline.md §6). The local network exits on either.
+        how = stop_process(self.pid, self.pid_start_time, signal.SIGINT, YAGNA_STOP_TIMEOUT)
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - already killed above; reaping is best effort
+                pass
+        self._log.info("stopped %s (pid %s): %s", self.kind, self.pid, how)
+        self.stopped = True
+        return {"gone": "already gone", "signal": "stopped", "killed": "killed after a timeout"}[how]
+
+
+# --- golem-core connection ----------------------------------------------------
+# golem-core makes no HTTP call when a GolemNode starts (reference/yagna-api.md §1.3):
+# a wrong URL or app key would only show up as silently dead event loops, so the
+# daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
+
+
+class ConfiguredYagnaService(YagnaService):
+    """A YagnaService that starts the local network with the cluster's `local_network` block
+    (providers, seed, profile, time_scale), so a scan sees the market the YAML describes.
+
+    A small subclass at the end of the golem-core part of this section: the process side
+    (YagnaService) takes no such options yet; it should, and then this class goes away.
+    """
+
+    LOCALNET_FLAGS = {"providers": "--providers", "seed": "--seed", "profile": "--profile",
+                      "time_scale": "--time-scale"}
+
+    def __init__(self, network: str, datadir: str, local_network: dict | None = None):
+        super().__init__(network, datadir)
+        self.local_network = local_network or {}
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        if self.kind == "localnet":
+            for key, flag in self.LOCALNET_FLAGS.items():
+                if self.local_network.get(key) is not None:
+                    cmd = [*cmd, flag, str(self.local_network[key])]
+        super()._spawn(cmd, env)
+
+
+def start_yagna_for(network: str, datadir: str, local_network: dict | None = None) -> "YagnaService":
+    """A started YagnaService (reused or spawned), or ServiceUnavailable naming the fix."""
+    service = ConfiguredYagnaService(network, datadir, local_network)
+    try:
+        service.start()
+    except ServiceUnavailable as e:
+        if " 401 " in str(e):
+            raise ServiceUnavailable(
+                f"{service.kind} at {service.api_url} rejected the app key: set YAGNA_APPKEY to a key "
+                "from `yagna app-key list`, or unset it to let Ray on Golem find one") from None
+        raise ServiceUnavailable(
+            f"{e} (start the services with `ray-on-golem start`, or point YAGNA_API_URL at a "
+            "running yagna)") from None
+    return service
+
+
+# Networks whose faucet `yagna payment fund` may call; never a mainnet (polygon): that is real money.
+AUTO_FUNDED_TESTNETS = ("holesky",)
+
+
+def top_up_testnet_wallet(service: "YagnaService", network: str, driver: str = "erc20") -> str | None:
+    """Ask the testnet faucet for tGLM (the original's `prepare_funds`); a warning if it fails.
+
+    One attempt, no 5-minute retry loop: offline the CLI fails in well under a second
+    ("Server is unreachable", yagna-offline.md §3) and the allocation then says what is missing.
+    """
+    if network not in AUTO_FUNDED_TESTNETS or service.kind != "yagna":
+        return None
+    try:
+        # `--network` always: the 0.17.6 CLI defaults to hoodi (yagna-offline.md §3)
+        service.yagna_cli("payment", "fund", "--network", network, "--driver", driver, timeout=120)
+    except ServiceUnavailable as e:
+        return f"could not top up the {network} wallet: {e}"
+    return None
+
+
+def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
+    """An unstarted golem-core GolemNode bound to the service's URL and app key."""
+    from golem.node import GolemNode
+
+    return GolemNode(app_key=service.app_key, api_url=service.api_url,
+                     collect_payment_events=collect_payment_events)
+
 
 ###############################################################################
 # 6. Market ###################################################################
 ###############################################################################
+
+# The market pipeline: one object serves `network-stats` (scan, sign nothing) and
+# node starts (take drafts best score first, sign agreements), so the scan tells
+# the truth about what `ray up` will do.
+#
+#   initial proposals ─> filter chain ─> scoring ─> negotiation queue (best first)
+#        (demand events)   (blacklist,     (cost,      │ `concurrency` negotiators,
+#                           budget)         reputation, │ response timeout
+#                                           random)     ▼
+#                                               drafts (best first) ─> agreement | reject
+#
+# Every stage counts what passes it in the Funnel; every failure reason is grouped.
+
+# A fixed image for the local network: its providers run Ray from this host, so no
+# image is fetched; the hash only has to be well-formed.
+LOCAL_IMAGE_HASH = "0" * 56
+LOCAL_IMAGE_URL = "http://127.0.0.1/ray-on-golem-local.gvmi"
+DEFAULT_REGISTRY_URL = "https://registry.golem.network"
+
+DEFAULT_NEGOTIATION_CONCURRENCY = 16
+DEFAULT_PROPOSAL_RESPONSE_TIMEOUT = 30.0  # seconds; the original's value (golem-core's default is 5)
+DEBIT_NOTE_INTERVAL_S = 180  # what the original asks for; providers accept [1 s, 24 h]
+DEBIT_NOTE_ACCEPT_TIMEOUT_S = 240  # a real provider rejects a larger one (reference/yagna-api.md §2.6)
+DEMAND_LIFETIME_DAYS = 365
+# yagna drops a demand subscription after an hour (golem-core's Demand DEFAULT_TTL, which its
+# RefreshingDemandManager follows): a long-lived pipeline subscribes a fresh one before that.
+DEMAND_REFRESH_S = 50 * 60
+# Scoring without a `per_cpu_expected_usage` block still prefers cheap providers: price
+# them for one fully used CPU-hour.
+DEFAULT_EXPECTED_USAGE = (1.0, 1.0)  # (cpu_load, duration_hours)
+MARKET_SCORE_WEIGHTS = {"cost": 1.0, "reputation": 1.0, "random": 0.1}  # as the original's scorers
+
+STAGE_INITIAL = "Initial"
+STAGE_NOT_BLACKLISTED = "Not blacklisted"
+STAGE_NEGOTIATION_INITIALIZED = "Negotiation initialized"
+STAGE_NEGOTIATED = "Negotiated successfully"
+
+REASON_NO_MORE_NEEDED = "No more needed"
+REASON_UNPRICEABLE = "Can't estimate costs!"
+REASON_NO_RESPONSE = "Failed to receive proposal response!"
+
+_BRACKETED = re.compile(r"\[.*?\]")
+
+
+def mask_ids(text: str) -> str:
+    """Mask bracketed ids (`Proposal [abc…]`) so the same failure groups under one key."""
+    return _BRACKETED.sub("[***]", text)
+
+
+# --- Funnel ---------------------------------------------------------------------
+
+
+class Funnel:
+    """Counts of proposals per pipeline stage plus grouped failure reasons.
+
+    Stages are declared up front, in pipeline order, so a stage nothing passed
+    still prints `0`. Counts are proposals, not unique providers (as the original).
+    """
+
+    def __init__(self, stages: list[str]):
+        self.stages = list(stages)
+        self.counts = dict.fromkeys(self.stages, 0)
+        self.errors: dict[str, int] = {}
+        self.providers: dict[str, dict] = {}  # provider id -> row of the --providers table
+
+    def passed(self, stage: str) -> None:
+        self.counts[stage] += 1
+
+    def failed(self, reason: str) -> str:
+        # kept verbatim (trailing " ; " of the outbound message included): users grep for it
+        key = mask_ids(reason) if reason.strip() else "Rejected without a reason"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        return key
+
+    def sorted_errors(self) -> list[tuple[str, int]]:
+        """Most frequent first; ties alphabetically, so the report is reproducible."""
+        return sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def report_lines(self) -> list[str]:
+        lines = ["Proposals count:"]
+        lines += [f"{stage}: {self.counts[stage]}" for stage in self.stages]
+        lines += ["", "Negotiation errors:"]
+        lines += [f"{reason}: {count}" for reason, count in self.sorted_errors()] or ["(none)"]
+        return lines
+
+    def as_dict(self) -> dict:
+        return {
+            "funnel": [{"stage": s, "count": self.counts[s]} for s in self.stages],
+            "errors": [{"reason": r, "count": c} for r, c in self.sorted_errors()],
+            "providers": sorted(self.providers.values(), key=lambda p: -(p.get("score") or 0)),
+        }
+
+
+# --- Budget filters -------------------------------------------------------------
+
+
+class BudgetControl:
+    """`node_config.budget_control`: the four price limits and the expected usage.
+
+    (Plain classes, not dataclasses, in this module: `import dataclasses` would cost
+    every cold start of the CLI its `inspect` import.)
+    """
+
+    def __init__(self, *, cpu_load: float | None = None, duration_hours: float | None = None,
+                 max_cost: float | None = None, max_start_price: float | None = None,
+                 max_cpu_per_hour_price: float | None = None, max_env_per_hour_price: float | None = None,
+                 payment_interval_minimal_hours: float = 12.0,
+                 payment_interval_optimal_hours: float | None = None):
+        self.cpu_load = cpu_load
+        self.duration_hours = duration_hours
+        self.max_cost = max_cost
+        self.max_start_price = max_start_price
+        self.max_cpu_per_hour_price = max_cpu_per_hour_price
+        self.max_env_per_hour_price = max_env_per_hour_price
+        self.payment_interval_minimal_hours = payment_interval_minimal_hours
+        self.payment_interval_optimal_hours = payment_interval_optimal_hours
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> "BudgetControl":
+        budget = node_config.get("budget_control") or {}
+        usage = budget.get("per_cpu_expected_usage") or {}
+        interval = budget.get("payment_interval_hours") or {}
+        minimal = interval.get("minimal", 12.0)
+        return cls(
+            cpu_load=usage.get("cpu_load"),
+            duration_hours=usage.get("duration_hours"),
+            max_cost=usage.get("max_cost"),
+            max_start_price=budget.get("max_start_price"),
+            max_cpu_per_hour_price=budget.get("max_cpu_per_hour_price"),
+            max_env_per_hour_price=budget.get("max_env_per_hour_price"),
+            payment_interval_minimal_hours=minimal,
+            payment_interval_optimal_hours=interval.get("optimal", minimal),
+        )
+
+    @property
+    def expected_usage(self) -> tuple[float, float]:
+        if self.cpu_load is not None and self.duration_hours is not None:
+            return self.cpu_load, self.duration_hours
+        return DEFAULT_EXPECTED_USAGE
+
+
+class Pricing:
+    """Prices read from an offer's properties with golem-core's own pricing callables.
+
+    `LinearCoeffs` gives None when the model is not linear or the coefficients do not
+    match the usage vector; per-CPU pricing also needs `golem.inf.cpu.threads`.
+    """
+
+    def __init__(self, budget: BudgetControl):
+        from datetime import timedelta
+
+        from golem.managers.proposal.plugins.linear_coeffs import LinearCoeffsCost
+        from golem.managers.proposal.plugins.scoring.pricings import LinearPerCpuAverageCostPricing
+
+        cpu_load, hours = budget.expected_usage
+        self.expected_cost = LinearPerCpuAverageCostPricing(cpu_load, timedelta(hours=hours))
+        self.start_price = LinearCoeffsCost("price_initial")
+        self.cpu_per_sec = LinearCoeffsCost("price_cpu_sec")
+        self.env_per_sec = LinearCoeffsCost("price_duration_sec")
+
+
+class PriceFilter:
+    """One budget limit: rejects offers priced above `limit`, or unpriceable ones."""
+
+    def __init__(self, label: str, limit: float, price, per: float = 1.0):
+        self.label = label
+        self.limit = limit  # in the unit `price` returns (GLM, or GLM per second)
+        self.price = price  # callable(ProposalData) -> float | None
+        self.per = per  # 3600 for the per-hour limits: the unit of the label
+
+    def rejection(self, proposal_data) -> str | None:
+        value = self.price(proposal_data)
+        if value is None:
+            return REASON_UNPRICEABLE
+        if value > self.limit:
+            return f"{self.label} (offered {value * self.per:.6g})"
+        return None
+
+
+def budget_filters(budget: BudgetControl, pricing: Pricing) -> list[PriceFilter]:
+    """The four limits that are set, in the order of the original (the labels are exact)."""
+    filters = []
+    if budget.max_cost is not None:
+        filters.append(PriceFilter(
+            f"Reject if per cpu expected cost exceeds `max_cost` = {budget.max_cost}",
+            budget.max_cost, pricing.expected_cost))
+    if budget.max_start_price is not None:
+        filters.append(PriceFilter(
+            f"Reject if start price exceeds `max_start_price` = {budget.max_start_price}",
+            budget.max_start_price, pricing.start_price))
+    if budget.max_cpu_per_hour_price is not None:
+        filters.append(PriceFilter(
+            "Reject if cpu per hour price exceeds `max_cpu_per_hour_price` = "
+            f"{budget.max_cpu_per_hour_price}",
+            budget.max_cpu_per_hour_price / 3600, pricing.cpu_per_sec, 3600))
+    if budget.max_env_per_hour_price is not None:
+        filters.append(PriceFilter(
+            "Reject if env per hour price exceeds `max_env_per_hour_price` = "
+            f"{budget.max_env_per_hour_price}",
+            budget.max_env_per_hour_price / 3600, pricing.env_per_sec, 3600))
+    return filters
+
+
+# --- Scoring --------------------------------------------------------------------
+
+
+class Scorer:
+    """Score in [0, 1]: cheap, reputable, plus a little seeded randomness to spread load.
+
+    Final score = Σ(w·s)/Σw over the scores that exist (golem-core's `ProposalScoringMixin`
+    rule), so an unpriceable offer or an unknown provider is judged on what is known.
+    The cost score 1/(1 + cost/reference) is monotone and needs no batch normalisation,
+    so a proposal is scored the moment it arrives.
+    """
+
+    def __init__(self, reputation, cost_reference: float, seed: int | None = None):
+        import random
+
+        self.reputation = reputation  # callable(provider_id) -> float in [0, 1] | None
+        self.cost_reference = cost_reference if cost_reference and cost_reference > 0 else 1.0
+        self.rng = random.Random(seed)
+
+    def score(self, provider_id: str, expected_cost: float | None) -> float:
+        parts = [(MARKET_SCORE_WEIGHTS["random"], self.rng.random())]
+        if expected_cost is not None:
+            parts.append((MARKET_SCORE_WEIGHTS["cost"], 1.0 / (1.0 + max(expected_cost, 0.0) / self.cost_reference)))
+        reputation = self.reputation(provider_id)
+        if reputation is not None:
+            parts.append((MARKET_SCORE_WEIGHTS["reputation"], min(max(float(reputation), 0.0), 1.0)))
+        return sum(w * s for w, s in parts) / sum(w for w, _ in parts)
+
+
+# --- Demand ---------------------------------------------------------------------
+
+
+class DemandSpec:
+    """What a node needs from a provider, from the resolved `node_config`."""
+
+    def __init__(self, payment_network: str, *, subnet_tag: str = "public", image_tag: str | None = None,
+                 image_hash: str | None = None, capabilities: tuple = ("vpn", "inet"),
+                 outbound_urls: tuple = (), min_mem_gib: float = 0.0, min_cpu_threads: int = 0,
+                 min_storage_gib: float = 0.0, max_cpu_threads: int | None = None, runtime: str = "vm",
+                 node_descriptor: dict | None = None, payment_timeout_s: int = 12 * 3600,
+                 registry_url: str = DEFAULT_REGISTRY_URL):
+        self.payment_network = payment_network
+        self.subnet_tag = subnet_tag
+        self.image_tag = image_tag
+        self.image_hash = image_hash
+        self.capabilities = tuple(capabilities)
+        self.outbound_urls = tuple(outbound_urls)
+        self.min_mem_gib = min_mem_gib
+        self.min_cpu_threads = min_cpu_threads
+        self.min_storage_gib = min_storage_gib
+        self.max_cpu_threads = max_cpu_threads
+        self.runtime = runtime
+        self.node_descriptor = node_descriptor
+        self.payment_timeout_s = payment_timeout_s
+        self.registry_url = registry_url
+
+    @classmethod
+    def from_node_config(cls, node_config: dict, payment_network: str,
+                         registry_url: str | None = None) -> "DemandSpec":
+        demand = node_config.get("demand") or {}
+        budget = BudgetControl.from_node_config(node_config)
+        return cls(
+            payment_network=payment_network,
+            subnet_tag=node_config.get("subnet_tag") or "public",
+            image_tag=demand.get("image_tag"),
+            image_hash=(demand.get("image_hash") or "").removeprefix("sha3:") or None,
+            capabilities=tuple(demand.get("capabilities", ("vpn", "inet"))),
+            outbound_urls=tuple(demand.get("outbound_urls") or ()),
+            min_mem_gib=demand.get("min_mem_gib") or 0.0,
+            min_cpu_threads=demand.get("min_cpu_threads") or 0,
+            min_storage_gib=demand.get("min_storage_gib") or 0.0,
+            max_cpu_threads=demand.get("max_cpu_threads"),
+            runtime=demand.get("runtime") or "vm",
+            node_descriptor=demand.get("node_descriptor"),
+            payment_timeout_s=int(budget.payment_interval_minimal_hours * 3600),
+            registry_url=(registry_url or os.environ.get("RAY_ON_GOLEM_REGISTRY_URL")
+                          or DEFAULT_REGISTRY_URL),
+        )
+
+    def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
+        """(sha3 hash, download URL): fixed on the local network, else the Golem registry.
+
+        Registry contract (anchor §5.1): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
+        """
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        if self.payment_network == "local":
+            return self.image_hash or LOCAL_IMAGE_HASH, LOCAL_IMAGE_URL
+        if self.image_tag:
+            what, query = "tag", {"tag": self.image_tag, "count": "false"}
+        else:
+            what, query = "hash", {"hash": self.image_hash, "count": "false"}
+        url = f"{self.registry_url.rstrip('/')}/v1/image/info?{urllib.parse.urlencode(query)}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                info = json.loads(response.read())
+            return info["sha3"], info["http"]
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise ConfigError(f"node_config.demand.image_{what}",
+                                  f"image {what} `{query[what]}` does not exist") from None
+            raise ServiceUnavailable(f"can't access the Golem registry at {self.registry_url} "
+                                     f"for image lookup (HTTP {e.code})") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise ServiceUnavailable(f"can't access the Golem registry at {self.registry_url} "
+                                     f"for image lookup ({getattr(e, 'reason', e)})") from None
+
+    def manifest(self, image_hash: str, image_url: str) -> str:
+        """Base64 computation manifest allowing `outbound_urls` (the original's, unsigned)."""
+        import base64
+        import json
+        import urllib.parse
+
+        manifest = {
+            "version": "0.1.0",
+            "createdAt": "2023-06-26T00:00:00.000000Z",
+            "expiresAt": "2100-01-01T00:00:00.000000Z",
+            "metadata": {"name": "Golem Ray", "description": "Golem ray webserver", "version": "0.0.1"},
+            "payload": [{"urls": [image_url], "hash": f"sha3:{image_hash}"}],
+            "compManifest": {
+                "version": "0.1.0",
+                "script": {"commands": ["run /bin/sh -c *"], "match": "regex"},
+                "net": {"inet": {"out": {
+                    "protocols": sorted({urllib.parse.urlparse(u).scheme for u in self.outbound_urls}),
+                    "urls": list(self.outbound_urls)}}},
+            },
+        }
+        return base64.b64encode(json.dumps(manifest).encode()).decode()
+
+    async def build(self, allocation):
+        """A golem-core `DemandBuilder` with the payload, payment terms and allocation decorations."""
+        import asyncio
+        from datetime import datetime, timedelta, timezone
+
+        from golem.payload import ManifestVmPayload, VmPayload, defaults
+        from golem.payload.constraints import Constraint
+        from golem.resources import DemandBuilder
+
+        image_hash, image_url = await asyncio.get_running_loop().run_in_executor(None, self.resolve_image)
+        common = dict(runtime=self.runtime, min_mem_gib=self.min_mem_gib,
+                      min_storage_gib=self.min_storage_gib, min_cpu_threads=self.min_cpu_threads)
+        if self.outbound_urls:
+            caps = list(dict.fromkeys([*self.capabilities, "manifest-support"]))
+            payload = ManifestVmPayload(manifest=self.manifest(image_hash, image_url),
+                                        capabilities=caps, **common)
+        else:
+            payload = VmPayload(package_url=f"hash:sha3:{image_hash}:{image_url}",
+                                capabilities=list(self.capabilities), **common)
+        builder = DemandBuilder()
+        await builder.add(defaults.ActivityInfo(
+            expiration=datetime.now(timezone.utc) + timedelta(days=DEMAND_LIFETIME_DAYS),
+            multi_activity=True))
+        await builder.add(defaults.NodeInfo(subnet_tag=self.subnet_tag))
+        await builder.add(payload)
+        # Mid-agreement payments: without them a real provider caps the agreement at 30 min.
+        await builder.add(defaults.PaymentInfo(
+            debit_notes_accept_timeout=DEBIT_NOTE_ACCEPT_TIMEOUT_S,
+            debit_notes_interval=DEBIT_NOTE_INTERVAL_S,
+            payment_timeout=self.payment_timeout_s))
+        if self.max_cpu_threads:
+            builder.add_constraints(Constraint(defaults.PROP_INF_CPU_THREADS, "<=", self.max_cpu_threads))
+        if self.node_descriptor:
+            builder.add_properties({"golem.!exp.gap-31.v0.node.descriptor": self.node_descriptor})
+        if allocation is not None:  # its platform address and protocol version (yagna-api.md §2.3)
+            await builder.add(await allocation.get_demand_spec())
+        return builder
+
+
+# --- Pipeline -------------------------------------------------------------------
+
+
+class Candidate:
+    """One initial proposal on its way through the pipeline."""
+
+    __slots__ = ("proposal", "provider_id", "row", "expected_cost", "score", "draft")
+
+    def __init__(self, proposal, provider_id: str, row: dict, expected_cost: float | None = None):
+        self.proposal = proposal  # golem.resources.Proposal
+        self.provider_id = provider_id
+        self.row = row  # the provider's row in the Funnel
+        self.expected_cost = expected_cost
+        self.score = 0.0
+        self.draft = None  # the provider's Draft once negotiated
+
+
+class MarketPipeline:
+    """Demand → filters → scoring → bounded negotiation → drafts, counted in a Funnel.
+
+    `scan(duration)` (network-stats) negotiates everything that passes and signs
+    nothing; `agreement()` / `agreements()` (node starts) sign the best draft first.
+    `is_blacklisted(provider_id)` and `reputation(provider_id)` come from the Store.
+    """
+
+    def __init__(self, node, spec: DemandSpec, budget: BudgetControl, *,
+                 is_blacklisted=lambda provider_id: False, reputation=lambda provider_id: None,
+                 total_budget: float = 5.0, payment_driver: str = "erc20",
+                 concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, seed: int | None = None,
+                 max_drafts: int | None = None, demand_refresh_s: float = DEMAND_REFRESH_S):
+        import asyncio
+        from datetime import timedelta
+
+        from golem.managers.proposal.plugins.negotiating import (
+            MidAgreementPaymentsNegotiator,
+            PaymentPlatformNegotiator,
+        )
+
+        if concurrency < 1:
+            raise UsageError("concurrency: must be at least 1")
+        self.node = node
+        self.spec = spec
+        self.budget = budget
+        self.is_blacklisted = is_blacklisted
+        self.total_budget = total_budget
+        self.payment_driver = payment_driver
+        self.concurrency = concurrency
+        self.max_drafts = max_drafts  # node starts hold a few drafts; a scan negotiates everything
+        self.response_timeout = response_timeout
+        self.demand_refresh_s = demand_refresh_s
+        self.pricing = Pricing(budget)
+        self.filters = budget_filters(budget, self.pricing)
+        # cost scores are relative to the user's own limit, else to 1 GLM per expected usage
+        self.scorer = Scorer(reputation, budget.max_cost or 1.0, seed)
+        minimal = timedelta(hours=budget.payment_interval_minimal_hours)
+        optimal = timedelta(hours=budget.payment_interval_optimal_hours or budget.payment_interval_minimal_hours)
+        self.negotiators = [
+            PaymentPlatformNegotiator(),
+            MidAgreementPaymentsNegotiator(
+                min_debit_note_interval=timedelta(seconds=DEBIT_NOTE_INTERVAL_S),
+                optimal_debit_note_interval=timedelta(seconds=DEBIT_NOTE_INTERVAL_S),
+                min_payment_timeout=minimal, optimal_payment_timeout=optimal),
+        ]
+        self.funnel = Funnel(
+            [STAGE_INITIAL, STAGE_NOT_BLACKLISTED]
+            + [f"Passed {f.label}" for f in self.filters]
+            + [STAGE_NEGOTIATION_INITIALIZED, STAGE_NEGOTIATED])
+        self.negotiating = 0
+        self.allocation = None
+        self.demand = None  # the newest subscription; older ones stay until stop (their drafts)
+        self.demands: list = []
+        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()  # (-score, seq, Candidate)
+        self._drafts: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._room = asyncio.Condition()  # signalled when a draft slot frees (max_drafts)
+        self._reserved = 0  # negotiator slots holding or about to hold a draft
+        self._seq = 0
+        self._demand_data: dict = {}  # demand id -> DemandData, parsed once
+        self._answers: dict = {}  # our counter-proposal id -> future of the provider's answer
+        self._answer_handler = None
+        self._tasks: list = []
+        self._stopping = False
+
+    # -- life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Allocate, subscribe the demand and start the collector and the negotiators."""
+        import asyncio
+
+        from golem.resources import Allocation
+        from golem.resources.proposal.events import NewProposal
+
+        try:
+            self.allocation = await Allocation.create_any_account(
+                self.node, _decimal(self.total_budget), self.spec.payment_network, self.payment_driver)
+        except Exception as e:
+            network = self.spec.payment_network
+            hint = f"; check the wallet with `yagna payment status --network {network}`"
+            if network in AUTO_FUNDED_TESTNETS:
+                hint += f" and top it up with `yagna payment fund --network {network}`"
+            raise ServiceUnavailable(
+                f"could not allocate {self.total_budget} GLM on {network}: {_api_error_text(e)}{hint}") from None
+        await self._subscribe()
+        self._answer_handler = await self.node.event_bus.on(NewProposal, self._on_new_proposal)
+        self._tasks.append(asyncio.create_task(self._collect()))
+        self._tasks += [asyncio.create_task(self._negotiate_forever())
+                        for _ in range(self.concurrency)]
+
+    async def stop(self, reject_drafts: bool = True) -> None:
+        """Stop negotiating, reject unsigned drafts politely, unsubscribe, release the allocation."""
+        import asyncio
+
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._answer_handler is not None:
+            await _quietly(self.node.event_bus.off(self._answer_handler))
+            self._answer_handler = None
+        if reject_drafts:
+            drafts = []
+            while not self._drafts.empty():
+                drafts.append(self._drafts.get_nowait()[2])
+            await asyncio.gather(*(self._reject(c.draft, REASON_NO_MORE_NEEDED) for c in drafts),
+                                 return_exceptions=True)
+        for demand in self.demands:
+            await _quietly(demand.unsubscribe())
+        if self.allocation is not None:
+            await _quietly(self.allocation.release())
+
+    async def settle(self, stop_event=None) -> None:
+        """Stop taking new proposals; negotiate every one already accepted, then return.
+
+        Bounded: each negotiation ends within the response timeout, `concurrency` at a time.
+        """
+        import asyncio
+
+        if self._tasks:
+            self._tasks[0].cancel()  # the collector
+            await asyncio.gather(self._tasks[0], return_exceptions=True)
+        # asyncio.Queue removes an item only when its getter resumes, so an item being
+        # handed over still counts as queued here: no gap between the two conditions.
+        while not self._queue.empty() or self.negotiating:
+            if stop_event is not None and stop_event.is_set():
+                break
+            await asyncio.sleep(0.02)
+        self._stopping = True
+
+    # -- what callers use ---------------------------------------------------------------
+
+    async def scan(self, duration_s: float, stop_event=None, on_progress=None,
+                   progress_interval: float = 0.5) -> bool:
+        """network-stats: run for `duration_s` (or until `stop_event`), sign nothing.
+
+        Returns True when the scan ran its full duration, False when stopped early. After the
+        full duration the proposals already accepted are still negotiated (`settle`); an early
+        stop cancels negotiations at once.
+        """
+        import asyncio
+        import time
+
+        if stop_event is not None and stop_event.is_set():
+            return False  # interrupted while connecting: allocate and subscribe nothing
+        started = time.monotonic()
+        full = True
+        await self.start()
+        try:
+            while True:
+                remaining = duration_s - (time.monotonic() - started)
+                if remaining <= 0:
+                    break
+                if stop_event is not None and stop_event.is_set():
+                    full = False
+                    break
+                if on_progress:
+                    on_progress(time.monotonic() - started, remaining)
+                await asyncio.sleep(min(progress_interval, remaining))
+            if full:
+                await self.settle(stop_event)
+        finally:
+            await self.stop(reject_drafts=True)
+        return full
+
+    async def next_draft(self, exclude=frozenset()):
+        """The best-scored negotiated draft whose provider is not in `exclude`."""
+        skipped = []
+        try:
+            while True:
+                item = await self._drafts.get()
+                if item[2].provider_id in exclude:
+                    skipped.append(item)
+                    continue
+                async with self._room:
+                    self._room.notify_all()
+                return item[2]
+        finally:
+            for item in skipped:
+                self._drafts.put_nowait(item)
+
+    async def agreement(self, exclude=frozenset()):
+        """Sign the best draft: (Agreement, Candidate). Failures are counted and the next one tried."""
+        while True:
+            candidate = await self.next_draft(exclude)
+            agreement = None
+            try:
+                agreement = await candidate.draft.create_agreement(autoclose=True)
+                await agreement.confirm()
+                # `wait` answers 410 on a rejection: golem-core returns False (yagna-api.md §2.7)
+                if await agreement.wait_for_approval():
+                    candidate.row["outcome"] = "agreement"
+                    return agreement, candidate
+                reason = "Agreement rejected by the provider"
+            except Exception as e:  # any failure: record it and take the next draft
+                reason = f"Agreement failed: {_describe_error(e)}"
+                if agreement is not None:
+                    await _quietly(agreement.terminate("Agreement failed"))
+            candidate.row["outcome"] = self.funnel.failed(reason)
+
+    async def agreements(self, exclude=frozenset()):
+        """Agreements best score first, for as long as the caller keeps asking."""
+        while True:
+            yield await self.agreement(exclude)
+
+    # -- stages ----------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        import asyncio
+
+        while True:
+            try:
+                await asyncio.wait_for(self._collect_from(self.demand), self.demand_refresh_s)
+            except asyncio.TimeoutError:
+                pass
+            await self._subscribe()
+
+    async def _collect_from(self, demand) -> None:
+        async for proposal in demand.initial_proposals():
+            self.classify(proposal)
+
+    async def _subscribe(self) -> None:
+        """Subscribe a demand (the allocation's platform in it) and start collecting its events."""
+        from golem.resources import Demand
+
+        builder = await self.spec.build(self.allocation)
+        demand = await Demand.create_from_properties_constraints(
+            self.node, builder.properties, builder.constraints)
+        demand.start_collecting_events()
+        self.demand = demand
+        self.demands.append(demand)
+        # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
+        # every call (its cache is never filled): read it once for all negotiations.
+        self._demand_data[demand.id] = await demand.get_demand_data()
+
+    def classify(self, proposal) -> Candidate | None:
+        """Filter chain and scoring for one initial proposal; queue it when it passes."""
+        data = _proposal_data(proposal)
+        provider_id = data.issuer_id or ""
+        props = data.properties
+        row = self.funnel.providers.setdefault(provider_id, {"id": provider_id})
+        row.update(
+            name=props.get("golem.node.id.name"), cpu_threads=props.get("golem.inf.cpu.threads"),
+            mem_gib=props.get("golem.inf.mem.gib"),
+            start_price=self.pricing.start_price(data),
+            cpu_per_hour=_per_hour(self.pricing.cpu_per_sec(data)),
+            env_per_hour=_per_hour(self.pricing.env_per_sec(data)),
+            expected_cost=self.pricing.expected_cost(data), score=None)
+        self.funnel.passed(STAGE_INITIAL)
+        if self.is_blacklisted(provider_id):
+            row["outcome"] = "blacklisted"
+            return None  # initial proposals are dropped, never rejected over REST
+        self.funnel.passed(STAGE_NOT_BLACKLISTED)
+        for price_filter in self.filters:
+            reason = price_filter.rejection(data)
+            if reason is not None:
+                row["outcome"] = f"rejected: {reason}"
+                return None
+            self.funnel.passed(f"Passed {price_filter.label}")
+        candidate = Candidate(proposal, provider_id, row, expected_cost=row["expected_cost"])
+        candidate.score = row["score"] = round(self.scorer.score(provider_id, candidate.expected_cost), 6)
+        row["outcome"] = "queued"
+        self._seq += 1
+        self._queue.put_nowait((-candidate.score, self._seq, candidate))
+        return candidate
+
+    async def _negotiate_forever(self) -> None:
+        while True:
+            if self.max_drafts:
+                async with self._room:  # reserve a draft slot before taking a proposal
+                    await self._room.wait_for(
+                        lambda: self._drafts.qsize() + self._reserved < self.max_drafts)
+                    self._reserved += 1
+            try:
+                _, _, candidate = await self._queue.get()
+                if not self._stopping:
+                    await self._negotiate_candidate(candidate)
+            finally:
+                if self.max_drafts:
+                    async with self._room:
+                        self._reserved -= 1
+                        self._room.notify_all()
+
+    async def _negotiate_candidate(self, candidate: Candidate) -> None:
+        self.negotiating += 1
+        self.funnel.passed(STAGE_NEGOTIATION_INITIALIZED)
+        candidate.row["outcome"] = "negotiating"
+        try:
+            candidate.draft = await self.negotiate(candidate.proposal)
+        except Exception as e:
+            candidate.row["outcome"] = self.funnel.failed(_negotiation_failure(e))
+        else:
+            self.funnel.passed(STAGE_NEGOTIATED)
+            candidate.row["outcome"] = "negotiated"
+            self._seq += 1
+            self._drafts.put_nowait((-candidate.score, self._seq, candidate))
+        finally:
+            self.negotiating -= 1
+
+    async def negotiate(self, offer):
+        """Counter-propose until the provider's Draft needs no change; return that Draft.
+
+        The loop of golem-core's `NegotiatingPlugin._negotiate_proposal` with our own
+        timeouts and error reasons (reference/yagna-api.md §2.6): one round trip is
+        enough with a real provider, who echoes our payment terms.
+        """
+        import asyncio
+        import dataclasses
+
+        from golem.managers import RejectProposal
+        from golem.managers.base import ManagerPluginException
+        from golem.payload import Properties
+
+        demand_data = self._demand_data.get(offer.demand.id) or await offer.demand.get_demand_data()
+        while True:
+            # negotiators change properties only: copy those, share the parsed constraints
+            negotiated = dataclasses.replace(demand_data, properties=Properties(demand_data.properties))
+            try:
+                for negotiator in self.negotiators:
+                    if await negotiator(negotiated, _proposal_data(offer)) is False:
+                        raise RejectProposal()
+            except RejectProposal:
+                if not offer.initial:
+                    await self._reject(offer, "")
+                raise
+            if not offer.initial and negotiated == demand_data:
+                return offer
+            demand_data = negotiated
+            try:
+                ours = await offer.respond(demand_data.properties, demand_data.constraints)
+            except Exception as e:  # HTTP error or the 5 s client timeout of `respond`
+                raise ManagerPluginException(
+                    f"Failed to send proposal response! {_describe_error(e)}") from None
+            offer = await self._answer(ours)
+
+    async def _answer(self, ours):
+        """The provider's Draft answering our counter-proposal, as soon as it arrives.
+
+        golem-core's `responses()` notices a new child only on a 100 ms poll
+        (`Resource.child_aiter`), which would cap negotiation at ~10 rounds/s per
+        negotiator; the NewProposal event of the Draft wakes us at once. `responses()`
+        still delivers the provider's rejection (ProposalRejected) and ends the wait.
+        """
+        import asyncio
+
+        from golem.managers.base import ManagerPluginException
+
+        answered = asyncio.get_running_loop().create_future()
+        self._answers[ours.id] = answered
+        for child in ours.children:  # answered before we started listening
+            if not answered.done():
+                answered.set_result(child)
+        fallback = asyncio.ensure_future(ours.responses().__anext__())
+        try:
+            done, _ = await asyncio.wait({answered, fallback}, timeout=self.response_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._answers.pop(ours.id, None)
+            for waiter in (answered, fallback):
+                if not waiter.done():
+                    waiter.cancel()
+        if answered in done:
+            return answered.result()
+        if fallback in done:
+            try:
+                return fallback.result()  # raises ProposalRejected on the provider's rejection
+            except StopAsyncIteration:
+                pass
+        raise ManagerPluginException(REASON_NO_RESPONSE)
+
+    async def _on_new_proposal(self, event) -> None:
+        try:
+            data = event.resource.data
+        except RuntimeError:  # our own counter-proposals carry no data until fetched
+            return
+        answered = self._answers.get(data.prev_proposal_id)
+        if answered is not None and not answered.done():
+            answered.set_result(event.resource)
+
+    async def _reject(self, proposal, reason: str) -> None:
+        await _quietly(proposal.reject(reason))
+
+    def progress(self) -> dict:
+        counts = self.funnel.counts
+        return {
+            "initial": counts[STAGE_INITIAL],
+            "passed": counts[self.funnel.stages[-3]],
+            "negotiating": self.negotiating,
+            "negotiated": counts[STAGE_NEGOTIATED],
+            "errors": sum(self.funnel.errors.values()),
+        }
+
+
+def _proposal_data(proposal):
+    """ProposalData from the event's embedded data, without parsing the offer's constraints.
+
+    `Proposal.get_proposal_data()` parses them with textX (milliseconds each); nothing
+    downstream reads them, and the market already matched them both ways.
+    """
+    from golem.payload import Constraints, Properties
+    from golem.resources import ProposalData
+
+    data = proposal.data
+    properties = Properties()  # Properties(mapping) deep-copies; nothing here mutates them
+    properties.update(data.properties)
+    return ProposalData(properties=properties, constraints=Constraints(),
+                        proposal_id=data.proposal_id, issuer_id=data.issuer_id, state=data.state,
+                        timestamp=data.timestamp, prev_proposal_id=data.prev_proposal_id)
+
+
+def _negotiation_failure(e: Exception) -> str:
+    """The reason a negotiation failed, as grouped in the Funnel."""
+    from golem.resources.proposal.exceptions import ProposalRejected
+
+    if isinstance(e, ProposalRejected):
+        return e.reason  # the provider's own text (reference/yagna-api.md §5.1)
+    return _describe_error(e)
+
+
+def _describe_error(e: BaseException) -> str:
+    """One line for any failure: HTTP errors as `500: {body}` (ya-aioclient's `ApiException`)."""
+    import asyncio
+
+    status = getattr(e, "status", None)
+    if status is not None and hasattr(e, "body"):
+        body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else (e.body or "")
+        return f"{status}: {body.strip()}"
+    if isinstance(e, asyncio.TimeoutError):
+        return "Request timed out"
+    return str(e) or type(e).__name__
+
+
+def _api_error_text(e: BaseException) -> str:
+    """The reason inside a yagna error body (`message`, or `internalError` of a 500), else one line."""
+    import json
+
+    body = getattr(e, "body", None)
+    try:
+        data = json.loads(body) if body else None
+    except (TypeError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        for key in ("message", "internalError", "detail"):
+            if isinstance(data.get(key), str):
+                return f"{getattr(e, 'status', '')} {data[key]}".strip()
+    return _describe_error(e)
+
+
+def _per_hour(per_second: float | None) -> float | None:
+    return None if per_second is None else per_second * 3600
+
+
+def _decimal(value: float):
+    from decimal import Decimal
+
+    return Decimal(str(value))
+
+
+async def _quietly(awaitable) -> None:
+    """Best-effort cleanup: a provider or yagna error must not hide the result."""
+    try:
+        await awaitable
+    except Exception:
+        pass
+
+
+def market_store_callbacks(store: "Store", network: str) -> dict:
+    """`is_blacklisted` and `reputation` for a MarketPipeline, read from the Store.
+
+    The blacklist is read once, which suits a scan; a pipeline that lives as long as a
+    cluster should ask `store.is_blocked` per proposal, so a block applies at once.
+    """
+    blocked = store.blocked_node_ids(network)
+
+    def reputation(provider_id: str) -> float | None:
+        try:
+            return store.score(provider_id, network)
+        except UsageError:  # not a Golem node id: no reputation to speak of
+            return None
+
+    return {"is_blacklisted": lambda provider_id: provider_id.lower() in blocked,
+            "reputation": reputation}
 
 
 ###############################################################################
@@ -1277,10 +2801,951 @@ class Store:
 # 8. Webserver ################################################################
 ###############################################################################
 
+WEBSERVER_TOKEN_FILE = "webserver.token"
+WEBSERVER_PID_FILE = "webserver.pid"
+WEBSERVER_RUNTIME_FILE = "webserver.json"  # port, pid, yagna kind/URL/pid: lets stop/status find it (no secrets)
+WEBSERVER_RUN_LOCK = "webserver.run.lock"  # held by the running webserver: one per data dir
+WEBSERVER_LOG_FILE = "webserver.log"
+WEBSERVER_LOG_MAX_BYTES = 5 * 1024 * 1024
+WEBSERVER_LOG_BACKUPS = 3
+MAX_REQUEST_HEAD = 16 * 1024  # request line + headers
+MAX_REQUEST_BODY = 1024 * 1024
+KEEPALIVE_IDLE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this
+REQUEST_READ_TIMEOUT = 30.0  # a started request must arrive whole within this
+
+
+def read_pidfile(datadir: str) -> tuple[int, int | None] | None:
+    """`(pid, start_time)` from `<datadir>/webserver.pid` (`PID START_TIME`), None if absent or garbled."""
+    try:
+        with open(os.path.join(datadir, WEBSERVER_PID_FILE)) as f:
+            fields = f.read().split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def write_pidfile(datadir: str, pid: int) -> None:
+    """Record `pid` with its start time, so a reused pid is never mistaken for the webserver."""
+    write_secret_file(os.path.join(datadir, WEBSERVER_PID_FILE), f"{pid} {proc_start_time(pid) or 0}\n")
+
+
+def live_pid(datadir: str) -> tuple[int, int | None] | None:
+    """The pidfile's process if it still runs and is the same process (PID-reuse safe), else None."""
+    entry = read_pidfile(datadir)
+    if entry and process_alive(entry[0], entry[1] or None):
+        return entry
+    return None
+
+
+def read_runtime(datadir: str) -> dict:
+    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
+
+
+class MethodNotAllowed(RayOnGolemError):
+    http_status = 405
+
+
+class PayloadTooLarge(RayOnGolemError):
+    http_status = 413
+
+
+class _SecretRedactor:
+    """logging.Filter that blanks known secrets (token, app key) out of every record: defence in depth."""
+
+    def __init__(self):
+        self.secrets: set[str] = set()
+
+    def filter(self, record) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            for secret in self.secrets:
+                message = message.replace(secret, "[***]")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup_webserver_logging(datadir: str, redactor: _SecretRedactor | None = None):
+    """Log to `<datadir>/webserver.log`, rotated by size; returns the `ray_on_golem` logger."""
+    import logging
+    import logging.handlers
+
+    handler = logging.handlers.RotatingFileHandler(
+        os.path.join(datadir, WEBSERVER_LOG_FILE), maxBytes=WEBSERVER_LOG_MAX_BYTES,
+        backupCount=WEBSERVER_LOG_BACKUPS, encoding="utf-8",
+    )  # fmt: skip
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)-7s] [%(name)s] %(message)s"))
+    if redactor is not None:
+        handler.addFilter(redactor)
+    os.chmod(handler.baseFilename, 0o600)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return logging.getLogger("ray_on_golem")
+
+
+def load_or_create_token(datadir: str) -> str:
+    """The webserver's bearer token, `<datadir>/webserver.token` (0600), created on first start."""
+    import secrets
+
+    path = os.path.join(datadir, WEBSERVER_TOKEN_FILE)
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)  # someone loosened it: a readable token is an open door
+        with open(path) as f:
+            token = f.read().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    write_secret_file(path, token + "\n")
+    return token
+
+
+def read_token(datadir: str) -> str | None:
+    try:
+        with open(os.path.join(datadir, WEBSERVER_TOKEN_FILE)) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+class Request:
+    """One parsed HTTP request; `params` holds the `{name}` parts of the matched route pattern."""
+
+    __slots__ = ("method", "path", "query", "version", "headers", "body", "params")
+
+    def __init__(self, method: str, target: str, version: str, headers: dict[str, str], body: bytes):
+        path, _, query = target.partition("?")
+        self.method, self.path, self.version = method, path, version
+        self.query = query
+        self.headers, self.body = headers, body
+        self.params: dict[str, str] = {}
+
+    def query_params(self) -> dict[str, str]:
+        import urllib.parse
+
+        return dict(urllib.parse.parse_qsl(self.query))
+
+    def json(self) -> dict:
+        """The body as a JSON object (empty body: `{}`); UsageError (400) otherwise."""
+        import json
+
+        if not self.body.strip():
+            return {}
+        try:
+            data = json.loads(self.body)
+        except ValueError as e:
+            raise UsageError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise UsageError("request body must be a JSON object")
+        return data
+
+    def fields(self, spec: dict[str, tuple[type, object]]) -> dict:
+        """Validate the JSON body against `{field: (type, default)}`; unknown or mistyped fields are a 400."""
+        data = self.json()
+        unknown = sorted(set(data) - set(spec))
+        if unknown:
+            raise UsageError(f"unknown field {unknown[0]!r} (expected: {', '.join(sorted(spec))})")
+        out = {}
+        for name, (kind, default) in spec.items():
+            value = data.get(name, default)
+            # bool is an int in Python; a JSON `1` is not a valid `force`.
+            if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                raise UsageError(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+            out[name] = value
+        return out
+
+
+class Router:
+    """The route table as data: (method, path pattern) -> handler method name; `{name}` matches one segment."""
+
+    def __init__(self, routes):
+        import re
+
+        self._static: dict[str, dict[str, str]] = {}
+        self._patterns: list[tuple[re.Pattern, dict[str, str]]] = []
+        for method, pattern, name in routes:
+            if "{" in pattern:
+                regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+                for existing, methods in self._patterns:
+                    if existing.pattern == regex.pattern:
+                        methods[method] = name
+                        break
+                else:
+                    self._patterns.append((regex, {method: name}))
+            else:
+                self._static.setdefault(pattern, {})[method] = name
+
+    def match(self, method: str, path: str) -> tuple[str, dict[str, str]]:
+        """The handler name and path params; NotFound (404) or MethodNotAllowed (405)."""
+        import urllib.parse
+
+        methods, params = self._static.get(path), {}
+        if methods is None:
+            for regex, candidate in self._patterns:
+                m = regex.match(path)
+                if m:
+                    methods = candidate
+                    params = {k: urllib.parse.unquote(v) for k, v in m.groupdict().items()}
+                    break
+            else:
+                raise NotFound(f"no route {path}")
+        name = methods.get(method)
+        if name is None:
+            raise MethodNotAllowed(f"{method} not allowed on {path} (allowed: {', '.join(sorted(methods))})")
+        return name, params
+
+
+def cluster_node_counts(store) -> dict[str, dict[str, int]]:
+    """`{cluster: {node_state: count}}` from the Store's clusters and nodes tables.
+
+    Kept here until the Store has a query of its own for it (the Clusters section may replace it).
+    """
+    rows = store.conn.execute(
+        "SELECT c.name, n.state, COUNT(n.node_id) FROM clusters c LEFT JOIN nodes n ON n.cluster_name = c.name "
+        "GROUP BY c.name, n.state"
+    ).fetchall()
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in rows:
+        counts.setdefault(name, {})
+        if state is not None:
+            counts[name][state] = n
+    return counts
+
+
+class WebserverHandler:
+    """The webserver's routes, in the style of `http.server`: one coroutine method per route.
+
+    Each takes the Request and returns a JSON-able dict (sent as 200) or raises a
+    RayOnGolemError (sent as its http_status with `{"error": message}`). A later
+    section adds a route by adding a method and a row to ROUTES.
+    """
+
+    ROUTES = (
+        ("GET", "/status", "status"),
+        ("GET", "/wallet", "wallet"),
+        ("POST", "/shutdown", "shutdown"),
+    )
+
+    def __init__(self, server: "Webserver"):
+        self.server = server
+
+    async def status(self, request: Request) -> dict:
+        return self.server.status()
+
+    async def wallet(self, request: Request) -> dict:
+        return await self.server.wallet_status()
+
+    async def shutdown(self, request: Request) -> dict:
+        body = request.fields({"force": (bool, False)})
+        return self.server.request_shutdown(force=body["force"])
+
+
+class Webserver:
+    """The long-running service: owns yagna, serves the routes, shuts down gracefully.
+
+    Everything long-running (golem-core is asyncio) lives in this event loop:
+    `run()` binds 127.0.0.1, then brings yagna up while already answering
+    `status` (state `starting`), so `start` can tell a slow yagna from a dead webserver.
+    """
+
+    handler_class = WebserverHandler
+
+    def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local"):
+        import time
+
+        self.datadir = ensure_datadir(datadir)
+        self.port = port
+        self.network = network
+        self.state = "starting"  # starting -> running -> shutting_down
+        self.warnings: list[str] = []
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self.yagna = YagnaService(network, self.datadir)
+        # Coroutines `hook(force)` run on shutdown before yagna stops: the Clusters
+        # section registers one that terminates nodes and settles payments.
+        self.shutdown_hooks: list = []
+        # Callables returning {cluster_name: {node_state: count}}; status and the
+        # live-node check of `shutdown` read them.
+        self.cluster_sources: list = []
+        self.redactor = _SecretRedactor()
+        self.router = Router(self.handler_class.ROUTES)
+        self.handler = self.handler_class(self)
+        self.exit_code = 0
+        self._token = b""
+        self._server = None
+        self._stopped = None  # asyncio.Event, set when shutdown is complete
+        # writer -> (timeout, since) while waiting for the client, None while handling a request.
+        self._connections: dict = {}
+        self._run_lock_fd: int | None = None
+        self._watcher = None
+        self._reaper = None
+        self._bring_up_task = None
+        self._counts_cache: tuple[tuple[int, int], dict] | None = None
+        self.store = None
+        self._log = None
+
+    # -- status and shutdown (used by the route methods) ------------------------
+
+    def uptime(self) -> float:
+        import time
+
+        return round(time.monotonic() - self._started_monotonic, 3)
+
+    def clusters(self) -> dict[str, dict[str, int]]:
+        merged: dict[str, dict[str, int]] = {}
+        for source in self.cluster_sources:
+            for name, counts in source().items():
+                merged.setdefault(name, {}).update(counts)
+        return merged
+
+    def _stored_cluster_counts(self) -> dict[str, dict[str, int]]:
+        """cluster_node_counts, recomputed only when the database changed: status polls stay cheap.
+
+        `PRAGMA data_version` moves on commits of other connections, `total_changes` on ours.
+        """
+        conn = self.store.conn
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        if self._counts_cache is None or self._counts_cache[0] != version:
+            self._counts_cache = (version, cluster_node_counts(self.store))
+        return self._counts_cache[1]
+
+    def live_nodes(self) -> int:
+        """Nodes that still hold an agreement: everything not `terminated`."""
+        return sum(n for counts in self.clusters().values() for state, n in counts.items() if state != "terminated")
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "state": self.state,
+            "shutting_down": self.state == "shutting_down",
+            "datadir": self.datadir,
+            "url": f"http://{WEBSERVER_HOST}:{self.port}",
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime": self.uptime(),
+            "yagna": self.yagna.info(),
+            "clusters": self.clusters(),
+            "warnings": self.yagna.warnings + self.warnings,
+        }
+
+    async def wallet_status(self) -> dict:
+        """The requestor's identity (wallet address), platform, payment accounts and allocations."""
+        import asyncio
+
+        if self.state == "starting":
+            raise ServiceUnavailable(f"{self.yagna.kind} is still starting")
+        result = {
+            "payment_network": self.network,
+            "payment_platform": self.yagna.payment_platform,
+            "wallet_address": self.yagna.identity,
+            "accounts": [],
+            "allocations": [],
+            "balance": None,
+            "errors": [],
+        }
+        for key, path in (("accounts", "/payment-api/v1/requestorAccounts"), ("allocations", "/payment-api/v1/allocations")):
+            try:
+                result[key] = await asyncio.to_thread(self.yagna.get, path)
+            except RayOnGolemError as e:
+                result["errors"].append(str(e))
+        if self.yagna.kind == "yagna":
+            # Balances come only from the chain (`yagna payment status`); offline it
+            # fails with "Server is unreachable" (yagna-offline.md §3) and we say so.
+            try:
+                import json
+
+                out = await asyncio.to_thread(
+                    self.yagna.yagna_cli, "payment", "status", "--network", self.network, "--json"
+                )
+                result["balance"] = json.loads(out)
+            except (RayOnGolemError, ValueError) as e:
+                result["errors"].append(str(e))
+        return result
+
+    def request_shutdown(self, force: bool = False) -> dict:
+        """Start a graceful shutdown; a 409 while nodes live unless `force` (which terminates them first)."""
+        import asyncio
+
+        if self.state == "shutting_down":
+            return {"shutdown": "already_shutting_down", "live_nodes": self.live_nodes()}
+        live = self.live_nodes()
+        if live and not force:
+            per_cluster = {name: sum(n for state, n in counts.items() if state != "terminated")
+                           for name, counts in sorted(self.clusters().items())}  # fmt: skip
+            where = ", ".join(f"{name} ({n})" for name, n in per_cluster.items() if n)
+            raise Conflict(f"{live} live node(s) in cluster(s) {where}; a forced shutdown terminates them")
+        self._log.info("shutdown requested%s (live nodes: %d)", " with force" if force else "", live)
+        asyncio.get_running_loop().create_task(self.shutdown(force))
+        return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}
+
+    async def shutdown(self, force: bool = False) -> None:
+        """Run the shutdown hooks, stop taking requests, stop yagna if ours; then `run()` returns."""
+        import asyncio
+
+        if self.state == "shutting_down":
+            return
+        self.state = "shutting_down"
+        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
+        await asyncio.sleep(0)  # let the response to POST /shutdown go out first
+        for hook in self.shutdown_hooks:
+            try:
+                await hook(force)
+            except Exception:  # noqa: BLE001 - one failing hook must not keep yagna alive
+                self._log.exception("shutdown hook %r failed", hook)
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):
+            writer.close()
+        starting = self._bring_up_task
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
+        outcome = await asyncio.to_thread(self.yagna.stop)
+        self._log.info("%s: %s", self.yagna.kind, outcome)
+        self._stopped.set()
+
+    # -- process lifecycle ---------------------------------------------------------
+
+    def _take_run_lock(self) -> None:
+        """One webserver per data dir: an flock held for the process lifetime (released by the kernel on death)."""
+        import fcntl
+
+        fd = os.open(os.path.join(self.datadir, WEBSERVER_RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = read_pidfile(self.datadir)
+            owner = f" (pid {pid[0]})" if pid else ""
+            raise Conflict(f"another webserver already runs with data dir {self.datadir}{owner}") from None
+        self._run_lock_fd = fd
+
+    def _write_runtime_files(self) -> None:
+        import json
+
+        write_pidfile(self.datadir, os.getpid())
+        runtime = {"pid": os.getpid(), "port": self.port, "url": f"http://{WEBSERVER_HOST}:{self.port}",
+                   "network": self.network, "started_at": self.started_at, "yagna": self.yagna.info(),
+                   "yagna_pid_start_time": self.yagna.pid_start_time}  # fmt: skip
+        write_secret_file(os.path.join(self.datadir, WEBSERVER_RUNTIME_FILE), json.dumps(runtime))
+
+    def _remove_runtime_files(self) -> None:
+        pid = read_pidfile(self.datadir)
+        if pid and pid[0] == os.getpid():
+            for name in (WEBSERVER_PID_FILE, WEBSERVER_RUNTIME_FILE):
+                try:
+                    os.unlink(os.path.join(self.datadir, name))
+                except FileNotFoundError:
+                    pass
+
+    async def run(self) -> int:
+        """Serve until shut down (route, SIGTERM or SIGINT); return the exit code."""
+        import asyncio
+        import signal
+
+        self._log = setup_webserver_logging(self.datadir, self.redactor)
+        self._take_run_lock()
+        # Holding the run lock, any runtime file left is a dead webserver's.
+        previous = read_runtime(self.datadir)
+        if (previous.get("yagna") or {}).get("started_by_us"):
+            self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
+                                 "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
+        self.store = Store(self.datadir)
+        self.cluster_sources.append(self._stored_cluster_counts)
+        token = load_or_create_token(self.datadir)
+        self.redactor.secrets.add(token)
+        self._token = f"Bearer {token}".encode()
+        self._stopped = asyncio.Event()
+        try:
+            self._server = await asyncio.start_server(
+                self._serve_connection, WEBSERVER_HOST, self.port, limit=MAX_REQUEST_HEAD, backlog=512
+            )
+        except OSError as e:
+            self._remove_runtime_files()  # the pidfile `start` wrote for us: no stale pointer left
+            raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
+        if self.port == 0:
+            self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
+        self._write_runtime_files()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
+        self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
+        print(f"Ray on Golem webserver {__version__} listening on http://{WEBSERVER_HOST}:{self.port} (pid {os.getpid()}); "
+              f"log: {os.path.join(self.datadir, WEBSERVER_LOG_FILE)}", flush=True)  # fmt: skip
+        self._bring_up_task = loop.create_task(self._bring_up())
+        await self._stopped.wait()
+        await self._server.wait_closed()
+        self._remove_runtime_files()
+        self.store.close()
+        self._log.info("stopped, bye")
+        return self.exit_code
+
+    async def _bring_up(self) -> None:
+        """Connect to or start the daemon (a blocking job, in a thread); then serve as `running`."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.yagna.start)
+        except RayOnGolemError as e:
+            if self.state == "shutting_down":
+                return  # cancelled by the shutdown, which stops what was started
+            self._log.error("cannot start: %s", e)
+            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = e.exit_code
+            await self.shutdown()
+            return
+        if self.state == "starting":
+            self.redactor.secrets.add(self.yagna.app_key)
+            self._write_runtime_files()
+            self.state = "running"
+            self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            import gc
+
+            # What start-up allocated lives as long as the process: out of the collector's sight,
+            # a full collection no longer walks it (tens of ms of stall at the p99 otherwise).
+            gc.freeze()
+
+    async def _watch_yagna(self) -> None:
+        """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
+        import asyncio
+
+        while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
+            await asyncio.sleep(1.0)
+            if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
+                self.yagna.stopped = True
+                self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
+                                 "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
+
+    # -- HTTP/1.1 ----------------------------------------------------------------
+
+    async def _serve_connection(self, reader, writer) -> None:
+        """Serve one keep-alive connection: read a request, dispatch it, answer; repeat."""
+        import asyncio
+
+        connections, clock = self._connections, asyncio.get_running_loop().time
+        try:
+            while True:
+                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
+                connections[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # client went away or was reaped
+                except asyncio.LimitOverrunError:
+                    await self._respond(writer, 431, {"error": "request head too large"}, keep_alive=False)
+                    return
+                connections[writer] = (REQUEST_READ_TIMEOUT, clock())
+                try:
+                    request, keep_alive = await self._parse_request(head, reader, writer)
+                except RayOnGolemError as e:
+                    await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                connections[writer] = None  # handling: never reaped
+                status, payload = await self._dispatch(request)
+                if self.state == "shutting_down":
+                    keep_alive = False
+                await self._respond(writer, status, payload, keep_alive)
+                if not keep_alive:
+                    return
+        except ConnectionError:
+            pass
+        finally:
+            connections.pop(writer, None)
+            writer.close()
+
+    async def _reap_connections(self) -> None:
+        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for writer, waiting in list(self._connections.items()):
+                if waiting is not None and now - waiting[1] > waiting[0]:
+                    writer.close()
+
+    @staticmethod
+    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            raise UsageError("malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/"):
+            raise UsageError("malformed request line")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise UsageError("malformed header line")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise UsageError("chunked request bodies are not supported: send Content-Length")
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise UsageError("malformed Content-Length") from None
+        if length < 0:
+            raise UsageError("malformed Content-Length")
+        if length > MAX_REQUEST_BODY:
+            raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
+        body = await reader.readexactly(length) if length else b""
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        return Request(method, target, version, headers, body), keep_alive
+
+    async def _dispatch(self, request: Request) -> tuple[int, dict]:
+        """Authenticate, route, call the handler; every failure becomes a JSON error, never a traceback."""
+        import hmac
+
+        # Authenticate before routing: without the token nobody learns which routes exist.
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
+            return 401, {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>` from "
+                                  f"{os.path.join(self.datadir, WEBSERVER_TOKEN_FILE)}"}  # fmt: skip
+        try:
+            name, request.params = self.router.match(request.method, request.path)
+            return 200, await getattr(self.handler, name)(request)
+        except RayOnGolemError as e:
+            return e.http_status, {"error": str(e)}
+        except Exception:  # noqa: BLE001 - the client gets a message, the log gets the traceback
+            self._log.exception("%s %s failed", request.method, request.path)
+            return 500, {"error": f"internal error in {request.method} {request.path}; see {WEBSERVER_LOG_FILE}"}
+
+    @staticmethod
+    async def _respond(writer, status: int, payload: dict, keep_alive: bool) -> None:
+        import json
+        from http import HTTPStatus
+
+        body = json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}"]  # fmt: skip
+        if not keep_alive:
+            head.append("Connection: close")
+        if status == 401:
+            head.append("WWW-Authenticate: Bearer")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+
 
 ###############################################################################
 # 9. Daemon control ###########################################################
 ###############################################################################
+
+WEBSERVER_START_LOCK = "webserver.lock"  # held by `start` from its check to readiness: one spawn at a time
+WEBSERVER_OUT_FILE = "webserver.out"  # the webserver's stdout/stderr: what it says before logging is set up
+WEBSERVER_START_TIMEOUT = 180.0  # covers a real yagna's start (~4 s offline, more on a busy machine)
+WEBSERVER_STOP_TIMEOUT = 60.0
+_HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
+
+
+class WebserverClient:
+    """HTTP client of the webserver (CLI, node provider): bearer token from the data dir, one keep-alive connection."""
+
+    def __init__(self, datadir: str | None = None, port: int | None = None, timeout: float = 10.0):
+        self.datadir = datadir or default_datadir()
+        self.port = port if port is not None else read_runtime(self.datadir).get("port", DEFAULT_WEBSERVER_PORT)
+        self.url = f"http://{WEBSERVER_HOST}:{self.port}"
+        self.timeout = timeout
+        self._connection = None
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
+        # No token file yet: ask anyway. Nothing listening is ServiceUnavailable; a webserver
+        # of another data dir answers 401, which `status` turns into a clear Conflict.
+        token = read_token(self.datadir)
+        if self._connection is None:
+            self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
+        self._connection.timeout = timeout or self.timeout
+        try:
+            status, data = http_request(method, self.url + path, token=token, body=body, connection=self._connection)
+        except ServiceUnavailable:
+            self._connection = None
+            raise ServiceUnavailable(f"no webserver answers on {self.url}") from None
+        if status >= 400:
+            message = data.get("error") if isinstance(data, dict) else str(data)
+            raise _HTTP_ERRORS.get(status, RayOnGolemError)(message or f"HTTP {status}")
+        return data
+
+    def status(self) -> dict | None:
+        """The status route, or None when nothing answers."""
+        try:
+            return self.request("GET", "/status", timeout=3.0)
+        except ServiceUnavailable:
+            return None
+        except Unauthorized:
+            raise Conflict(f"the webserver on {self.url} does not accept the token in {self.datadir}: "
+                           "it serves another data directory (use another --port)") from None  # fmt: skip
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _start_lock(datadir: str):
+    """Context manager: an exclusive flock on `<datadir>/webserver.lock` (concurrent `start`s queue here)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        fd = os.open(os.path.join(datadir, WEBSERVER_START_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    return held()
+
+
+def _failure_report(datadir: str, reason: str) -> str:
+    lines = [f"Starting the webserver failed: {reason}"]
+    for name in (WEBSERVER_LOG_FILE, WEBSERVER_OUT_FILE):
+        tail = tail_lines(os.path.join(datadir, name), 20)
+        if tail:
+            lines.append(f"Last lines of {os.path.join(datadir, name)}:")
+            lines.extend(f"    {line}" for line in tail)
+    return "\n".join(lines)
+
+
+def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print) -> int:
+    """Spawn the webserver detached unless one already runs; wait until it serves. Returns the exit code."""
+    import subprocess
+    import time
+
+    ensure_datadir(datadir)
+    client = WebserverClient(datadir, port)
+    with _start_lock(datadir):
+        status = client.status()
+        if status and status["state"] == "shutting_down":
+            out("The webserver is shutting down; waiting for it to stop before starting a new one...")
+            wait_process_exit(status["pid"], proc_start_time(status["pid"]), timeout)
+            status = client.status()
+        if status:
+            out(f"Not starting the webserver, as it's already running on {client.url} (pid {status['pid']}).")
+            if os.path.realpath(status["datadir"]) != os.path.realpath(datadir):
+                out(f"Warning: its data directory is {status['datadir']}, not {datadir}.")
+            if status["yagna"]["payment_network"] != network:
+                out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
+            if status["state"] == "starting":  # another `start` spawned it: wait for it like that one does
+                return _wait_running(client, None, datadir, timeout, out, pid=status["pid"])
+            return EXIT_OK
+        elsewhere = read_runtime(datadir).get("port")
+        if elsewhere not in (None, port):
+            other = WebserverClient(datadir, elsewhere).status()
+            if other:
+                out(f"A webserver for {datadir} already runs on http://{WEBSERVER_HOST}:{elsewhere} (pid {other['pid']}).")
+                out(f"Stop it first (`ray-on-golem stop`) to start one on port {port}.")
+                return EXIT_FAILED
+        running = live_pid(datadir)
+        if running:
+            out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
+            out("Stop it with `ray-on-golem stop --kill`, then start again.")
+            return EXIT_FAILED
+        cmd, env = python_module_command(
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+        )
+        out(f"Starting webserver on {client.url}...")
+        log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
+        try:
+            process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, close_fds=True, cwd=datadir,
+            )  # fmt: skip
+        finally:
+            log.close()
+        write_pidfile(datadir, process.pid)  # before readiness: even a hung start can be stopped
+        started = time.monotonic()
+        code = _wait_running(client, process, datadir, timeout, out)
+        if code == EXIT_OK:
+            out(f"Starting webserver done in {time.monotonic() - started:.1f} s.")
+        return code
+
+
+def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out, pid: int | None = None) -> int:
+    """Poll the status route until `running`; report the log tail if the process dies or time runs out.
+
+    `process` is the child we spawned; else `pid` is a webserver someone else spawned.
+    """
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    start_time = proc_start_time(pid) if pid else None
+    while True:
+        if process is not None and process.poll() is not None:
+            out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
+            return EXIT_FAILED
+        if pid is not None and not process_alive(pid, start_time):
+            out(_failure_report(datadir, f"the webserver (pid {pid}) exited while starting"))
+            return EXIT_FAILED
+        status = client.status()
+        if status and status["state"] == "running":
+            yagna = status["yagna"]
+            out(f"Webserver is running on {client.url} (pid {status['pid']}); "
+                f"{yagna['kind']} {yagna['version'] or ''} at {yagna['url']}.".replace("  ", " "))  # fmt: skip
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            if process is not None:
+                stop_process(process.pid, proc_start_time(process.pid), signal.SIGTERM, 10.0)
+            out(_failure_report(datadir, f"no answer within {timeout:.0f} s"))
+            return EXIT_FAILED
+        time.sleep(0.02)
+
+
+def _kill_leftovers(datadir: str, pid: int, start_time: int | None, out) -> None:
+    """SIGKILL the webserver and the daemon it had started (from webserver.json): nothing may be left."""
+    import signal
+
+    runtime = read_runtime(datadir)
+    how = stop_process(pid, start_time, signal.SIGKILL, 5.0)
+    out(f"Process {pid} {'terminated' if how != 'gone' else 'was already gone'}.")
+    yagna = runtime.get("yagna") or {}
+    if runtime.get("pid") == pid and yagna.get("started_by_us") and yagna.get("pid"):
+        ypid, ystart = yagna["pid"], runtime.get("yagna_pid_start_time")
+        # SIGINT first: yagna closes its databases cleanly (yagna-offline.md §6).
+        if stop_process(ypid, ystart, signal.SIGINT, YAGNA_STOP_TIMEOUT) != "gone":
+            out(f"Stopped the {yagna['kind']} it had started (pid {ypid}).")
+    for name in (WEBSERVER_PID_FILE, WEBSERVER_RUNTIME_FILE):
+        try:
+            os.unlink(os.path.join(datadir, name))
+        except FileNotFoundError:
+            pass
+
+
+def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
+                   timeout: float = WEBSERVER_STOP_TIMEOUT, out=print) -> int:  # fmt: skip
+    """Graceful shutdown through the route; `kill` ends a process that does not answer or exit in time."""
+    client = WebserverClient(datadir, port)
+    pidfile = live_pid(datadir)
+    status = client.status()
+    if status is None:
+        if pidfile and kill:
+            out(f"No webserver answers on {client.url}; killing its process (pid {pidfile[0]}).")
+            _kill_leftovers(datadir, pidfile[0], pidfile[1], out)
+            return EXIT_OK
+        if pidfile:
+            out(f"No webserver answers on {client.url}, but its process runs (pid {pidfile[0]}).")
+            out("Use `ray-on-golem stop --kill` to end it.")
+            return EXIT_FAILED
+        out(f"No webserver found on: {client.url}.")
+        stale = read_pidfile(datadir)
+        if stale:
+            os.unlink(os.path.join(datadir, WEBSERVER_PID_FILE))
+            out(f"Removed a stale pid file (pid {stale[0]} is not running).")
+        return EXIT_OK
+    pid = status["pid"]
+    start_time = pidfile[1] if pidfile and pidfile[0] == pid else proc_start_time(pid)
+    if status["shutting_down"]:
+        out("The webserver is already shutting down.")
+    else:
+        out("Forcing webserver shutdown (terminating nodes, settling payments)..." if force
+            else "Requesting webserver shutdown...")  # fmt: skip
+        try:
+            client.request("POST", "/shutdown", {"force": force})
+        except Conflict as e:
+            out(f"Cannot stop the webserver: {e}.")
+            out("Use `ray-on-golem stop --force` to terminate them and settle payments first.")
+            return EXIT_FAILED
+        except ServiceUnavailable:
+            pass  # it went away between status and shutdown: the wait below tells
+    client.close()
+    if wait_process_exit(pid, start_time, timeout):
+        yagna = status["yagna"]
+        if yagna["started_by_us"]:
+            out(f"Webserver stopped (pid {pid}), and the {yagna['kind']} it had started (pid {yagna['pid']}).")
+        else:
+            out(f"Webserver stopped (pid {pid}); {yagna['kind']} at {yagna['url']} left running (started externally).")
+        return EXIT_OK
+    if kill:
+        out(f"The webserver did not exit within {timeout:.0f} s.")
+        _kill_leftovers(datadir, pid, start_time, out)
+        return EXIT_OK
+    out(f"The webserver is still running (pid {pid}) after {timeout:.0f} s. Use `ray-on-golem stop --kill` to end it.")
+    return EXIT_FAILED
+
+
+def webserver_status(datadir: str, port: int | None) -> dict:
+    """What `status` shows: the status route if it answers, else what the pidfile says."""
+    client = WebserverClient(datadir, port)
+    status = client.status()
+    report = {"running": status is not None, "url": client.url, "datadir": datadir, "webserver": status}
+    if status is None:
+        stale = read_pidfile(datadir)
+        alive = live_pid(datadir)
+        report["pid"] = alive[0] if alive else None
+        report["stale_pidfile"] = stale[0] if stale and not alive else None
+    else:
+        report["pid"] = status["pid"]
+    return report
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    return " ".join(parts + [f"{seconds}s"])
+
+
+def format_status(report: dict) -> str:
+    """The human status text, as in the anchor's `status` (§1.4) plus yagna and clusters."""
+    status = report["webserver"]
+    if status is None:
+        lines = [f"The webserver doesn't seem to be listening on {report['url']}."]
+        if report["pid"]:
+            lines.append(f"However, the webserver seems to be running under pid: {report['pid']}.")
+            lines.append("You may use the `ray-on-golem stop --kill` command to terminate it.")
+        elif report["stale_pidfile"]:
+            lines.append(f"A stale pid file points to pid {report['stale_pidfile']}, which is not the webserver any "
+                         "more; `ray-on-golem start` replaces it.")  # fmt: skip
+        return "\n".join(lines)
+    yagna = status["yagna"]
+    state = {"running": "Running", "starting": "Starting", "shutting_down": "Shutting down"}[status["state"]]
+    origin = "started by the webserver" if yagna["started_by_us"] else "started externally"
+    clusters = status["clusters"]
+    lines = [
+        f"Ray on Golem webserver {status['version']}",
+        f"   Listening on:     {status['url']}",
+        f"   Status:           {state} (pid {status['pid']}, up {_format_duration(status['uptime'])})",
+        f"   Data directory:   {status['datadir']}",
+        f"   Yagna:            {yagna['kind']} {yagna['version'] or '(version unknown)'} at "
+        f"{yagna['url'] or '(not yet connected)'}, {origin}",
+        f"   Payment network:  {yagna['payment_network']} ({yagna['payment_platform']})",
+    ]
+    if clusters:
+        lines.append("   Clusters:")
+        for name, counts in sorted(clusters.items()):
+            summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n) or "no nodes"
+            lines.append(f"\t{name}: {summary}")
+    else:
+        lines.append("   Clusters:         none")
+    if status["warnings"]:
+        lines.append("   Server warnings:")
+        lines.extend(f"\t{w}" for w in status["warnings"])
+    else:
+        lines.append("   Server warnings:  none")
+    return "\n".join(lines)
 
 
 ###############################################################################
@@ -1667,6 +4132,332 @@ def _add_reputation(commands, common) -> None:
     update.set_defaults(func=cmd_reputation_update)
 
 
+# -- services: webserver, start, stop, status ---------------------------------------
+
+def _port_arg(value: str) -> int:
+    import argparse  # already loaded by build_parser
+
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def _listen_port_arg(value: str) -> int:
+    return 0 if value.strip() == "0" else _port_arg(value)
+
+
+def _seconds_arg(value: str) -> float:
+    import argparse  # already loaded by build_parser
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
+def _payment_network_arg(value: str) -> str:
+    import argparse  # already loaded by build_parser
+
+    if value in DEAD_PAYMENT_NETWORKS:
+        raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
+    if value not in PAYMENT_NETWORKS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(PAYMENT_NETWORKS)}")
+    return value
+
+
+def cmd_webserver(args) -> int:
+    """Run the webserver in the foreground until shut down."""
+    import asyncio
+
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network).run())
+
+
+def cmd_start(args) -> int:
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout)
+
+
+def cmd_stop(args) -> int:
+    return stop_webserver(_datadir(args), args.port, args.force, args.kill, args.timeout)
+
+
+def cmd_status(args) -> int:
+    report = webserver_status(_datadir(args), args.port)
+    if args.json:
+        _print_json(report)
+    else:
+        text = format_status(report)
+        first, _, rest = text.partition("\n")
+        print(_paint(first, "cyan" if report["running"] else "yellow"), *([rest] if rest else []), sep="\n")
+    return EXIT_OK
+
+
+_NETWORK_HELP = (f"payment network: `local` runs the local Golem network, the others the real yagna "
+                 f"(default: {DEFAULT_SERVICE_NETWORK})")  # fmt: skip
+
+
+def _add_webserver(commands, common) -> None:
+    p = commands.add_parser("webserver", parents=[common], help="run Ray on Golem's webserver in the foreground",
+                            description="Run the webserver in the foreground; it connects to yagna (or the "
+                                        "local network) or starts it, and stops what it started on exit.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_listen_port_arg, default=DEFAULT_WEBSERVER_PORT,
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    p.set_defaults(func=cmd_webserver)
+
+
+def _add_start(commands, common) -> None:
+    p = commands.add_parser("start", parents=[common], help="start the webserver and yagna in the background",
+                            description="Start the webserver detached, with yagna or the local network; "
+                                        "wait until it serves. Says so if it already runs.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_WEBSERVER_PORT,
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
+    p.set_defaults(func=cmd_start)
+
+
+def _add_stop(commands, common) -> None:
+    p = commands.add_parser("stop", parents=[common], help="stop the webserver and the yagna it started",
+                            description="Shut the webserver down gracefully; it stops yagna only if it "
+                                        "started it. Refuses while clusters have live nodes unless --force.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
+    p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
+    p.set_defaults(func=cmd_stop)
+
+
+def _add_status(commands, common) -> None:
+    p = commands.add_parser("status", parents=[common], help="show the webserver's status",
+                            description="Show the webserver, yagna, clusters and warnings; or, when "
+                                        "nothing answers, what the pid file says.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_status)
+
+
+# --- network-stats --------------------------------------------------------------
+
+
+def _add_network_stats(commands, common) -> None:
+    parser = commands.add_parser(
+        "network-stats", parents=[common], help="scan the market: what your budget buys, before spending anything",
+        description="Scan the Golem market with the demand and budget of one node type: count "
+                    "proposals per filter, negotiate every one that passes (no agreement is signed) "
+                    "and group the reasons negotiations failed.")
+    parser.add_argument("cluster_config", metavar="CLUSTER.yaml", help="cluster config file")
+    parser.add_argument("--duration", "-d", type=float, default=5.0, metavar="MIN",
+                        help="minutes to scan, fractions allowed (default 5)")
+    parser.add_argument("--node-type", metavar="NAME",
+                        help="node type of `available_node_types` (default: the head node type)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--providers", action="store_true", help="add a table per provider")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_NEGOTIATION_CONCURRENCY, metavar="N",
+                        help=f"negotiations at once (default {DEFAULT_NEGOTIATION_CONCURRENCY})")
+    parser.add_argument("--response-timeout", type=float, default=DEFAULT_PROPOSAL_RESPONSE_TIMEOUT,
+                        metavar="SECONDS", help="how long a provider may take to answer a counter-proposal "
+                                                f"(default {DEFAULT_PROPOSAL_RESPONSE_TIMEOUT:g})")
+    parser.set_defaults(func=cmd_network_stats)
+
+
+def cmd_network_stats(args) -> int:
+    """Scan the market for `--duration` minutes with one node type's demand and budget."""
+    import math
+
+    if not (args.duration > 0 and math.isfinite(args.duration)):
+        raise UsageError(f"--duration: must be a positive number of minutes, got {args.duration:g}")
+    if not (args.response_timeout > 0 and math.isfinite(args.response_timeout)):
+        raise UsageError(f"--response-timeout: must be a positive number of seconds, got {args.response_timeout:g}")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency: must be at least 1, got {args.concurrency}")
+    config = load_cluster_config(args.cluster_config)  # exit 2 with the field path
+    node_type = args.node_type or config.head_node_type
+    if node_type not in config.node_types:
+        available = ", ".join(f"`{name}`" for name in config.node_types)
+        raise UsageError(f"--node-type: node type `{node_type}` is not in available_node_types "
+                         f"(available: {available}){_did_you_mean(node_type, config.node_types)}")
+    datadir = (_datadir(args) if args.datadir else
+               os.path.expanduser(config.parameters.get("webserver_datadir") or default_datadir()))
+    scan = NetworkStatsScan(
+        node_type, config.node_config(node_type), config.payment_network,
+        payment_driver=config.parameters["payment_driver"], total_budget=config.total_budget,
+        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout,
+        local_network=_local_network_options(config.parameters.get("local_network"), args.cluster_config))
+    return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
+
+
+def _local_network_options(block: dict | None, config_path: str) -> dict:
+    """`local_network` with a relative `profile` taken from the YAML's directory, as users write it."""
+    options = dict(block or {})
+    if options.get("profile"):
+        options["profile"] = os.path.join(os.path.dirname(os.path.abspath(config_path)),
+                                          os.path.expanduser(options["profile"]))
+    return options
+
+
+class NetworkStatsScan:
+    """One `network-stats` run: connect, scan with the MarketPipeline, print, clean up."""
+
+    def __init__(self, node_type: str, node_config: dict, payment_network: str, *,
+                 payment_driver: str = "erc20", total_budget: float = 5.0, datadir: str | None = None,
+                 concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, local_network: dict | None = None):
+        self.node_type = node_type
+        self.local_network = local_network or {}
+        self.node_config = node_config
+        self.payment_network = payment_network
+        self.payment_driver = payment_driver
+        self.total_budget = total_budget
+        self.datadir = datadir or default_datadir()
+        self.concurrency = concurrency
+        self.response_timeout = response_timeout
+        self.interrupted = False
+
+    # -- running ------------------------------------------------------------------
+
+    def run(self, duration_min: float, as_json: bool = False, show_providers: bool = False,
+            out=None, err=None) -> int:
+        import asyncio
+        import json
+
+        out = out or sys.stdout
+        err = err or sys.stderr
+        spec = DemandSpec.from_node_config(self.node_config, self.payment_network)
+        budget = BudgetControl.from_node_config(self.node_config)
+        if not as_json:
+            print(f"Gathering stats data for {duration_min:g} minute{'s' * (duration_min != 1)}...",
+                  file=out, flush=True)
+        pipeline = asyncio.run(self._scan(spec, budget, duration_min * 60, err))
+        if as_json:
+            report = {"node_type": self.node_type, "duration_minutes": duration_min,
+                      "interrupted": self.interrupted, **pipeline.funnel.as_dict()}
+            print(json.dumps(report, indent=2), file=out)
+        else:
+            print("Gathering stats data done", file=out)
+            print("", file=out)
+            print("\n".join(pipeline.funnel.report_lines()), file=out)
+            if show_providers:
+                print("", file=out)
+                print("\n".join(providers_table(pipeline.funnel)), file=out)
+        out.flush()
+        return 130 if self.interrupted else EXIT_OK
+
+    async def _scan(self, spec: DemandSpec, budget: BudgetControl, duration_s: float, err):
+        import asyncio
+        import signal
+
+        _quiet_golem_logging(self.datadir)
+        loop = asyncio.get_running_loop()
+        stop_event = asyncio.Event()
+
+        def on_signal(name: str):
+            if not stop_event.is_set():  # the first signal ends the scan; cleanup is bounded
+                self.interrupted = True
+                print(f"\nReceived {name}, exiting...", file=err, flush=True)
+                stop_event.set()
+
+        yagna = store = None
+        for sig, name in ((signal.SIGINT, "CTRL-C"), (signal.SIGTERM, "SIGTERM")):
+            loop.add_signal_handler(sig, on_signal, name)
+        try:
+            # a local network it starts is stopped below; a running one is left alone
+            yagna = await loop.run_in_executor(
+                None, start_yagna_for, self.payment_network, self.datadir, self.local_network)
+            warning = await loop.run_in_executor(
+                None, top_up_testnet_wallet, yagna, self.payment_network, self.payment_driver)
+            if warning:
+                print(f"{PACKAGE_NAME}: warning: {warning}", file=err, flush=True)
+            store = Store(self.datadir)
+            progress = _ProgressLine(err, duration_s) if err.isatty() else None
+            node = golem_node_for(yagna, collect_payment_events=False)
+            await node.start()
+            try:
+                pipeline = MarketPipeline(
+                    node, spec, budget, total_budget=self.total_budget,
+                    payment_driver=self.payment_driver, concurrency=self.concurrency,
+                    response_timeout=self.response_timeout,
+                    **market_store_callbacks(store, self.payment_network))
+                await pipeline.scan(duration_s, stop_event,
+                                    on_progress=progress and (lambda e, r: progress.show(e, r, pipeline)))
+            finally:
+                if progress:
+                    progress.clear()
+                await node.aclose()
+            return pipeline
+        finally:
+            if store is not None:
+                store.close()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if yagna is not None:
+                await loop.run_in_executor(None, yagna.stop)
+
+
+def providers_table(funnel: Funnel) -> list[str]:
+    """One row per provider, best score first: what it offers and what happened to it."""
+    def fmt(value, spec=".4g"):
+        return "-" if value is None else format(value, spec)
+
+    header = ["PROVIDER", "NAME", "CPU", "MEM GiB", "START", "CPU/H", "ENV/H", "EXP. COST",
+              "SCORE", "OUTCOME"]
+    rows = [[p["id"], str(p.get("name") or "-"), fmt(p.get("cpu_threads"), "d"),
+             fmt(p.get("mem_gib"), ".3g"), fmt(p.get("start_price")), fmt(p.get("cpu_per_hour")),
+             fmt(p.get("env_per_hour")), fmt(p.get("expected_cost")), fmt(p.get("score"), ".3f"),
+             p.get("outcome", "")]
+            for p in funnel.as_dict()["providers"]]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip()
+            for r in [header] + rows]
+
+
+class _ProgressLine:
+    """`elapsed / remaining / running counts`, rewritten in place on a terminal."""
+
+    def __init__(self, stream, duration_s: float):
+        self.stream = stream
+        self.duration_s = duration_s
+
+    def show(self, elapsed: float, remaining: float, pipeline: MarketPipeline) -> None:
+        p = pipeline.progress()
+        line = (f"{_clock(elapsed)} elapsed, {_clock(remaining)} left: {p['initial']} proposals, "
+                f"{p['passed']} passed filters, {p['negotiating']} negotiating, "
+                f"{p['negotiated']} negotiated, {p['errors']} failed")
+        self.stream.write("\r\x1b[2K" + line)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[2K")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _quiet_golem_logging(datadir: str) -> None:
+    """golem-core and asyncio log to `<datadir>/network-stats.log`, never over the report."""
+    import logging
+
+    handler = logging.FileHandler(os.path.join(ensure_datadir(datadir), "network-stats.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("golem", "asyncio"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
     import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
@@ -1680,6 +4471,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_version(commands, common)
     _add_validate(commands, common)
     _add_reputation(commands, common)
+    _add_webserver(commands, common)
+    _add_start(commands, common)
+    _add_stop(commands, common)
+    _add_status(commands, common)
+    _add_network_stats(commands, common)
     return parser
 
 
