@@ -1549,9 +1549,12 @@ class ProcInfo:
 
 
 def read_proc(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+    try:  # os-level calls: a scan reads every process of the machine
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # comm may contain spaces and parentheses: split after the last ')'.
@@ -2104,13 +2107,16 @@ class ActivityEngine:
         self.reap_orphans(table)
         return activity.sandbox.cpu_seconds(table)
 
-    async def kill_processes(self, activity: Activity) -> None:
+    async def kill_processes(self, activity: Activity) -> dict[int, ProcInfo]:
         """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
-        until a scan finds none alive; then wait until they are reaped."""
+        until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
+        me = os.getpid()
         for _ in range(50):
             table = read_proc_table()
             if not sandbox.signal_all(table, signal.SIGSTOP):
+                if not any(i.ppid == me for i in sandbox.owned(table).values()):
+                    return table  # nothing alive and no zombie of ours to reap
                 break
             table = read_proc_table()
             sandbox.cpu_seconds(table)  # last look at their CPU before they go
@@ -2126,11 +2132,11 @@ class ActivityEngine:
         for _ in range(200):
             table = read_proc_table()
             self.reap_orphans(table)
-            me = os.getpid()
             left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
             if not left:
-                return
+                break
             await asyncio.sleep(0.01)
+        return table
 
     # -- ending --
 
@@ -2151,8 +2157,8 @@ class ActivityEngine:
         if not from_batch:
             activity._worker.cancel()
             activity._current = None
-        await self.kill_processes(activity)
-        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(read_proc_table())
+        table = await self.kill_processes(activity)
+        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(table)
         activity.final_wall_seconds = activity.wall_seconds()
         if activity.sandbox.loopback_ip:
             self.loopback.release(activity.sandbox.loopback_ip)

@@ -187,6 +187,16 @@ async def run(activity, *commands, **kwargs):
     return batch.events
 
 
+async def until_terminated(activity):
+    """The activity's state once the provider side has ended it (polled like RoG's monitor)."""
+    for _ in range(400):
+        state = await activity.get_state()
+        if state.state[0] == "Terminated":
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"activity still {state.state}")
+
+
 def home_of(ln, activity_id: str) -> str:
     return next(i for i in ln.state()["activities"]["items"] if i["activityId"] == activity_id)["home"]
 
@@ -461,11 +471,7 @@ def test_provider_terminates_when_a_debit_note_is_not_accepted_in_time(localnet)
             await run(activity, Deploy(), Start(), Run("sleep 1000 & echo $! > daemon.pid"))
             home = home_of(localnet, activity.id)
             daemon = int(Path(home, "daemon.pid").read_text())
-            for _ in range(200):
-                state = await activity.get_state()
-                if state.state[0] == "Terminated":
-                    break
-                await asyncio.sleep(0.05)
+            state = await until_terminated(activity)
             assert state.state == ["Terminated", None]
             assert state.reason.startswith("Requestor isn't accepting DebitNotes in time")
             assert (await agreement.get_data(force=True)).state == "Terminated"
@@ -493,11 +499,7 @@ def test_faults_from_the_profile(localnet):
             activity = await agreement.create_activity()
             await run(activity, Deploy(), Start(), Run("sleep 1000 &"))
             home = home_of(localnet, activity.id)
-            for _ in range(200):
-                state = await activity.get_state()
-                if state.state[0] == "Terminated":
-                    break
-                await asyncio.sleep(0.05)
+            state = await until_terminated(activity)
             assert state.state[0] == "Terminated" and state.error_message == "Activity process exited"
             assert sandbox_processes(home) == []
 
