@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
+import operator
 import os
 import random
 import re
@@ -858,6 +860,7 @@ class ConstraintError(ValueError):
 
 _NAME_RX = re.compile(r"[\w!\-]+(?:\.[\w!\-]+)*")
 _OPS = ("<=", ">=", "=", "<", ">")
+_VALUE_RX = re.compile(r"[\sa-zA-Z0-9_.*/\\:;-]+")  # golem-core's parser.tx Value
 
 
 def parse_constraints(text: str) -> tuple:
@@ -910,9 +913,14 @@ def parse_constraints(text: str) -> tuple:
         if end < 0:
             raise ConstraintError("unterminated constraint")
         value = text[pos:end].strip()
-        pos = end + 1
         if value.startswith("[") and value.endswith("]"):
             value = [v.strip() for v in value[1:-1].split(",")]
+            bad = [v for v in value if not _VALUE_RX.fullmatch(v)]
+        else:
+            bad = [] if _VALUE_RX.fullmatch(value) else [value]
+        if bad:
+            raise ConstraintError(f"value {bad[0]!r} of {name} is outside golem-core's constraint grammar")
+        pos = end + 1
         return ("leaf", name, op, value)
 
     tree = node()
@@ -922,28 +930,37 @@ def parse_constraints(text: str) -> tuple:
     return tree
 
 
-def _compare(prop: Any, op: str, value: str) -> bool | None:
+_ORDER = {"=": operator.eq, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _compare(prop: Any, op: str, value: str) -> bool:
     if isinstance(prop, bool):
         v = value.lower()
-        if v not in ("true", "false"):
-            return False
-        return op == "=" and prop == (v == "true")
+        return op == "=" and v in ("true", "false") and prop == (v == "true")
     if isinstance(prop, (int, float)):
-        try:
-            v = float(value)
-        except ValueError:
-            return False
-        return {"=": prop == v, "<": prop < v, "<=": prop <= v, ">": prop > v, ">=": prop >= v}[op]
+        number = _as_number(value)
+        return number is not None and _ORDER[op](prop, number)
     if isinstance(prop, str):
-        if op == "=":
-            if "*" in value:
-                return re.fullmatch(".*".join(map(re.escape, value.split("*"))), prop) is not None
-            return prop == value
-        return {"<": prop < value, "<=": prop <= value, ">": prop > value, ">=": prop >= value}[op]
+        if op == "=" and "*" in value:
+            return _wildcard(value).fullmatch(prop) is not None
+        return _ORDER[op](prop, value)
     if isinstance(prop, list):
         # lists: `=` means contains; ordering is false (yagna resolver, §4.3)
         return op == "=" and any(_compare(item, "=", value) for item in prop)
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _as_number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _wildcard(value: str) -> re.Pattern:
+    return re.compile(".*".join(map(re.escape, value.split("*"))))
 
 
 def evaluate(tree: tuple, props: dict) -> bool | None:
@@ -959,12 +976,24 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
         if isinstance(value, list):
             return all(_compare(prop, op, v) for v in value)
         return _compare(prop, op, value)
-    results = [evaluate(child, props) for child in tree[1]]
     if kind == "&":
-        return False if False in results else (None if None in results else True)
+        undefined = False
+        for child in tree[1]:
+            result = evaluate(child, props)
+            if result is False:
+                return False
+            undefined = undefined or result is None
+        return None if undefined else True
     if kind == "|":
-        return True if True in results else (None if None in results else False)
-    return None if results[0] is None else not results[0]
+        undefined = False
+        for child in tree[1]:
+            result = evaluate(child, props)
+            if result is True:
+                return True
+            undefined = undefined or result is None
+        return None if undefined else False
+    result = evaluate(tree[1][0], props)
+    return None if result is None else not result
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
@@ -1100,7 +1129,7 @@ class Market:
         # callables (agreement, old_state, new_state), e.g. invoices after termination
         self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
         self._offer_ms = ms(clock.started_at)
-        self._offer_trees: dict[int, tuple] = {}
+        self._offer_trees: dict[str, tuple] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- demands and offers ---
@@ -1139,9 +1168,10 @@ class Market:
         props = provider.offer_properties(self._offer_ms)
         if evaluate(demand.tree, props) is not True:
             return False
-        tree = self._offer_trees.get(provider.index)
+        text = provider.offer_constraints(self._offer_ms)
+        tree = self._offer_trees.get(text)
         if tree is None:
-            tree = self._offer_trees[provider.index] = parse_constraints(provider.offer_constraints(self._offer_ms))
+            tree = self._offer_trees[text] = parse_constraints(text)
         return evaluate(tree, demand.properties) is True
 
     def _release_due_offers(self, demand: Demand, limit: int) -> None:
