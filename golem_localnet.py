@@ -2911,6 +2911,7 @@ class ProviderBilling:
         self.market = market
         self._billing: dict[str, Billing] = {}  # agreement id ->
         self._last_note: dict[str, str] = {}  # activity id -> last debit note id
+        self._last_payable: dict[str, float] = {}  # activity id -> monotonic time of its last payable note
         self._timers: dict[str, list] = {}  # activity id -> timer handles
         self._invoiced: set[str] = set()
         market.agreement_observers.append(self._agreement_changed)
@@ -2994,9 +2995,12 @@ class ProviderBilling:
             "status": "RECEIVED",
             **self._parties(activity.agreement),
         }
-        if billing.payment_timeout:
-            # Payable only under mid-agreement payments (yagna-api.md §2.11).
+        last_payable = self._last_payable.get(activity.activity_id)
+        if billing.payment_timeout and (last_payable is None or time.monotonic() - last_payable >= billing.payment_timeout):
+            # Payable only under mid-agreement payments, and at most one per payment timeout:
+            # golem-core rejects more (validate_mid_agreement_payment, yagna-api.md §2.11).
             note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
+            self._last_payable[activity.activity_id] = time.monotonic()
         self.payments.debit_notes[note_id] = note
         self._last_note[activity.activity_id] = note_id
         self.payments.debit_note_events.add("DebitNoteReceivedEvent", note_id, activity.agreement.app_session_id)

@@ -29,8 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-# The test module's localnet process handle and golem-core helpers (no pytest needed to import).
-from test_localnet_activity import PROFILE, golem_node, rent, start_localnet  # noqa: E402
+# The tests' localnet process handle and golem-core helpers.
+from conftest import start_localnet, stop_localnet  # noqa: E402
+from test_localnet_activity import PROFILE, golem_node, rent  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -98,7 +99,7 @@ def quantiles(values: list[float]) -> tuple[float, float]:
 async def main(args) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-localnet-activity-") as tmp:
-        ln = start_localnet(Path(tmp) / "localnet", PROFILE)  # one agreement, many activities on it
+        ln = start_localnet(Path(tmp) / "localnet", profile=PROFILE)  # one agreement, many activities on it
         try:
             async with golem_node(ln) as node:
                 _, agreement, _ = await rent(node, "ok-1")
@@ -150,7 +151,7 @@ async def main(args) -> list[tuple[str, str]]:
                     ("  baseline: same localnet, no activity yet", f"{idle_base:.2f} % of a core"),
                 ]
         finally:
-            code = ln.stop()
+            code = stop_localnet(ln)
         rows.append(("localnet exit code after SIGTERM", str(code)))
     return rows
 

@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from copy import deepcopy
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import pid_alive, start_localnet, stop_localnet
+
 A, N, P = "/activity-api/v1", "/net-api/v1", "/payment-api/v1"
 MARKER = b"GOLEM_LOCALNET_ACTIVITY="
 # Prices per second with exact decimal representations (GLM), cpu first (usage-vector order).
@@ -41,60 +38,6 @@ PROFILE = {
         {"name": "mute", "stops_answering_after_s": 1.0},
     ],
 }
-
-
-# ---- a real localnet process --------------------------------------------------
-
-
-class Localnet:
-    def __init__(self, proc: subprocess.Popen, url: str, app_key: str) -> None:
-        self.proc, self.pid, self.url, self.app_key = proc, proc.pid, url, app_key
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        req.add_header("Authorization", f"Bearer {self.app_key}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                status, payload = resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            status, payload = e.code, e.read()
-        return status, json.loads(payload) if payload else None
-
-    def state(self) -> dict:
-        status, body = self.call("GET", "/localnet/v1/state")
-        assert status == 200, body
-        return body
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return self.proc.returncode
-
-
-def start_localnet(datadir: Path, profile: dict) -> Localnet:
-    datadir.mkdir(parents=True)
-    profile_path = datadir / "profile.json"
-    profile_path.write_text(json.dumps(profile))
-    proc = subprocess.Popen([sys.executable, str(REPO / "golem_localnet.py"), "serve", "--port", "0",
-                             "--datadir", str(datadir), "--profile", str(profile_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "YAGNA_APPKEY"})
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("golem-localnet listening on http://127.0.0.1:"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"localnet did not start: {line!r} {proc.stderr.read()}")
-    return Localnet(proc, line.split()[-1], (datadir / "appkey").read_text().strip())
 
 
 def sandbox_processes(home: str) -> list[int]:
@@ -119,23 +62,13 @@ def sandbox_processes(home: str) -> list[int]:
     return found
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b") ", 1)[1][:1] != b"Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def localnet(tmp_path):
-    ln = start_localnet(tmp_path / "localnet", PROFILE)
-    homes = []
-    ln.homes = homes
+def localnet(localnet_factory):
+    """A localnet with PROFILE (this module's providers); after SIGTERM no sandbox process is left."""
+    ln = localnet_factory(profile=PROFILE)
     yield ln
-    for item in ln.state()["activities"]["items"]:
-        homes.append(item["home"])
-    assert ln.stop() == 0
+    homes = [item["home"] for item in ln.state()["activities"]["items"]]
+    assert stop_localnet(ln) == 0
     leftovers = [pid for home in homes for pid in sandbox_processes(home)]
     assert leftovers == [], f"sandbox processes outlived the localnet: {leftovers}"
 
@@ -429,7 +362,9 @@ def test_debit_notes_and_invoice_amounts_follow_the_linear_price_of_measured_usa
                 used_cpu, used_wall = (Decimal(str(u)) for u in note.usage_counter_vector)
                 assert Decimal(note.total_amount_due) == (start + cpu * used_cpu + duration * used_wall).quantize(
                     Decimal("1e-18"))
-                assert note.payment_due_date is not None and note.status == "RECEIVED"
+                assert note.status == "RECEIVED"
+            # mid-agreement payments: the first note is payable, then one per payment timeout (600 s)
+            assert [n.payment_due_date is not None for n in notes] == [True] + [False] * (len(notes) - 1)
             last = notes[-1]
             used_cpu, used_wall = (Decimal(str(u)) for u in last.usage_counter_vector)
             assert abs(used_cpu - burned) <= burned * Decimal("0.05"), (used_cpu, burned)
@@ -520,7 +455,7 @@ def test_faults_from_the_profile(localnet):
 def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
     from golem.resources import Deploy, Run, Start
 
-    ln = start_localnet(tmp_path / "localnet", PROFILE)
+    ln = start_localnet(tmp_path / "localnet", profile=PROFILE)
     try:
         async def main():
             async with golem_node(ln) as node:  # closes nothing on the localnet: autoclose off
@@ -534,6 +469,6 @@ def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
         home, daemon = asyncio.run(main())
         assert pid_alive(daemon) and sandbox_processes(home)
     finally:
-        code = ln.stop(signal.SIGTERM)
+        code = stop_localnet(ln, signal.SIGTERM)
     assert code == 0
     assert not pid_alive(daemon) and sandbox_processes(home) == []
