@@ -1548,6 +1548,7 @@ class MarketRoutes(HttpHandler):
 # branches editing the header do not conflict on the import block.
 import ctypes
 import fcntl
+import ipaddress
 import subprocess
 import tempfile
 from pathlib import Path
@@ -1670,13 +1671,13 @@ class LoopbackPool:
         else:
             slot = self._net_slots.setdefault(net_id, len(self._net_slots) % 255 + 1)
         preferred = [int(vpn_ip.rsplit(".", 1)[1])] if vpn_ip else []
-        for host in preferred + list(range(2, 255)):
-            for third in [slot] + [t for t in range(256) if t != slot]:
+        for third in [slot] + [t for t in range(256) if t != slot]:
+            for host in preferred + list(range(2, 255)):
                 ip = f"127.{self.block}.{third}.{host}"
                 if 1 <= host <= 254 and ip not in self._taken:
                     self._taken.add(ip)
                     return ip
-        raise RuntimeError("loopback block exhausted")
+        raise HttpError(503, f"all addresses of 127.{self.block}.0.0/16 are in use")
 
     def release(self, ip: str) -> None:
         self._taken.discard(ip)
@@ -1955,7 +1956,15 @@ class Activity:
             return False, None, None, f"ExeScript command `{name}` is not supported by the local network"
         if not isinstance(args, dict):
             return False, None, None, f"ExeScript command `{name}`: arguments must be an object"
-        return await handler(args)
+        try:
+            return await handler(args)
+        except asyncio.CancelledError:
+            raise
+        except HttpError as e:
+            return False, None, None, e.message
+        except Exception as e:  # a bug of ours must still finish the batch, never hang the poll
+            print(f"golem-localnet: ExeScript `{name}` failed: {e!r}", file=sys.stderr)
+            return False, None, None, f"ExeScript command `{name}` failed in the local network: {type(e).__name__}"
 
     async def _exe_deploy(self, args: dict):
         if self.state[0] != "Initialized":
@@ -1963,6 +1972,13 @@ class Activity:
         net = args.get("net") or []
         if not isinstance(net, list) or not all(isinstance(n, dict) for n in net):
             return False, None, None, "deploy: `net` must be a list of network objects"
+        for i, n in enumerate(net):
+            try:
+                ipaddress.IPv4Address(n.get("nodeIp"))
+            except ValueError:
+                return False, None, None, f"deploy: net[{i}].nodeIp must be an IPv4 address, got {n.get('nodeIp')!r}"
+            if not isinstance(n.get("id"), str):
+                return False, None, None, f"deploy: net[{i}].id must be the network id"
         self.state = ["Initialized", "Deployed"]
         if self.faults.deploy_fails:
             # The provider's profile says the image never comes up.
@@ -2021,7 +2037,6 @@ class ActivityEngine:
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
         self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
-        self._reaper: asyncio.TimerHandle | None = None
         self._ordinal = 0
 
     def create(self, agreement) -> Activity:
@@ -2310,7 +2325,6 @@ class ActivityRoutes(HttpHandler):
 
 
 import base64
-import ipaddress
 import struct
 
 # RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
