@@ -1719,7 +1719,10 @@ class Sandbox:
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        # The "image": this Python (and whatever its environment has, e.g. `ray`) comes first on PATH.
+        path = env.get("PATH", os.defpath)
         env.update(
+            PATH=os.pathsep.join([os.path.dirname(sys.executable), path]),
             HOME=str(self.home),
             TMPDIR=str(self.tmp),
             NODE_IP=self.loopback_ip or "127.0.0.1",

@@ -166,6 +166,9 @@ def test_deploy_start_run_returns_exit_code_stdout_and_stderr(localnet):
             assert results == [{"index": 0, "eventDate": results[0]["eventDate"], "result": "Error", "stdout": None,
                                 "stderr": None, "isBatchFinished": True,
                                 "message": "ExeScript command `sign` is not supported by the local network"}]
+            # the venv of the localnet is the image: its python comes first on PATH
+            events = await run(activity, Run("command -v python"))
+            assert events[0].stdout.strip() == str(Path(sys.executable).parent / "python")
             await activity.destroy()
             await activity.destroy()  # idempotent: golem-core repeats it at shutdown (§2.1)
             assert (await activity.get_state()).state[0] == "Terminated"
@@ -197,6 +200,29 @@ def test_exec_rejects_malformed_scripts(localnet):
                                   ({"nope": 1}, "text: expected the ExeScript as a JSON string")]:
                 status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", body)
                 assert status == 400 and got["message"].startswith(message)
+
+    asyncio.run(main())
+
+
+def test_exescript_terminate_ends_the_activity_and_its_processes(localnet):
+    from golem.resources import Deploy, Run, Start
+
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "ok-2")
+            activity = await agreement.create_activity()
+            await run(activity, Deploy(), Start(), Run("sleep 1000 & echo $! > daemon.pid"))
+            home = home_of(localnet, activity.id)
+            daemon = int(Path(home, "daemon.pid").read_text())
+            status, batch_id = localnet.call("POST", f"{A}/activity/{activity.id}/exec",
+                                             {"text": json.dumps([{"terminate": {}}, {"run": {"entry_point": "true"}}])})
+            status, results = localnet.call("GET", f"{A}/activity/{activity.id}/exec/{batch_id}?timeout=5")
+            assert [(r["result"], r["isBatchFinished"]) for r in results] == [("Ok", False), ("Error", True)]
+            assert results[1]["message"] == f"Activity {activity.id} is terminated"
+            assert (await activity.get_state()).state[0] == "Terminated"
+            assert not pid_alive(daemon) and sandbox_processes(home) == []
+            status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", {"text": "[{\"start\": {}}]"})
+            assert status == 400 and got["message"] == f"Activity {activity.id} is terminated"
 
     asyncio.run(main())
 
@@ -369,6 +395,14 @@ def test_debit_notes_and_invoice_amounts_follow_the_linear_price_of_measured_usa
             used_cpu, used_wall = (Decimal(str(u)) for u in last.usage_counter_vector)
             assert abs(used_cpu - burned) <= burned * Decimal("0.05"), (used_cpu, burned)
             assert abs(used_wall - 4 * len(notes)) <= 4 * len(notes) * Decimal("0.05"), used_wall
+            # acceptance must name the amount due and an allocation
+            for body, status, message in [
+                ({"totalAmountAccepted": "0", "allocationId": allocation.id}, 400, "must equal the amount due"),
+                ({"totalAmountAccepted": "x", "allocationId": allocation.id}, 400, "totalAmountAccepted"),
+                ({"totalAmountAccepted": last.total_amount_due, "allocationId": "nope"}, 404, "Allocation [nope]"),
+            ]:
+                got_status, got = localnet.call("POST", f"{P}/debitNotes/{last.debit_note_id}/accept", body)
+                assert got_status == status and message in got["message"], got
             # golem-core validates the note against the agreement and accepts it
             await activity.debit_notes[-1].validate_and_accept(allocation)
             assert (await activity.debit_notes[-1].get_data(force=True)).status == "ACCEPTED"
