@@ -779,7 +779,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
-            p.offer_id = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            # yagna's subscription id shape: <uuid hex>-<sha256 hex>
+            digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
             result.append(p)
         return result
 
@@ -976,24 +978,19 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
         if isinstance(value, list):
             return all(_compare(prop, op, v) for v in value)
         return _compare(prop, op, value)
-    if kind == "&":
-        undefined = False
-        for child in tree[1]:
-            result = evaluate(child, props)
-            if result is False:
-                return False
-            undefined = undefined or result is None
-        return None if undefined else True
-    if kind == "|":
-        undefined = False
-        for child in tree[1]:
-            result = evaluate(child, props)
-            if result is True:
-                return True
-            undefined = undefined or result is None
-        return None if undefined else False
-    result = evaluate(tree[1][0], props)
-    return None if result is None else not result
+    if kind == "!":
+        result = evaluate(tree[1][0], props)
+        return None if result is None else not result
+    # `&` is decided by the first False, `|` by the first True; otherwise any undefined
+    # operand leaves the group undefined
+    decisive = kind == "|"
+    undefined = False
+    for child in tree[1]:
+        result = evaluate(child, props)
+        if result is decisive:
+            return decisive
+        undefined = undefined or result is None
+    return None if undefined else not decisive
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
@@ -1023,7 +1020,8 @@ class Proposal:
 
     def __init__(self, demand: "Demand", provider: Provider, from_requestor: bool, state: str,
                  properties: dict, constraints: str, prev_id: str | None) -> None:
-        self.id = new_id("R-" if from_requestor else "P-")
+        # the requestor's view of a negotiation: yagna prefixes every proposal id with R-
+        self.id = "R-" + secrets.token_hex(32)
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
@@ -1152,13 +1150,14 @@ class Market:
     def get_demand(self, demand_id: str) -> Demand:
         demand = self.demands.get(demand_id)
         if demand is None:
-            if demand_id in self.unsubscribed:
-                raise HttpError(410, f"Subscription [{demand_id}] was already unsubscribed.")
-            raise HttpError(404, f"Subscription [{demand_id}] wasn't found.")
+            raise HttpError(404, f"Subscription [{demand_id}] not found. Could be unsubscribed.")  # yagna 0.17.6
         return demand
 
     def unsubscribe(self, demand_id: str) -> None:
-        demand = self.get_demand(demand_id)
+        demand = self.demands.get(demand_id)
+        if demand is None:
+            # yagna 0.17.6 on a repeated unsubscribe (recorded by the fidelity test)
+            raise HttpError(404, f"Demand [{demand_id}] not found.")
         del self.demands[demand_id]
         self.unsubscribed.add(demand_id)
         demand.signal.notify()
@@ -1473,11 +1472,16 @@ class MarketRoutes(HttpHandler):
         market = self.net.market
         demand = market.get_demand(self.params["demand_id"])
         timeout = self.request.query_float("timeout", MARKET_EVENT_TIMEOUT_S, 0, 1e6)
-        max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1, MARKET_MAX_EVENTS_MAX)
-        events = await long_poll(demand.signal, lambda: market.take_events(demand, max_events),
-                                 min(timeout, MAX_LONG_POLL_S), lambda: market.seconds_to_next_offer(demand))
-        if self.params["demand_id"] not in market.demands:
-            raise HttpError(404, f"Subscription [{demand.id}] wasn't found.")
+        max_events = min(self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1), MARKET_MAX_EVENTS_MAX)
+
+        def take() -> list[dict] | bool:
+            # an unsubscribe ends the polls in flight at once, as in yagna
+            return market.take_events(demand, max_events) if demand.id in market.demands else True
+
+        events = await long_poll(demand.signal, take, min(timeout, MAX_LONG_POLL_S),
+                                 lambda: market.seconds_to_next_offer(demand))
+        if events is True:
+            market.get_demand(demand.id)  # raises the 404
         return self.ok(events)
 
     async def get_proposal(self) -> Response:
@@ -2672,12 +2676,14 @@ class Allocation:
         self.timeout = timeout or self.timestamp + timedelta(days=3650)  # yagna: 10 years by default
         self.make_deposit = make_deposit
         self.released = False
+        self.updated = self.timestamp  # moved by whoever changes `spent`
 
     def to_json(self) -> dict:
         return {"allocationId": self.id, "address": self.address, "paymentPlatform": self.platform,
                 "totalAmount": decimal_str(self.total), "spentAmount": decimal_str(self.spent),
                 "remainingAmount": decimal_str(self.total - self.spent), "timestamp": iso(self.timestamp),
-                "timeout": iso(self.timeout), "makeDeposit": self.make_deposit}
+                "timeout": iso(self.timeout), "createdTs": iso(self.timestamp), "updatedTs": iso(self.updated),
+                "makeDeposit": self.make_deposit}
 
 
 class EventLog:
@@ -2813,7 +2819,10 @@ class PaymentRoutes(HttpHandler):
         allocation = self.net.payments.allocations.get(self.params["allocation_id"])
         if allocation is None:
             raise HttpError(404, f"Allocation [{self.params['allocation_id']}] not found")
-        allocation.released = True  # releasing twice is fine: shutdown repeats it (§2.1)
+        if allocation.released:
+            # yagna 0.17.6's answer to a repeated release; golem-core ignores 404 and 410 (§2.3)
+            raise HttpError(410, f"Allocation {allocation.id} has been already released")
+        allocation.released = True
         return self.ok(None)
 
     async def get_demand_decorations(self) -> Response:
@@ -3358,24 +3367,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+def _int_in(lo: int, hi: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in {lo}..{hi if hi is not None else ''}: {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3383,12 +3385,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def population_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--providers", type=_count, help="population size (default: the profile's)")
+        p.add_argument("--providers", type=_int_in(0, None, "a provider count"), help="population size (default: the profile's)")
         p.add_argument("--seed", type=int, help="population seed (default: the profile's)")
         p.add_argument("--profile", help="population profile, JSON or YAML (format: section 3 of this file)")
 
     serve_p = sub.add_parser("serve", help="run the yagna-compatible daemon")
-    serve_p.add_argument("--port", type=_port, required=True, help="TCP port; 0 picks a free one")
+    serve_p.add_argument("--port", type=_int_in(0, 65535, "a port number"), required=True, help="TCP port; 0 picks a free one")
     serve_p.add_argument("--datadir", required=True, help="directory for the app key and localnet.json")
     serve_p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
     serve_p.add_argument("--time-scale", type=_positive_float, default=1.0,
