@@ -1845,6 +1845,9 @@ class Activity:
         self.created_at = iso(utcnow())
         self.sandbox = Sandbox(engine.sandbox_root, activity_id)
         self.deploy_net: list = []
+        # set once the activity's processes are gone (what the invoice bills)
+        self.final_cpu_seconds: Decimal | None = None
+        self.final_wall_seconds: Decimal | None = None
         self.batches: dict[str, Batch] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._current: Batch | None = None
@@ -2225,9 +2228,11 @@ class ActivityEngine:
         await self.terminate(activity_id, "destroyed by requestor")
 
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
-        for activity in list(self.activities.values()):
-            if activity.agreement_id == agreement_id and activity.alive:
-                await self.terminate(activity.activity_id, reason)
+        """End the agreement's activities; returns once all of them are gone (also those already
+        ending), so that what they used is final."""
+        await asyncio.gather(*(
+            self.terminate(a.activity_id, reason) for a in list(self.activities.values()) if a.agreement_id == agreement_id
+        ))
 
     def inspect(self) -> dict:
         by_state: dict[str, int] = {}
@@ -2967,7 +2972,7 @@ class ProviderBilling:
         return billing
 
     def usage(self, activity: "Activity") -> dict[str, Decimal]:
-        if activity.alive:
+        if activity.final_cpu_seconds is None:
             cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
         else:
             cpu, wall = activity.final_cpu_seconds, activity.final_wall_seconds
@@ -3045,10 +3050,10 @@ class ProviderBilling:
         """What a provider agent does to a requestor that does not accept debit notes: kill the
         activities and terminate the agreement. golem-core sees it only as the Terminated activity
         state and failing exec calls (yagna-api.md §5.1)."""
-        await self.activities.terminate_agreement(agreement.id, reason)
         if agreement.state == "Approved":
-            agreement.terminate_reason = {"message": reason, "golem.requestor.code": "DebitNotesDeadline"}
+            agreement.terminate_reason = {"message": reason, "golem.provider.code": "DebitNotesDeadline"}
             self.market.set_state(agreement, "Terminated")  # -> _agreement_changed -> invoice
+        await self.activities.terminate_agreement(agreement.id, reason)
 
     def activity_ended(self, activity: "Activity") -> None:
         for timer in self._timers.pop(activity.activity_id, []):
@@ -3065,7 +3070,12 @@ class ProviderBilling:
         if agreement.id in self._invoiced:
             return None
         self._invoiced.add(agreement.id)
-        await self.activities.terminate_agreement(agreement.id, "agreement terminated")
+        why = agreement.terminate_reason if isinstance(agreement.terminate_reason, dict) else {}
+        if "golem.provider.code" in why:  # the provider broke it (break_agreement)
+            reason = str(why.get("message"))
+        else:
+            reason = "agreement terminated by the requestor"
+        await self.activities.terminate_agreement(agreement.id, reason)
         acts = [a for a in self.activities.activities.values() if a.agreement.id == agreement.id]
         if not acts:
             return None  # nothing ran: nothing to bill (yagna sends no invoice either)
