@@ -1709,15 +1709,12 @@ class Sandbox:
         self.activity_id = activity_id
         self.home = root / activity_id
         self.tmp = self.home / "tmp"
-        self.exe_dir = self.home / ".exe"
-        for d in (self.home, self.tmp, self.exe_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(self.tmp, mode=0o700)  # HOME and TMPDIR; mkdir is the costly part of a create
         self.loopback_ip: str | None = None
         self.vpn_ip: str | None = None
         self.sessions: set[int] = set()
         self.known: set[tuple[int, int]] = set()  # (pid, start) of processes seen as ours
         self.finished_seconds = Decimal(0)  # CPU of processes reaped by the localnet itself
-        self._captures = 0
         self._cpu_reported = Decimal(0)
         self._marker = f"{ACTIVITY_MARKER_ENV}={activity_id}".encode()
 
@@ -2086,10 +2083,8 @@ class ActivityEngine:
         inherited descriptors open, and the command must still return when its own process ends.
         """
         sandbox = activity.sandbox
-        sandbox._captures += 1
-        out_path = sandbox.exe_dir / f"{sandbox._captures}.stdout"
-        err_path = sandbox.exe_dir / f"{sandbox._captures}.stderr"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        # Anonymous files (O_TMPFILE): nothing to clean up, nothing for the command to trip over.
+        with tempfile.TemporaryFile(dir=sandbox.home) as out, tempfile.TemporaryFile(dir=sandbox.home) as err:
             proc = subprocess.Popen(
                 argv,
                 cwd=sandbox.home,
@@ -2099,15 +2094,15 @@ class ActivityEngine:
                 stderr=err,
                 start_new_session=True,
             )
-        sandbox.sessions.add(proc.pid)
-        self._children[proc.pid] = activity
-        try:
-            status, rusage = await self._wait_child(proc.pid)
-        finally:
-            self._children.pop(proc.pid, None)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
-        sandbox.add_rusage(rusage)
-        return proc.returncode, _read_capture(out_path), _read_capture(err_path)
+            sandbox.sessions.add(proc.pid)
+            self._children[proc.pid] = activity
+            try:
+                status, rusage = await self._wait_child(proc.pid)
+            finally:
+                self._children.pop(proc.pid, None)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
+            sandbox.add_rusage(rusage)
+            return proc.returncode, _read_capture(out), _read_capture(err)
 
     async def _wait_child(self, pid: int):
         loop = asyncio.get_running_loop()
@@ -2270,12 +2265,10 @@ class _ZeroUsage:
     ru_stime = 0.0
 
 
-def _read_capture(path: Path) -> str:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
-        return f.read().decode("utf-8", errors="replace")
+def _read_capture(f) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
+    return f.read().decode("utf-8", errors="replace")
 
 
 
