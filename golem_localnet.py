@@ -1692,6 +1692,125 @@ class LoopbackPool:
             self._lock_file = None
 
 
+# --- cgroup v2 (when the machine lets us) ----------------------------------
+
+
+class CgroupTree:
+    """One cgroup v2 per activity under `<cgroup2 mount>/<our cgroup>/golem-localnet-<pid>/`.
+
+    Where cgroup2 is mounted and writable, a sandbox's processes are put in its cgroup before
+    they exec, so membership survives setsid, double forks and rewritten environments,
+    `cgroup.kill` ends them all at once, and `cpu.stat` counts the CPU of every process that
+    ever ran there. Without it, the sandbox falls back to sessions + descendants + marker.
+    Trees left by a localnet that died without cleaning up (SIGKILL) are killed on start.
+    """
+
+    PREFIX = "golem-localnet-"
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def create(cls) -> "CgroupTree | None":
+        try:
+            mount = next(
+                line.split(" - ")[0].split()[4]
+                for line in open("/proc/self/mountinfo", encoding="utf-8")
+                if " - cgroup2 " in line
+            )
+            own = next(line[3:].strip() for line in open("/proc/self/cgroup", encoding="utf-8") if line.startswith("0::"))
+            base = Path(mount) / own.lstrip("/")
+            cls._clean_stale(base)
+            root = base / f"{cls.PREFIX}{os.getpid()}"
+            root.mkdir(mode=0o755, exist_ok=True)
+            if not (root / "cgroup.procs").exists():
+                raise OSError("not a cgroup2 directory")
+            return cls(root)
+        except (OSError, StopIteration):
+            return None
+
+    @classmethod
+    def _clean_stale(cls, base: Path) -> None:
+        for tree in base.glob(f"{cls.PREFIX}*"):
+            pid = tree.name[len(cls.PREFIX):]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                for group in tree.iterdir():
+                    if group.is_dir():
+                        cls._kill(group)
+                        cls._wait_empty(group)
+                        cls._remove(group)
+                cls._remove(tree)
+
+    def group(self, activity_id: str) -> Path | None:
+        path = self.root / activity_id
+        try:
+            path.mkdir(mode=0o755)
+            return path
+        except OSError:
+            return None
+
+    @staticmethod
+    def members(group: Path) -> set[int]:
+        try:
+            return {int(pid) for pid in (group / "cgroup.procs").read_text().split()}
+        except OSError:
+            return set()
+
+    @staticmethod
+    def cpu_seconds(group: Path) -> Decimal:
+        """CPU of everything that ever ran in the group, exited processes included."""
+        try:
+            for line in (group / "cpu.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "usage_usec":
+                    return Decimal(int(value)) / 1_000_000
+        except OSError:
+            pass
+        return Decimal(0)
+
+    @staticmethod
+    def _kill(group: Path) -> None:
+        try:
+            (group / "cgroup.kill").write_text("1")  # Linux >= 5.14: SIGKILL to all, no fork race
+        except OSError:
+            for pid in CgroupTree.members(group):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    kill = _kill
+
+    @staticmethod
+    def _wait_empty(group: Path, seconds: float = 2.0) -> None:
+        """Killed members take a moment to leave; rmdir fails until they have (cgroup.events)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if "populated 0" in (group / "cgroup.events").read_text():
+                    return
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    @staticmethod
+    def _remove(group: Path) -> None:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+    remove = _remove
+
+    def close(self) -> None:
+        for group in self.root.glob("*"):
+            if group.is_dir():
+                self._kill(group)
+                self._wait_empty(group)
+                self._remove(group)
+        self._remove(self.root)
+
+
 # --- the sandbox ------------------------------------------------------------
 
 
@@ -1705,8 +1824,9 @@ class Sandbox:
     setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
     """
 
-    def __init__(self, root: Path, activity_id: str):
+    def __init__(self, root: Path, activity_id: str, cgroup: Path | None = None):
         self.activity_id = activity_id
+        self.cgroup = cgroup
         self.home = root / activity_id
         self.tmp = self.home / "tmp"
         os.makedirs(self.tmp, mode=0o700)  # HOME and TMPDIR; mkdir is the costly part of a create
@@ -1738,10 +1858,11 @@ class Sandbox:
     def owned(self, table: dict[int, ProcInfo]) -> dict[int, ProcInfo]:
         """The sandbox's processes in `table`; remembers them so their orphans stay ours."""
         me = os.getpid()
+        members = CgroupTree.members(self.cgroup) if self.cgroup else set()
         owned = {
             pid: info
             for pid, info in table.items()
-            if info.sid in self.sessions or (pid, info.start) in self.known
+            if info.sid in self.sessions or (pid, info.start) in self.known or pid in members
         }
         # Descendants of owned processes, to a fixed point (setsid'd children of a daemon).
         children: dict[int, list[ProcInfo]] = {}
@@ -1764,6 +1885,8 @@ class Sandbox:
         """CPU seconds of the whole process tree, dead and alive; never decreases."""
         live = sum(info.ticks for info in self.owned(table).values())
         total = self.finished_seconds + Decimal(live) / _CLK_TCK
+        if self.cgroup:
+            total = max(total, CgroupTree.cpu_seconds(self.cgroup))
         self._cpu_reported = max(self._cpu_reported, total)
         return self._cpu_reported
 
@@ -1840,7 +1963,7 @@ class Activity:
         self.error_message: str | None = None
         self.created_monotonic = time.monotonic()
         self.created_at = iso(utcnow())
-        self.sandbox = Sandbox(engine.sandbox_root, activity_id)
+        self.sandbox = Sandbox(engine.sandbox_root, activity_id, engine.cgroups and engine.cgroups.group(activity_id))
         self.deploy_net: list = []
         # set once the activity's processes are gone (what the invoice bills)
         self.final_cpu_seconds: Decimal | None = None
@@ -2040,6 +2163,7 @@ class ActivityEngine:
         self.activities: dict[str, Activity] = {}
         self.loopback = LoopbackPool()
         self.subreaper = become_subreaper()
+        self.cgroups = CgroupTree.create()
         self.time_scale = time_scale
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
@@ -2093,6 +2217,7 @@ class ActivityEngine:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=_join_cgroup(sandbox.cgroup) if sandbox.cgroup else None,
             )
             sandbox.sessions.add(proc.pid)
             self._children[proc.pid] = activity
@@ -2162,6 +2287,9 @@ class ActivityEngine:
         until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
         me = os.getpid()
+        if sandbox.cgroup:
+            sandbox.cpu_seconds(read_proc_table())  # last look at their CPU before they go
+            CgroupTree.kill(sandbox.cgroup)
         for _ in range(50):
             table = read_proc_table()
             if not sandbox.signal_all(table, signal.SIGSTOP):
@@ -2186,6 +2314,8 @@ class ActivityEngine:
             if not left:
                 break
             await asyncio.sleep(0.01)
+        if sandbox.cgroup:
+            CgroupTree.remove(sandbox.cgroup)  # fails while members linger; close() retries
         return table
 
     # -- ending --
@@ -2246,6 +2376,7 @@ class ActivityEngine:
                         "nodeIp": a.sandbox.loopback_ip,
                         "vpnIp": a.sandbox.vpn_ip,
                         "sessions": sorted(a.sandbox.sessions),
+                        "cgroup": str(a.sandbox.cgroup) if a.sandbox.cgroup else None,
                     }
                     for a in self.activities.values()
                 ],
@@ -2258,6 +2389,23 @@ class ActivityEngine:
             *(self.terminate(a.activity_id, "local network shut down") for a in list(self.activities.values()) if a.alive)
         )
         self.loopback.close()
+        if self.cgroups:
+            self.cgroups.close()
+
+
+def _join_cgroup(group: Path):
+    """A preexec_fn: the child enters the activity's cgroup before exec, so even its first fork
+    is inside. Only os calls run there (no locks, no imports) between fork and exec."""
+    procs = str(group / "cgroup.procs")
+
+    def join() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    return join
 
 
 class _ZeroUsage:

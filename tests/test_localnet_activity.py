@@ -511,3 +511,33 @@ def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
         code = stop_localnet(ln, signal.SIGTERM)
     assert code == 0
     assert not pid_alive(daemon) and sandbox_processes(home) == []
+
+
+def test_a_killed_localnet_leaves_its_sandboxes_to_the_next_one(tmp_path):
+    """SIGKILL gives the localnet no chance to clean up; with cgroup v2 the next localnet started
+    on the machine kills what the dead one's sandboxes left running."""
+    from golem.resources import Deploy, Run, Start
+
+    first = start_localnet(tmp_path / "first", profile=PROFILE)
+    try:
+        async def main():
+            async with golem_node(first) as node:
+                _, agreement, _ = await rent(node, "ok-1", autoclose=False)
+                activity = await agreement.create_activity(autoclose=False)
+                await run(activity, Deploy(), Start(), Run("setsid sleep 1000 & echo $! > daemon.pid"))
+                item = next(i for i in first.state()["activities"]["items"] if i["activityId"] == activity.id)
+                return item, int(Path(item["home"], "daemon.pid").read_text())
+
+        item, daemon = asyncio.run(main())
+    finally:
+        stop_localnet(first, signal.SIGKILL)
+    if item["cgroup"] is None:
+        os.kill(daemon, signal.SIGKILL)
+        pytest.skip("no writable cgroup v2 here: a SIGKILLed localnet's sandboxes are not recoverable")
+    assert pid_alive(daemon)  # orphaned by the kill
+    second = start_localnet(tmp_path / "second", profile=PROFILE)
+    try:
+        assert not pid_alive(daemon) and sandbox_processes(item["home"]) == []
+        assert not Path(item["cgroup"]).exists()
+    finally:
+        assert stop_localnet(second) == 0
