@@ -2507,12 +2507,6 @@ class ActivityRoutes(HttpHandler):
     async def get_activity_state(self) -> Response:
         return self.ok(self._activity().state_json())
 
-    async def get_activity_usage(self) -> Response:
-        activity = self._activity()
-        usage = self.net.billing.usage(activity)
-        vector = self.net.billing.billing(activity.agreement).usage_vector
-        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
-
     async def post_activity_exec(self) -> Response:
         activity = self._activity()
         body = self.request.json_object()
@@ -3364,6 +3358,14 @@ class ProviderBilling:
 
 
 class BillingRoutes(HttpHandler):
+    async def get_activity_usage(self) -> Response:
+        """GET /activity/{id}/usage: the counters of the usage vector right now."""
+        activity = self.net.activities.get(self.params["activity_id"])
+        activity.check_answering()
+        usage = self.net.billing.usage(activity)
+        vector = self.net.billing.billing(activity.agreement).usage_vector
+        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
+
     async def post_debit_note_accept(self) -> Response:
         self.net.billing.accept_debit_note(self.params["debit_note_id"], self.request.json())
         return self.ok(None)

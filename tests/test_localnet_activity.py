@@ -409,6 +409,9 @@ def test_debit_notes_and_invoice_amounts_follow_the_linear_price_of_measured_usa
             spent = Decimal((await allocation.get_data(force=True)).spent_amount)
             assert spent == Decimal(last.total_amount_due)
 
+            status, usage = localnet.call("GET", f"{A}/activity/{activity.id}/usage")
+            assert status == 200 and Decimal(str(usage["currentUsage"][0])) >= used_cpu
+            assert Decimal(str(usage["currentUsage"][1])) >= used_wall
             await activity.destroy()
             await agreement.terminate("done")
             for _ in range(200):
