@@ -340,7 +340,8 @@ def test_tcp_bridge_carries_an_echo_conversation(localnet):
             url = f"{localnet.url}/net-api/v1/net/{network.id}/tcp/{ip}/2222".replace("http://", "ws://")
             headers = {"Authorization": f"Bearer {localnet.app_key}"}
             async with aiohttp.ClientSession() as session:
-                async with session.ws_connect(url, headers=headers) as ws:
+                # heartbeat: aiohttp pings and closes the socket if no pong comes back in time
+                async with session.ws_connect(url, headers=headers, heartbeat=0.2) as ws:
                     big = os.urandom(200_000)
                     for message in (b"hello", b"golem", big):
                         await ws.send_bytes(message)
@@ -348,6 +349,9 @@ def test_tcp_bridge_carries_an_echo_conversation(localnet):
                         while len(got) < len(message):
                             got += (await ws.receive_bytes(timeout=10))
                         assert got == message.upper()
+                    await asyncio.sleep(1)  # several pings answered
+                    await ws.send_bytes(b"still there")
+                    assert await ws.receive_bytes(timeout=10) == b"STILL THERE"
                 # without the key there is no bridge
                 with pytest.raises(aiohttp.WSServerHandshakeError) as e:
                     await session.ws_connect(url)
