@@ -536,6 +536,11 @@ OUTBOUND_REJECTION = (
 DEBIT_NOTE_INTERVAL_KEY = "golem.com.scheme.payu.debit-note.interval-sec?"
 PAYMENT_TIMEOUT_KEY = "golem.com.scheme.payu.payment-timeout-sec?"
 MID_AGREEMENT_REQUIRED_FROM_S = 10 * 3600  # payment_timeout.rs: payment_timeout_required_duration
+ACCEPT_TIMEOUT_KEY = "golem.com.payment.debit-notes.accept-timeout?"
+ACCEPT_TIMEOUT_S = 240  # expiration.rs: debit_note_acceptance_deadline (4min)
+MIN_EXPIRATION_S = 5 * 60  # expiration.rs limits (yagna-api.md §5.1)
+MAX_EXPIRATION_S = 100 * 31_557_600
+MAX_EXPIRATION_WITHOUT_DEADLINE_S = 30 * 60
 
 
 def humantime(seconds: int) -> str:
@@ -548,6 +553,11 @@ def humantime(seconds: int) -> str:
         if count:
             parts.append(f"{count}{unit}{'s' if plural and count > 1 else ''}")
     return " ".join(parts) or "0s"
+
+
+def _chrono_display(ts: datetime) -> str:
+    """chrono's Display of a DateTime<Utc> built from milliseconds: `2026-11-26 22:36:44.081 UTC`."""
+    return ts.strftime("%Y-%m-%d %H:%M:%S") + (f".{ts.microsecond // 1000:03d}" if ts.microsecond else "") + " UTC"
 
 
 def _rfc3339(ts: datetime) -> str:
@@ -592,7 +602,7 @@ class Provider:
         if self._properties is None:
             props: dict[str, Any] = {
                 "golem.activity.caps.transfer.protocol": ["gftp", "https", "http"],
-                "golem.com.payment.debit-notes.accept-timeout?": 240,
+                ACCEPT_TIMEOUT_KEY: ACCEPT_TIMEOUT_S,
                 "golem.com.payment.protocol.version": 3,
                 "golem.com.pricing.model": "linear",
                 # usage-vector order, then the initial price (§4.1)
@@ -1309,31 +1319,43 @@ class Market:
         self._timers.add(handle)
 
     def rejection(self, provider: Provider, properties: dict) -> tuple[str, bool] | None:
-        """The provider's negotiators on a counter-proposal: (message, is_final) or None
-        to accept. Messages are the exact strings of yagna's provider agent (§5.1)."""
-        if provider.behaviour == "busy" or provider.approved_agreements >= provider.agreement_limit:
-            return f"No capacity available. Reached Agreements limit: {provider.agreement_limit}", False
-        if provider.behaviour == "outbound_rules" and "golem.srv.comp.payload" in properties:
-            return OUTBOUND_REJECTION, True
+        """The provider's negotiators on a counter-proposal: (message, is_final) or None to
+        accept. The exact strings of yagna's provider agent (§5.1), its default limits, and
+        the order of its composite negotiator: Validation, LimitAgreements, LimitExpiration,
+        DebitNoteInterval, PaymentTimeout, ManifestSignature (outbound rules)."""
         if "golem.com.payment.chosen-platform" not in properties:
             return "Missing fields: /golem/com/payment/chosen-platform", False
-        # payment_timeout.rs and note_interval.rs, with the provider agent's default limits
+        if provider.behaviour == "busy" or provider.approved_agreements >= provider.agreement_limit:
+            return f"No capacity available. Reached Agreements limit: {provider.agreement_limit}", False
         expiration = properties.get("golem.srv.comp.expiration")
-        if isinstance(expiration, (int, float)) and not isinstance(expiration, bool):
-            expires_at = datetime.fromtimestamp(expiration / 1000, timezone.utc)
-            if expires_at <= utcnow():
-                return "Computation expiration time was set in the past", True
-            if (PAYMENT_TIMEOUT_KEY not in properties
-                    and expires_at - utcnow() >= timedelta(seconds=MID_AGREEMENT_REQUIRED_FROM_S)):
-                return (f"Expiration time {_rfc3339(expires_at)} exceeds the "
-                        f"{humantime(MID_AGREEMENT_REQUIRED_FROM_S)} threshold of enforcing mid-agreement payments "
-                        f"but the required property '{PAYMENT_TIMEOUT_KEY}' was not present in the Demand"), True
-        for key, label in ((PAYMENT_TIMEOUT_KEY, "DebitNote payment timeout"),
-                           (DEBIT_NOTE_INTERVAL_KEY, "DebitNote interval")):
+        expires_at = (datetime.fromtimestamp(expiration / 1000, timezone.utc)
+                      if isinstance(expiration, (int, float)) and not isinstance(expiration, bool) else None)
+        now = utcnow()
+        deadline = properties.get(ACCEPT_TIMEOUT_KEY)
+        if expires_at is not None:
+            longest = MAX_EXPIRATION_S if deadline is not None else MAX_EXPIRATION_WITHOUT_DEADLINE_S
+            too_late = expires_at < now + timedelta(seconds=MIN_EXPIRATION_S)
+            if too_late or expires_at > now + timedelta(seconds=longest):
+                return (f"Proposal expires at: {_chrono_display(expires_at)} which is less than "
+                        f"{humantime(MIN_EXPIRATION_S)} or more than {humantime(longest)} from now"), too_late
+        if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+            if deadline > ACCEPT_TIMEOUT_S:
+                return f"DebitNote acceptance deadline should be less than {humantime(ACCEPT_TIMEOUT_S)}.", True
+            if deadline < 5:
+                return f"To low DebitNotes timeout: {humantime(int(deadline))}", True
+        for key, label in ((DEBIT_NOTE_INTERVAL_KEY, "DebitNote interval"),
+                           (PAYMENT_TIMEOUT_KEY, "DebitNote payment timeout")):
             value = properties.get(key)
             if isinstance(value, (int, float)) and not 1 <= value <= 86400:
                 return (f"Demand {label} {humantime(int(value))} not in acceptable range of "
                         f"[{humantime(1)}; {humantime(86400)}]"), True
+        if (expires_at is not None and PAYMENT_TIMEOUT_KEY not in properties
+                and expires_at - now >= timedelta(seconds=MID_AGREEMENT_REQUIRED_FROM_S)):
+            return (f"Expiration time {_rfc3339(expires_at)} exceeds the "
+                    f"{humantime(MID_AGREEMENT_REQUIRED_FROM_S)} threshold of enforcing mid-agreement payments "
+                    f"but the required property '{PAYMENT_TIMEOUT_KEY}' was not present in the Demand"), True
+        if provider.behaviour == "outbound_rules" and "golem.srv.comp.payload" in properties:
+            return OUTBOUND_REJECTION, True
         return None
 
     def _provider_answer(self, counter: Proposal) -> None:
@@ -1357,9 +1379,11 @@ class Market:
                     props[key] = counter.properties[key]
                 else:
                     props.pop(key, None)
-            timeout = counter.properties.get("golem.com.payment.debit-notes.accept-timeout?")
-            if isinstance(timeout, (int, float)) and timeout <= props["golem.com.payment.debit-notes.accept-timeout?"]:
-                props["golem.com.payment.debit-notes.accept-timeout?"] = timeout
+            # expiration.rs: adopt a shorter acceptance deadline, drop ours if the demand has none
+            if ACCEPT_TIMEOUT_KEY in counter.properties:
+                props[ACCEPT_TIMEOUT_KEY] = counter.properties[ACCEPT_TIMEOUT_KEY]
+            else:
+                props.pop(ACCEPT_TIMEOUT_KEY, None)
             if "golem.com.payment.chosen-platform" in counter.properties:
                 props["golem.com.payment.chosen-platform"] = counter.properties["golem.com.payment.chosen-platform"]
             draft = Proposal(demand, provider, False, "Draft", props, provider.offer_constraints(self._offer_ms),

@@ -94,6 +94,7 @@ def raw_demand(ln, props=None, constraints="(&(golem.runtime.name=vm))"):
     properties = {"golem.srv.comp.expiration": now_ms + 3600_000, "golem.node.debug.subnet": "public",
                   "golem.com.payment.platform.erc20-local-tglm.address": "0x" + "11" * 20,
                   "golem.com.payment.protocol.version": "3",
+                  "golem.com.payment.debit-notes.accept-timeout?": 240,
                   "golem.com.scheme.payu.debit-note.interval-sec?": 180,
                   "golem.com.scheme.payu.payment-timeout-sec?": 43200}
     properties.update(props or {})
@@ -1000,10 +1001,16 @@ def _counter_raw(ln, props_update, drop=()):
 @pytest.mark.parametrize("update, drop, message", [
     ({"golem.com.scheme.payu.debit-note.interval-sec?": 100000}, (),
      "Demand DebitNote interval 1day 3h 46m 40s not in acceptable range of [1s; 1day]"),
+    ({"golem.srv.comp.expiration": 2_000_000_000_000}, ("golem.com.payment.debit-notes.accept-timeout?",),
+     "Proposal expires at: 2033-05-18 03:33:20 UTC which is less than 5m or more than 30m from now"),
+    ({"golem.com.payment.debit-notes.accept-timeout?": 300}, (),
+     "DebitNote acceptance deadline should be less than 4m."),
+    ({"golem.com.payment.debit-notes.accept-timeout?": 3}, (), "To low DebitNotes timeout: 3s"),
     ({"golem.com.scheme.payu.payment-timeout-sec?": 0}, (),
      "Demand DebitNote payment timeout 0s not in acceptable range of [1s; 1day]"),
     # after the offers were made (so the match holds) but before now
-    ({"golem.srv.comp.expiration": "just past"}, (), "Computation expiration time was set in the past"),
+    ({"golem.srv.comp.expiration": "just past"}, (), "Proposal expires at: {expiration} which is less than 5m or "
+     "more than 100years from now"),
     ({"golem.srv.comp.expiration": 2_000_000_000_000}, ("golem.com.scheme.payu.payment-timeout-sec?",),
      "Expiration time 2033-05-18T03:33:20+00:00 exceeds the 10h threshold of enforcing mid-agreement payments "
      "but the required property 'golem.com.scheme.payu.payment-timeout-sec?' was not present in the Demand"),
@@ -1011,7 +1018,13 @@ def _counter_raw(ln, props_update, drop=()):
 def test_mid_agreement_terms_are_checked_like_the_provider_agent(localnet, update, drop, message):
     event = _counter_raw(localnet, update, drop)
     assert event["eventType"] == "ProposalRejectedEvent"
-    assert event["reason"] == {"message": message, "golem.proposal.rejection.is-final": True}
+    if "{expiration}" in message:
+        ms = event["reason"]["message"].split("at: ")[1].split(" which")[0]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{3})? UTC", ms)
+        message = message.format(expiration=ms)
+    # only "too far in the future" may be retried later (expiration.rs)
+    final = "30m from now" not in message
+    assert event["reason"] == {"message": message, "golem.proposal.rejection.is-final": final}
 
 
 def test_draft_echoes_or_drops_the_mid_agreement_terms(localnet):
