@@ -3097,12 +3097,8 @@ from decimal import ROUND_DOWN
 
 PROP_USAGE_VECTOR = "golem.com.usage.vector"
 PROP_LINEAR_COEFFS = "golem.com.pricing.model.linear.coeffs"
-PROP_DEBIT_NOTE_INTERVAL = "golem.com.scheme.payu.debit-note.interval-sec?"
-PROP_PAYMENT_TIMEOUT = "golem.com.scheme.payu.payment-timeout-sec?"
-PROP_ACCEPT_TIMEOUT = "golem.com.payment.debit-notes.accept-timeout?"
-# A provider agent's defaults when the demand is silent (yagna agent/provider factory.rs).
+# The provider agent's debit-note interval when the demand names none (yagna agent/provider factory.rs).
 DEFAULT_DEBIT_NOTE_INTERVAL = 120
-DEFAULT_ACCEPT_TIMEOUT = 240
 _WEI = Decimal("1e-18")
 _MICRO = Decimal("1e-6")
 # Why a provider agent breaks an agreement whose debit notes go unaccepted
@@ -3176,15 +3172,15 @@ class ProviderBilling:
             usage_vector = list(offer.get(PROP_USAGE_VECTOR) or USAGE_VECTOR)
             coeffs = list(offer.get(PROP_LINEAR_COEFFS) or [0] * (len(usage_vector) + 1))
             # The provider echoes the requestor's terms (yagna-api.md §2.6).
-            interval = demand.get(PROP_DEBIT_NOTE_INTERVAL) or offer.get(PROP_DEBIT_NOTE_INTERVAL)
-            accept = demand.get(PROP_ACCEPT_TIMEOUT) or offer.get(PROP_ACCEPT_TIMEOUT)
-            payment_timeout = demand.get(PROP_PAYMENT_TIMEOUT)
+            interval = demand.get(DEBIT_NOTE_INTERVAL_KEY) or offer.get(DEBIT_NOTE_INTERVAL_KEY)
+            accept = demand.get(ACCEPT_TIMEOUT_KEY) or offer.get(ACCEPT_TIMEOUT_KEY)
+            payment_timeout = demand.get(PAYMENT_TIMEOUT_KEY)
             billing = Billing(
                 agreement=agreement,
                 usage_vector=usage_vector,
                 coeffs=coeffs,
                 interval=float(interval or DEFAULT_DEBIT_NOTE_INTERVAL),
-                accept_timeout=float(min(accept or DEFAULT_ACCEPT_TIMEOUT, DEFAULT_ACCEPT_TIMEOUT)),
+                accept_timeout=float(min(accept or ACCEPT_TIMEOUT_S, ACCEPT_TIMEOUT_S)),
                 payment_timeout=float(payment_timeout) if payment_timeout else None,
             )
             self._billing[agreement.id] = billing

@@ -442,7 +442,8 @@ def test_provider_terminates_when_a_debit_note_is_not_accepted_in_time(localnet)
     async def main():
         # a requestor that never looks at its debit notes
         async with golem_node(localnet, collect_payment_events=False) as node:
-            _, agreement, _ = await rent(node, "ok-1", interval=1, accept_timeout=1)
+            # 5 s: the shortest acceptance deadline a provider agrees to (yagna expiration.rs)
+            _, agreement, _ = await rent(node, "ok-1", interval=1, accept_timeout=5)
             activity = await agreement.create_activity()
             home = home_of(localnet, activity.id)
             try:
