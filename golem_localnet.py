@@ -2098,7 +2098,7 @@ class Activity:
         if not self.alive:
             raise HttpError(400, f"Activity {self.activity_id} is terminated")
         if not isinstance(commands, list) or not commands:
-            raise HttpError(400, "exe script `text` must be a non-empty JSON list of commands")
+            raise HttpError(400, "text: the ExeScript must be a non-empty JSON list of commands")
         batch = Batch(new_id(), commands)
         self.batches[batch.batch_id] = batch
         self._queue.put_nowait(batch)
@@ -2592,13 +2592,13 @@ class VpnNetwork:
 
     def _host(self, value, field_name: str) -> str:
         if not isinstance(value, str):
-            raise HttpError(400, f"`{field_name}` must be an IPv4 address string")
+            raise HttpError(400, f"{field_name}: expected an IPv4 address string")
         try:
             ip = ipaddress.IPv4Address(value)
         except ValueError:
-            raise HttpError(400, f"`{field_name}`: {value!r} is not an IPv4 address") from None
+            raise HttpError(400, f"{field_name}: {value!r} is not an IPv4 address") from None
         if ip not in self.network:
-            raise HttpError(400, f"`{field_name}`: {value} is outside network {self.network}")
+            raise HttpError(400, f"{field_name}: {value} is outside network {self.network}")
         return str(ip)
 
 
@@ -2610,14 +2610,14 @@ class NetRegistry:
 
     def create(self, body) -> dict:
         if not isinstance(body, dict):
-            raise HttpError(400, "network body must be a JSON object with `ip`")
+            raise HttpError(400, "request body: expected a JSON object with ip")
         ip, mask, gateway = body.get("ip"), body.get("mask"), body.get("gateway")
         if not isinstance(ip, str) or not ip:
-            raise HttpError(400, "`ip` is required: the network address, e.g. 192.168.0.0/16")
+            raise HttpError(400, "ip: required, the network address with its prefix, e.g. 192.168.0.0/16")
         try:
             if mask is not None:
                 if "/" in ip:
-                    raise HttpError(400, "give either `ip` with a /prefix or `mask`, not both")
+                    raise HttpError(400, "ip/mask: give either ip with a /prefix or mask, not both")
                 network = ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
             elif "/" in ip:
                 network = ipaddress.IPv4Network(ip, strict=False)
@@ -2625,9 +2625,9 @@ class NetRegistry:
                 # yagna's default for a bare address is a /24 (core/vpn/src/network.rs).
                 network = ipaddress.IPv4Network(f"{ip}/24", strict=False)
         except ValueError as e:
-            raise HttpError(400, f"`ip`/`mask`: {e}") from None
+            raise HttpError(400, f"ip/mask: {e}") from None
         if network.num_addresses < 4:
-            raise HttpError(400, f"`ip`: network {network} is too small for a requestor and a node")
+            raise HttpError(400, f"ip: network {network} is too small for a requestor and a node")
         vpn = VpnNetwork(new_id(), network, None)
         vpn.gateway = vpn._host(gateway, "gateway") if gateway else str(next(network.hosts()))
         self.networks[vpn.network_id] = vpn
@@ -2655,7 +2655,7 @@ class NetRegistry:
         """Idempotent: golem-core's refresh_nodes() re-posts every node (yagna ignores IpAddrTaken)."""
         vpn = self.get(network_id)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
-            raise HttpError(400, "`id` (the node id) is required")
+            raise HttpError(400, "id: required, the node id")
         ip = vpn._host(body.get("ip"), "ip")
         if ip in vpn.addresses:
             raise HttpError(409, f"IP address {ip} is the requestor's")
@@ -3126,13 +3126,13 @@ def _amount_str(value: Decimal) -> str:
 
 def _parse_amount(value, field_name: str) -> Decimal:
     if not isinstance(value, str):
-        raise HttpError(400, f"`{field_name}` must be a decimal string")
+        raise HttpError(400, f"{field_name}: expected a decimal string")
     try:
         amount = Decimal(value)
     except InvalidOperation:
-        raise HttpError(400, f"`{field_name}`: {value!r} is not a decimal number") from None
+        raise HttpError(400, f"{field_name}: {value!r} is not a decimal number") from None
     if not amount.is_finite() or amount < 0:
-        raise HttpError(400, f"`{field_name}` must be a non-negative amount")
+        raise HttpError(400, f"{field_name}: must be a non-negative amount")
     return amount
 
 
@@ -3336,7 +3336,7 @@ class ProviderBilling:
         covers the increase over what this agreement had accepted; the increase is spent.
         Accepting again is a no-op (golem-core retries accept on 408/504)."""
         if not isinstance(body, dict):
-            raise HttpError(400, "request body: expected an object with `totalAmountAccepted` and `allocationId`")
+            raise HttpError(400, "request body: expected an object with totalAmountAccepted and allocationId")
         accepted = _parse_amount(body.get("totalAmountAccepted"), "totalAmountAccepted")
         if accepted != Decimal(due):
             raise HttpError(400, f"{what}: totalAmountAccepted {accepted} must equal the amount due {due}")
