@@ -2893,6 +2893,8 @@ def decimal_str(value: Decimal) -> str:
 
 
 class Allocation:
+    """Funds reserved for agreements; `spent` grows as invoices and debit notes are accepted."""
+
     def __init__(self, address: str, platform: str, total: Decimal, timeout: datetime | None,
                  make_deposit: bool) -> None:
         self.id = str(uuid.uuid4())
@@ -2986,7 +2988,7 @@ class Payments:
         if not total.is_finite() or total < 0:
             raise HttpError(400, f"totalAmount: must be a non-negative amount, got {total_raw!r}")
         address = body.get("address") or self.identity.node_id
-        if address.lower() != self.identity.node_id:
+        if not isinstance(address, str) or address.lower() != self.identity.node_id:
             raise HttpError(400, f"address: {address} is not an identity of this node")
         timeout_raw = body.get("timeout")
         timeout = parse_iso(timeout_raw, "timeout") if timeout_raw else None
@@ -3647,7 +3649,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"golem_localnet.py: error: {e}", file=sys.stderr)
         return 2
     if args.command == "population":
-        _print_population(population, args.json)
+        try:
+            _print_population(population, args.json)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `population | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("golem_localnet.py: error: --host must be a loopback address", file=sys.stderr)
