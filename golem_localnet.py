@@ -188,6 +188,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    connection: Any = None  # (reader, writer): for a handler that upgrades the connection (WebSocket)
 
     def json(self) -> Any:
         """The body as JSON; malformed JSON is the client's fault (400)."""
@@ -235,6 +236,7 @@ class Response:
     body: Any = None  # JSON-able; None with 200 is sent as `null`, as yagna does
     content_type: str = "application/json"
     raw: bytes | None = None
+    upgraded: bool = False  # the handler took the connection over (WebSocket): write nothing
 
     def encode(self) -> bytes:
         if self.raw is not None:
@@ -373,7 +375,10 @@ class HttpServer:
                 if error is not None:
                     response, keep_alive = Response(error.status, {"message": error.message}), False
                 else:
+                    request.connection = (reader, writer)
                     response = await self.dispatch(request)
+                    if response.upgraded:
+                        break
                 self._write_response(writer, response, keep_alive)
                 await writer.drain()
                 if not keep_alive:
@@ -479,6 +484,12 @@ class HttpServer:
 #     unreachable: 0.05        # counter-proposal POST answers 500 with the GSB error
 #     reject_agreement: 0.05   # rejects the agreement (wait -> 410 "Rejected")
 #     slow: 0.05               # answers after slow_latency_s
+#   activity_faults:           # share of providers whose activities fail (drawn from the seed,
+#     deploy_fails: 0.02       #   apart from the draws above): every deploy fails,
+#     dies: 0.02               #   activities die dies_after_s simulated seconds after creation,
+#     stops_answering: 0.02    #   the exe-unit stops answering (500 GSB error) after that time
+#     dies_after_s: [600, 7200]
+#     stops_answering_after_s: [600, 7200]
 #   explicit:                  # exact providers placed first (any Provider field)
 #     - {name: my-provider, cpu_threads: 8, behaviour: ok}
 #
@@ -508,6 +519,7 @@ DEFAULT_PROFILE: dict[str, Any] = {
         "busy": 0.1, "outbound_rules": 0.05, "no_answer": 0.05, "unreachable": 0.05,
         "reject_agreement": 0.05, "slow": 0.05,
     },
+    "activity_faults": {},
     "explicit": [],
 }
 
@@ -579,6 +591,10 @@ class Provider:
     payment_platforms: tuple[str, ...] = ("erc20-local-tglm",)
     offer_id: str = ""
     approved_agreements: int = 0  # live (Approved) agreements, for the agreement limit
+    # activity faults (section 6): probability that a deploy fails, seconds after creation
+    deploy_fails: float = 0.0
+    dies_after_s: float | None = None
+    stops_answering_after_s: float | None = None
     _properties: dict | None = None
 
     def offer_properties(self, created_ms: int) -> dict:
@@ -629,6 +645,8 @@ class Provider:
             "usage_vector": list(USAGE_VECTOR), "behaviour": self.behaviour,
             "latency_s": self.latency_s, "agreement_limit": self.agreement_limit,
             "offer_at_s": self.offer_at_s, "payment_platforms": list(self.payment_platforms),
+            "deploy_fails": self.deploy_fails, "dies_after_s": self.dies_after_s,
+            "stops_answering_after_s": self.stops_answering_after_s,
         }
 
 
@@ -690,7 +708,28 @@ class Population:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ProfileError("profile field providers: expected an integer >= 0")
         self.providers: list[Provider] = self._generate(count)
+        self._assign_activity_faults()
         self.by_node_id: dict[str, Provider] = {p.node_id: p for p in self.providers}
+
+    def _assign_activity_faults(self) -> None:
+        """Activity faults by share, from a generator of their own so that adding faults to a
+        profile leaves every other draw (and the market funnel) unchanged."""
+        faults = self.profile.get("activity_faults") or {}
+        known = {"deploy_fails", "dies", "stops_answering", "dies_after_s", "stops_answering_after_s"}
+        if not isinstance(faults, dict) or not set(faults) <= known:
+            raise ProfileError(f"profile field activity_faults: keys must be among {', '.join(sorted(known))}")
+        rng = random.Random(f"activity-faults:{self.seed}")
+        explicit = len(self.profile.get("explicit") or [])
+        for name, attr in (("deploy_fails", "deploy_fails"), ("dies", "dies_after_s"),
+                           ("stops_answering", "stops_answering_after_s")):
+            share = faults.get(name, 0)
+            if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise ProfileError(f"profile field activity_faults.{name}: expected a share in [0, 1]")
+            lo, hi = _range(faults, attr) if attr in faults else (600.0, 7200.0)
+            order = list(range(explicit, len(self.providers)))
+            rng.shuffle(order)
+            for idx in order[:round(share * len(self.providers))]:
+                setattr(self.providers[idx], attr, 1.0 if name == "deploy_fails" else round(rng.uniform(lo, hi), 3))
 
     def _generate(self, count: int) -> list[Provider]:
         profile, rng = self.profile, random.Random(self.seed)
@@ -770,7 +809,8 @@ class Population:
                 for key, value in spec.items():
                     if key not in ("name", "cpu_threads", "cpu_cores", "mem_gib", "storage_gib", "subnet",
                                    "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
-                                   "latency_s", "agreement_limit", "offer_at_s", "node_id"):
+                                   "latency_s", "agreement_limit", "offer_at_s", "node_id",
+                                   "deploy_fails", "dies_after_s", "stops_answering_after_s"):
                         raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
@@ -1592,10 +1632,1252 @@ class MarketRoutes(HttpHandler):
 ###############################################################################
 
 
+# Section-local imports (modules only sections 6-8 use), kept here so the parallel
+# branches editing the header do not conflict on the import block.
+import ctypes
+import fcntl
+import ipaddress
+import subprocess
+import tempfile
+from pathlib import Path
+
+ACTIVITY_MARKER_ENV = "GOLEM_LOCALNET_ACTIVITY"
+# The exe-unit's batch-result long-poll never holds longer than this (yagna-api.md §2.0:
+# golem-core's client timeout for it is 5.5 s).
+BATCH_POLL_MAX_SECONDS = 5.0
+# stdout/stderr of one `run` returned in its result (the tail beyond is dropped).
+CAPTURE_LIMIT_BYTES = 1 << 20
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+# --- the process table ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    """One line of /proc/<pid>/stat, the fields process ownership and pricing need."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    sid: int
+    ticks: int  # utime + stime + cutime + cstime: own CPU plus that of reaped children
+    start: int  # start time in ticks since boot: (pid, start) names a process, immune to PID reuse
+
+
+def read_proc(pid: int) -> ProcInfo | None:
+    try:  # os-level calls: a scan reads every process of the machine
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return ProcInfo(
+        pid=pid,
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        sid=int(fields[3]),
+        ticks=int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
+        start=int(fields[19]),
+    )
+
+
+def read_proc_table() -> dict[int, ProcInfo]:
+    """Every process of the machine, one pass over /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = read_proc(int(name))
+            if info is not None:
+                table[info.pid] = info
+    return table
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of orphaned descendants (Linux prctl), so a daemon started by
+    an activity that double-forks is re-parented here, stays attributable and gets its CPU counted."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+# --- loopback addresses -----------------------------------------------------
+
+
+class LoopbackPool:
+    """Gives every activity an address of its own in 127.B.0.0/16.
+
+    All of 127.0.0.0/8 reaches `lo` on Linux without configuration, so a node can bind
+    `NODE_IP:port` like a VM binds its VPN address. B is claimed with an flock per localnet
+    process so that several local networks on one machine (tests of other engineers, CI) never
+    hand out the same address. The third octet is the network's slot, the fourth follows the VPN
+    address when free: 192.168.0.3 of the first network -> 127.B.1.3.
+    """
+
+    def __init__(self, lock_dir: str | None = None):
+        self._lock_dir = Path(lock_dir or tempfile.gettempdir()) / "golem-localnet-loopback"
+        self._lock_dir.mkdir(mode=0o755, exist_ok=True)
+        self._lock_file = None
+        self.block = self._claim_block()
+        self._net_slots: dict[str, int] = {}
+        self._taken: set[str] = set()
+
+    def _claim_block(self) -> int:
+        start = os.getpid() % 200
+        for i in range(200):
+            block = 20 + (start + i) % 200  # 127.20.-.- .. 127.219.-.-: clear of 127.0.0.x
+            f = open(self._lock_dir / f"{block}.lock", "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            self._lock_file = f
+            return block
+        raise RuntimeError(f"no free loopback block left under {self._lock_dir}")
+
+    def allocate(self, net_id: str | None, vpn_ip: str | None) -> str:
+        if net_id is None:
+            slot = 0
+        else:
+            slot = self._net_slots.setdefault(net_id, len(self._net_slots) % 255 + 1)
+        preferred = [int(vpn_ip.rsplit(".", 1)[1])] if vpn_ip else []
+        for third in [slot] + [t for t in range(256) if t != slot]:
+            for host in preferred + list(range(2, 255)):
+                ip = f"127.{self.block}.{third}.{host}"
+                if 1 <= host <= 254 and ip not in self._taken:
+                    self._taken.add(ip)
+                    return ip
+        raise HttpError(503, f"all addresses of 127.{self.block}.0.0/16 are in use")
+
+    def release(self, ip: str) -> None:
+        self._taken.discard(ip)
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+# --- cgroup v2 (when the machine lets us) ----------------------------------
+
+
+class CgroupTree:
+    """One cgroup v2 per activity under `<cgroup2 mount>/<our cgroup>/golem-localnet-<pid>/`.
+
+    Where cgroup2 is mounted and writable, a sandbox's processes are put in its cgroup before
+    they exec, so membership survives setsid, double forks and rewritten environments,
+    `cgroup.kill` ends them all at once, and `cpu.stat` counts the CPU of every process that
+    ever ran there. Without it, the sandbox falls back to sessions + descendants + marker.
+    Trees left by a localnet that died without cleaning up (SIGKILL) are killed on start.
+    """
+
+    PREFIX = "golem-localnet-"
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def create(cls) -> "CgroupTree | None":
+        # Joining a cgroup costs ~20 ms per command on this kernel (the write to cgroup.procs
+        # waits for an RCU grace period): GOLEM_LOCALNET_CGROUPS=0 trades that for speed.
+        if os.environ.get("GOLEM_LOCALNET_CGROUPS", "1") == "0":
+            return None
+        try:
+            mount = next(
+                line.split(" - ")[0].split()[4]
+                for line in open("/proc/self/mountinfo", encoding="utf-8")
+                if " - cgroup2 " in line
+            )
+            own = next(line[3:].strip() for line in open("/proc/self/cgroup", encoding="utf-8") if line.startswith("0::"))
+            base = Path(mount) / own.lstrip("/")
+            cls._clean_stale(base)
+            root = base / f"{cls.PREFIX}{os.getpid()}"
+            root.mkdir(mode=0o755, exist_ok=True)
+            if not (root / "cgroup.procs").exists():
+                raise OSError("not a cgroup2 directory")
+            return cls(root)
+        except (OSError, StopIteration):
+            return None
+
+    @classmethod
+    def _clean_stale(cls, base: Path) -> None:
+        for tree in base.glob(f"{cls.PREFIX}*"):
+            pid = tree.name[len(cls.PREFIX):]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                for group in tree.iterdir():
+                    if group.is_dir():
+                        cls._kill(group)
+                        cls._wait_empty(group)
+                        cls._remove(group)
+                cls._remove(tree)
+
+    def group(self, activity_id: str) -> Path | None:
+        path = self.root / activity_id
+        try:
+            path.mkdir(mode=0o755)
+            return path
+        except OSError:
+            return None
+
+    @staticmethod
+    def members(group: Path) -> set[int]:
+        try:
+            return {int(pid) for pid in (group / "cgroup.procs").read_text().split()}
+        except OSError:
+            return set()
+
+    @staticmethod
+    def cpu_seconds(group: Path) -> Decimal:
+        """CPU of everything that ever ran in the group, exited processes included."""
+        try:
+            for line in (group / "cpu.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "usage_usec":
+                    return Decimal(int(value)) / 1_000_000
+        except OSError:
+            pass
+        return Decimal(0)
+
+    @staticmethod
+    def _kill(group: Path) -> None:
+        try:
+            (group / "cgroup.kill").write_text("1")  # Linux >= 5.14: SIGKILL to all, no fork race
+        except OSError:
+            for pid in CgroupTree.members(group):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    kill = _kill
+
+    @staticmethod
+    def _wait_empty(group: Path, seconds: float = 2.0) -> None:
+        """Killed members take a moment to leave; rmdir fails until they have (cgroup.events)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if "populated 0" in (group / "cgroup.events").read_text():
+                    return
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    @staticmethod
+    def _remove(group: Path) -> None:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+    remove = _remove
+
+    def close(self) -> None:
+        for group in self.root.glob("*"):
+            if group.is_dir():
+                self._kill(group)
+                self._wait_empty(group)
+                self._remove(group)
+        self._remove(self.root)
+
+
+# --- the sandbox ------------------------------------------------------------
+
+
+class Sandbox:
+    """The 'virtual machine' of one activity: a directory as HOME, TMPDIR inside it, an own
+    loopback address, and every process it starts.
+
+    Ownership is tracked three ways because none is enough alone (ray-provider.md §3.3): each
+    command runs in a session of its own (start_new_session), descendants are followed through
+    their parent links on every scan, and an environment marker catches orphans that called
+    setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
+    """
+
+    def __init__(self, root: Path, activity_id: str, cgroup: Path | None = None):
+        self.activity_id = activity_id
+        self.cgroup = cgroup
+        self.home = root / activity_id
+        self.tmp = self.home / "tmp"
+        os.makedirs(self.tmp, mode=0o700)  # HOME and TMPDIR; mkdir is the costly part of a create
+        self.loopback_ip: str | None = None
+        self.vpn_ip: str | None = None
+        self.sessions: set[int] = set()
+        self.known: set[tuple[int, int]] = set()  # (pid, start) of processes seen as ours
+        self.finished_seconds = Decimal(0)  # CPU of processes reaped by the localnet itself
+        self._cpu_reported = Decimal(0)
+        self._marker = f"{ACTIVITY_MARKER_ENV}={activity_id}".encode()
+
+    def environment(self, extra: dict | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        # The "image": this Python (and whatever its environment has, e.g. `ray`) comes first on PATH.
+        path = env.get("PATH", os.defpath)
+        env.update(
+            PATH=os.pathsep.join([os.path.dirname(sys.executable), path]),
+            HOME=str(self.home),
+            TMPDIR=str(self.tmp),
+            NODE_IP=self.loopback_ip or "127.0.0.1",
+            GOLEM_VPN_IP=self.vpn_ip or "",
+            PWD=str(self.home),
+            **{ACTIVITY_MARKER_ENV: self.activity_id},
+        )
+        if extra:
+            env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
+    def owned(self, table: dict[int, ProcInfo]) -> dict[int, ProcInfo]:
+        """The sandbox's processes in `table`; remembers them so their orphans stay ours."""
+        me = os.getpid()
+        members = CgroupTree.members(self.cgroup) if self.cgroup else set()
+        owned = {
+            pid: info
+            for pid, info in table.items()
+            if info.sid in self.sessions or (pid, info.start) in self.known or pid in members
+        }
+        # Descendants of owned processes, to a fixed point (setsid'd children of a daemon).
+        children: dict[int, list[ProcInfo]] = {}
+        for info in table.values():
+            children.setdefault(info.ppid, []).append(info)
+        stack = list(owned)
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child.pid not in owned:
+                    owned[child.pid] = child
+                    stack.append(child.pid)
+        # Orphans re-parented to the localnet (subreaper) that left our sessions.
+        for child in children.get(me, ()):
+            if child.pid not in owned and child.state != "Z" and _environ_has(child.pid, self._marker):
+                owned[child.pid] = child
+        self.known = {(pid, info.start) for pid, info in owned.items()}
+        return owned
+
+    def cpu_seconds(self, table: dict[int, ProcInfo]) -> Decimal:
+        """CPU seconds of the whole process tree, dead and alive; never decreases."""
+        live = sum(info.ticks for info in self.owned(table).values())
+        total = self.finished_seconds + Decimal(live) / _CLK_TCK
+        if self.cgroup:
+            total = max(total, CgroupTree.cpu_seconds(self.cgroup))
+        self._cpu_reported = max(self._cpu_reported, total)
+        return self._cpu_reported
+
+    def add_rusage(self, rusage) -> None:
+        # wait4 gives the reaped process's CPU including its own reaped descendants.
+        self.finished_seconds += Decimal(str(rusage.ru_utime)) + Decimal(str(rusage.ru_stime))
+
+    def signal_all(self, table: dict[int, ProcInfo], sig: int) -> set[int]:
+        pids = {pid for pid, info in self.owned(table).items() if info.state != "Z"}
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        return pids
+
+
+# --- ExeScript --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Batch:
+    """One ExeScript batch: its commands and the cumulative results golem-core polls."""
+
+    batch_id: str
+    commands: list
+    results: list = dataclasses.field(default_factory=list)
+    finished: bool = False
+    signal: Signal = dataclasses.field(default_factory=Signal)
+
+    def add_result(self, result: dict) -> None:
+        self.results.append(result)
+        if result["isBatchFinished"]:
+            self.finished = True
+        self.signal.notify()
+
+
+@dataclasses.dataclass
+class ActivityFaults:
+    """The faults of one activity, decided at creation from its provider's profile fields
+    (`deploy_fails`, `dies_after_s`, `stops_answering_after_s`, section 3) and the seed."""
+
+    deploy_fails: bool = False
+    dies_after: float | None = None  # real seconds after creation: terminates with an error
+    stops_answering_after: float | None = None  # real seconds after creation: exe-unit calls fail
+
+    @classmethod
+    def for_provider(cls, provider, seed, activity_ordinal: int, time_scale: float = 1.0) -> "ActivityFaults":
+        key = f"{seed}:{provider.node_id}:{activity_ordinal}".encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+        def real(sim_seconds):
+            return None if sim_seconds is None else float(sim_seconds) / time_scale
+
+        return cls(
+            deploy_fails=rng.random() < float(provider.deploy_fails or 0),
+            dies_after=real(provider.dies_after_s),
+            stops_answering_after=real(provider.stops_answering_after_s),
+        )
+
+
+class Activity:
+    """One activity: the exe-unit state machine over a Sandbox (yagna-api.md §2.8-§2.9)."""
+
+    def __init__(self, engine: "ActivityEngine", activity_id: str, agreement, faults: ActivityFaults):
+        self.engine = engine
+        self.activity_id = activity_id
+        self.agreement = agreement
+        self.agreement_id = agreement.id
+        self.provider_id = agreement.provider.node_id
+        self.faults = faults
+        self.state = ["Initialized", None]
+        self.reason: str | None = None
+        self.error_message: str | None = None
+        self.created_monotonic = time.monotonic()
+        self.created_at = iso(utcnow())
+        self.sandbox = Sandbox(engine.sandbox_root, activity_id, engine.cgroups and engine.cgroups.group(activity_id))
+        self.deploy_net: list = []
+        # set once the activity's processes are gone (what the invoice bills)
+        self.final_cpu_seconds: Decimal | None = None
+        self.final_wall_seconds: Decimal | None = None
+        self.batches: dict[str, Batch] = {}
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._current: Batch | None = None
+        self._worker = asyncio.ensure_future(self._run_batches())
+        self._timers: list[asyncio.TimerHandle] = []
+        loop = asyncio.get_running_loop()
+        if faults.dies_after is not None:
+            self._timers.append(loop.call_later(faults.dies_after, self._die))
+        self.terminated = asyncio.Event()
+
+    # -- state --
+
+    @property
+    def alive(self) -> bool:
+        return self.state[0] != "Terminated"
+
+    def answering(self) -> bool:
+        limit = self.faults.stops_answering_after
+        return limit is None or time.monotonic() - self.created_monotonic < limit
+
+    def check_answering(self) -> None:
+        if not self.answering():
+            # What yagna's router answers when the provider's node is gone (yagna-api.md §2.0).
+            raise HttpError(
+                500, f"GSB error: GSB failure: Bad request: endpoint address not found: /net/{self.provider_id}/exeunit"
+            )
+
+    def state_json(self) -> dict:
+        return {"state": list(self.state), "reason": self.reason, "errorMessage": self.error_message}
+
+    def wall_seconds(self) -> Decimal:
+        return Decimal(str(round(time.monotonic() - self.created_monotonic, 6)))
+
+    def _die(self) -> None:
+        asyncio.ensure_future(self.engine.terminate(self.activity_id, "activity died", error="Activity process exited"))
+
+    # -- batches --
+
+    def submit(self, commands: list) -> str:
+        if not self.alive:
+            raise HttpError(400, f"Activity {self.activity_id} is terminated")
+        if not isinstance(commands, list) or not commands:
+            raise HttpError(400, "text: the ExeScript must be a non-empty JSON list of commands")
+        batch = Batch(new_id(), commands)
+        self.batches[batch.batch_id] = batch
+        self._queue.put_nowait(batch)
+        return batch.batch_id
+
+    async def results(self, batch_id: str, timeout: float, command_index: int | None = None) -> list:
+        """Cumulative results from index 0; blocks until the batch (or `command_index`) is done or
+        `timeout` passes (exe-unit semantics, yagna-api.md §2.0)."""
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise HttpError(404, f"Batch {batch_id} not found for activity {self.activity_id}")
+
+        def done():
+            if command_index is not None:
+                return len(batch.results) > command_index or batch.finished
+            return batch.finished
+
+        await long_poll(batch.signal, done, max(0.0, min(timeout, BATCH_POLL_MAX_SECONDS)))
+        if command_index is not None:
+            return batch.results[: command_index + 1]
+        return list(batch.results)
+
+    async def _run_batches(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            if batch.finished:  # closed by a termination while queued
+                continue
+            self._current = batch
+            for index, command in enumerate(batch.commands):
+                ok, stdout, stderr, message = await self._command(command)
+                last = index == len(batch.commands) - 1
+                batch.add_result(
+                    {
+                        "index": index,
+                        "eventDate": iso(utcnow()),
+                        "result": "Ok" if ok else "Error",
+                        "stdout": stdout,
+                        "stderr": stderr,
+                        "message": message,
+                        # yagna ends a batch at its first error (yagna-api.md §2.9.3).
+                        "isBatchFinished": last or not ok,
+                    }
+                )
+                if not ok:
+                    break
+            self._current = None
+
+    def fail_pending(self, message: str) -> None:
+        """Finish every unfinished batch with an error result (the activity is gone)."""
+        for batch in self.batches.values():
+            if not batch.finished and batch is not self._current:
+                batch.add_result(
+                    {
+                        "index": len(batch.results),
+                        "eventDate": iso(utcnow()),
+                        "result": "Error",
+                        "stdout": None,
+                        "stderr": None,
+                        "message": message,
+                        "isBatchFinished": True,
+                    }
+                )
+
+    async def _command(self, command) -> tuple[bool, str | None, str | None, str | None]:
+        if not isinstance(command, dict) or len(command) != 1:
+            return False, None, None, f"invalid ExeScript command {command!r}: expected one {{name: args}} object"
+        name, args = next(iter(command.items()))
+        args = args or {}
+        if not self.alive:
+            return False, None, None, f"Activity {self.activity_id} is terminated"
+        handler = getattr(self, f"_exe_{name}", None)
+        if handler is None:
+            return False, None, None, f"ExeScript command `{name}` is not supported by the local network"
+        if not isinstance(args, dict):
+            return False, None, None, f"ExeScript command `{name}`: arguments must be an object"
+        try:
+            return await handler(args)
+        except asyncio.CancelledError:
+            raise
+        except HttpError as e:
+            return False, None, None, e.message
+        except Exception as e:  # a bug of ours must still finish the batch, never hang the poll
+            print(f"golem-localnet: ExeScript `{name}` failed: {e!r}", file=sys.stderr)
+            return False, None, None, f"ExeScript command `{name}` failed in the local network: {type(e).__name__}"
+
+    async def _exe_deploy(self, args: dict):
+        if self.state[0] != "Initialized":
+            return False, None, None, f"deploy: activity is {self.state[0]}, not Initialized"
+        net = args.get("net") or []
+        if not isinstance(net, list) or not all(isinstance(n, dict) for n in net):
+            return False, None, None, "deploy: `net` must be a list of network objects"
+        for i, n in enumerate(net):
+            try:
+                ipaddress.IPv4Address(n.get("nodeIp"))
+            except ValueError:
+                return False, None, None, f"deploy: net[{i}].nodeIp must be an IPv4 address, got {n.get('nodeIp')!r}"
+            if not isinstance(n.get("id"), str):
+                return False, None, None, f"deploy: net[{i}].id must be the network id"
+        self.state = ["Initialized", "Deployed"]
+        if self.faults.deploy_fails:
+            # The provider's profile says the image never comes up.
+            await self.engine.terminate(
+                self.activity_id, "deploy failed", error="Deployment failed: image unavailable", from_batch=True
+            )
+            return False, None, None, "Deployment failed: image unavailable"
+        self.deploy_net = net
+        first = net[0] if net else {}
+        self.sandbox.vpn_ip = first.get("nodeIp")
+        self.sandbox.loopback_ip = self.engine.loopback.allocate(first.get("id"), first.get("nodeIp"))
+        self.state = ["Deployed", None]
+        return True, None, None, None
+
+    async def _exe_start(self, args: dict):
+        if self.state[0] != "Deployed":
+            return False, None, None, f"start: activity is {self.state[0]}, not Deployed"
+        self.state = ["Ready", None]
+        return True, None, None, None
+
+    async def _exe_run(self, args: dict):
+        if self.state[0] != "Ready":
+            return False, None, None, f"run: activity is {self.state[0]}, not Ready (deploy and start first)"
+        entry_point = args.get("entry_point")
+        argv_rest = args.get("args") or []
+        if not isinstance(entry_point, str) or not entry_point:
+            return False, None, None, "run: `entry_point` must be a non-empty string"
+        if not isinstance(argv_rest, list) or not all(isinstance(a, str) for a in argv_rest):
+            return False, None, None, "run: `args` must be a list of strings"
+        env = args.get("env") if isinstance(args.get("env"), dict) else None
+        try:
+            code, stdout, stderr = await self.engine.spawn(self, [entry_point, *argv_rest], env)
+        except OSError as e:
+            return False, None, None, f"run: cannot execute {entry_point}: {e.strerror}"
+        if code != 0:
+            return False, stdout, stderr, f"ExeScript command exited with code {code}"
+        return True, stdout, stderr, None
+
+    async def _exe_terminate(self, args: dict):
+        await self.engine.terminate(self.activity_id, "terminated by ExeScript", from_batch=True)
+        return True, None, None, None
+
+
+class ActivityEngine:
+    """All activities of the local network: creation from agreements, ExeScript, process
+    accounting, and killing every process an activity started when it ends."""
+
+    def __init__(self, datadir: str | Path, seed: int | str = 0, time_scale: float = 1.0):
+        self.sandbox_root = Path(datadir) / "activities"
+        self.sandbox_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.seed = seed
+        self.activities: dict[str, Activity] = {}
+        self.loopback = LoopbackPool()
+        self.subreaper = become_subreaper()
+        self.cgroups = CgroupTree.create()
+        self.time_scale = time_scale
+        # observer(event, activity), event in ("created", "terminated"): sections below listen
+        self.observers: list[Callable[[str, Activity], None]] = []
+        self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
+        self._ordinal = 0
+
+    def create(self, agreement) -> Activity:
+        """An activity on an Approved agreement (section 5's `Agreement`)."""
+        if agreement.state != "Approved":
+            # yagna: core/activity/src/provider/service.rs (yagna-api.md §2.7)
+            raise HttpError(
+                400, f"Bad request: Agreement {agreement.id} is not Approved. Current state: {agreement.state}"
+            )
+        self._ordinal += 1
+        faults = ActivityFaults.for_provider(agreement.provider, self.seed, self._ordinal, self.time_scale)
+        activity = Activity(self, new_id(), agreement, faults)
+        self.activities[activity.activity_id] = activity
+        for observer in list(self.observers):
+            observer("created", activity)
+        return activity
+
+    def get(self, activity_id: str) -> Activity:
+        activity = self.activities.get(activity_id)
+        if activity is None:
+            raise HttpError(404, f"Activity {activity_id} not found")
+        return activity
+
+    def by_node(self, net_id: str, ip: str) -> Activity | None:
+        """The live activity deployed on VPN `net_id` with address `ip`."""
+        for activity in self.activities.values():
+            if activity.alive and any(n.get("id") == net_id and n.get("nodeIp") == ip for n in activity.deploy_net):
+                return activity
+        return None
+
+    # -- processes --
+
+    async def spawn(self, activity: Activity, argv: list[str], env: dict | None):
+        """Run one command in the sandbox; return (exit code, stdout, stderr) when *it* exits.
+
+        Output goes to files, not pipes: a daemon started in the background keeps the
+        inherited descriptors open, and the command must still return when its own process ends.
+        """
+        sandbox = activity.sandbox
+        # Anonymous files (O_TMPFILE): nothing to clean up, nothing for the command to trip over.
+        with tempfile.TemporaryFile(dir=sandbox.home) as out, tempfile.TemporaryFile(dir=sandbox.home) as err:
+            proc = subprocess.Popen(
+                argv,
+                cwd=sandbox.home,
+                env=sandbox.environment(env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_join_cgroup(sandbox.cgroup) if sandbox.cgroup else None,
+            )
+            sandbox.sessions.add(proc.pid)
+            self._children[proc.pid] = activity
+            try:
+                status, rusage = await self._wait_child(proc.pid)
+            finally:
+                self._children.pop(proc.pid, None)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
+            sandbox.add_rusage(rusage)
+            return proc.returncode, _read_capture(out), _read_capture(err)
+
+    async def _wait_child(self, pid: int):
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        pidfd = os.pidfd_open(pid)
+
+        def ready():
+            try:
+                wpid, status, rusage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                wpid, status, rusage = pid, 0, None
+            if wpid == 0:
+                return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not done.done():
+                done.set_result((status, rusage))
+
+        loop.add_reader(pidfd, ready)
+        status, rusage = await done
+        if rusage is None:
+            rusage = _ZeroUsage()
+        return status, rusage
+
+    def reap_orphans(self, table: dict[int, ProcInfo] | None = None) -> None:
+        """Reap zombie orphans re-parented here (subreaper) that belong to an activity, counting
+        their CPU; never touches children the localnet waits for itself."""
+        table = read_proc_table() if table is None else table
+        me = os.getpid()
+        for info in table.values():
+            if info.ppid != me or info.state != "Z" or info.pid in self._children:
+                continue
+            owner = next(
+                (
+                    a
+                    for a in self.activities.values()
+                    if info.sid in a.sandbox.sessions or (info.pid, info.start) in a.sandbox.known
+                ),
+                None,
+            )
+            if owner is None:
+                continue
+            try:
+                wpid, _status, rusage = os.wait4(info.pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if wpid:
+                owner.sandbox.add_rusage(rusage)
+
+    def cpu_seconds(self, activity: Activity) -> Decimal:
+        table = read_proc_table()
+        self.reap_orphans(table)
+        return activity.sandbox.cpu_seconds(table)
+
+    async def kill_processes(self, activity: Activity) -> dict[int, ProcInfo]:
+        """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
+        until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
+        sandbox = activity.sandbox
+        me = os.getpid()
+        if sandbox.cgroup:
+            sandbox.cpu_seconds(read_proc_table())  # last look at their CPU before they go
+            CgroupTree.kill(sandbox.cgroup)
+        for _ in range(50):
+            table = read_proc_table()
+            if not sandbox.signal_all(table, signal.SIGSTOP):
+                if not any(i.ppid == me for i in sandbox.owned(table).values()):
+                    return table  # nothing alive and no zombie of ours to reap
+                break
+            table = read_proc_table()
+            sandbox.cpu_seconds(table)  # last look at their CPU before they go
+            sandbox.signal_all(table, signal.SIGKILL)
+            for sid in sandbox.sessions:
+                try:
+                    os.killpg(sid, signal.SIGKILL)
+                except OSError:
+                    pass
+            await asyncio.sleep(0.005)
+            self.reap_orphans()
+        # Wait for the zombies of our direct children and orphans to be reaped.
+        for _ in range(200):
+            table = read_proc_table()
+            self.reap_orphans(table)
+            left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+        if sandbox.cgroup:
+            CgroupTree.remove(sandbox.cgroup)  # fails while members linger; close() retries
+        return table
+
+    # -- ending --
+
+    async def terminate(
+        self, activity_id: str, reason: str, error: str | None = None, from_batch: bool = False
+    ) -> Activity:
+        """Idempotent end of an activity: state Terminated, every process killed, batches closed.
+        `from_batch`: called by a command of the running batch, which then reports its own result."""
+        activity = self.get(activity_id)
+        if not activity.alive:
+            await activity.terminated.wait()
+            return activity
+        activity.state = ["Terminated", None]
+        activity.reason = reason
+        activity.error_message = error
+        for timer in activity._timers:
+            timer.cancel()
+        if not from_batch:
+            activity._worker.cancel()
+            activity._current = None
+        table = await self.kill_processes(activity)
+        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(table)
+        activity.final_wall_seconds = activity.wall_seconds()
+        if activity.sandbox.loopback_ip:
+            self.loopback.release(activity.sandbox.loopback_ip)
+        activity.fail_pending(error or f"Activity terminated: {reason}")
+        for observer in list(self.observers):
+            observer("terminated", activity)
+        activity.terminated.set()
+        return activity
+
+    async def destroy(self, activity_id: str) -> None:
+        """DELETE /activity/{id}: idempotent (golem-core calls it 2-3 times, yagna-api.md §2.1)."""
+        await self.terminate(activity_id, "destroyed by requestor")
+
+    async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
+        """End the agreement's activities; returns once all of them are gone (also those already
+        ending), so that what they used is final."""
+        await asyncio.gather(*(
+            self.terminate(a.activity_id, reason) for a in list(self.activities.values()) if a.agreement_id == agreement_id
+        ))
+
+    def inspect(self) -> dict:
+        by_state: dict[str, int] = {}
+        for activity in self.activities.values():
+            by_state[activity.state[0]] = by_state.get(activity.state[0], 0) + 1
+        return {
+            "activities": {
+                "count": len(self.activities),
+                "by_state": by_state,
+                "items": [
+                    {
+                        "activityId": a.activity_id,
+                        "agreementId": a.agreement_id,
+                        "state": a.state_json(),
+                        "home": str(a.sandbox.home),
+                        "nodeIp": a.sandbox.loopback_ip,
+                        "vpnIp": a.sandbox.vpn_ip,
+                        "sessions": sorted(a.sandbox.sessions),
+                        "cgroup": str(a.sandbox.cgroup) if a.sandbox.cgroup else None,
+                    }
+                    for a in self.activities.values()
+                ],
+            }
+        }
+
+    async def close(self) -> None:
+        """Localnet exit (SIGTERM/SIGINT): every activity's processes die with it."""
+        await asyncio.gather(
+            *(self.terminate(a.activity_id, "local network shut down") for a in list(self.activities.values()) if a.alive)
+        )
+        self.loopback.close()
+        if self.cgroups:
+            self.cgroups.close()
+
+
+def _join_cgroup(group: Path):
+    """A preexec_fn: the child enters the activity's cgroup before exec, so even its first fork
+    is inside. Only os calls run there (no locks, no imports) between fork and exec."""
+    procs = str(group / "cgroup.procs")
+
+    def join() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    return join
+
+
+class _ZeroUsage:
+    ru_utime = 0.0
+    ru_stime = 0.0
+
+
+def _read_capture(f) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
+    return f.read().decode("utf-8", errors="replace")
+
+
+
+class ActivityRoutes(HttpHandler):
+    """The activity API (yagna-api.md §2.8-§2.9)."""
+
+    def _activity(self) -> Activity:
+        activity = self.net.activities.get(self.params["activity_id"])
+        activity.check_answering()
+        return activity
+
+    async def post_activity(self) -> Response:
+        # golem-core sends the agreement id as a JSON string and wants a string back; yagna
+        # answers an object body with an object (yagna-api.md §2.8, checklist item 7).
+        body = self.request.json()
+        as_object = isinstance(body, dict)
+        agreement_id = body.get("agreementId") if as_object else body
+        if not isinstance(agreement_id, str) or not agreement_id:
+            raise HttpError(400, "request body: expected the agreement id as a JSON string")
+        activity = self.net.activities.create(self.net.market.get_agreement(agreement_id))
+        return self.ok({"activityId": activity.activity_id} if as_object else activity.activity_id, 201)
+
+    async def delete_activity(self) -> Response:
+        activity = self.net.activities.get(self.params["activity_id"])
+        await self.net.activities.destroy(activity.activity_id)
+        return self.ok(None)
+
+    async def get_activity_state(self) -> Response:
+        return self.ok(self._activity().state_json())
+
+    async def post_activity_exec(self) -> Response:
+        activity = self._activity()
+        body = self.request.json_object()
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise HttpError(400, "text: expected the ExeScript as a JSON string")
+        try:
+            commands = json.loads(text)
+        except ValueError as e:
+            raise HttpError(400, f"text: malformed ExeScript JSON: {e}") from None
+        return self.ok(activity.submit(commands))
+
+    async def get_activity_exec(self) -> Response:
+        activity = self._activity()
+        timeout = self.request.query_float("timeout", BATCH_POLL_MAX_SECONDS, 0, 1e6)
+        index = self.request.query.get("commandIndex")
+        command_index = self.request.query_int("commandIndex", 0) if index not in (None, "") else None
+        return self.ok(await activity.results(self.params["batch_id"], timeout, command_index))
+
 ###############################################################################
 # 7. Net ######################################################################
 ###############################################################################
 
+
+import base64
+import struct
+
+# RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_MAX_FRAME = 16 << 20
+# yagna pings the requestor's socket every 5 s (yagna-api.md §2.10); a ping also keeps proxies honest.
+WS_PING_INTERVAL = 5.0
+
+
+@dataclasses.dataclass
+class VpnNetwork:
+    """A requestor's VPN (yagna core/vpn/src/network.rs): a CIDR, the requestor's own addresses
+    and the provider nodes with theirs."""
+
+    network_id: str
+    network: ipaddress.IPv4Network
+    gateway: str | None
+    addresses: list = dataclasses.field(default_factory=list)  # the requestor's IPs
+    nodes: dict = dataclasses.field(default_factory=dict)  # ip -> node (provider) id
+
+    def json(self) -> dict:
+        # `ip` WITH the prefix: without it golem-core sees a /32 and raises NetworkFull (§2.10).
+        return {
+            "id": self.network_id,
+            "ip": f"{self.network.network_address}/{self.network.prefixlen}",
+            "mask": str(self.network.netmask),
+            "gateway": self.gateway,
+        }
+
+    def _host(self, value, field_name: str) -> str:
+        if not isinstance(value, str):
+            raise HttpError(400, f"{field_name}: expected an IPv4 address string")
+        try:
+            ip = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise HttpError(400, f"{field_name}: {value!r} is not an IPv4 address") from None
+        if ip not in self.network:
+            raise HttpError(400, f"{field_name}: {value} is outside network {self.network}")
+        return str(ip)
+
+
+class NetRegistry:
+    """The net API's networks (yagna-api.md §2.10); node addresses resolve to activities."""
+
+    def __init__(self):
+        self.networks: dict[str, VpnNetwork] = {}
+
+    def create(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise HttpError(400, "request body: expected a JSON object with ip")
+        ip, mask, gateway = body.get("ip"), body.get("mask"), body.get("gateway")
+        if not isinstance(ip, str) or not ip:
+            raise HttpError(400, "ip: required, the network address with its prefix, e.g. 192.168.0.0/16")
+        try:
+            if mask is not None:
+                if "/" in ip:
+                    raise HttpError(400, "ip/mask: give either ip with a /prefix or mask, not both")
+                network = ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
+            elif "/" in ip:
+                network = ipaddress.IPv4Network(ip, strict=False)
+            else:
+                # yagna's default for a bare address is a /24 (core/vpn/src/network.rs).
+                network = ipaddress.IPv4Network(f"{ip}/24", strict=False)
+        except ValueError as e:
+            raise HttpError(400, f"ip/mask: {e}") from None
+        if network.num_addresses < 4:
+            raise HttpError(400, f"ip: network {network} is too small for a requestor and a node")
+        vpn = VpnNetwork(new_id(), network, None)
+        vpn.gateway = vpn._host(gateway, "gateway") if gateway else str(next(network.hosts()))
+        self.networks[vpn.network_id] = vpn
+        return vpn.json()
+
+    def get(self, network_id: str) -> VpnNetwork:
+        vpn = self.networks.get(network_id)
+        if vpn is None:
+            raise HttpError(404, f"Network {network_id} not found")
+        return vpn
+
+    def delete(self, network_id: str) -> None:
+        self.get(network_id)
+        del self.networks[network_id]
+
+    def add_address(self, network_id: str, body) -> None:
+        vpn = self.get(network_id)
+        ip = vpn._host(body.get("ip") if isinstance(body, dict) else None, "ip")
+        if ip in vpn.nodes:
+            raise HttpError(409, f"IP address {ip} is taken by node {vpn.nodes[ip]}")
+        if ip not in vpn.addresses:
+            vpn.addresses.append(ip)
+
+    def add_node(self, network_id: str, body) -> None:
+        """Idempotent: golem-core's refresh_nodes() re-posts every node (yagna ignores IpAddrTaken)."""
+        vpn = self.get(network_id)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
+            raise HttpError(400, "id: required, the node id")
+        ip = vpn._host(body.get("ip"), "ip")
+        if ip in vpn.addresses:
+            raise HttpError(409, f"IP address {ip} is the requestor's")
+        vpn.nodes.setdefault(ip, body["id"])
+
+    def inspect(self) -> dict:
+        return {"networks": {"count": len(self.networks),
+                             "items": [dict(n.json(), nodes=dict(n.nodes), addresses=list(n.addresses))
+                                       for n in self.networks.values()]}}
+
+    def nodes(self, network_id: str) -> list:
+        return [{"id": node, "ip": ip} for ip, node in self.get(network_id).nodes.items()]
+
+    def addresses(self, network_id: str) -> list:
+        return [{"ip": ip} for ip in self.get(network_id).addresses]
+
+
+# --- WebSocket (RFC 6455), server side ---------------------------------------
+
+
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key.strip() + _WEBSOCKET_GUID).encode()).digest()).decode()
+
+
+def websocket_handshake_error(headers) -> str | None:
+    """Why a request is not a valid WebSocket upgrade, or None. `headers`: lower-case names."""
+    if "websocket" not in (headers.get("upgrade") or "").lower():
+        return "expected `Upgrade: websocket`"
+    if "upgrade" not in (headers.get("connection") or "").lower():
+        return "expected `Connection: Upgrade`"
+    if (headers.get("sec-websocket-version") or "").strip() != "13":
+        return "expected `Sec-WebSocket-Version: 13`"
+    key = headers.get("sec-websocket-key") or ""
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        return "`Sec-WebSocket-Key` must be 16 bytes in base64"
+    return None
+
+
+def websocket_handshake_response(key: str) -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n"
+    ).encode()
+
+
+class WebSocket:
+    """Frames over an accepted connection. Client frames arrive masked, ours go unmasked."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+
+    async def send(self, opcode: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x80 | opcode, n)
+        elif n < 1 << 16:
+            header = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        self.writer.write(header + payload)
+        await self.writer.drain()
+
+    async def _frame(self) -> tuple[bool, int, bytes]:
+        b0, b1 = await self.reader.readexactly(2)
+        fin, opcode, masked, n = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80), b1 & 0x7F
+        if b0 & 0x70:
+            raise ConnectionError("reserved bits set without an extension")
+        if n == 126:
+            (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+        if n > WS_MAX_FRAME:
+            raise ConnectionError(f"frame of {n} bytes exceeds {WS_MAX_FRAME}")
+        if not masked:
+            raise ConnectionError("client frames must be masked (RFC 6455 §5.1)")
+        mask = await self.reader.readexactly(4)
+        data = await self.reader.readexactly(n)
+        if n:
+            # XOR with the repeated 4-byte mask, as one big-int operation instead of a byte loop.
+            key = (mask * (n // 4 + 1))[:n]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        return fin, opcode, data
+
+    async def receive(self) -> tuple[int, bytes]:
+        """The next data message (TEXT or BINARY, reassembled); answers pings itself.
+        Returns (WS_CLOSE, b"") when the peer closes."""
+        message, message_opcode = b"", None
+        while True:
+            try:
+                fin, opcode, data = await self._frame()
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                return WS_CLOSE, b""
+            if opcode == WS_PING:
+                await self.send(WS_PONG, data)
+            elif opcode == WS_PONG:
+                continue
+            elif opcode == WS_CLOSE:
+                if not self.closed:
+                    self.closed = True
+                    await self.send(WS_CLOSE, data[:2])
+                return WS_CLOSE, b""
+            else:
+                if opcode != WS_CONTINUATION:
+                    message_opcode = opcode
+                message += data
+                if fin:
+                    return message_opcode or WS_BINARY, message
+
+    async def close(self, code: int = 1000) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                await self.send(WS_CLOSE, struct.pack("!H", code))
+            except (ConnectionError, OSError):
+                pass
+
+
+async def bridge_websocket_tcp(ws: WebSocket, tcp: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Carry bytes both ways between a WebSocket and a TCP connection until either side ends
+    (yagna's /net-api/v1/net/{id}/tcp/{ip}/{port}: raw TCP in binary frames)."""
+    tcp_reader, tcp_writer = tcp
+
+    async def ws_to_tcp():
+        while True:
+            opcode, data = await ws.receive()
+            if opcode == WS_CLOSE:
+                break
+            tcp_writer.write(data)
+            await tcp_writer.drain()
+        if tcp_writer.can_write_eof():
+            tcp_writer.write_eof()
+
+    async def tcp_to_ws():
+        while True:
+            data = await tcp_reader.read(65536)
+            if not data:
+                break
+            await ws.send(WS_BINARY, data)
+        await ws.close()
+
+    async def keepalive():
+        while True:
+            await asyncio.sleep(WS_PING_INTERVAL)
+            await ws.send(WS_PING, b"")
+
+    tasks = [asyncio.ensure_future(c) for c in (ws_to_tcp(), tcp_to_ws(), keepalive())]
+    try:
+        # Either direction finishing ends the bridge (half-close is not carried by yagna either).
+        await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tcp_writer.close()
+        await ws.close()
+
+
+
+class NetRoutes(HttpHandler):
+    """The net API (yagna-api.md §2.10) and its TCP-over-WebSocket bridge."""
+
+    async def post_net(self) -> Response:
+        return self.ok(self.net.vpn.create(self.request.json()))
+
+    async def get_nets(self) -> Response:
+        return self.ok([n.json() for n in self.net.vpn.networks.values()])
+
+    async def get_net(self) -> Response:
+        return self.ok(self.net.vpn.get(self.params["net_id"]).json())
+
+    async def delete_net(self) -> Response:
+        self.net.vpn.delete(self.params["net_id"])
+        return self.ok(None)
+
+    async def post_net_address(self) -> Response:
+        self.net.vpn.add_address(self.params["net_id"], self.request.json())
+        return self.ok(None)
+
+    async def get_net_addresses(self) -> Response:
+        return self.ok(self.net.vpn.addresses(self.params["net_id"]))
+
+    async def post_net_node(self) -> Response:
+        self.net.vpn.add_node(self.params["net_id"], self.request.json())
+        return self.ok(None)
+
+    async def get_net_nodes(self) -> Response:
+        return self.ok(self.net.vpn.nodes(self.params["net_id"]))
+
+    async def get_net_tcp(self) -> Response:
+        """WebSocket to `ip:port` of a node: raw TCP bytes in binary frames (RoG's SSH path)."""
+        vpn = self.net.vpn.get(self.params["net_id"])
+        ip = vpn._host(self.params["ip"], "ip")
+        try:
+            port = int(self.params["port"])
+        except ValueError:
+            port = 0
+        if not 1 <= port <= 65535:
+            raise HttpError(400, f"port: expected 1..65535, got {self.params['port']!r}")
+        problem = websocket_handshake_error(self.request.headers)
+        if problem:
+            raise HttpError(400, f"WebSocket upgrade required: {problem}")
+        activity = self.net.activities.by_node(vpn.network_id, ip)
+        if activity is None:
+            raise HttpError(404, f"No node with address {ip} in network {vpn.network_id}")
+        activity.check_answering()
+        try:
+            tcp = await asyncio.open_connection(activity.sandbox.loopback_ip, port)
+        except OSError as e:
+            raise HttpError(502, f"cannot connect to {ip}:{port}: {e.strerror or e}") from None
+        reader, writer = self.request.connection
+        writer.write(websocket_handshake_response(self.request.headers["sec-websocket-key"]))
+        await writer.drain()
+        await bridge_websocket_tcp(WebSocket(reader, writer), tcp)
+        return Response(101, upgraded=True)
 
 ###############################################################################
 # 8. Payments #################################################################
@@ -1815,6 +3097,310 @@ class PaymentRoutes(HttpHandler):
         return self.ok(note)
 
 
+from decimal import ROUND_DOWN
+
+# --- debit notes and invoices (provider side) -------------------------------
+
+PROP_USAGE_VECTOR = "golem.com.usage.vector"
+PROP_LINEAR_COEFFS = "golem.com.pricing.model.linear.coeffs"
+# The provider agent's debit-note interval when the demand names none (yagna agent/provider factory.rs).
+DEFAULT_DEBIT_NOTE_INTERVAL = 120
+_WEI = Decimal("1e-18")
+_MICRO = Decimal("1e-6")
+# Why a provider agent breaks an agreement whose debit notes go unaccepted
+# (yagna agent/provider BreakReason::DebitNotesDeadline).
+DEBIT_NOTE_DEADLINE_REASON = "Requestor isn't accepting DebitNotes in time"
+
+
+def usage_price(coeffs: list, usage_vector: list, counters: dict) -> tuple[list[Decimal], Decimal]:
+    """Linear pricing (yagna-api.md §2.11): amount = initial + sum(price_i * usage_i), prices in
+    usage-vector order and the initial price last. Exact decimals; usage counters rounded down
+    to the microsecond first so the requestor recomputes the same amount from the vector."""
+    usage = [counters.get(name, Decimal(0)).quantize(_MICRO, ROUND_DOWN) for name in usage_vector]
+    prices = [Decimal(str(c)) for c in coeffs]
+    amount = prices[-1] + sum((p * u for p, u in zip(prices, usage)), Decimal(0))
+    return usage, amount.quantize(_WEI, ROUND_DOWN)
+
+
+def _amount_str(value: Decimal) -> str:
+    return format(value.quantize(_WEI, ROUND_DOWN), "f")
+
+
+def _parse_amount(value, field_name: str) -> Decimal:
+    if not isinstance(value, str):
+        raise HttpError(400, f"{field_name}: expected a decimal string")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise HttpError(400, f"{field_name}: {value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0:
+        raise HttpError(400, f"{field_name}: must be a non-negative amount")
+    return amount
+
+
+@dataclasses.dataclass
+class Billing:
+    """What one agreement's provider bills: its terms, read once from the agreement."""
+
+    agreement: Any
+    usage_vector: list
+    coeffs: list
+    interval: float
+    accept_timeout: float
+    payment_timeout: float | None
+    accepted: Decimal = Decimal(0)  # the highest amount the requestor accepted so far
+
+
+class ProviderBilling:
+    """Provider-side payments: debit notes on the negotiated interval priced from measured usage,
+    an invoice when the agreement ends, their acceptance (the allocation spends the increase),
+    and the provider breaking the agreement when a debit note is not accepted within the accept
+    timeout. Documents and events live in `Payments`, whose routes serve them."""
+
+    def __init__(self, activities: "ActivityEngine", payments: Payments, market: Market) -> None:
+        self.activities = activities
+        self.payments = payments
+        self.market = market
+        self._billing: dict[str, Billing] = {}  # agreement id ->
+        self._last_note: dict[str, str] = {}  # activity id -> last debit note id
+        self._last_payable: dict[str, float] = {}  # activity id -> monotonic time of its last payable note
+        self._timers: dict[str, list] = {}  # activity id -> timer handles
+        self._invoiced: set[str] = set()
+        market.agreement_observers.append(self._agreement_changed)
+        activities.observers.append(self._activity_changed)
+
+    # -- terms --
+
+    def billing(self, agreement) -> Billing:
+        billing = self._billing.get(agreement.id)
+        if billing is None:
+            offer, demand = agreement.offer_properties, agreement.demand_properties
+            usage_vector = list(offer.get(PROP_USAGE_VECTOR) or USAGE_VECTOR)
+            coeffs = list(offer.get(PROP_LINEAR_COEFFS) or [0] * (len(usage_vector) + 1))
+            # The provider echoes the requestor's terms (yagna-api.md §2.6).
+            interval = demand.get(DEBIT_NOTE_INTERVAL_KEY) or offer.get(DEBIT_NOTE_INTERVAL_KEY)
+            accept = demand.get(ACCEPT_TIMEOUT_KEY) or offer.get(ACCEPT_TIMEOUT_KEY)
+            payment_timeout = demand.get(PAYMENT_TIMEOUT_KEY)
+            billing = Billing(
+                agreement=agreement,
+                usage_vector=usage_vector,
+                coeffs=coeffs,
+                interval=float(interval or DEFAULT_DEBIT_NOTE_INTERVAL),
+                accept_timeout=float(min(accept or ACCEPT_TIMEOUT_S, ACCEPT_TIMEOUT_S)),
+                payment_timeout=float(payment_timeout) if payment_timeout else None,
+            )
+            self._billing[agreement.id] = billing
+        return billing
+
+    def usage(self, activity: "Activity") -> dict[str, Decimal]:
+        if activity.final_cpu_seconds is None:
+            cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
+        else:
+            cpu, wall = activity.final_cpu_seconds, activity.final_wall_seconds
+        return {
+            "golem.usage.cpu_sec": cpu,
+            "golem.usage.cpu-sec": cpu,
+            "golem.usage.duration_sec": wall,
+            "golem.usage.duration-sec": wall,
+        }
+
+    def activity_cost(self, activity: "Activity") -> tuple[list[Decimal], Decimal]:
+        billing = self.billing(activity.agreement)
+        return usage_price(billing.coeffs, billing.usage_vector, self.usage(activity))
+
+    # -- debit notes --
+
+    def _activity_changed(self, event: str, activity: "Activity") -> None:
+        if event == "created":
+            self.activity_created(activity)
+        elif event == "terminated":
+            self.activity_ended(activity)
+
+    def activity_created(self, activity: "Activity") -> None:
+        """Schedule the activity's debit notes in real seconds: golem-core checks their pace
+        against its own clock (yagna-api.md §2.11), so the time scale must not speed them up."""
+        billing = self.billing(activity.agreement)
+        loop = asyncio.get_running_loop()
+        self._timers[activity.activity_id] = [loop.call_later(billing.interval, self._tick, activity)]
+
+    def _tick(self, activity: "Activity") -> None:
+        if not activity.alive:
+            return
+        billing = self.billing(activity.agreement)
+        if activity.answering():  # a provider that stopped answering sends nothing either
+            self.issue_debit_note(activity)
+        loop = asyncio.get_running_loop()
+        self._timers.setdefault(activity.activity_id, []).append(loop.call_later(billing.interval, self._tick, activity))
+
+    def issue_debit_note(self, activity: "Activity") -> dict:
+        billing = self.billing(activity.agreement)
+        usage, amount = self.activity_cost(activity)
+        note_id = new_id()
+        note = {
+            "debitNoteId": note_id,
+            "previousDebitNoteId": self._last_note.get(activity.activity_id),
+            "timestamp": iso(utcnow()),
+            "agreementId": activity.agreement.id,
+            "activityId": activity.activity_id,
+            "totalAmountDue": _amount_str(amount),
+            "usageCounterVector": [float(u) for u in usage],
+            "status": "RECEIVED",
+            **self._parties(activity.agreement),
+        }
+        last_payable = self._last_payable.get(activity.activity_id)
+        if billing.payment_timeout and (last_payable is None or time.monotonic() - last_payable >= billing.payment_timeout):
+            # Payable only under mid-agreement payments, and at most one per payment timeout:
+            # golem-core rejects more (validate_mid_agreement_payment, yagna-api.md §2.11).
+            note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
+            self._last_payable[activity.activity_id] = time.monotonic()
+        self.payments.debit_notes[note_id] = note
+        self._last_note[activity.activity_id] = note_id
+        self.payments.debit_note_events.add("DebitNoteReceivedEvent", note_id, activity.agreement.app_session_id)
+        loop = asyncio.get_running_loop()
+        self._timers.setdefault(activity.activity_id, []).append(
+            loop.call_later(billing.accept_timeout, self._check_accepted, activity, note_id)
+        )
+        return note
+
+    def _check_accepted(self, activity: "Activity", note_id: str) -> None:
+        if self.payments.debit_notes[note_id]["status"] != "RECEIVED" or not activity.alive:
+            return
+        asyncio.ensure_future(self.break_agreement(activity.agreement, f"{DEBIT_NOTE_DEADLINE_REASON}: {note_id}"))
+
+    async def break_agreement(self, agreement, reason: str) -> None:
+        """What a provider agent does to a requestor that does not accept debit notes: kill the
+        activities and terminate the agreement. golem-core sees it only as the Terminated activity
+        state and failing exec calls (yagna-api.md §5.1)."""
+        if agreement.state == "Approved":
+            agreement.terminate_reason = {"message": reason, "golem.provider.code": "DebitNotesDeadline"}
+            self.market.set_state(agreement, "Terminated")  # -> _agreement_changed -> invoice
+        await self.activities.terminate_agreement(agreement.id, reason)
+
+    def activity_ended(self, activity: "Activity") -> None:
+        for timer in self._timers.pop(activity.activity_id, []):
+            timer.cancel()
+
+    # -- invoices --
+
+    def _agreement_changed(self, agreement, old: str, new: str) -> None:
+        if new == "Terminated" and old == "Approved":
+            asyncio.ensure_future(self.agreement_ended(agreement))
+
+    async def agreement_ended(self, agreement) -> dict | None:
+        """One invoice per agreement after it terminates: the final cost of all its activities."""
+        if agreement.id in self._invoiced:
+            return None
+        self._invoiced.add(agreement.id)
+        why = agreement.terminate_reason if isinstance(agreement.terminate_reason, dict) else {}
+        if "golem.provider.code" in why:  # the provider broke it (break_agreement)
+            reason = str(why.get("message"))
+        else:
+            reason = "agreement terminated by the requestor"
+        await self.activities.terminate_agreement(agreement.id, reason)
+        acts = [a for a in self.activities.activities.values() if a.agreement.id == agreement.id]
+        if not acts:
+            return None  # nothing ran: nothing to bill (yagna sends no invoice either)
+        total = sum((self.activity_cost(a)[1] for a in acts), Decimal(0))
+        billing = self.billing(agreement)
+        invoice_id = new_id()
+        invoice = {
+            "invoiceId": invoice_id,
+            "timestamp": iso(utcnow()),
+            "agreementId": agreement.id,
+            "activityIds": [a.activity_id for a in acts],
+            "amount": _amount_str(total),
+            "paymentDueDate": iso(utcnow() + timedelta(seconds=billing.payment_timeout or 86400)),
+            "status": "RECEIVED",
+            **self._parties(agreement),
+        }
+        self.payments.invoices[invoice_id] = invoice
+        self.payments.invoice_events.add("InvoiceReceivedEvent", invoice_id, agreement.app_session_id)
+        return invoice
+
+    # -- accepting --
+
+    def accept_debit_note(self, note_id: str, body) -> None:
+        note = self.payments.debit_notes.get(note_id)
+        if note is None:
+            raise HttpError(404, f"DebitNote [{note_id}] not found")
+        if self._accept(note, note["totalAmountDue"], body, f"DebitNote [{note_id}]"):
+            self.payments.debit_note_events.add("DebitNoteAcceptedEvent", note_id, None)
+
+    def accept_invoice(self, invoice_id: str, body) -> None:
+        invoice = self.payments.invoices.get(invoice_id)
+        if invoice is None:
+            raise HttpError(404, f"Invoice [{invoice_id}] not found")
+        if self._accept(invoice, invoice["amount"], body, f"Invoice [{invoice_id}]"):
+            self.payments.invoice_events.add("InvoiceAcceptedEvent", invoice_id, None)
+
+    def _accept(self, document: dict, due: str, body, what: str) -> bool:
+        """yagna's acceptance checks: the accepted amount equals the amount due and the allocation
+        covers the increase over what this agreement had accepted; the increase is spent.
+        Accepting again is a no-op (golem-core retries accept on 408/504)."""
+        if not isinstance(body, dict):
+            raise HttpError(400, "request body: expected an object with totalAmountAccepted and allocationId")
+        accepted = _parse_amount(body.get("totalAmountAccepted"), "totalAmountAccepted")
+        if accepted != Decimal(due):
+            raise HttpError(400, f"{what}: totalAmountAccepted {accepted} must equal the amount due {due}")
+        allocation_id = body.get("allocationId")
+        if not isinstance(allocation_id, str) or not allocation_id:
+            raise HttpError(400, "allocationId: required")
+        allocation = self.payments.get_allocation(allocation_id)
+        if document["status"] == "ACCEPTED":
+            return False
+        billing = self._billing[document["agreementId"]]
+        increase = max(Decimal(0), accepted - billing.accepted)
+        remaining = allocation.total - allocation.spent
+        if increase > remaining:
+            raise HttpError(400, f"allocationId: allocation [{allocation_id}] has {remaining} left, {increase} needed")
+        allocation.spent += increase
+        billing.accepted += increase
+        document["status"] = "ACCEPTED"
+        return True
+
+    def _parties(self, agreement) -> dict:
+        offer, demand = agreement.offer_properties, agreement.demand_properties
+        platform = demand.get("golem.com.payment.chosen-platform") or next(
+            (k.split(".")[4] for k in offer if k.startswith("golem.com.payment.platform.") and k.endswith(".address")),
+            DEFAULT_PAYMENT_PLATFORM,
+        )
+        requestor = self.market.identity.node_id
+        return {
+            "issuerId": agreement.provider.node_id,
+            "recipientId": requestor,
+            "payeeAddr": offer.get(f"golem.com.payment.platform.{platform}.address", agreement.provider.node_id),
+            "payerAddr": demand.get(f"golem.com.payment.platform.{platform}.address", requestor),
+            "paymentPlatform": platform,
+        }
+
+    def inspect(self) -> dict:
+        return {"billing": {a: {"accepted": decimal_str(b.accepted)} for a, b in self._billing.items()}}
+
+    def close(self) -> None:
+        for timers in self._timers.values():
+            for timer in timers:
+                timer.cancel()
+        self._timers.clear()
+
+
+class BillingRoutes(HttpHandler):
+    async def get_activity_usage(self) -> Response:
+        """GET /activity/{id}/usage: the counters of the usage vector right now."""
+        activity = self.net.activities.get(self.params["activity_id"])
+        activity.check_answering()
+        usage = self.net.billing.usage(activity)
+        vector = self.net.billing.billing(activity.agreement).usage_vector
+        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
+
+    async def post_debit_note_accept(self) -> Response:
+        self.net.billing.accept_debit_note(self.params["debit_note_id"], self.request.json())
+        return self.ok(None)
+
+    async def post_invoice_accept(self) -> Response:
+        self.net.billing.accept_invoice(self.params["invoice_id"], self.request.json())
+        return self.ok(None)
+
+
 ###############################################################################
 # 9. Routes ###################################################################
 ###############################################################################
@@ -1825,11 +3411,12 @@ class InspectionRoutes(HttpHandler):
         return self.ok(self.net.inspect())
 
 
-class LocalnetHandler(IdentityRoutes, MarketRoutes, PaymentRoutes, InspectionRoutes):
+class LocalnetHandler(IdentityRoutes, MarketRoutes, ActivityRoutes, NetRoutes, PaymentRoutes, BillingRoutes,
+                      InspectionRoutes):
     """The handler class: one method per route, composed from the sections' mixins."""
 
 
-M, A, P = "/market-api/v1", "/activity-api/v1", "/payment-api/v1"
+M, A, P, N = "/market-api/v1", "/activity-api/v1", "/payment-api/v1", "/net-api/v1"
 PUBLIC_ROUTES = {"get_version", "get_root"}  # yagna skips auth for /version/get (§1.2)
 
 ROUTES: list[tuple[str, str, str]] = [
@@ -1881,19 +3468,48 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/invoices/{{invoice_id}}/payments", "not_implemented"),
     ("GET", f"{P}/debitNotes/{{debit_note_id}}/payments", "not_implemented"),
     ("GET", f"{P}/payments/status", "not_implemented"),
+    # activity (section 6): yagna-api.md §2.8-§2.9
+    ("POST", f"{A}/activity", "post_activity"),
+    ("DELETE", f"{A}/activity/{{activity_id}}", "delete_activity"),
+    ("GET", f"{A}/activity/{{activity_id}}/state", "get_activity_state"),
+    ("GET", f"{A}/activity/{{activity_id}}/usage", "get_activity_usage"),
+    ("POST", f"{A}/activity/{{activity_id}}/exec", "post_activity_exec"),
+    ("GET", f"{A}/activity/{{activity_id}}/exec/{{batch_id}}", "get_activity_exec"),
+    ("GET", f"{A}/activity/{{activity_id}}/command", "not_implemented"),
+    ("GET", f"{A}/activity/{{activity_id}}/agreement", "not_implemented"),
+    ("POST", f"{A}/activity/{{activity_id}}/encrypted", "not_implemented"),
+    # net (section 7): yagna-api.md §2.10
+    ("POST", f"{N}/net", "post_net"),
+    ("GET", f"{N}/net", "get_nets"),
+    ("GET", f"{N}/net/{{net_id}}", "get_net"),
+    ("DELETE", f"{N}/net/{{net_id}}", "delete_net"),
+    ("POST", f"{N}/net/{{net_id}}/addresses", "post_net_address"),
+    ("GET", f"{N}/net/{{net_id}}/addresses", "get_net_addresses"),
+    ("POST", f"{N}/net/{{net_id}}/nodes", "post_net_node"),
+    ("GET", f"{N}/net/{{net_id}}/nodes", "get_net_nodes"),
+    ("DELETE", f"{N}/net/{{net_id}}/nodes/{{node_id}}", "not_implemented"),
+    ("GET", f"{N}/net/{{net_id}}/tcp", "not_implemented"),
+    ("GET", f"{N}/net/{{net_id}}/tcp/{{ip}}/{{port}}", "get_net_tcp"),
+    # payment acceptance (section 8)
+    ("POST", f"{P}/debitNotes/{{debit_note_id}}/accept", "post_debit_note_accept"),
+    ("POST", f"{P}/invoices/{{invoice_id}}/accept", "post_invoice_accept"),
 ]
 
 
 class Localnet:
     """The whole simulated network: its parts, the HTTP server and the dispatcher."""
 
-    def __init__(self, app_key: str, population: Population, clock: Clock) -> None:
+    def __init__(self, app_key: str, population: Population, clock: Clock, datadir: str | None = None) -> None:
         self.clock = clock
         self.population = population
         self.identity = Identity(app_key, population.seed)
         self.market = Market(clock, population, self.identity)
         self.payments = Payments(clock, self.identity)
-        self.parts: list[Any] = [self.market, self.payments]
+        self.activities = ActivityEngine(datadir or tempfile.mkdtemp(prefix="golem-localnet-"), population.seed,
+                                         clock.time_scale)
+        self.vpn = NetRegistry()
+        self.billing = ProviderBilling(self.activities, self.payments, self.market)
+        self.parts: list[Any] = [self.market, self.payments, self.activities, self.vpn, self.billing]
         self.router = Router(ROUTES)
         self.http = HttpServer(self.dispatch)
         self.handler_class = LocalnetHandler
@@ -1950,7 +3566,7 @@ def _write_state_file(datadir: str, url: str) -> None:
 async def serve(args: argparse.Namespace, population: Population) -> int:
     os.makedirs(args.datadir, mode=0o700, exist_ok=True)
     app_key = load_app_key(args.datadir)
-    net = Localnet(app_key, population, Clock(args.time_scale))
+    net = Localnet(app_key, population, Clock(args.time_scale), datadir=args.datadir)
     try:
         port = await net.http.start(args.host, args.port)
     except OSError as e:
