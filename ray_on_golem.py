@@ -1942,6 +1942,8 @@ def setup_webserver_logging(datadir: str, redactor: _SecretRedactor | None = Non
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # Python warnings (aiohttp, golem-core) into the rotated log, not the unrotated webserver.out.
+    logging.captureWarnings(True)
     return logging.getLogger("ray_on_golem")
 
 
