@@ -838,3 +838,18 @@ def test_start_waits_for_a_webserver_that_is_still_starting(services):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_daemon_log_rolls_over_by_size_at_open(tmp_path):
+    path = str(tmp_path / "yagna.log")
+    for generation in range(4):
+        with open(path, "ab") as f:
+            f.write(b"x" * 2048 + str(generation).encode())
+        rog.open_rotated_log(path, max_bytes=1024, backups=2).close()
+    assert os.path.getsize(path) == 0  # a fresh file for the next run
+    with open(path + ".1", "rb") as f:
+        assert f.read().endswith(b"3")  # the newest run's log
+    with open(path + ".2", "rb") as f:
+        assert f.read().endswith(b"2")
+    assert not os.path.exists(path + ".3")  # no more than `backups` old logs
+    assert os.stat(path).st_mode & 0o777 == 0o600
