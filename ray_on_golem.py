@@ -1725,9 +1725,10 @@ class YagnaService:
         try:
             # Own session: a Ctrl-C on a foreground webserver must not reach the daemon
             # before the webserver has closed its agreements.
+            # cwd: `-m golem_localnet` looks in the cwd first; never a stray copy where the user stands.
             self._process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True, cwd=self.datadir,
             )  # fmt: skip
         finally:
             log.close()
