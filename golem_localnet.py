@@ -17,16 +17,139 @@ Sections, in dependency order:
     7.  Net                         VPN networks, TCP-over-WebSocket bridge
     8.  Payments                    allocations, debit notes, invoices
     9.  Routes                      the route table: method + path -> handler method
-    10. CLI                         `serve`
+    10. CLI                         `serve`, `population`
+
+How the sections meet: a section that owns state defines a *part* (`Population`,
+`Identity`, `Market`, `Payments`, ...) that `Localnet` (section 9) holds as an
+attribute, and a *routes mixin* (`MarketRoutes`, ...) whose methods are the HTTP
+handlers. Section 9 composes the mixins into `LocalnetHandler` and maps
+method + path onto handler names in `ROUTES`, a plain list.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import signal
 import sys
+import time
+import uuid
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ###############################################################################
 # 1. Constants and clock ######################################################
 ###############################################################################
+
+VERSION = "0.1.0"
+YAGNA_VERSION = "0.17.6"  # the version whose behaviour we copy (yagna-api.md, yagna-offline.md)
+DEFAULT_HOST = "127.0.0.1"
+READY_LINE = "golem-localnet listening on {url}"
+APPKEY_ENV = "YAGNA_APPKEY"
+APPKEY_FILE = "appkey"
+STATE_FILE = "localnet.json"
+
+# yagna's long-poll defaults: payment events 5 s (DEFAULT_EVENT_TIMEOUT, yagna-api.md §2.0);
+# market events take `timeout` from the query; agreement wait is capped below golem-core's
+# 16 s client timeout (§2.7, checklist item 11).
+PAYMENT_EVENT_TIMEOUT_S = 5.0
+MARKET_EVENT_TIMEOUT_S = 5.0
+MAX_LONG_POLL_S = 15.0
+MARKET_MAX_EVENTS_DEFAULT = 20  # yagna MARKET_MAX_EVENTS_DEFAULT (yagna-offline.md §1)
+MARKET_MAX_EVENTS_MAX = 100
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# platform -> (driver, network, token): the local platform plus the real names yagna
+# 0.17.6 lists (yagna-offline.md §1), so golem-core's defaults (holesky) work unchanged.
+PAYMENT_PLATFORMS: dict[str, tuple[str, str, str]] = {
+    "erc20-local-tglm": ("erc20", "local", "tGLM"),
+    "erc20-holesky-tglm": ("erc20", "holesky", "tGLM"),
+    "erc20-hoodi-tglm": ("erc20", "hoodi", "tGLM"),
+    "erc20-sepolia-tglm": ("erc20", "sepolia", "tGLM"),
+    "erc20-amoy-tglm": ("erc20", "amoy", "tGLM"),
+    "erc20-polygon-glm": ("erc20", "polygon", "GLM"),
+    "erc20-mainnet-glm": ("erc20", "mainnet", "GLM"),
+}
+DEFAULT_PAYMENT_PLATFORM = "erc20-local-tglm"
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, microsecond precision (golem-core compares with aware datetimes)."""
+    return datetime.now(timezone.utc)
+
+
+def iso(ts: datetime) -> str:
+    """RFC 3339 with zone and at most microseconds: golem-core echoes it back truncated to µs,
+    so anything finer would make a strict `afterTimestamp` repeat events forever (§3.5)."""
+    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str, field: str) -> datetime:
+    """Parse an RFC 3339 timestamp from a request; naive ones are taken as UTC."""
+    try:
+        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "+"))
+    except (ValueError, AttributeError):
+        raise HttpError(400, f"{field}: not an RFC 3339 timestamp: {text!r}") from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts
+
+
+def ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+class Clock:
+    """Simulated time for provider behaviour (offer discovery, answer latency).
+
+    Timestamps handed to clients stay real UTC time (golem-core compares them with
+    its own clock); only *delays* of the simulated providers are divided by the time
+    scale, so `--time-scale 60` turns a 5-minute market scan into 5 seconds.
+    """
+
+    def __init__(self, time_scale: float = 1.0) -> None:
+        if not time_scale > 0:
+            raise ValueError("time scale must be > 0")
+        self.time_scale = time_scale
+        self._start = time.monotonic()
+        self.started_at = utcnow()
+        self._last_event = self.started_at
+
+    def sim_elapsed(self) -> float:
+        """Simulated seconds since the network started."""
+        return (time.monotonic() - self._start) * self.time_scale
+
+    def real_delay(self, sim_seconds: float) -> float:
+        return max(0.0, sim_seconds) / self.time_scale
+
+    def event_now(self) -> datetime:
+        """A strictly increasing timestamp for event logs: with strict `afterTimestamp`
+        two events in the same microsecond would lose one."""
+        now = utcnow()
+        if now <= self._last_event:
+            now = self._last_event + timedelta(microseconds=1)
+        self._last_event = now
+        return now
+
+
+def new_id(prefix: str = "") -> str:
+    """Opaque hex ids (yagna uses hex; golem-core path-quotes ids with no safe chars, §3.5)."""
+    return prefix + uuid.uuid4().hex
+
+
+def node_id_from(seed_text: str) -> str:
+    """A deterministic 0x-prefixed 20-byte node id."""
+    return "0x" + hashlib.sha256(seed_text.encode()).hexdigest()[:40]
 
 
 ###############################################################################
@@ -34,9 +157,592 @@ import sys
 ###############################################################################
 
 
+class HttpError(Exception):
+    """An error answered as JSON `{"message": ...}`: golem-core does
+    `json.loads(e.body)["message"]` on errors (yagna-api.md §1.2, checklist item 9)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_REASONS = {
+    200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
+    501: "Not Implemented",
+}
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; malformed JSON is the client's fault (400)."""
+        if not self.body.strip():
+            raise HttpError(400, "request body: expected JSON, got nothing")
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HttpError(400, f"request body: malformed JSON: {e}") from None
+
+    def json_object(self) -> dict:
+        data = self.json()
+        if not isinstance(data, dict):
+            raise HttpError(400, "request body: expected a JSON object")
+        return data
+
+    def query_float(self, name: str, default: float, lo: float = 0.0, hi: float = 1e9) -> float:
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name}: not a number: {raw!r}") from None
+        if not lo <= value <= hi or value != value:
+            raise HttpError(400, f"query parameter {name}: must be in [{lo}, {hi}]")
+        return value
+
+    def query_int(self, name: str, default: int, lo: int = 0, hi: int = 10**9) -> int:
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name}: not an integer: {raw!r}") from None
+        if not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name}: must be in [{lo}, {hi}]")
+        return value
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: Any = None  # JSON-able; None with 200 is sent as `null`, as yagna does
+    content_type: str = "application/json"
+    raw: bytes | None = None
+
+    def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        if self.status == 204:
+            return b""
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+class Signal:
+    """Wakes long-polls waiting on a piece of state. A waiting poll is a parked
+    coroutine with a timer: it costs no CPU until notified or timed out."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            pass
+
+
+async def long_poll(
+    signal_: Signal,
+    take: Callable[[], Any],
+    timeout: float,
+    next_due: Callable[[], float | None] | None = None,
+) -> Any:
+    """Block until `take()` returns something truthy or `timeout` seconds pass.
+
+    golem-core's event loops call again with no sleep (yagna-api.md §2.0): answering
+    `[]` at once would make it spin, so an empty answer only ever comes at the deadline.
+    `next_due()` (seconds until some scheduled state change) shortens a wait that
+    would otherwise sleep past it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = take()
+        remaining = deadline - loop.time()
+        if result or remaining <= 0:
+            return result
+        wait = remaining
+        if next_due is not None:
+            due = next_due()
+            if due is not None:
+                wait = min(wait, max(due, 0.001))
+        await signal_.wait(wait)
+
+
+class HttpHandler:
+    """Base of the handler class: one instance per request, like http.server's
+    BaseHTTPRequestHandler; subclasses add behaviour by adding route methods."""
+
+    def __init__(self, net: "Localnet", request: Request, params: dict[str, str]) -> None:
+        self.net = net
+        self.request = request
+        self.params = params
+
+    # -- helpers for route methods --
+    @staticmethod
+    def ok(body: Any = None, status: int = 200) -> Response:
+        return Response(status, body)
+
+    @staticmethod
+    def no_content() -> Response:
+        return Response(204)
+
+    def not_implemented(self) -> Response:
+        """Spec endpoints golem-core 0.7.8 never calls (yagna-api.md §6.1)."""
+        raise HttpError(501, f"{self.request.method} {self.request.path} is not implemented by golem-localnet")
+
+
+class Router:
+    """The route table as data: (METHOD, "/path/{param}", "handler_method_name")."""
+
+    _PARAM = re.compile(r"\{(\w+)\}")
+
+    def __init__(self, routes: Iterable[tuple[str, str, str]]) -> None:
+        self.routes: list[tuple[str, re.Pattern, str]] = []
+        for method, pattern, name in routes:
+            rx = "^" + self._PARAM.sub(r"(?P<\1>[^/]+)", re.escape(pattern).replace(r"\{", "{").replace(r"\}", "}")) + "$"
+            self.routes.append((method, re.compile(rx), name))
+
+    def match(self, method: str, path: str) -> tuple[str, dict[str, str]]:
+        allowed = []
+        for route_method, rx, name in self.routes:
+            m = rx.match(path)
+            if m:
+                if route_method == method:
+                    return name, {k: unquote(v) for k, v in m.groupdict().items()}
+                allowed.append(route_method)
+        if allowed:
+            raise HttpError(405, f"method {method} not allowed on {path}; allowed: {', '.join(sorted(set(allowed)))}")
+        raise HttpError(404, f"no such endpoint: {method} {path}")
+
+
+class HttpServer:
+    """A small asyncio HTTP/1.1 server with keep-alive (golem-core's aiohttp pool reuses
+    connections). It parses each request once and hands it to `dispatch`."""
+
+    def __init__(self, dispatch: Callable[[Request], Any]) -> None:
+        self.dispatch = dispatch
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve_connection, host, port, limit=256 * 1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            while True:
+                request, keep_alive, error = await self._read_request(reader)
+                if request is None and error is None:
+                    break
+                if error is not None:
+                    response, keep_alive = Response(error.status, {"message": error.message}), False
+                else:
+                    response = await self.dispatch(request)
+                self._write_response(writer, response, keep_alive)
+                await writer.drain()
+                if not keep_alive:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Request | None, bool, HttpError | None]:
+        line = await reader.readline()
+        if not line:
+            return None, False, None
+        try:
+            method, target, version = line.decode("latin-1").strip().split(" ", 2)
+        except ValueError:
+            return None, False, HttpError(400, "malformed request line")
+        headers: dict[str, str] = {}
+        while True:
+            hline = await reader.readline()
+            if hline in (b"\r\n", b"\n", b""):
+                break
+            if len(headers) > 100:
+                return None, False, HttpError(400, "too many headers")
+            name, _, value = hline.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._read_chunked(reader)
+        else:
+            try:
+                length = int(headers.get("content-length", "0") or 0)
+            except ValueError:
+                return None, False, HttpError(400, "bad Content-Length")
+            if length > MAX_BODY_BYTES or length < 0:
+                return None, False, HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            body = await reader.readexactly(length) if length else b""
+        split = urlsplit(target)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        return Request(method.upper(), split.path, query, headers, body), keep_alive, None
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        chunks = []
+        total = 0
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                await reader.readline()
+                return b"".join(chunks)
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise ConnectionError("chunked body too large")
+            chunks.append(await reader.readexactly(size))
+            await reader.readline()
+
+    @staticmethod
+    def _write_response(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
+        payload = response.encode()
+        head = [
+            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Status')}",
+            f"Content-Length: {len(payload)}",
+            f"Connection: {'keep-alive' if keep_alive else 'close'}",
+            "Server: golem-localnet",
+        ]
+        if response.status != 204:
+            head.append(f"Content-Type: {response.content_type}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+
+
 ###############################################################################
 # 3. Population ###############################################################
 ###############################################################################
+
+# The profile format (JSON, or YAML when the file ends in .yaml/.yml and PyYAML is
+# installed). Every key is optional; missing keys take the values of DEFAULT_PROFILE.
+#
+#   providers: 40              # population size (the CLI's --providers overrides it)
+#   seed: 1                    # the CLI's --seed overrides it
+#   sizes:                     # machine shapes, drawn by weight
+#     - {weight: 4, cpu_threads: 4, mem_gib: 8, storage_gib: 40}
+#   prices:                    # GLM, drawn uniformly in [lo, hi] per provider
+#     cpu_per_hour: [0.01, 0.2]        # -> golem.usage.cpu_sec coefficient
+#     duration_per_hour: [0.0, 0.05]   # -> golem.usage.duration_sec coefficient
+#     start: [0.0, 0.01]               # initial price (the last coefficient)
+#   subnets: {public: 1.0}     # golem.node.debug.subnet, drawn by weight
+#   payment_platforms: [erc20-local-tglm, erc20-holesky-tglm]
+#   agreement_limit: 1         # yagna provider default (max_agreements.rs)
+#   latency_s: [0.05, 1.0]     # simulated seconds before a provider answers
+#   slow_latency_s: [10, 40]   # latency of the `slow` behaviour
+#   discovery_s: 300           # offers reach the market within this many simulated seconds
+#   known_at_start: 0.4        # share of offers already on the market at start
+#   behaviours:                # share of providers with each behaviour (the rest: ok)
+#     busy: 0.1                # "No capacity available. Reached Agreements limit: N"
+#     outbound_rules: 0.05     # rejects demands asking for outbound access (manifest)
+#     no_answer: 0.05          # never answers a counter-proposal (requestor times out)
+#     unreachable: 0.05        # counter-proposal POST answers 500 with the GSB error
+#     reject_agreement: 0.05   # rejects the agreement (wait -> 410 "Rejected")
+#     slow: 0.05               # answers after slow_latency_s
+#   explicit:                  # exact providers placed first (any Provider field)
+#     - {name: my-provider, cpu_threads: 8, behaviour: ok}
+#
+# The same seed and profile always give the same population (`population --json`).
+
+BEHAVIOURS = ("ok", "busy", "outbound_rules", "no_answer", "unreachable", "reject_agreement", "slow")
+
+DEFAULT_PROFILE: dict[str, Any] = {
+    "providers": 40,
+    "seed": 1,
+    "sizes": [
+        {"weight": 3, "cpu_threads": 2, "mem_gib": 4.0, "storage_gib": 20.0},
+        {"weight": 5, "cpu_threads": 4, "mem_gib": 8.0, "storage_gib": 40.0},
+        {"weight": 3, "cpu_threads": 8, "mem_gib": 16.0, "storage_gib": 80.0},
+        {"weight": 2, "cpu_threads": 16, "mem_gib": 32.0, "storage_gib": 120.0},
+        {"weight": 1, "cpu_threads": 32, "mem_gib": 64.0, "storage_gib": 250.0},
+    ],
+    "prices": {"cpu_per_hour": [0.01, 0.2], "duration_per_hour": [0.0, 0.05], "start": [0.0, 0.01]},
+    "subnets": {"public": 1.0},
+    "payment_platforms": ["erc20-local-tglm", "erc20-holesky-tglm"],
+    "agreement_limit": 1,
+    "latency_s": [0.05, 1.0],
+    "slow_latency_s": [10.0, 40.0],
+    "discovery_s": 300.0,
+    "known_at_start": 0.4,
+    "behaviours": {
+        "busy": 0.1, "outbound_rules": 0.05, "no_answer": 0.05, "unreachable": 0.05,
+        "reject_agreement": 0.05, "slow": 0.05,
+    },
+    "explicit": [],
+}
+
+RUNTIME_CAPABILITIES = ["inet", "vpn", "manifest-support", "start-entrypoint"]
+USAGE_VECTOR = ["golem.usage.cpu_sec", "golem.usage.duration_sec"]
+# The outbound rule messages of a provider with default rules (yagna-api.md §5.1,
+# YG agent/provider/src/rules/outbound.rs).
+OUTBOUND_REJECTION = (
+    "Outbound rejected because: Everyone rule didn't match whitelist ; "
+    "Audited-Payload rule requires manifest signature ; Partner rule requires node descriptor ; "
+)
+
+
+class ProfileError(ValueError):
+    """A bad profile; the message names the field."""
+
+
+@dataclasses.dataclass(slots=True)
+class Provider:
+    """One simulated provider node and its single VM offer."""
+
+    index: int
+    node_id: str
+    name: str
+    cpu_threads: int
+    cpu_cores: int
+    mem_gib: float
+    storage_gib: float
+    subnet: str
+    cpu_sec_price: float
+    duration_sec_price: float
+    start_price: float
+    behaviour: str = "ok"
+    latency_s: float = 0.1
+    agreement_limit: int = 1
+    offer_at_s: float = 0.0  # simulated seconds after start when the offer reaches the market
+    payment_platforms: tuple[str, ...] = ("erc20-local-tglm",)
+    offer_id: str = ""
+    approved_agreements: int = 0  # live (Approved) agreements, for the agreement limit
+    _properties: dict | None = None
+
+    def offer_properties(self, created_ms: int) -> dict:
+        """The flat offer properties of a yagna VM provider (yagna-api.md §4.1)."""
+        if self._properties is None:
+            props: dict[str, Any] = {
+                "golem.activity.caps.transfer.protocol": ["gftp", "https", "http"],
+                "golem.com.payment.debit-notes.accept-timeout?": 240,
+                "golem.com.payment.protocol.version": 3,
+                "golem.com.pricing.model": "linear",
+                # usage-vector order, then the initial price (§4.1)
+                "golem.com.pricing.model.linear.coeffs": [self.cpu_sec_price, self.duration_sec_price, self.start_price],
+                "golem.com.scheme": "payu",
+                "golem.com.scheme.payu.debit-note.interval-sec?": 120,
+                "golem.com.scheme.payu.payment-timeout-sec?": 120,
+                "golem.com.usage.vector": list(USAGE_VECTOR),
+                "golem.inf.cpu.architecture": "x86_64",
+                "golem.inf.cpu.cores": self.cpu_cores,
+                "golem.inf.cpu.threads": self.cpu_threads,
+                "golem.inf.mem.gib": self.mem_gib,
+                "golem.inf.storage.gib": self.storage_gib,
+                "golem.node.id.name": self.name,
+                "golem.node.debug.subnet": self.subnet,
+                "golem.node.net.is-public": False,
+                "golem.runtime.name": "vm",
+                "golem.runtime.version": "0.4.2",
+                "golem.runtime.capabilities": list(RUNTIME_CAPABILITIES),
+                "golem.srv.caps.multi-activity": True,
+                "golem.srv.caps.payload-manifest": True,
+                "golem.srv.comp.expiration": created_ms + 10 * 365 * 86400 * 1000,
+            }
+            for platform in self.payment_platforms:
+                props[f"golem.com.payment.platform.{platform}.address"] = self.node_id
+            self._properties = props
+        return self._properties
+
+    def offer_constraints(self, created_ms: int) -> str:
+        # the provider agent's own constraints (provider_agent.rs:277-284)
+        return f"(&\n  (golem.srv.comp.expiration>{created_ms})\n  (golem.node.debug.subnet={self.subnet})\n)"
+
+    def describe(self) -> dict:
+        """Everything a test needs to predict what the market will do with this provider."""
+        return {
+            "index": self.index, "node_id": self.node_id, "name": self.name,
+            "cpu_threads": self.cpu_threads, "cpu_cores": self.cpu_cores, "mem_gib": self.mem_gib,
+            "storage_gib": self.storage_gib, "subnet": self.subnet,
+            "coeffs": [self.cpu_sec_price, self.duration_sec_price, self.start_price],
+            "usage_vector": list(USAGE_VECTOR), "behaviour": self.behaviour,
+            "latency_s": self.latency_s, "agreement_limit": self.agreement_limit,
+            "offer_at_s": self.offer_at_s, "payment_platforms": list(self.payment_platforms),
+        }
+
+
+def load_profile(path: str | None) -> dict:
+    """Read a profile file (JSON or YAML) over DEFAULT_PROFILE."""
+    profile = json.loads(json.dumps(DEFAULT_PROFILE))
+    if path is None:
+        return profile
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ProfileError(f"profile {path}: {e.strerror}") from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml  # optional: only for YAML profiles
+        except ImportError:
+            raise ProfileError(f"profile {path}: YAML needs PyYAML; use a .json profile") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ProfileError(f"profile {path}: invalid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ProfileError(f"profile {path}: invalid JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {path}: expected a mapping at the top level")
+    unknown = set(data) - set(DEFAULT_PROFILE)
+    if unknown:
+        raise ProfileError(f"profile {path}: unknown field(s): {', '.join(sorted(unknown))}")
+    profile.update(data)
+    return profile
+
+
+def _range(profile: dict, key: str) -> tuple[float, float]:
+    value = profile[key] if key in profile else None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or value[0] > value[1] or value[0] < 0):
+        raise ProfileError(f"profile field {key}: expected [low, high] with 0 <= low <= high")
+    return float(value[0]), float(value[1])
+
+
+def _weighted(rng: random.Random, items: list, weights: list[float]):
+    return rng.choices(items, weights=weights, k=1)[0]
+
+
+class Population:
+    """The seeded provider population: the same seed and profile give the same providers."""
+
+    def __init__(self, profile: dict, seed: int | None = None, providers: int | None = None) -> None:
+        self.profile = profile
+        self.seed = int(profile.get("seed", 1) if seed is None else seed)
+        count = profile.get("providers") if providers is None else providers
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ProfileError("profile field providers: expected an integer >= 0")
+        self.providers: list[Provider] = self._generate(count)
+        self.by_node_id: dict[str, Provider] = {p.node_id: p for p in self.providers}
+
+    def _generate(self, count: int) -> list[Provider]:
+        profile, rng = self.profile, random.Random(self.seed)
+        sizes = profile.get("sizes")
+        if not isinstance(sizes, list) or not sizes:
+            raise ProfileError("profile field sizes: expected a non-empty list")
+        for i, s in enumerate(sizes):
+            if not isinstance(s, dict) or not {"cpu_threads", "mem_gib", "storage_gib"} <= set(s):
+                raise ProfileError(f"profile field sizes[{i}]: needs cpu_threads, mem_gib, storage_gib")
+        prices = profile.get("prices")
+        if not isinstance(prices, dict):
+            raise ProfileError("profile field prices: expected a mapping")
+        cpu_r, dur_r, start_r = (_range(prices, k) for k in ("cpu_per_hour", "duration_per_hour", "start"))
+        latency_r, slow_r = _range(profile, "latency_s"), _range(profile, "slow_latency_s")
+        subnets = profile.get("subnets")
+        if not isinstance(subnets, dict) or not subnets:
+            raise ProfileError("profile field subnets: expected a non-empty mapping name -> weight")
+        platforms = profile.get("payment_platforms")
+        if not isinstance(platforms, list) or not platforms or not all(p in PAYMENT_PLATFORMS for p in platforms):
+            raise ProfileError(f"profile field payment_platforms: expected a list from {sorted(PAYMENT_PLATFORMS)}")
+        behaviours = profile.get("behaviours") or {}
+        if not isinstance(behaviours, dict) or not set(behaviours) <= set(BEHAVIOURS):
+            raise ProfileError(f"profile field behaviours: keys must be among {', '.join(BEHAVIOURS)}")
+        limit = profile.get("agreement_limit", 1)
+        if not isinstance(limit, int) or limit < 1:
+            raise ProfileError("profile field agreement_limit: expected an integer >= 1")
+        discovery = float(profile.get("discovery_s", 0))
+        known = float(profile.get("known_at_start", 1.0))
+        explicit = profile.get("explicit") or []
+        if not isinstance(explicit, list):
+            raise ProfileError("profile field explicit: expected a list")
+
+        # behaviours by exact counts over a seeded shuffle, so tests can predict the funnel
+        assigned = ["ok"] * count
+        order = list(range(len(explicit), count))
+        rng.shuffle(order)
+        pos = 0
+        for name in BEHAVIOURS:
+            share = behaviours.get(name, 0)
+            if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise ProfileError(f"profile field behaviours.{name}: expected a share in [0, 1]")
+            n = round(share * count)
+            for idx in order[pos:pos + n]:
+                assigned[idx] = name
+            pos += n
+
+        result = []
+        subnet_names, subnet_weights = list(subnets), [float(w) for w in subnets.values()]
+        size_weights = [float(s.get("weight", 1)) for s in sizes]
+        for i in range(count):
+            size = _weighted(rng, sizes, size_weights)
+            behaviour = assigned[i]
+            latency = rng.uniform(*(slow_r if behaviour == "slow" else latency_r))
+            offer_at = 0.0 if rng.random() < known else rng.uniform(0, discovery)
+            p = Provider(
+                index=i,
+                node_id="0x%040x" % rng.getrandbits(160),
+                name=f"sim-{size['cpu_threads']}c-{i:04d}",
+                cpu_threads=int(size["cpu_threads"]),
+                cpu_cores=max(1, int(size["cpu_threads"]) // 2),
+                mem_gib=float(size["mem_gib"]),
+                storage_gib=float(size["storage_gib"]),
+                subnet=_weighted(rng, subnet_names, subnet_weights),
+                cpu_sec_price=round(rng.uniform(*cpu_r) / 3600, 12),
+                duration_sec_price=round(rng.uniform(*dur_r) / 3600, 12),
+                start_price=round(rng.uniform(*start_r), 6),
+                behaviour=behaviour,
+                latency_s=round(latency, 3),
+                agreement_limit=limit,
+                offer_at_s=round(offer_at, 3),
+                payment_platforms=tuple(platforms),
+            )
+            if i < len(explicit):
+                spec = explicit[i]
+                if not isinstance(spec, dict):
+                    raise ProfileError(f"profile field explicit[{i}]: expected a mapping")
+                for key, value in spec.items():
+                    if key not in ("name", "cpu_threads", "cpu_cores", "mem_gib", "storage_gib", "subnet",
+                                   "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
+                                   "latency_s", "agreement_limit", "offer_at_s", "node_id"):
+                        raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
+                    if key == "behaviour" and value not in BEHAVIOURS:
+                        raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
+                    setattr(p, key, value)
+            p.offer_id = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            result.append(p)
+        return result
+
+    def describe(self) -> list[dict]:
+        return [p.describe() for p in self.providers]
 
 
 ###############################################################################
@@ -44,9 +750,723 @@ import sys
 ###############################################################################
 
 
+class Identity:
+    """The requestor identity behind the app key (yagna: the default identity)."""
+
+    def __init__(self, app_key: str, seed: int) -> None:
+        self.app_key = app_key
+        self.node_id = node_id_from(f"golem-localnet-requestor:{seed}")
+        self.name = "golem-localnet"
+
+    def check(self, request: Request) -> None:
+        """yagna's auth middleware: Bearer header or `?authToken=` (yagna-api.md §1.2)."""
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("authToken")
+        if not token:
+            raise HttpError(401, "Missing application key")
+        if not secrets.compare_digest(token.encode(), self.app_key.encode()):
+            raise HttpError(401, "Invalid application key")
+
+
+def load_app_key(datadir: str) -> str:
+    """`YAGNA_APPKEY` if set, else DIR/appkey (0600, created once, reused afterwards)."""
+    key = os.environ.get(APPKEY_ENV)
+    if key:
+        return key
+    path = os.path.join(datadir, APPKEY_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            key = f.read().strip()
+        if key:
+            os.chmod(path, 0o600)
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(key + "\n")
+    return key
+
+
+class IdentityRoutes(HttpHandler):
+    async def get_me(self) -> Response:
+        ident = self.net.identity
+        return self.ok({"identity": ident.node_id, "name": ident.name, "role": "manager"})
+
+    async def get_version(self) -> Response:
+        return self.ok({"current": {"version": YAGNA_VERSION, "name": f"golem-localnet {VERSION}",
+                                    "seen": False, "releaseTs": iso(self.net.clock.started_at),
+                                    "insertionTs": iso(self.net.clock.started_at), "updateTs": None},
+                        "pending": None})
+
+    async def get_root(self) -> Response:
+        # RoG's liveness check is a bare GET of the API URL: any answer counts (§1.3)
+        return self.ok({"name": "golem-localnet", "version": VERSION})
+
+
 ###############################################################################
 # 5. Market ###################################################################
 ###############################################################################
+
+# --- constraints: golem-core's grammar, yagna's matching semantics (§4.3) ---
+
+
+class ConstraintError(ValueError):
+    pass
+
+
+_NAME_RX = re.compile(r"[\w!\-]+(?:\.[\w!\-]+)*")
+_OPS = ("<=", ">=", "=", "<", ">")
+
+
+def parse_constraints(text: str) -> tuple:
+    """Parse an LDAP-style constraint string into a tree:
+    ("&"|"|"|"!", [children]) or ("leaf", name, op, value)."""
+    if not isinstance(text, str):
+        raise ConstraintError("constraints must be a string")
+    pos = 0
+    n = len(text)
+
+    def skip() -> None:
+        nonlocal pos
+        while pos < n and text[pos].isspace():
+            pos += 1
+
+    def node() -> tuple:
+        nonlocal pos
+        skip()
+        if pos >= n or text[pos] != "(":
+            raise ConstraintError(f"expected '(' at offset {pos}")
+        pos += 1
+        skip()
+        if pos < n and text[pos] in "&|!":
+            op = text[pos]
+            pos += 1
+            children = []
+            skip()
+            while pos < n and text[pos] == "(":
+                children.append(node())
+                skip()
+            if pos >= n or text[pos] != ")":
+                raise ConstraintError(f"expected ')' at offset {pos}")
+            pos += 1
+            if op == "!" and len(children) != 1:
+                raise ConstraintError("'!' takes exactly one operand")
+            return (op, children)
+        m = _NAME_RX.match(text, pos)
+        if not m:
+            raise ConstraintError(f"expected a property name at offset {pos}")
+        name = m.group(0)
+        pos = m.end()
+        skip()
+        for op in _OPS:
+            if text.startswith(op, pos):
+                pos += len(op)
+                break
+        else:
+            raise ConstraintError(f"expected one of = < <= > >= at offset {pos}")
+        end = text.find(")", pos)
+        if end < 0:
+            raise ConstraintError("unterminated constraint")
+        value = text[pos:end].strip()
+        pos = end + 1
+        if value.startswith("[") and value.endswith("]"):
+            value = [v.strip() for v in value[1:-1].split(",")]
+        return ("leaf", name, op, value)
+
+    tree = node()
+    skip()
+    if pos != n:
+        raise ConstraintError(f"unexpected text at offset {pos}")
+    return tree
+
+
+def _compare(prop: Any, op: str, value: str) -> bool | None:
+    if isinstance(prop, bool):
+        v = value.lower()
+        if v not in ("true", "false"):
+            return False
+        return op == "=" and prop == (v == "true")
+    if isinstance(prop, (int, float)):
+        try:
+            v = float(value)
+        except ValueError:
+            return False
+        return {"=": prop == v, "<": prop < v, "<=": prop <= v, ">": prop > v, ">=": prop >= v}[op]
+    if isinstance(prop, str):
+        if op == "=":
+            if "*" in value:
+                return re.fullmatch(".*".join(map(re.escape, value.split("*"))), prop) is not None
+            return prop == value
+        return {"<": prop < value, "<=": prop <= value, ">": prop > value, ">=": prop >= value}[op]
+    if isinstance(prop, list):
+        # lists: `=` means contains; ordering is false (yagna resolver, §4.3)
+        return op == "=" and any(_compare(item, "=", value) for item in prop)
+    return False
+
+
+def evaluate(tree: tuple, props: dict) -> bool | None:
+    """Three-valued: True, False or None (a missing property is "undefined", not a match)."""
+    kind = tree[0]
+    if kind == "leaf":
+        _, name, op, value = tree
+        if name not in props:
+            return None
+        if op == "=" and value == "*":
+            return True
+        prop = props[name]
+        if isinstance(value, list):
+            return all(_compare(prop, op, v) for v in value)
+        return _compare(prop, op, value)
+    results = [evaluate(child, props) for child in tree[1]]
+    if kind == "&":
+        return False if False in results else (None if None in results else True)
+    if kind == "|":
+        return True if True in results else (None if None in results else False)
+    return None if results[0] is None else not results[0]
+
+
+def flatten_properties(props: dict, prefix: str = "") -> dict:
+    """yagna flattens nested property objects into dotted keys on subscribe and counter (§3.5)."""
+    flat: dict = {}
+    for key, value in props.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_properties(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+# --- market state ---
+
+PROPOSAL_STATES = ("Initial", "Draft", "Rejected", "Accepted", "Expired")
+AGREEMENT_STATES = ("Proposal", "Pending", "Cancelled", "Rejected", "Approved", "Expired", "Terminated")
+LIVE_AGREEMENT_STATES = ("Proposal", "Pending", "Approved")
+
+
+class Proposal:
+    """A proposal in a negotiation: the provider's (offer side) or the requestor's (demand side)."""
+
+    __slots__ = ("id", "demand", "provider", "from_requestor", "state", "properties", "constraints",
+                 "prev_id", "timestamp", "countered", "agreement_id")
+
+    def __init__(self, demand: "Demand", provider: Provider, from_requestor: bool, state: str,
+                 properties: dict, constraints: str, prev_id: str | None) -> None:
+        self.id = new_id("R-" if from_requestor else "P-")
+        self.demand = demand
+        self.provider = provider
+        self.from_requestor = from_requestor
+        self.state = state
+        self.properties = properties
+        self.constraints = constraints
+        self.prev_id = prev_id
+        self.timestamp = utcnow()
+        self.countered = False
+        self.agreement_id: str | None = None
+
+    def issuer_id(self, market: "Market") -> str:
+        return market.identity.node_id if self.from_requestor else self.provider.node_id
+
+    def to_json(self, market: "Market") -> dict:
+        data = {"properties": self.properties, "constraints": self.constraints, "proposalId": self.id,
+                "issuerId": self.issuer_id(market), "state": self.state, "timestamp": iso(self.timestamp)}
+        if self.prev_id is not None:
+            data["prevProposalId"] = self.prev_id
+        return data
+
+
+class Demand:
+    """A subscribed demand: its queue of negotiation events, taken on delivery (§2.0)."""
+
+    def __init__(self, market: "Market", properties: dict, constraints: str, tree: tuple) -> None:
+        self.id = f"{uuid.uuid4().hex}-{secrets.token_hex(32)}"
+        self.properties = properties
+        self.constraints = constraints
+        self.tree = tree
+        self.timestamp = utcnow()
+        self.subscribed_sim_s = market.clock.sim_elapsed()
+        self.subscribed_mono = time.monotonic()
+        self.events: deque[dict] = deque()
+        self.signal = Signal()
+        # offers not yet due, as (due monotonic time, provider index), sorted by due time
+        self.pending_offers: deque[tuple[float, int]] = deque()
+        self.offers_delivered = 0
+        self.offers_unmatched = 0
+        self.proposals: dict[str, Proposal] = {}
+
+    def to_json(self, market: "Market") -> dict:
+        return {"properties": self.properties, "constraints": self.constraints, "demandId": self.id,
+                "requestorId": market.identity.node_id, "timestamp": iso(self.timestamp)}
+
+
+class Agreement:
+    """An agreement and its state machine (yagna-api.md §2.7). Other sections read
+    `state`, `provider`, `app_session_id`, `offer_properties`, `demand_properties` and
+    `approved_at`, and can watch transitions through `Market.agreement_observers`."""
+
+    def __init__(self, market: "Market", proposal: Proposal, valid_to: datetime) -> None:
+        self.id = uuid.uuid4().hex + secrets.token_hex(16)
+        self.proposal = proposal
+        self.provider = proposal.provider
+        self.demand_id = proposal.demand.id
+        requestor = market.proposals[proposal.prev_id] if proposal.prev_id in market.proposals else None
+        self.demand_properties = requestor.properties if requestor else proposal.demand.properties
+        self.demand_constraints = requestor.constraints if requestor else proposal.demand.constraints
+        self.offer_properties = proposal.properties
+        self.offer_constraints = proposal.constraints
+        self.valid_to = valid_to
+        self.state = "Proposal"
+        self.timestamp = utcnow()
+        self.approved_at: datetime | None = None
+        self.terminated_at: datetime | None = None
+        self.terminate_reason: dict | None = None
+        self.app_session_id: str | None = None
+        self.signal = Signal()
+
+    def to_json(self, market: "Market") -> dict:
+        data = {
+            "agreementId": self.id,
+            "demand": {"properties": self.demand_properties, "constraints": self.demand_constraints,
+                       "demandId": self.demand_id, "requestorId": market.identity.node_id,
+                       "timestamp": iso(self.proposal.demand.timestamp)},
+            "offer": {"properties": self.offer_properties, "constraints": self.offer_constraints,
+                      "offerId": self.provider.offer_id, "providerId": self.provider.node_id,
+                      "timestamp": iso(market.clock.started_at)},
+            "validTo": iso(self.valid_to),
+            "state": self.state,
+            "timestamp": iso(self.timestamp),
+        }
+        if self.approved_at is not None:
+            data["approvedDate"] = iso(self.approved_at)
+            data["proposedSignature"] = data["approvedSignature"] = data["committedSignature"] = "NoSignature"
+        if self.app_session_id is not None:
+            data["appSessionId"] = self.app_session_id
+        return data
+
+
+class Market:
+    """Demands, proposals, negotiation with the simulated providers, agreements."""
+
+    def __init__(self, clock: Clock, population: Population, identity: Identity) -> None:
+        self.clock = clock
+        self.population = population
+        self.identity = identity
+        self.demands: dict[str, Demand] = {}
+        self.unsubscribed: set[str] = set()
+        self.proposals: dict[str, Proposal] = {}
+        self.agreements: dict[str, Agreement] = {}
+        # callables (agreement, old_state, new_state), e.g. invoices after termination
+        self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
+        self._offer_ms = ms(clock.started_at)
+        self._offer_trees: dict[int, tuple] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    # --- demands and offers ---
+    def subscribe(self, properties: dict, constraints: str) -> Demand:
+        try:
+            tree = parse_constraints(constraints)
+        except ConstraintError as e:
+            raise HttpError(400, f"constraints: {e}") from None
+        demand = Demand(self, properties, constraints, tree)
+        # offers already on the market match at once; the rest arrive as they are
+        # broadcast (P2P discovery), on the simulated clock
+        now_sim = demand.subscribed_sim_s
+        schedule = sorted(
+            (max(0.0, p.offer_at_s - now_sim), p.index) for p in self.population.providers)
+        mono = demand.subscribed_mono
+        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, i in schedule)
+        self.demands[demand.id] = demand
+        return demand
+
+    def get_demand(self, demand_id: str) -> Demand:
+        demand = self.demands.get(demand_id)
+        if demand is None:
+            if demand_id in self.unsubscribed:
+                raise HttpError(410, f"Subscription [{demand_id}] was already unsubscribed.")
+            raise HttpError(404, f"Subscription [{demand_id}] wasn't found.")
+        return demand
+
+    def unsubscribe(self, demand_id: str) -> None:
+        demand = self.get_demand(demand_id)
+        del self.demands[demand_id]
+        self.unsubscribed.add(demand_id)
+        demand.signal.notify()
+
+    def offer_matches(self, demand: Demand, provider: Provider) -> bool:
+        """Both directions must hold (yagna matcher, §4.3)."""
+        props = provider.offer_properties(self._offer_ms)
+        if evaluate(demand.tree, props) is not True:
+            return False
+        tree = self._offer_trees.get(provider.index)
+        if tree is None:
+            tree = self._offer_trees[provider.index] = parse_constraints(provider.offer_constraints(self._offer_ms))
+        return evaluate(tree, demand.properties) is True
+
+    def _release_due_offers(self, demand: Demand, limit: int) -> None:
+        now = time.monotonic()
+        pending = demand.pending_offers
+        while pending and pending[0][0] <= now and len(demand.events) < limit:
+            _, index = pending.popleft()
+            provider = self.population.providers[index]
+            if not self.offer_matches(demand, provider):
+                demand.offers_unmatched += 1
+                continue
+            self._offer_initial(demand, provider)
+
+    def _offer_initial(self, demand: Demand, provider: Provider) -> None:
+        proposal = Proposal(demand, provider, False, "Initial", provider.offer_properties(self._offer_ms),
+                            provider.offer_constraints(self._offer_ms), None)
+        self._add_proposal(proposal)
+        demand.offers_delivered += 1
+        demand.events.append({"eventType": "ProposalEvent", "proposal": proposal})
+
+    def _add_proposal(self, proposal: Proposal) -> None:
+        self.proposals[proposal.id] = proposal
+        proposal.demand.proposals[proposal.id] = proposal
+
+    def take_events(self, demand: Demand, max_events: int) -> list[dict]:
+        """Take up to max_events: yagna removes what it returns, so each is delivered once (§2.0)."""
+        self._release_due_offers(demand, max_events)
+        out = []
+        while demand.events and len(out) < max_events:
+            event = demand.events.popleft()
+            date = iso(self.clock.event_now())
+            if event["eventType"] == "ProposalEvent":
+                out.append({"eventType": "ProposalEvent", "eventDate": date,
+                            "proposal": event["proposal"].to_json(self)})
+            else:
+                out.append({**event, "eventDate": date})
+        return out
+
+    def seconds_to_next_offer(self, demand: Demand) -> float | None:
+        if not demand.pending_offers:
+            return None
+        return demand.pending_offers[0][0] - time.monotonic()
+
+    def get_proposal(self, demand: Demand, proposal_id: str) -> Proposal:
+        proposal = demand.proposals.get(proposal_id)
+        if proposal is None:
+            raise HttpError(404, f"Proposal [{proposal_id}] not found")
+        return proposal
+
+    # --- negotiation ---
+    def counter(self, demand: Demand, prev: Proposal, properties: dict, constraints: str) -> Proposal:
+        """The requestor counters a provider proposal; the provider answers later, on its latency."""
+        if prev.from_requestor:
+            raise HttpError(400, f"Can't counter own Proposal [{prev.id}]")
+        if prev.state not in ("Initial", "Draft"):
+            raise HttpError(400, f"Can't counter Proposal [{prev.id}] in state {prev.state}")
+        if prev.countered:
+            raise HttpError(400, f"Proposal [{prev.id}] was already countered")
+        try:
+            tree = parse_constraints(constraints)
+        except ConstraintError as e:
+            raise HttpError(400, f"constraints: {e}") from None
+        provider = prev.provider
+        # the two-way check of a counter against the previous proposal (negotiation/common.rs)
+        offer_tree = parse_constraints(prev.constraints)
+        if evaluate(tree, prev.properties) is not True or evaluate(offer_tree, properties) is not True:
+            raise HttpError(400, f"Proposal properties [new] doesn't match previous Proposal [{prev.id}]. "
+                                 "Mismatched constraints")
+        proposal = Proposal(demand, provider, True, "Draft", properties, constraints, prev.id)
+        if provider.behaviour == "unreachable":
+            # what yagna answers when the provider node cannot be reached over the net (GSB)
+            raise HttpError(500, f"Failed to send response for Proposal [{prev.id}]. Error: Countering Proposal "
+                                 f"[{proposal.id}] GSB error: GSB failure: Net: error forwarding message: "
+                                 "Connection timed out..")
+        prev.countered = True
+        self._add_proposal(proposal)
+        if provider.behaviour != "no_answer":
+            self._later(provider.latency_s, self._provider_answer, proposal)
+        return proposal
+
+    def _later(self, sim_seconds: float, fn: Callable, *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def run() -> None:
+            self._timers.discard(handle)
+            fn(*args)
+
+        handle = loop.call_later(self.clock.real_delay(sim_seconds), run)
+        self._timers.add(handle)
+
+    def rejection(self, provider: Provider, properties: dict) -> tuple[str, bool] | None:
+        """The provider's negotiators on a counter-proposal: (message, is_final) or None
+        to accept. Messages are the exact strings of yagna's provider agent (§5.1)."""
+        if provider.behaviour == "busy" or provider.approved_agreements >= provider.agreement_limit:
+            return f"No capacity available. Reached Agreements limit: {provider.agreement_limit}", False
+        if provider.behaviour == "outbound_rules" and "golem.srv.comp.payload" in properties:
+            return OUTBOUND_REJECTION, True
+        if "golem.com.payment.chosen-platform" not in properties:
+            return "Missing fields: /golem/com/payment/chosen-platform", False
+        for key, label in (("golem.com.scheme.payu.debit-note.interval-sec?", "DebitNote interval"),
+                           ("golem.com.scheme.payu.payment-timeout-sec?", "DebitNote payment timeout")):
+            value = properties.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or not 1 <= value <= 86400):
+                return f"Demand {label} {value}s not in acceptable range of [1s; 86400s]", True
+        return None
+
+    def _provider_answer(self, counter: Proposal) -> None:
+        demand = counter.demand
+        if demand.id not in self.demands or counter.state != "Draft":
+            return
+        provider = counter.provider
+        refusal = self.rejection(provider, counter.properties)
+        if refusal is not None:
+            message, final = refusal
+            counter.state = "Rejected"
+            # golem-core reads reason.message without a None check: always send it (§2.5)
+            demand.events.append({"eventType": "ProposalRejectedEvent", "proposalId": counter.id,
+                                  "reason": {"message": message, "golem.proposal.rejection.is-final": final}})
+        else:
+            props = dict(provider.offer_properties(self._offer_ms))
+            # a real provider echoes the requestor's mid-agreement terms within its limits,
+            # so one round trip is enough (§2.6)
+            for key in ("golem.com.scheme.payu.debit-note.interval-sec?",
+                        "golem.com.scheme.payu.payment-timeout-sec?"):
+                if key in counter.properties:
+                    props[key] = counter.properties[key]
+            timeout = counter.properties.get("golem.com.payment.debit-notes.accept-timeout?")
+            if isinstance(timeout, (int, float)) and timeout <= props["golem.com.payment.debit-notes.accept-timeout?"]:
+                props["golem.com.payment.debit-notes.accept-timeout?"] = timeout
+            if "golem.com.payment.chosen-platform" in counter.properties:
+                props["golem.com.payment.chosen-platform"] = counter.properties["golem.com.payment.chosen-platform"]
+            draft = Proposal(demand, provider, False, "Draft", props, provider.offer_constraints(self._offer_ms),
+                             counter.id)
+            counter.countered = True
+            self._add_proposal(draft)
+            demand.events.append({"eventType": "ProposalEvent", "proposal": draft})
+        demand.signal.notify()
+
+    def reject_proposal(self, demand: Demand, proposal: Proposal) -> None:
+        if proposal.from_requestor:
+            raise HttpError(400, f"Can't reject own Proposal [{proposal.id}]")
+        proposal.state = "Rejected"
+
+    # --- agreements ---
+    def create_agreement(self, proposal_id: str, valid_to: datetime) -> Agreement:
+        proposal = self.proposals.get(proposal_id)
+        if proposal is None or proposal.demand.id not in self.demands:
+            raise HttpError(404, f"Proposal [{proposal_id}] not found")
+        if proposal.from_requestor:
+            raise HttpError(400, f"Can't create Agreement for own Proposal [{proposal_id}]")
+        if proposal.state == "Initial":
+            raise HttpError(400, f"Can't create Agreement for Proposal [{proposal_id}]. No negotiation with "
+                                 "Provider took place. (You should counter Proposal at least one time)")
+        if proposal.agreement_id is not None:
+            raise HttpError(409, f"Can't create second Agreement for Proposal [{proposal_id}].")
+        if proposal.state != "Draft" or proposal.countered:
+            raise HttpError(400, f"Can't create Agreement for Proposal [{proposal_id}] in state {proposal.state}")
+        if valid_to <= utcnow():
+            raise HttpError(400, f"validTo: {iso(valid_to)} is in the past")
+        agreement = Agreement(self, proposal, valid_to)
+        proposal.agreement_id = agreement.id
+        proposal.state = "Accepted"
+        self.agreements[agreement.id] = agreement
+        return agreement
+
+    def get_agreement(self, agreement_id: str) -> Agreement:
+        agreement = self.agreements.get(agreement_id)
+        if agreement is None:
+            raise HttpError(404, f"Agreement [{agreement_id}] not found.")
+        self._expire(agreement)
+        return agreement
+
+    def set_state(self, agreement: Agreement, state: str) -> None:
+        old = agreement.state
+        if old == state:
+            return
+        agreement.state = state
+        provider = agreement.provider
+        if state == "Approved":
+            agreement.approved_at = utcnow()
+            provider.approved_agreements += 1
+        elif old == "Approved":
+            provider.approved_agreements -= 1
+        if state == "Terminated":
+            agreement.terminated_at = utcnow()
+        agreement.signal.notify()
+        for observer in list(self.agreement_observers):
+            observer(agreement, old, state)
+
+    def _expire(self, agreement: Agreement) -> None:
+        if agreement.state in ("Proposal", "Pending") and utcnow() >= agreement.valid_to:
+            self.set_state(agreement, "Expired")
+
+    def confirm(self, agreement: Agreement, app_session_id: str | None) -> None:
+        if agreement.state != "Proposal":
+            raise HttpError(400, f"Can't confirm Agreement [{agreement.id}] in state {agreement.state}")
+        agreement.app_session_id = app_session_id
+        self.set_state(agreement, "Pending")
+        self._later(agreement.provider.latency_s, self._provider_decide, agreement)
+
+    def _provider_decide(self, agreement: Agreement) -> None:
+        self._expire(agreement)
+        if agreement.state != "Pending":
+            return
+        provider = agreement.provider
+        if provider.behaviour == "reject_agreement" or provider.approved_agreements >= provider.agreement_limit:
+            self.set_state(agreement, "Rejected")
+        else:
+            self.set_state(agreement, "Approved")
+
+    async def wait(self, agreement: Agreement, timeout: float) -> Response:
+        """204 once approved, 410 when dead, 408 when undecided within `timeout` (§2.7)."""
+        def decided() -> bool:
+            self._expire(agreement)
+            return agreement.state not in ("Proposal", "Pending")
+
+        def seconds_to_expiry() -> float:
+            return (agreement.valid_to - utcnow()).total_seconds()
+
+        await long_poll(agreement.signal, decided, timeout, seconds_to_expiry)
+        state = agreement.state
+        if state == "Approved":
+            return Response(204)
+        if state in ("Proposal", "Pending"):
+            raise HttpError(408, f"Timeout while waiting for Agreement [{agreement.id}] approval.")
+        if state == "Expired":
+            raise HttpError(410, f"Agreement [{agreement.id}] expired.")
+        raise HttpError(410, state)
+
+    def terminate(self, agreement: Agreement, reason: dict | None) -> None:
+        if agreement.state != "Approved":
+            # golem-core swallows a 410 unless it says "from Approving"/"from Pending" (§2.7)
+            raise HttpError(410, f"Can't update Agreement state from {agreement.state} to Terminated.")
+        agreement.terminate_reason = reason
+        self.set_state(agreement, "Terminated")
+        demand = self.demands.get(agreement.demand_id)
+        if demand is not None:
+            # the provider's offer matches the demand again (yagna-offline.md §4c)
+            self._later(agreement.provider.latency_s, self._rematch, demand, agreement.provider)
+
+    def _rematch(self, demand: Demand, provider: Provider) -> None:
+        if demand.id in self.demands and self.offer_matches(demand, provider):
+            self._offer_initial(demand, provider)
+            demand.signal.notify()
+
+    def close(self) -> None:
+        for handle in list(self._timers):
+            handle.cancel()
+        self._timers.clear()
+
+    def inspect(self) -> dict:
+        by_state: dict[str, int] = {}
+        for agreement in self.agreements.values():
+            self._expire(agreement)
+            by_state[agreement.state] = by_state.get(agreement.state, 0) + 1
+        return {
+            "providers": len(self.population.providers),
+            "demands": {"count": len(self.demands), "unsubscribed": len(self.unsubscribed),
+                        "items": [{"id": d.id, "offers_delivered": d.offers_delivered,
+                                   "offers_unmatched": d.offers_unmatched,
+                                   "offers_pending": len(d.pending_offers), "events_queued": len(d.events)}
+                                  for d in self.demands.values()]},
+            "proposals": len(self.proposals),
+            "agreements": {"count": len(self.agreements), "by_state": by_state,
+                           "items": [{"id": a.id, "state": a.state, "provider": a.provider.node_id,
+                                      "provider_name": a.provider.name, "app_session_id": a.app_session_id}
+                                     for a in self.agreements.values()]},
+        }
+
+
+def _demand_body(request: Request) -> tuple[dict, str]:
+    """A `DemandOfferBase`: {"properties": {...}, "constraints": "..."}."""
+    body = request.json_object()
+    props = body.get("properties")
+    constraints = body.get("constraints")
+    if not isinstance(props, dict):
+        raise HttpError(400, "properties: expected a JSON object")
+    if not isinstance(constraints, str):
+        raise HttpError(400, "constraints: expected a string")
+    return flatten_properties(props), constraints
+
+
+class MarketRoutes(HttpHandler):
+    async def post_demands(self) -> Response:
+        props, constraints = _demand_body(self.request)
+        demand = self.net.market.subscribe(props, constraints)
+        return self.ok(demand.id, 201)  # yagna: 201 with the id as a JSON string
+
+    async def get_demands(self) -> Response:
+        market = self.net.market
+        return self.ok([d.to_json(market) for d in market.demands.values()])
+
+    async def delete_demand(self) -> Response:
+        self.net.market.unsubscribe(self.params["demand_id"])
+        return self.no_content()
+
+    async def get_demand_events(self) -> Response:
+        market = self.net.market
+        demand = market.get_demand(self.params["demand_id"])
+        timeout = self.request.query_float("timeout", MARKET_EVENT_TIMEOUT_S, 0, 1e6)
+        max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1, MARKET_MAX_EVENTS_MAX)
+        events = await long_poll(demand.signal, lambda: market.take_events(demand, max_events),
+                                 min(timeout, MAX_LONG_POLL_S), lambda: market.seconds_to_next_offer(demand))
+        if self.params["demand_id"] not in market.demands:
+            raise HttpError(404, f"Subscription [{demand.id}] wasn't found.")
+        return self.ok(events)
+
+    async def get_proposal(self) -> Response:
+        market = self.net.market
+        demand = market.get_demand(self.params["demand_id"])
+        return self.ok(market.get_proposal(demand, self.params["proposal_id"]).to_json(market))
+
+    async def post_counter_proposal(self) -> Response:
+        market = self.net.market
+        demand = market.get_demand(self.params["demand_id"])
+        props, constraints = _demand_body(self.request)
+        prev = market.get_proposal(demand, self.params["proposal_id"])
+        return self.ok(market.counter(demand, prev, props, constraints).id)
+
+    async def post_reject_proposal(self) -> Response:
+        market = self.net.market
+        demand = market.get_demand(self.params["demand_id"])
+        if self.request.body.strip():
+            body = self.request.json()
+            if not isinstance(body, (dict, type(None))):
+                raise HttpError(400, "request body: expected a Reason object {\"message\": ...}")
+        market.reject_proposal(demand, market.get_proposal(demand, self.params["proposal_id"]))
+        return self.no_content()
+
+    async def post_agreements(self) -> Response:
+        body = self.request.json_object()
+        proposal_id = body.get("proposalId")
+        if not isinstance(proposal_id, str) or not proposal_id:
+            raise HttpError(400, "proposalId: expected a proposal id string")
+        valid_to_raw = body.get("validTo")
+        if not isinstance(valid_to_raw, str):
+            raise HttpError(400, "validTo: expected an RFC 3339 timestamp")
+        agreement = self.net.market.create_agreement(proposal_id, parse_iso(valid_to_raw, "validTo"))
+        return self.ok(agreement.id)  # yagna answers 200 with the id (yagna-offline.md §4c)
+
+    async def get_agreement(self) -> Response:
+        market = self.net.market
+        return self.ok(market.get_agreement(self.params["agreement_id"]).to_json(market))
+
+    async def post_agreement_confirm(self) -> Response:
+        market = self.net.market
+        agreement = market.get_agreement(self.params["agreement_id"])
+        market.confirm(agreement, self.request.query.get("appSessionId") or None)
+        return self.no_content()
+
+    async def post_agreement_wait(self) -> Response:
+        market = self.net.market
+        agreement = market.get_agreement(self.params["agreement_id"])
+        timeout = self.request.query_float("timeout", 5.0, 0, 1e6)
+        return await market.wait(agreement, min(timeout, MAX_LONG_POLL_S))
+
+    async def post_agreement_terminate(self) -> Response:
+        market = self.net.market
+        agreement = market.get_agreement(self.params["agreement_id"])
+        reason = self.request.json() if self.request.body.strip() else None
+        if reason is not None and not isinstance(reason, dict):
+            raise HttpError(400, "request body: expected a Reason object {\"message\": ...}")
+        market.terminate(agreement, reason)
+        return self.ok(None)
 
 
 ###############################################################################
@@ -54,14 +1474,1563 @@ import sys
 ###############################################################################
 
 
+# Section-local imports: kept here (not in the header) so that the parallel
+# branches editing sections 1-5 do not conflict on the import block.
+import asyncio as _asyncio
+import ctypes as _ctypes
+import fcntl as _fcntl
+import hashlib as _hashlib
+import os as _os
+import random as _random
+import signal as _signal
+import subprocess as _subprocess
+import tempfile as _tempfile
+import time as _time
+import uuid as _uuid
+from dataclasses import dataclass as _dataclass, field as _field
+from datetime import datetime as _datetime, timezone as _timezone
+from decimal import Decimal as _Decimal
+from pathlib import Path as _Path
+
+ACTIVITY_MARKER_ENV = "GOLEM_LOCALNET_ACTIVITY"
+# The exe-unit's batch-result long-poll never holds longer than this (yagna-api.md §2.0:
+# golem-core's client timeout for it is 5.5 s).
+BATCH_POLL_MAX_SECONDS = 5.0
+# stdout/stderr of one `run` returned in its result (the tail beyond is dropped).
+CAPTURE_LIMIT_BYTES = 1 << 20
+_CLK_TCK = _os.sysconf("SC_CLK_TCK")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class ActivityApiError(Exception):
+    """A request the activity/net/payment engines refuse: carries the HTTP status for the route."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _iso_now() -> str:
+    """Timezone-aware, microsecond timestamp (yagna-api.md §3.5: naive or ns timestamps kill loops)."""
+    return _datetime.now(_timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _new_id() -> str:
+    return _uuid.uuid4().hex
+
+
+# --- the process table ------------------------------------------------------
+
+
+@_dataclass(frozen=True)
+class ProcInfo:
+    """One line of /proc/<pid>/stat, the fields process ownership and pricing need."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    sid: int
+    ticks: int  # utime + stime + cutime + cstime: own CPU plus that of reaped children
+    start: int  # start time in ticks since boot: (pid, start) names a process, immune to PID reuse
+
+
+def read_proc(pid: int) -> ProcInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return ProcInfo(
+        pid=pid,
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        sid=int(fields[3]),
+        ticks=int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
+        start=int(fields[19]),
+    )
+
+
+def read_proc_table() -> dict[int, ProcInfo]:
+    """Every process of the machine, one pass over /proc."""
+    table = {}
+    for name in _os.listdir("/proc"):
+        if name.isdigit():
+            info = read_proc(int(name))
+            if info is not None:
+                table[info.pid] = info
+    return table
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of orphaned descendants (Linux prctl), so a daemon started by
+    an activity that double-forks is re-parented here, stays attributable and gets its CPU counted."""
+    try:
+        libc = _ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+# --- loopback addresses -----------------------------------------------------
+
+
+class LoopbackPool:
+    """Gives every activity an address of its own in 127.B.0.0/16.
+
+    All of 127.0.0.0/8 reaches `lo` on Linux without configuration, so a node can bind
+    `NODE_IP:port` like a VM binds its VPN address. B is claimed with an flock per localnet
+    process so that several local networks on one machine (tests of other engineers, CI) never
+    hand out the same address. The third octet is the network's slot, the fourth follows the VPN
+    address when free: 192.168.0.3 of the first network -> 127.B.1.3.
+    """
+
+    def __init__(self, lock_dir: str | None = None):
+        self._lock_dir = _Path(lock_dir or _tempfile.gettempdir()) / "golem-localnet-loopback"
+        self._lock_dir.mkdir(mode=0o755, exist_ok=True)
+        self._lock_file = None
+        self.block = self._claim_block()
+        self._net_slots: dict[str, int] = {}
+        self._taken: set[str] = set()
+
+    def _claim_block(self) -> int:
+        start = _os.getpid() % 200
+        for i in range(200):
+            block = 20 + (start + i) % 200  # 127.20.-.- .. 127.219.-.-: clear of 127.0.0.x
+            f = open(self._lock_dir / f"{block}.lock", "w")
+            try:
+                _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            self._lock_file = f
+            return block
+        raise RuntimeError(f"no free loopback block left under {self._lock_dir}")
+
+    def allocate(self, net_id: str | None, vpn_ip: str | None) -> str:
+        if net_id is None:
+            slot = 0
+        else:
+            slot = self._net_slots.setdefault(net_id, len(self._net_slots) % 255 + 1)
+        preferred = [int(vpn_ip.rsplit(".", 1)[1])] if vpn_ip else []
+        for host in preferred + list(range(2, 255)):
+            for third in [slot] + [t for t in range(256) if t != slot]:
+                ip = f"127.{self.block}.{third}.{host}"
+                if 1 <= host <= 254 and ip not in self._taken:
+                    self._taken.add(ip)
+                    return ip
+        raise RuntimeError("loopback block exhausted")
+
+    def release(self, ip: str) -> None:
+        self._taken.discard(ip)
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+# --- the sandbox ------------------------------------------------------------
+
+
+class Sandbox:
+    """The 'virtual machine' of one activity: a directory as HOME, TMPDIR inside it, an own
+    loopback address, and every process it starts.
+
+    Ownership is tracked three ways because none is enough alone (ray-provider.md §3.3): each
+    command runs in a session of its own (start_new_session), descendants are followed through
+    their parent links on every scan, and an environment marker catches orphans that called
+    setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
+    """
+
+    def __init__(self, root: _Path, activity_id: str):
+        self.activity_id = activity_id
+        self.home = root / activity_id
+        self.tmp = self.home / "tmp"
+        self.exe_dir = self.home / ".exe"
+        for d in (self.home, self.tmp, self.exe_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.loopback_ip: str | None = None
+        self.vpn_ip: str | None = None
+        self.sessions: set[int] = set()
+        self.known: set[tuple[int, int]] = set()  # (pid, start) of processes seen as ours
+        self.finished_seconds = _Decimal(0)  # CPU of processes reaped by the localnet itself
+        self._captures = 0
+        self._cpu_reported = _Decimal(0)
+        self._marker = f"{ACTIVITY_MARKER_ENV}={activity_id}".encode()
+
+    def environment(self, extra: dict | None = None) -> dict[str, str]:
+        env = {k: v for k, v in _os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        env.update(
+            HOME=str(self.home),
+            TMPDIR=str(self.tmp),
+            NODE_IP=self.loopback_ip or "127.0.0.1",
+            GOLEM_VPN_IP=self.vpn_ip or "",
+            PWD=str(self.home),
+            **{ACTIVITY_MARKER_ENV: self.activity_id},
+        )
+        if extra:
+            env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
+    def owned(self, table: dict[int, ProcInfo]) -> dict[int, ProcInfo]:
+        """The sandbox's processes in `table`; remembers them so their orphans stay ours."""
+        me = _os.getpid()
+        owned = {
+            pid: info
+            for pid, info in table.items()
+            if info.sid in self.sessions or (pid, info.start) in self.known
+        }
+        # Descendants of owned processes, to a fixed point (setsid'd children of a daemon).
+        children: dict[int, list[ProcInfo]] = {}
+        for info in table.values():
+            children.setdefault(info.ppid, []).append(info)
+        stack = list(owned)
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child.pid not in owned:
+                    owned[child.pid] = child
+                    stack.append(child.pid)
+        # Orphans re-parented to the localnet (subreaper) that left our sessions.
+        for child in children.get(me, ()):
+            if child.pid not in owned and child.state != "Z" and _environ_has(child.pid, self._marker):
+                owned[child.pid] = child
+        self.known = {(pid, info.start) for pid, info in owned.items()}
+        return owned
+
+    def cpu_seconds(self, table: dict[int, ProcInfo]) -> _Decimal:
+        """CPU seconds of the whole process tree, dead and alive; never decreases."""
+        live = sum(info.ticks for info in self.owned(table).values())
+        total = self.finished_seconds + _Decimal(live) / _CLK_TCK
+        self._cpu_reported = max(self._cpu_reported, total)
+        return self._cpu_reported
+
+    def add_rusage(self, rusage) -> None:
+        # wait4 gives the reaped process's CPU including its own reaped descendants.
+        self.finished_seconds += _Decimal(str(rusage.ru_utime)) + _Decimal(str(rusage.ru_stime))
+
+    def signal_all(self, table: dict[int, ProcInfo], sig: int) -> set[int]:
+        pids = {pid for pid, info in self.owned(table).items() if info.state != "Z"}
+        for pid in pids:
+            try:
+                _os.kill(pid, sig)
+            except OSError:
+                pass
+        return pids
+
+
+# --- ExeScript --------------------------------------------------------------
+
+
+@_dataclass
+class Batch:
+    """One ExeScript batch: its commands and the cumulative results golem-core polls."""
+
+    batch_id: str
+    commands: list
+    results: list = _field(default_factory=list)
+    finished: bool = False
+    changed: _asyncio.Event = _field(default_factory=_asyncio.Event)
+
+    def add_result(self, result: dict) -> None:
+        self.results.append(result)
+        if result["isBatchFinished"]:
+            self.finished = True
+        self.changed.set()
+        self.changed = _asyncio.Event()
+
+
+@_dataclass
+class ActivityFaults:
+    """Provider-profile faults that touch activities (profile fields `deploy_fails`,
+    `dies_after`, `stops_answering_after`); decided once per activity from the seed."""
+
+    deploy_fails: bool = False
+    dies_after: float | None = None  # seconds after create: the activity terminates with an error
+    stops_answering_after: float | None = None  # seconds after create: exe-unit calls get GSB errors
+
+    @classmethod
+    def from_profile(cls, profile: dict | None, seed: int | str, activity_ordinal: int, provider_id: str):
+        """`profile` keys: `deploy_fails` (probability 0..1), `dies_after` and `stops_answering_after`
+        (seconds, a number or [low, high] drawn uniformly); absent keys mean no fault."""
+        profile = profile or {}
+        key = f"{seed}:{provider_id}:{activity_ordinal}".encode()
+        rng = _random.Random(int.from_bytes(_hashlib.sha256(key).digest()[:8], "big"))
+
+        def seconds(name):
+            value = profile.get(name)
+            if value is None:
+                return None
+            if isinstance(value, (list, tuple)):
+                return rng.uniform(float(value[0]), float(value[1]))
+            return float(value)
+
+        probability = float(profile.get("deploy_fails") or 0)
+        return cls(
+            deploy_fails=rng.random() < probability,
+            dies_after=seconds("dies_after"),
+            stops_answering_after=seconds("stops_answering_after"),
+        )
+
+
+class Activity:
+    """One activity: the exe-unit state machine over a Sandbox (yagna-api.md §2.8-§2.9)."""
+
+    def __init__(self, engine: "ActivityEngine", activity_id: str, agreement, faults: ActivityFaults):
+        self.engine = engine
+        self.activity_id = activity_id
+        self.agreement = agreement
+        self.agreement_id = agreement.agreement_id
+        self.provider_id = agreement.provider_id
+        self.faults = faults
+        self.state = ["Initialized", None]
+        self.reason: str | None = None
+        self.error_message: str | None = None
+        self.created_monotonic = _time.monotonic()
+        self.created_at = _iso_now()
+        self.sandbox = Sandbox(engine.sandbox_root, activity_id)
+        self.deploy_net: list = []
+        self.batches: dict[str, Batch] = {}
+        self._queue: _asyncio.Queue = _asyncio.Queue()
+        self._current: Batch | None = None
+        self._worker = _asyncio.ensure_future(self._run_batches())
+        self._timers: list[_asyncio.TimerHandle] = []
+        loop = _asyncio.get_running_loop()
+        if faults.dies_after is not None:
+            self._timers.append(loop.call_later(faults.dies_after, self._die))
+        self.terminated = _asyncio.Event()
+
+    # -- state --
+
+    @property
+    def alive(self) -> bool:
+        return self.state[0] != "Terminated"
+
+    def answering(self) -> bool:
+        limit = self.faults.stops_answering_after
+        return limit is None or _time.monotonic() - self.created_monotonic < limit
+
+    def check_answering(self) -> None:
+        if not self.answering():
+            # What yagna's router answers when the provider's node is gone (yagna-api.md §2.0).
+            raise ActivityApiError(
+                500, f"GSB error: GSB failure: Bad request: endpoint address not found: /net/{self.provider_id}/exeunit"
+            )
+
+    def state_json(self) -> dict:
+        return {"state": list(self.state), "reason": self.reason, "errorMessage": self.error_message}
+
+    def wall_seconds(self) -> _Decimal:
+        return _Decimal(str(round(_time.monotonic() - self.created_monotonic, 6)))
+
+    def _die(self) -> None:
+        _asyncio.ensure_future(self.engine.terminate(self.activity_id, "activity died", error="Activity process exited"))
+
+    # -- batches --
+
+    def submit(self, commands: list) -> str:
+        if not self.alive:
+            raise ActivityApiError(400, f"Activity {self.activity_id} is terminated")
+        if not isinstance(commands, list) or not commands:
+            raise ActivityApiError(400, "exe script `text` must be a non-empty JSON list of commands")
+        batch = Batch(_new_id(), commands)
+        self.batches[batch.batch_id] = batch
+        self._queue.put_nowait(batch)
+        return batch.batch_id
+
+    async def results(self, batch_id: str, timeout: float, command_index: int | None = None) -> list:
+        """Cumulative results from index 0; blocks until the batch (or `command_index`) is done or
+        `timeout` passes (exe-unit semantics, yagna-api.md §2.0)."""
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise ActivityApiError(404, f"Batch {batch_id} not found for activity {self.activity_id}")
+        deadline = _time.monotonic() + max(0.0, min(timeout, BATCH_POLL_MAX_SECONDS))
+
+        def done():
+            if command_index is not None:
+                return len(batch.results) > command_index or batch.finished
+            return batch.finished
+
+        while not done():
+            remaining = deadline - _time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await _asyncio.wait_for(batch.changed.wait(), remaining)
+            except _asyncio.TimeoutError:
+                break
+        if command_index is not None:
+            return batch.results[: command_index + 1]
+        return list(batch.results)
+
+    async def _run_batches(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            if batch.finished:  # closed by a termination while queued
+                continue
+            self._current = batch
+            for index, command in enumerate(batch.commands):
+                ok, stdout, stderr, message = await self._command(command)
+                last = index == len(batch.commands) - 1
+                batch.add_result(
+                    {
+                        "index": index,
+                        "eventDate": _iso_now(),
+                        "result": "Ok" if ok else "Error",
+                        "stdout": stdout,
+                        "stderr": stderr,
+                        "message": message,
+                        # yagna ends a batch at its first error (yagna-api.md §2.9.3).
+                        "isBatchFinished": last or not ok,
+                    }
+                )
+                if not ok:
+                    break
+            self._current = None
+
+    def fail_pending(self, message: str) -> None:
+        """Finish every unfinished batch with an error result (the activity is gone)."""
+        for batch in self.batches.values():
+            if not batch.finished and batch is not self._current:
+                batch.add_result(
+                    {
+                        "index": len(batch.results),
+                        "eventDate": _iso_now(),
+                        "result": "Error",
+                        "stdout": None,
+                        "stderr": None,
+                        "message": message,
+                        "isBatchFinished": True,
+                    }
+                )
+
+    async def _command(self, command) -> tuple[bool, str | None, str | None, str | None]:
+        if not isinstance(command, dict) or len(command) != 1:
+            return False, None, None, f"invalid ExeScript command {command!r}: expected one {{name: args}} object"
+        name, args = next(iter(command.items()))
+        args = args or {}
+        if not self.alive:
+            return False, None, None, f"Activity {self.activity_id} is terminated"
+        handler = getattr(self, f"_exe_{name}", None)
+        if handler is None:
+            return False, None, None, f"ExeScript command `{name}` is not supported by the local network"
+        if not isinstance(args, dict):
+            return False, None, None, f"ExeScript command `{name}`: arguments must be an object"
+        return await handler(args)
+
+    async def _exe_deploy(self, args: dict):
+        if self.state[0] != "Initialized":
+            return False, None, None, f"deploy: activity is {self.state[0]}, not Initialized"
+        net = args.get("net") or []
+        if not isinstance(net, list) or not all(isinstance(n, dict) for n in net):
+            return False, None, None, "deploy: `net` must be a list of network objects"
+        self.state = ["Initialized", "Deployed"]
+        if self.faults.deploy_fails:
+            # The provider's profile says the image never comes up.
+            await self.engine.terminate(
+                self.activity_id, "deploy failed", error="Deployment failed: image unavailable", from_batch=True
+            )
+            return False, None, None, "Deployment failed: image unavailable"
+        self.deploy_net = net
+        first = net[0] if net else {}
+        self.sandbox.vpn_ip = first.get("nodeIp")
+        self.sandbox.loopback_ip = self.engine.loopback.allocate(first.get("id"), first.get("nodeIp"))
+        self.state = ["Deployed", None]
+        return True, None, None, None
+
+    async def _exe_start(self, args: dict):
+        if self.state[0] != "Deployed":
+            return False, None, None, f"start: activity is {self.state[0]}, not Deployed"
+        self.state = ["Ready", None]
+        return True, None, None, None
+
+    async def _exe_run(self, args: dict):
+        if self.state[0] != "Ready":
+            return False, None, None, f"run: activity is {self.state[0]}, not Ready (deploy and start first)"
+        entry_point = args.get("entry_point")
+        argv_rest = args.get("args") or []
+        if not isinstance(entry_point, str) or not entry_point:
+            return False, None, None, "run: `entry_point` must be a non-empty string"
+        if not isinstance(argv_rest, list) or not all(isinstance(a, str) for a in argv_rest):
+            return False, None, None, "run: `args` must be a list of strings"
+        env = args.get("env") if isinstance(args.get("env"), dict) else None
+        try:
+            code, stdout, stderr = await self.engine.spawn(self, [entry_point, *argv_rest], env)
+        except OSError as e:
+            return False, None, None, f"run: cannot execute {entry_point}: {e.strerror}"
+        if code != 0:
+            return False, stdout, stderr, f"ExeScript command exited with code {code}"
+        return True, stdout, stderr, None
+
+    async def _exe_terminate(self, args: dict):
+        await self.engine.terminate(self.activity_id, "terminated by ExeScript", from_batch=True)
+        return True, None, None, None
+
+
+class ActivityEngine:
+    """All activities of the local network: creation from agreements, ExeScript, process
+    accounting, and killing every process an activity started when it ends."""
+
+    def __init__(self, datadir: str | _Path, seed: int | str = 0, on_terminated=None):
+        self.sandbox_root = _Path(datadir) / "activities"
+        self.sandbox_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.seed = seed
+        self.activities: dict[str, Activity] = {}
+        self.loopback = LoopbackPool()
+        self.subreaper = become_subreaper()
+        # on_terminated(activity) -> None: the payment section issues the last debit note etc.
+        self.on_terminated = on_terminated
+        self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
+        self._reaper: _asyncio.TimerHandle | None = None
+        self._ordinal = 0
+
+    def create(self, agreement, fault_profile: dict | None = None) -> Activity:
+        """`agreement` needs: agreement_id, provider_id, state ('Approved' to create)."""
+        if getattr(agreement, "state", "Approved") != "Approved":
+            # yagna: core/activity/src/provider/service.rs (yagna-api.md §2.7)
+            raise ActivityApiError(
+                400, f"Bad request: Agreement {agreement.agreement_id} is not Approved. Current state: {agreement.state}"
+            )
+        self._ordinal += 1
+        faults = ActivityFaults.from_profile(fault_profile, self.seed, self._ordinal, agreement.provider_id)
+        activity = Activity(self, _new_id(), agreement, faults)
+        self.activities[activity.activity_id] = activity
+        return activity
+
+    def get(self, activity_id: str) -> Activity:
+        activity = self.activities.get(activity_id)
+        if activity is None:
+            raise ActivityApiError(404, f"Activity {activity_id} not found")
+        return activity
+
+    def by_node(self, net_id: str, ip: str) -> Activity | None:
+        """The live activity deployed on VPN `net_id` with address `ip`."""
+        for activity in self.activities.values():
+            if activity.alive and any(n.get("id") == net_id and n.get("nodeIp") == ip for n in activity.deploy_net):
+                return activity
+        return None
+
+    # -- processes --
+
+    async def spawn(self, activity: Activity, argv: list[str], env: dict | None):
+        """Run one command in the sandbox; return (exit code, stdout, stderr) when *it* exits.
+
+        Output goes to files, not pipes: a daemon started in the background keeps the
+        inherited descriptors open, and the command must still return when its own process ends.
+        """
+        sandbox = activity.sandbox
+        sandbox._captures += 1
+        out_path = sandbox.exe_dir / f"{sandbox._captures}.stdout"
+        err_path = sandbox.exe_dir / f"{sandbox._captures}.stderr"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = _subprocess.Popen(
+                argv,
+                cwd=sandbox.home,
+                env=sandbox.environment(env),
+                stdin=_subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        sandbox.sessions.add(proc.pid)
+        self._children[proc.pid] = activity
+        try:
+            status, rusage = await self._wait_child(proc.pid)
+        finally:
+            self._children.pop(proc.pid, None)
+        proc.returncode = _os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
+        sandbox.add_rusage(rusage)
+        return proc.returncode, _read_capture(out_path), _read_capture(err_path)
+
+    async def _wait_child(self, pid: int):
+        loop = _asyncio.get_running_loop()
+        done = loop.create_future()
+        pidfd = _os.pidfd_open(pid)
+
+        def ready():
+            try:
+                wpid, status, rusage = _os.wait4(pid, _os.WNOHANG)
+            except ChildProcessError:
+                wpid, status, rusage = pid, 0, None
+            if wpid == 0:
+                return
+            loop.remove_reader(pidfd)
+            _os.close(pidfd)
+            if not done.done():
+                done.set_result((status, rusage))
+
+        loop.add_reader(pidfd, ready)
+        status, rusage = await done
+        if rusage is None:
+            rusage = _ZeroUsage()
+        return status, rusage
+
+    def reap_orphans(self, table: dict[int, ProcInfo] | None = None) -> None:
+        """Reap zombie orphans re-parented here (subreaper) that belong to an activity, counting
+        their CPU; never touches children the localnet waits for itself."""
+        table = read_proc_table() if table is None else table
+        me = _os.getpid()
+        for info in table.values():
+            if info.ppid != me or info.state != "Z" or info.pid in self._children:
+                continue
+            owner = next(
+                (
+                    a
+                    for a in self.activities.values()
+                    if info.sid in a.sandbox.sessions or (info.pid, info.start) in a.sandbox.known
+                ),
+                None,
+            )
+            if owner is None:
+                continue
+            try:
+                wpid, _status, rusage = _os.wait4(info.pid, _os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if wpid:
+                owner.sandbox.add_rusage(rusage)
+
+    def cpu_seconds(self, activity: Activity) -> _Decimal:
+        table = read_proc_table()
+        self.reap_orphans(table)
+        return activity.sandbox.cpu_seconds(table)
+
+    async def kill_processes(self, activity: Activity) -> None:
+        """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
+        until a scan finds none alive; then wait until they are reaped."""
+        sandbox = activity.sandbox
+        for _ in range(50):
+            table = read_proc_table()
+            if not sandbox.signal_all(table, _signal.SIGSTOP):
+                break
+            table = read_proc_table()
+            sandbox.cpu_seconds(table)  # last look at their CPU before they go
+            sandbox.signal_all(table, _signal.SIGKILL)
+            for sid in sandbox.sessions:
+                try:
+                    _os.killpg(sid, _signal.SIGKILL)
+                except OSError:
+                    pass
+            await _asyncio.sleep(0.005)
+            self.reap_orphans()
+        # Wait for the zombies of our direct children and orphans to be reaped.
+        for _ in range(200):
+            table = read_proc_table()
+            self.reap_orphans(table)
+            me = _os.getpid()
+            left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
+            if not left:
+                return
+            await _asyncio.sleep(0.01)
+
+    # -- ending --
+
+    async def terminate(
+        self, activity_id: str, reason: str, error: str | None = None, from_batch: bool = False
+    ) -> Activity:
+        """Idempotent end of an activity: state Terminated, every process killed, batches closed.
+        `from_batch`: called by a command of the running batch, which then reports its own result."""
+        activity = self.get(activity_id)
+        if not activity.alive:
+            await activity.terminated.wait()
+            return activity
+        activity.state = ["Terminated", None]
+        activity.reason = reason
+        activity.error_message = error
+        for timer in activity._timers:
+            timer.cancel()
+        if not from_batch:
+            activity._worker.cancel()
+            activity._current = None
+        await self.kill_processes(activity)
+        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(read_proc_table())
+        activity.final_wall_seconds = activity.wall_seconds()
+        if activity.sandbox.loopback_ip:
+            self.loopback.release(activity.sandbox.loopback_ip)
+        activity.fail_pending(error or f"Activity terminated: {reason}")
+        if self.on_terminated is not None:
+            self.on_terminated(activity)
+        activity.terminated.set()
+        return activity
+
+    async def destroy(self, activity_id: str) -> None:
+        """DELETE /activity/{id}: idempotent (golem-core calls it 2-3 times, yagna-api.md §2.1)."""
+        await self.terminate(activity_id, "destroyed by requestor")
+
+    async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
+        for activity in list(self.activities.values()):
+            if activity.agreement_id == agreement_id and activity.alive:
+                await self.terminate(activity.activity_id, reason)
+
+    async def shutdown(self) -> None:
+        """Localnet exit: nothing outlives it."""
+        await _asyncio.gather(
+            *(self.terminate(a.activity_id, "local network shut down") for a in list(self.activities.values()) if a.alive)
+        )
+        self.loopback.close()
+
+
+class _ZeroUsage:
+    ru_utime = 0.0
+    ru_stime = 0.0
+
+
+def _read_capture(path: _Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, _os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
+        return f.read().decode("utf-8", errors="replace")
+
+
 ###############################################################################
 # 7. Net ######################################################################
 ###############################################################################
 
 
+import base64 as _base64
+import ipaddress as _ipaddress
+import struct as _struct
+
+# RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_MAX_FRAME = 16 << 20
+# yagna pings the requestor's socket every 5 s (yagna-api.md §2.10); a ping also keeps proxies honest.
+WS_PING_INTERVAL = 5.0
+
+
+@_dataclass
+class VpnNetwork:
+    """A requestor's VPN (yagna core/vpn/src/network.rs): a CIDR, the requestor's own addresses
+    and the provider nodes with theirs."""
+
+    network_id: str
+    network: _ipaddress.IPv4Network
+    gateway: str | None
+    addresses: list = _field(default_factory=list)  # the requestor's IPs
+    nodes: dict = _field(default_factory=dict)  # ip -> node (provider) id
+
+    def json(self) -> dict:
+        # `ip` WITH the prefix: without it golem-core sees a /32 and raises NetworkFull (§2.10).
+        return {
+            "id": self.network_id,
+            "ip": f"{self.network.network_address}/{self.network.prefixlen}",
+            "mask": str(self.network.netmask),
+            "gateway": self.gateway,
+        }
+
+    def _host(self, value, field_name: str) -> str:
+        if not isinstance(value, str):
+            raise ActivityApiError(400, f"`{field_name}` must be an IPv4 address string")
+        try:
+            ip = _ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ActivityApiError(400, f"`{field_name}`: {value!r} is not an IPv4 address") from None
+        if ip not in self.network:
+            raise ActivityApiError(400, f"`{field_name}`: {value} is outside network {self.network}")
+        return str(ip)
+
+
+class NetRegistry:
+    """The net API's networks (yagna-api.md §2.10); node addresses resolve to activities."""
+
+    def __init__(self):
+        self.networks: dict[str, VpnNetwork] = {}
+
+    def create(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise ActivityApiError(400, "network body must be a JSON object with `ip`")
+        ip, mask, gateway = body.get("ip"), body.get("mask"), body.get("gateway")
+        if not isinstance(ip, str) or not ip:
+            raise ActivityApiError(400, "`ip` is required: the network address, e.g. 192.168.0.0/16")
+        try:
+            if mask is not None:
+                if "/" in ip:
+                    raise ActivityApiError(400, "give either `ip` with a /prefix or `mask`, not both")
+                network = _ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
+            elif "/" in ip:
+                network = _ipaddress.IPv4Network(ip, strict=False)
+            else:
+                # yagna's default for a bare address is a /24 (core/vpn/src/network.rs).
+                network = _ipaddress.IPv4Network(f"{ip}/24", strict=False)
+        except ValueError as e:
+            raise ActivityApiError(400, f"`ip`/`mask`: {e}") from None
+        if network.num_addresses < 4:
+            raise ActivityApiError(400, f"`ip`: network {network} is too small for a requestor and a node")
+        vpn = VpnNetwork(_new_id(), network, None)
+        vpn.gateway = vpn._host(gateway, "gateway") if gateway else str(next(network.hosts()))
+        self.networks[vpn.network_id] = vpn
+        return vpn.json()
+
+    def get(self, network_id: str) -> VpnNetwork:
+        vpn = self.networks.get(network_id)
+        if vpn is None:
+            raise ActivityApiError(404, f"Network {network_id} not found")
+        return vpn
+
+    def delete(self, network_id: str) -> None:
+        self.get(network_id)
+        del self.networks[network_id]
+
+    def add_address(self, network_id: str, body) -> None:
+        vpn = self.get(network_id)
+        ip = vpn._host(body.get("ip") if isinstance(body, dict) else None, "ip")
+        if ip in vpn.nodes:
+            raise ActivityApiError(409, f"IP address {ip} is taken by node {vpn.nodes[ip]}")
+        if ip not in vpn.addresses:
+            vpn.addresses.append(ip)
+
+    def add_node(self, network_id: str, body) -> None:
+        """Idempotent: golem-core's refresh_nodes() re-posts every node (yagna ignores IpAddrTaken)."""
+        vpn = self.get(network_id)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
+            raise ActivityApiError(400, "`id` (the node id) is required")
+        ip = vpn._host(body.get("ip"), "ip")
+        if ip in vpn.addresses:
+            raise ActivityApiError(409, f"IP address {ip} is the requestor's")
+        vpn.nodes.setdefault(ip, body["id"])
+
+    def nodes(self, network_id: str) -> list:
+        return [{"id": node, "ip": ip} for ip, node in self.get(network_id).nodes.items()]
+
+    def addresses(self, network_id: str) -> list:
+        return [{"ip": ip} for ip in self.get(network_id).addresses]
+
+
+# --- WebSocket (RFC 6455), server side ---------------------------------------
+
+
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return _base64.b64encode(_hashlib.sha1((key.strip() + _WEBSOCKET_GUID).encode()).digest()).decode()
+
+
+def websocket_handshake_error(headers) -> str | None:
+    """Why a request is not a valid WebSocket upgrade, or None. `headers`: case-insensitive mapping."""
+    if "websocket" not in (headers.get("Upgrade") or "").lower():
+        return "expected `Upgrade: websocket`"
+    if "upgrade" not in (headers.get("Connection") or "").lower():
+        return "expected `Connection: Upgrade`"
+    if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
+        return "expected `Sec-WebSocket-Version: 13`"
+    key = headers.get("Sec-WebSocket-Key") or ""
+    try:
+        if len(_base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        return "`Sec-WebSocket-Key` must be 16 bytes in base64"
+    return None
+
+
+def websocket_handshake_response(key: str) -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n"
+    ).encode()
+
+
+class WebSocket:
+    """Frames over an accepted connection. Client frames arrive masked, ours go unmasked."""
+
+    def __init__(self, reader: _asyncio.StreamReader, writer: _asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+
+    async def send(self, opcode: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        if n < 126:
+            header = _struct.pack("!BB", 0x80 | opcode, n)
+        elif n < 1 << 16:
+            header = _struct.pack("!BBH", 0x80 | opcode, 126, n)
+        else:
+            header = _struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        self.writer.write(header + payload)
+        await self.writer.drain()
+
+    async def _frame(self) -> tuple[bool, int, bytes]:
+        b0, b1 = await self.reader.readexactly(2)
+        fin, opcode, masked, n = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80), b1 & 0x7F
+        if b0 & 0x70:
+            raise ConnectionError("reserved bits set without an extension")
+        if n == 126:
+            (n,) = _struct.unpack("!H", await self.reader.readexactly(2))
+        elif n == 127:
+            (n,) = _struct.unpack("!Q", await self.reader.readexactly(8))
+        if n > WS_MAX_FRAME:
+            raise ConnectionError(f"frame of {n} bytes exceeds {WS_MAX_FRAME}")
+        if not masked:
+            raise ConnectionError("client frames must be masked (RFC 6455 §5.1)")
+        mask = await self.reader.readexactly(4)
+        data = await self.reader.readexactly(n)
+        if n:
+            # XOR with the repeated 4-byte mask, as one big-int operation instead of a byte loop.
+            key = (mask * (n // 4 + 1))[:n]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        return fin, opcode, data
+
+    async def receive(self) -> tuple[int, bytes]:
+        """The next data message (TEXT or BINARY, reassembled); answers pings itself.
+        Returns (WS_CLOSE, b"") when the peer closes."""
+        message, message_opcode = b"", None
+        while True:
+            try:
+                fin, opcode, data = await self._frame()
+            except (_asyncio.IncompleteReadError, ConnectionError, OSError):
+                return WS_CLOSE, b""
+            if opcode == WS_PING:
+                await self.send(WS_PONG, data)
+            elif opcode == WS_PONG:
+                continue
+            elif opcode == WS_CLOSE:
+                if not self.closed:
+                    self.closed = True
+                    await self.send(WS_CLOSE, data[:2])
+                return WS_CLOSE, b""
+            else:
+                if opcode != WS_CONTINUATION:
+                    message_opcode = opcode
+                message += data
+                if fin:
+                    return message_opcode or WS_BINARY, message
+
+    async def close(self, code: int = 1000) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                await self.send(WS_CLOSE, _struct.pack("!H", code))
+            except (ConnectionError, OSError):
+                pass
+
+
+async def bridge_websocket_tcp(ws: WebSocket, host: str, port: int) -> None:
+    """Carry bytes both ways between a WebSocket and host:port until either side ends
+    (yagna's /net-api/v1/net/{id}/tcp/{ip}/{port}: raw TCP in binary frames)."""
+    try:
+        tcp_reader, tcp_writer = await _asyncio.open_connection(host, port)
+    except OSError as e:
+        await ws.close(1011)
+        raise ConnectionError(f"cannot connect to {host}:{port}: {e.strerror}") from None
+
+    async def ws_to_tcp():
+        while True:
+            opcode, data = await ws.receive()
+            if opcode == WS_CLOSE:
+                break
+            tcp_writer.write(data)
+            await tcp_writer.drain()
+        if tcp_writer.can_write_eof():
+            tcp_writer.write_eof()
+
+    async def tcp_to_ws():
+        while True:
+            data = await tcp_reader.read(65536)
+            if not data:
+                break
+            await ws.send(WS_BINARY, data)
+        await ws.close()
+
+    async def keepalive():
+        while True:
+            await _asyncio.sleep(WS_PING_INTERVAL)
+            await ws.send(WS_PING, b"")
+
+    tasks = [_asyncio.ensure_future(c) for c in (ws_to_tcp(), tcp_to_ws(), keepalive())]
+    try:
+        # Either direction finishing ends the bridge (half-close is not carried by yagna either).
+        await _asyncio.wait(tasks[:2], return_when=_asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await _asyncio.gather(*tasks, return_exceptions=True)
+        tcp_writer.close()
+        await ws.close()
+
+
 ###############################################################################
 # 8. Payments #################################################################
 ###############################################################################
+
+INVOICE_EVENT_TYPES = tuple(f"Invoice{t}Event" for t in ("Received", "Accepted", "Rejected", "Cancelled", "Settled", "Failed"))
+DEBIT_NOTE_EVENT_TYPES = tuple(f"DebitNote{t}Event" for t in ("Received", "Accepted", "Rejected", "Cancelled", "Settled", "Failed"))
+
+
+def decimal_str(value: Decimal) -> str:
+    """Amounts are decimal strings (§3.5); no exponent notation."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+class Allocation:
+    def __init__(self, address: str, platform: str, total: Decimal, timeout: datetime | None,
+                 make_deposit: bool) -> None:
+        self.id = str(uuid.uuid4())
+        self.address = address
+        self.platform = platform
+        self.total = total
+        self.spent = Decimal(0)
+        self.timestamp = utcnow()
+        self.timeout = timeout or self.timestamp + timedelta(days=3650)  # yagna: 10 years by default
+        self.make_deposit = make_deposit
+        self.released = False
+
+    def to_json(self) -> dict:
+        return {"allocationId": self.id, "address": self.address, "paymentPlatform": self.platform,
+                "totalAmount": decimal_str(self.total), "spentAmount": decimal_str(self.spent),
+                "remainingAmount": decimal_str(self.total - self.spent), "timestamp": iso(self.timestamp),
+                "timeout": iso(self.timeout), "makeDeposit": self.make_deposit}
+
+
+class EventLog:
+    """A persistent payment event log: not consumed on delivery, filtered by a strict
+    `eventDate > afterTimestamp` and by `appSessionId` (yagna-api.md §2.0)."""
+
+    def __init__(self, clock: Clock, id_key: str, event_types: tuple[str, ...]) -> None:
+        self.clock = clock
+        self.id_key = id_key
+        self.event_types = event_types
+        self.events: list[tuple[datetime, str | None, dict]] = []
+        self.signal = Signal()
+
+    def add(self, event_type: str, document_id: str, app_session_id: str | None) -> dict:
+        # an unknown eventType deserializes without the id and kills golem-core's loop (§3.3)
+        if event_type not in self.event_types:
+            raise ValueError(f"unknown payment event type {event_type}")
+        date = self.clock.event_now()
+        event = {"eventType": event_type, "eventDate": iso(date), self.id_key: document_id}
+        self.events.append((date, app_session_id, event))
+        self.signal.notify()
+        return event
+
+    def after(self, after: datetime | None, app_session_id: str | None, max_events: int) -> list[dict]:
+        out = []
+        for date, session, event in self.events:
+            if after is not None and not date > after:
+                continue
+            if app_session_id is not None and session != app_session_id:
+                continue
+            out.append(event)
+            if len(out) >= max_events:
+                break
+        return out
+
+
+class Payments:
+    """Allocations, and the debit-note/invoice documents and event logs that the
+    provider side (section 8's generators) fills in."""
+
+    def __init__(self, clock: Clock, identity: Identity) -> None:
+        self.clock = clock
+        self.identity = identity
+        self.allocations: dict[str, Allocation] = {}
+        self.debit_notes: dict[str, dict] = {}
+        self.invoices: dict[str, dict] = {}
+        self.debit_note_events = EventLog(clock, "debitNoteId", DEBIT_NOTE_EVENT_TYPES)
+        self.invoice_events = EventLog(clock, "invoiceId", INVOICE_EVENT_TYPES)
+
+    def accounts(self) -> list[dict]:
+        return [{"platform": name, "address": self.identity.node_id, "driver": driver, "network": network,
+                 "token": token, "send": True, "receive": False}
+                for name, (driver, network, token) in PAYMENT_PLATFORMS.items()]
+
+    def create_allocation(self, body: dict) -> Allocation:
+        platform = body.get("paymentPlatform") or DEFAULT_PAYMENT_PLATFORM
+        if isinstance(platform, dict):
+            # the object form {driver, network, token} of yagna's API
+            driver = str(platform.get("driver") or "erc20").lower()
+            network = str(platform.get("network") or "local").lower()
+            token = platform.get("token")
+            token = str(token).lower() if token else ("glm" if network in ("polygon", "mainnet") else "tglm")
+            platform = f"{driver}-{network}-{token}"
+        if not isinstance(platform, str) or platform not in PAYMENT_PLATFORMS:
+            raise HttpError(400, f"paymentPlatform: unknown payment platform {platform!r}; "
+                                 f"known: {', '.join(PAYMENT_PLATFORMS)}")
+        total_raw = body.get("totalAmount")
+        try:
+            total = Decimal(str(total_raw))
+        except (InvalidOperation, ValueError):
+            raise HttpError(400, f"totalAmount: not a decimal amount: {total_raw!r}") from None
+        if not total.is_finite() or total < 0:
+            raise HttpError(400, f"totalAmount: must be a non-negative amount, got {total_raw!r}")
+        address = body.get("address") or self.identity.node_id
+        if address.lower() != self.identity.node_id:
+            raise HttpError(400, f"address: {address} is not an identity of this node")
+        timeout_raw = body.get("timeout")
+        timeout = parse_iso(timeout_raw, "timeout") if timeout_raw else None
+        make_deposit = body.get("makeDeposit", False)
+        if not isinstance(make_deposit, bool):
+            raise HttpError(400, "makeDeposit: expected a boolean")
+        allocation = Allocation(address.lower(), platform, total, timeout, make_deposit)
+        self.allocations[allocation.id] = allocation
+        return allocation
+
+    def get_allocation(self, allocation_id: str) -> Allocation:
+        allocation = self.allocations.get(allocation_id)
+        if allocation is None or allocation.released:
+            raise HttpError(404, f"Allocation [{allocation_id}] not found")
+        return allocation
+
+    def decorations(self, allocation_ids: list[str]) -> dict:
+        """Demand decorations as yagna builds them (allocations/mod.rs:411-477)."""
+        platforms: list[str] = []
+        for allocation_id in allocation_ids:
+            platform = self.get_allocation(allocation_id).platform
+            if platform not in platforms:
+                platforms.append(platform)
+        props = [{"key": f"golem.com.payment.platform.{p}.address", "value": self.identity.node_id} for p in platforms]
+        props.append({"key": "golem.com.payment.protocol.version", "value": "3"})
+        clauses = [f"(golem.com.payment.platform.{p}.address=*)" for p in platforms]
+        # a single clause prints without a wrapper (constraints.rs:71-85)
+        first = clauses[0] if len(clauses) == 1 else "(|\n  " + "\n  ".join(clauses) + "\n)"
+        return {"properties": props, "constraints": [first, "(golem.com.payment.protocol.version>1)"]}
+
+    def inspect(self) -> dict:
+        live = [a for a in self.allocations.values() if not a.released]
+        return {"allocations": {"count": len(live), "released": len(self.allocations) - len(live),
+                                "items": [a.to_json() for a in live]},
+                "debit_notes": len(self.debit_notes), "invoices": len(self.invoices),
+                "debit_note_events": len(self.debit_note_events.events),
+                "invoice_events": len(self.invoice_events.events)}
+
+
+class PaymentRoutes(HttpHandler):
+    async def get_requestor_accounts(self) -> Response:
+        return self.ok(self.net.payments.accounts())
+
+    async def get_provider_accounts(self) -> Response:
+        return self.ok([])
+
+    async def post_allocations(self) -> Response:
+        allocation = self.net.payments.create_allocation(self.request.json_object())
+        return self.ok(allocation.to_json(), 201)
+
+    async def get_allocations(self) -> Response:
+        return self.ok([a.to_json() for a in self.net.payments.allocations.values() if not a.released])
+
+    async def get_allocation(self) -> Response:
+        return self.ok(self.net.payments.get_allocation(self.params["allocation_id"]).to_json())
+
+    async def delete_allocation(self) -> Response:
+        allocation = self.net.payments.allocations.get(self.params["allocation_id"])
+        if allocation is None:
+            raise HttpError(404, f"Allocation [{self.params['allocation_id']}] not found")
+        allocation.released = True  # releasing twice is fine: shutdown repeats it (§2.1)
+        return self.ok(None)
+
+    async def get_demand_decorations(self) -> Response:
+        raw = self.request.query.get("allocationIds", "")
+        ids = [i for i in raw.split(",") if i]
+        if not ids:
+            raise HttpError(400, "allocationIds: expected one or more allocation ids")
+        return self.ok(self.net.payments.decorations(ids))
+
+    async def _events(self, log: EventLog) -> Response:
+        q = self.request.query
+        after = parse_iso(q["afterTimestamp"], "afterTimestamp") if q.get("afterTimestamp") else None
+        session = q.get("appSessionId") or None
+        timeout = self.request.query_float("timeout", PAYMENT_EVENT_TIMEOUT_S, 0, 1e6)
+        max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_MAX, 1, 10**6)
+        events = await long_poll(log.signal, lambda: log.after(after, session, max_events),
+                                 min(timeout, MAX_LONG_POLL_S))
+        return self.ok(events)
+
+    async def get_invoice_events(self) -> Response:
+        return await self._events(self.net.payments.invoice_events)
+
+    async def get_debit_note_events(self) -> Response:
+        return await self._events(self.net.payments.debit_note_events)
+
+    async def get_invoices(self) -> Response:
+        return self.ok(list(self.net.payments.invoices.values()))
+
+    async def get_debit_notes(self) -> Response:
+        return self.ok(list(self.net.payments.debit_notes.values()))
+
+    async def get_invoice(self) -> Response:
+        invoice = self.net.payments.invoices.get(self.params["invoice_id"])
+        if invoice is None:
+            raise HttpError(404, f"Invoice [{self.params['invoice_id']}] not found")
+        return self.ok(invoice)
+
+    async def get_debit_note(self) -> Response:
+        note = self.net.payments.debit_notes.get(self.params["debit_note_id"])
+        if note is None:
+            raise HttpError(404, f"DebitNote [{self.params['debit_note_id']}] not found")
+        return self.ok(note)
+
+
+from decimal import ROUND_DOWN as _ROUND_DOWN, InvalidOperation as _InvalidOperation
+
+# --- debit notes and invoices (provider side) -------------------------------
+
+PROP_USAGE_VECTOR = "golem.com.usage.vector"
+PROP_LINEAR_COEFFS = "golem.com.pricing.model.linear.coeffs"
+PROP_DEBIT_NOTE_INTERVAL = "golem.com.scheme.payu.debit-note.interval-sec?"
+PROP_PAYMENT_TIMEOUT = "golem.com.scheme.payu.payment-timeout-sec?"
+PROP_ACCEPT_TIMEOUT = "golem.com.payment.debit-notes.accept-timeout?"
+# A provider agent's defaults when the demand is silent (yagna agent/provider factory.rs).
+DEFAULT_DEBIT_NOTE_INTERVAL = 120
+DEFAULT_ACCEPT_TIMEOUT = 240
+_WEI = _Decimal("1e-18")
+_MICRO = _Decimal("1e-6")
+# Why a provider agent breaks an agreement whose debit notes go unaccepted
+# (yagna agent/provider BreakReason::DebitNotesDeadline).
+DEBIT_NOTE_DEADLINE_REASON = "Requestor isn't accepting DebitNotes in time"
+
+
+def usage_price(coeffs: list, usage_vector: list, counters: dict) -> tuple[list[_Decimal], _Decimal]:
+    """Linear pricing (yagna-api.md §2.11): amount = initial + sum(price_i * usage_i), prices in
+    usage-vector order and the initial price last. Exact decimals; usage counters rounded down
+    to the microsecond first so the requestor recomputes the same amount from the vector."""
+    usage = [counters.get(name, _Decimal(0)).quantize(_MICRO, _ROUND_DOWN) for name in usage_vector]
+    prices = [_Decimal(str(c)) for c in coeffs]
+    amount = prices[-1] + sum((p * u for p, u in zip(prices, usage)), _Decimal(0))
+    return usage, amount.quantize(_WEI, _ROUND_DOWN)
+
+
+def _amount_str(value: _Decimal) -> str:
+    return format(value.quantize(_WEI, _ROUND_DOWN), "f")
+
+
+def _parse_amount(value, field_name: str) -> _Decimal:
+    if not isinstance(value, str):
+        raise ActivityApiError(400, f"`{field_name}` must be a decimal string")
+    try:
+        amount = _Decimal(value)
+    except _InvalidOperation:
+        raise ActivityApiError(400, f"`{field_name}`: {value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0:
+        raise ActivityApiError(400, f"`{field_name}` must be a non-negative amount")
+    return amount
+
+
+class PaymentEventLog:
+    """Debit-note or invoice events: persistent, filtered by `eventDate > afterTimestamp` (strict)
+    and appSessionId; a poll with nothing new blocks (yagna-api.md §2.0)."""
+
+    def __init__(self):
+        self.events: list[tuple[_datetime, str | None, dict]] = []
+        self._changed = _asyncio.Event()
+
+    def append(self, event: dict, app_session_id: str | None) -> None:
+        date = _datetime.fromisoformat(event["eventDate"].replace("Z", "+00:00"))
+        self.events.append((date, app_session_id, event))
+        self._changed.set()
+        self._changed = _asyncio.Event()
+
+    def _matching(self, after: _datetime | None, app_session_id: str | None, limit: int | None) -> list:
+        found = [
+            e
+            for date, session, e in self.events
+            if (after is None or date > after) and (app_session_id is None or session == app_session_id)
+        ]
+        return found[:limit] if limit else found
+
+    async def poll(self, after: _datetime | None, app_session_id: str | None, timeout: float, limit: int | None = None):
+        deadline = _time.monotonic() + max(0.0, timeout)
+        while True:
+            found = self._matching(after, app_session_id, limit)
+            remaining = deadline - _time.monotonic()
+            if found or remaining <= 0:
+                return found
+            try:
+                await _asyncio.wait_for(self._changed.wait(), remaining)
+            except _asyncio.TimeoutError:
+                pass
+
+
+@_dataclass
+class Billing:
+    """What one agreement's provider bills: its terms, read once from the agreement."""
+
+    agreement: object
+    usage_vector: list
+    coeffs: list
+    interval: float
+    accept_timeout: float
+    payment_timeout: float | None
+    accepted: _Decimal = _Decimal(0)  # the highest amount the requestor accepted so far
+    allocation_id: str | None = None
+
+
+class PaymentEngine:
+    """Provider-side payments: debit notes on the negotiated interval priced from measured usage,
+    an invoice when the agreement ends, their accept endpoints, and the provider breaking the
+    agreement when a debit note is not accepted within the accept timeout."""
+
+    def __init__(self, activities: ActivityEngine, allocations=None, on_agreement_broken=None):
+        self.activities = activities
+        # allocations(allocation_id) -> object with total/spent/remaining Decimals, or None.
+        self.allocations = allocations
+        # on_agreement_broken(agreement, reason): the market section terminates the agreement.
+        self.on_agreement_broken = on_agreement_broken
+        self.debit_notes: dict[str, dict] = {}
+        self.invoices: dict[str, dict] = {}
+        self.debit_note_events = PaymentEventLog()
+        self.invoice_events = PaymentEventLog()
+        self._billing: dict[str, Billing] = {}  # agreement id ->
+        self._last_note: dict[str, str] = {}  # activity id -> last debit note id
+        self._timers: dict[str, list] = {}  # activity id -> timer handles
+        self._invoiced: set[str] = set()
+
+    # -- terms --
+
+    def billing(self, agreement) -> Billing:
+        billing = self._billing.get(agreement.agreement_id)
+        if billing is None:
+            offer, demand = agreement_offer_properties(agreement), agreement_demand_properties(agreement)
+            usage_vector = list(offer.get(PROP_USAGE_VECTOR) or ["golem.usage.cpu_sec", "golem.usage.duration_sec"])
+            coeffs = list(offer.get(PROP_LINEAR_COEFFS) or [0] * (len(usage_vector) + 1))
+            interval = demand.get(PROP_DEBIT_NOTE_INTERVAL) or offer.get(PROP_DEBIT_NOTE_INTERVAL)
+            accept = demand.get(PROP_ACCEPT_TIMEOUT) or offer.get(PROP_ACCEPT_TIMEOUT)
+            payment_timeout = demand.get(PROP_PAYMENT_TIMEOUT)
+            billing = Billing(
+                agreement=agreement,
+                usage_vector=usage_vector,
+                coeffs=coeffs,
+                interval=float(interval or DEFAULT_DEBIT_NOTE_INTERVAL),
+                accept_timeout=float(min(accept or DEFAULT_ACCEPT_TIMEOUT, DEFAULT_ACCEPT_TIMEOUT)),
+                payment_timeout=float(payment_timeout) if payment_timeout else None,
+            )
+            self._billing[agreement.agreement_id] = billing
+        return billing
+
+    def usage(self, activity: Activity) -> dict[str, _Decimal]:
+        if activity.alive:
+            cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
+        else:
+            cpu, wall = activity.final_cpu_seconds, activity.final_wall_seconds
+        return {
+            "golem.usage.cpu_sec": cpu,
+            "golem.usage.cpu-sec": cpu,
+            "golem.usage.duration_sec": wall,
+            "golem.usage.duration-sec": wall,
+        }
+
+    def activity_cost(self, activity: Activity) -> tuple[list[_Decimal], _Decimal]:
+        billing = self.billing(activity.agreement)
+        return usage_price(billing.coeffs, billing.usage_vector, self.usage(activity))
+
+    # -- debit notes --
+
+    def activity_started(self, activity: Activity) -> None:
+        """Schedule the activity's debit notes (real seconds: golem-core checks their pace
+        against its own clock, so the time scale must not speed them up)."""
+        billing = self.billing(activity.agreement)
+        loop = _asyncio.get_running_loop()
+        self._timers[activity.activity_id] = [loop.call_later(billing.interval, self._tick, activity)]
+
+    def _tick(self, activity: Activity) -> None:
+        if not activity.alive:
+            return
+        billing = self.billing(activity.agreement)
+        if activity.answering():
+            self.issue_debit_note(activity)
+        loop = _asyncio.get_running_loop()
+        self._timers.setdefault(activity.activity_id, []).append(loop.call_later(billing.interval, self._tick, activity))
+
+    def issue_debit_note(self, activity: Activity) -> dict:
+        billing = self.billing(activity.agreement)
+        usage, amount = self.activity_cost(activity)
+        note_id = _new_id()
+        now = _datetime.now(_timezone.utc)
+        note = {
+            "debitNoteId": note_id,
+            "previousDebitNoteId": self._last_note.get(activity.activity_id),
+            "timestamp": _iso_now(),
+            "agreementId": activity.agreement_id,
+            "activityId": activity.activity_id,
+            "totalAmountDue": _amount_str(amount),
+            "usageCounterVector": [float(u) for u in usage],
+            "status": "RECEIVED",
+            **agreement_parties(activity.agreement),
+        }
+        if billing.payment_timeout:
+            # Payable only under mid-agreement payments (yagna-api.md §2.11).
+            due = now.timestamp() + billing.payment_timeout
+            note["paymentDueDate"] = _datetime.fromtimestamp(due, _timezone.utc).isoformat(timespec="microseconds")
+        self.debit_notes[note_id] = note
+        self._last_note[activity.activity_id] = note_id
+        self.debit_note_events.append(
+            {"eventType": "DebitNoteReceivedEvent", "eventDate": _iso_now(), "debitNoteId": note_id},
+            agreement_app_session(activity.agreement),
+        )
+        loop = _asyncio.get_running_loop()
+        self._timers.setdefault(activity.activity_id, []).append(
+            loop.call_later(billing.accept_timeout, self._check_accepted, activity, note_id)
+        )
+        return note
+
+    def _check_accepted(self, activity: Activity, note_id: str) -> None:
+        if self.debit_notes[note_id]["status"] != "RECEIVED" or not activity.alive:
+            return
+        _asyncio.ensure_future(self.break_agreement(activity.agreement, f"{DEBIT_NOTE_DEADLINE_REASON}: {note_id}"))
+
+    async def break_agreement(self, agreement, reason: str) -> None:
+        """What a provider agent does to a requestor that does not pay: kill the activities and
+        terminate the agreement (visible to golem-core only as the Terminated activity state)."""
+        await self.activities.terminate_agreement(agreement.agreement_id, reason)
+        if self.on_agreement_broken is not None:
+            self.on_agreement_broken(agreement, reason)
+        self.agreement_ended(agreement)
+
+    def activity_ended(self, activity: Activity) -> None:
+        for timer in self._timers.pop(activity.activity_id, []):
+            timer.cancel()
+
+    # -- invoices --
+
+    def agreement_ended(self, agreement) -> dict | None:
+        """One invoice per agreement after it terminates: the cost of all its activities."""
+        if agreement.agreement_id in self._invoiced:
+            return None
+        self._invoiced.add(agreement.agreement_id)
+        acts = [a for a in self.activities.activities.values() if a.agreement_id == agreement.agreement_id]
+        for activity in acts:
+            if activity.alive:  # the market terminated the agreement first: end them now
+                _asyncio.ensure_future(self.activities.terminate(activity.activity_id, "agreement terminated"))
+        total = sum((self._final_cost(a) for a in acts), _Decimal(0))
+        billing = self.billing(agreement)
+        invoice_id = _new_id()
+        due = _datetime.now(_timezone.utc).timestamp() + (billing.payment_timeout or 86400)
+        invoice = {
+            "invoiceId": invoice_id,
+            "timestamp": _iso_now(),
+            "agreementId": agreement.agreement_id,
+            "activityIds": [a.activity_id for a in acts],
+            "amount": _amount_str(total),
+            "paymentDueDate": _datetime.fromtimestamp(due, _timezone.utc).isoformat(timespec="microseconds"),
+            "status": "RECEIVED",
+            **agreement_parties(agreement),
+        }
+        self.invoices[invoice_id] = invoice
+        self.invoice_events.append(
+            {"eventType": "InvoiceReceivedEvent", "eventDate": _iso_now(), "invoiceId": invoice_id},
+            agreement_app_session(agreement),
+        )
+        return invoice
+
+    def _final_cost(self, activity: Activity) -> _Decimal:
+        return self.activity_cost(activity)[1]
+
+    # -- accepting --
+
+    def get_debit_note(self, note_id: str) -> dict:
+        note = self.debit_notes.get(note_id)
+        if note is None:
+            raise ActivityApiError(404, f"Debit note {note_id} not found")
+        return note
+
+    def get_invoice(self, invoice_id: str) -> dict:
+        invoice = self.invoices.get(invoice_id)
+        if invoice is None:
+            raise ActivityApiError(404, f"Invoice {invoice_id} not found")
+        return invoice
+
+    def accept_debit_note(self, note_id: str, body) -> None:
+        note = self.get_debit_note(note_id)
+        self._accept(note, note["totalAmountDue"], body, f"Debit note {note_id}")
+        note["status"] = "ACCEPTED"
+        self.debit_note_events.append(
+            {"eventType": "DebitNoteAcceptedEvent", "eventDate": _iso_now(), "debitNoteId": note_id}, None
+        )
+
+    def accept_invoice(self, invoice_id: str, body) -> None:
+        invoice = self.get_invoice(invoice_id)
+        self._accept(invoice, invoice["amount"], body, f"Invoice {invoice_id}")
+        invoice["status"] = "ACCEPTED"
+        self.invoice_events.append(
+            {"eventType": "InvoiceAcceptedEvent", "eventDate": _iso_now(), "invoiceId": invoice_id}, None
+        )
+
+    def _accept(self, document: dict, due: str, body, what: str) -> None:
+        """yagna's accept checks: the accepted amount equals the amount due, and the allocation
+        exists and covers the increase; the increase is what the allocation spends."""
+        if not isinstance(body, dict):
+            raise ActivityApiError(400, "acceptance body must be an object with `totalAmountAccepted` and `allocationId`")
+        accepted = _parse_amount(body.get("totalAmountAccepted"), "totalAmountAccepted")
+        if accepted != _Decimal(due):
+            raise ActivityApiError(400, f"{what}: `totalAmountAccepted` {accepted} must equal the amount due {due}")
+        allocation_id = body.get("allocationId")
+        if not isinstance(allocation_id, str) or not allocation_id:
+            raise ActivityApiError(400, "`allocationId` is required")
+        if document["status"] == "ACCEPTED":
+            return  # golem-core retries accept on 408/504: repeat acceptance is a no-op
+        billing = self._billing[document["agreementId"]]
+        increase = max(_Decimal(0), accepted - billing.accepted)
+        if self.allocations is not None:
+            allocation = self.allocations(allocation_id)
+            if allocation is None:
+                raise ActivityApiError(404, f"Allocation {allocation_id} not found")
+            remaining = allocation_remaining(allocation)
+            if increase > remaining:
+                raise ActivityApiError(
+                    400, f"Not enough funds in allocation {allocation_id}: need {increase}, remaining {remaining}"
+                )
+            allocation_spend(allocation, increase)
+        billing.accepted += increase
+        billing.allocation_id = allocation_id
+
+    def shutdown(self) -> None:
+        for timers in self._timers.values():
+            for timer in timers:
+                timer.cancel()
+        self._timers.clear()
+
+
+# The agreement and allocation objects belong to sections 5 and 8 (market branch); these
+# accessors are the only places that know their shape.
+
+
+def agreement_offer_properties(agreement) -> dict:
+    return agreement.offer_properties
+
+
+def agreement_demand_properties(agreement) -> dict:
+    return agreement.demand_properties
+
+
+def agreement_app_session(agreement) -> str | None:
+    return agreement.app_session_id
+
+
+def agreement_parties(agreement) -> dict:
+    offer, demand = agreement.offer_properties, agreement.demand_properties
+    platform = offer.get("golem.com.payment.chosen-platform") or demand.get("golem.com.payment.chosen-platform")
+    if not platform:
+        platform = next(
+            (k.split(".")[4] for k in offer if k.startswith("golem.com.payment.platform.") and k.endswith(".address")),
+            "erc20-local-tglm",
+        )
+    return {
+        "issuerId": agreement.provider_id,
+        "recipientId": agreement.requestor_id,
+        "payeeAddr": offer.get(f"golem.com.payment.platform.{platform}.address", agreement.provider_id),
+        "payerAddr": demand.get(f"golem.com.payment.platform.{platform}.address", agreement.requestor_id),
+        "paymentPlatform": platform,
+    }
+
+
+def allocation_remaining(allocation) -> _Decimal:
+    return allocation.total - allocation.spent
+
+
+def allocation_spend(allocation, amount: _Decimal) -> None:
+    allocation.spent += amount
 
 
 ###############################################################################
@@ -69,13 +3038,235 @@ import sys
 ###############################################################################
 
 
+class InspectionRoutes(HttpHandler):
+    async def get_localnet_state(self) -> Response:
+        return self.ok(self.net.inspect())
+
+
+class LocalnetHandler(IdentityRoutes, MarketRoutes, PaymentRoutes, InspectionRoutes):
+    """The handler class: one method per route, composed from the sections' mixins."""
+
+
+M, A, P = "/market-api/v1", "/activity-api/v1", "/payment-api/v1"
+PUBLIC_ROUTES = {"get_version", "get_root"}  # yagna skips auth for /version/get (§1.2)
+
+ROUTES: list[tuple[str, str, str]] = [
+    ("GET", "/", "get_root"),
+    ("GET", "/me", "get_me"),
+    ("GET", "/version/get", "get_version"),
+    ("GET", "/localnet/v1/state", "get_localnet_state"),
+    # market (yagna-api.md §6.1)
+    ("POST", f"{M}/demands", "post_demands"),
+    ("GET", f"{M}/demands", "get_demands"),
+    ("DELETE", f"{M}/demands/{{demand_id}}", "delete_demand"),
+    ("GET", f"{M}/demands/{{demand_id}}/events", "get_demand_events"),
+    ("GET", f"{M}/demands/{{demand_id}}/proposals/{{proposal_id}}", "get_proposal"),
+    ("POST", f"{M}/demands/{{demand_id}}/proposals/{{proposal_id}}", "post_counter_proposal"),
+    ("POST", f"{M}/demands/{{demand_id}}/proposals/{{proposal_id}}/reject", "post_reject_proposal"),
+    ("POST", f"{M}/agreements", "post_agreements"),
+    ("GET", f"{M}/agreements/{{agreement_id}}", "get_agreement"),
+    ("POST", f"{M}/agreements/{{agreement_id}}/confirm", "post_agreement_confirm"),
+    ("POST", f"{M}/agreements/{{agreement_id}}/wait", "post_agreement_wait"),
+    ("POST", f"{M}/agreements/{{agreement_id}}/terminate", "post_agreement_terminate"),
+    # payment
+    ("GET", f"{P}/requestorAccounts", "get_requestor_accounts"),
+    ("GET", f"{P}/providerAccounts", "get_provider_accounts"),
+    ("POST", f"{P}/allocations", "post_allocations"),
+    ("GET", f"{P}/allocations", "get_allocations"),
+    ("GET", f"{P}/allocations/{{allocation_id}}", "get_allocation"),
+    ("DELETE", f"{P}/allocations/{{allocation_id}}", "delete_allocation"),
+    ("GET", f"{P}/demandDecorations", "get_demand_decorations"),
+    ("GET", f"{P}/invoiceEvents", "get_invoice_events"),
+    ("GET", f"{P}/debitNoteEvents", "get_debit_note_events"),
+    ("GET", f"{P}/invoices", "get_invoices"),
+    ("GET", f"{P}/debitNotes", "get_debit_notes"),
+    ("GET", f"{P}/invoices/{{invoice_id}}", "get_invoice"),
+    ("GET", f"{P}/debitNotes/{{debit_note_id}}", "get_debit_note"),
+    # spec endpoints golem-core 0.7.8 never calls: 501 with a JSON message (§6.1)
+    ("GET", f"{M}/agreements", "not_implemented"),
+    ("GET", f"{M}/agreementEvents", "not_implemented"),
+    ("POST", f"{M}/agreements/{{agreement_id}}/cancel", "not_implemented"),
+    ("POST", f"{M}/agreements/{{agreement_id}}/terminate/reason", "not_implemented"),
+    ("POST", f"{M}/demands/{{demand_id}}/propertyQuery/{{query_id}}", "not_implemented"),
+    ("POST", f"{M}/scan", "not_implemented"),
+    ("GET", f"{M}/scan/{{scan_id}}/events", "not_implemented"),
+    ("DELETE", f"{M}/scan/{{scan_id}}", "not_implemented"),
+    ("PUT", f"{P}/allocations/{{allocation_id}}", "not_implemented"),
+    ("POST", f"{P}/invoices/{{invoice_id}}/reject", "not_implemented"),
+    ("POST", f"{P}/debitNotes/{{debit_note_id}}/reject", "not_implemented"),
+    ("GET", f"{P}/payments", "not_implemented"),
+    ("GET", f"{P}/payments/{{payment_id}}", "not_implemented"),
+    ("GET", f"{P}/invoices/{{invoice_id}}/payments", "not_implemented"),
+    ("GET", f"{P}/debitNotes/{{debit_note_id}}/payments", "not_implemented"),
+    ("GET", f"{P}/payments/status", "not_implemented"),
+]
+
+
+class Localnet:
+    """The whole simulated network: its parts, the HTTP server and the dispatcher."""
+
+    def __init__(self, app_key: str, population: Population, clock: Clock) -> None:
+        self.clock = clock
+        self.population = population
+        self.identity = Identity(app_key, population.seed)
+        self.market = Market(clock, population, self.identity)
+        self.payments = Payments(clock, self.identity)
+        self.parts: list[Any] = [self.market, self.payments]
+        self.router = Router(ROUTES)
+        self.http = HttpServer(self.dispatch)
+        self.handler_class = LocalnetHandler
+
+    async def dispatch(self, request: Request) -> Response:
+        """One error path: HttpError -> its status; anything else -> 500, both as
+        JSON {"message": ...} and never a traceback to the client."""
+        try:
+            name, params = self.router.match(request.method, request.path)
+            if name not in PUBLIC_ROUTES:
+                self.identity.check(request)
+            handler = self.handler_class(self, request, params)
+            return await getattr(handler, name)()
+        except HttpError as e:
+            return Response(e.status, {"message": e.message})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug of ours: say so without leaking internals
+            print(f"golem-localnet: internal error on {request.method} {request.path}: {e!r}", file=sys.stderr)
+            return Response(500, {"message": f"internal error: {type(e).__name__}"})
+
+    def inspect(self) -> dict:
+        state: dict[str, Any] = {"version": VERSION, "time_scale": self.clock.time_scale,
+                                 "started_at": iso(self.clock.started_at)}
+        for part in self.parts:
+            if hasattr(part, "inspect"):
+                state.update(part.inspect())
+        return state
+
+    async def close(self) -> None:
+        await self.http.close()
+        for part in reversed(self.parts):
+            closer = getattr(part, "close", None)
+            if closer is not None:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+
+
 ###############################################################################
 # 10. CLI #####################################################################
 ###############################################################################
 
 
+def _write_state_file(datadir: str, url: str) -> None:
+    """DIR/localnet.json: where and who, no secrets (docs/internals.md)."""
+    path = os.path.join(datadir, STATE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow())}, f)
+    os.replace(tmp, path)
+
+
+async def serve(args: argparse.Namespace, population: Population) -> int:
+    os.makedirs(args.datadir, mode=0o700, exist_ok=True)
+    app_key = load_app_key(args.datadir)
+    net = Localnet(app_key, population, Clock(args.time_scale))
+    try:
+        port = await net.http.start(args.host, args.port)
+    except OSError as e:
+        print(f"golem-localnet: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        return 1
+    url = f"http://{args.host}:{port}"
+    _write_state_file(args.datadir, url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(READY_LINE.format(url=url), flush=True)
+    await stop.wait()
+    await net.close()
+    return 0
+
+
+def _print_population(population: Population, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"seed": population.seed, "providers": population.describe()}, indent=1))
+        return
+    print(f"{'#':>4}  {'name':<16} {'node id':<14} {'thr':>3} {'mem':>5} {'disk':>6} "
+          f"{'cpu/h':>8} {'dur/h':>8} {'start':>8}  behaviour")
+    for p in population.providers:
+        print(f"{p.index:>4}  {p.name:<16} {p.node_id[:12]+'..':<14} {p.cpu_threads:>3} {p.mem_gib:>5g} "
+              f"{p.storage_gib:>6g} {p.cpu_sec_price*3600:>8.4f} {p.duration_sec_price*3600:>8.4f} "
+              f"{p.start_price:>8.4f}  {p.behaviour}")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="golem_localnet.py", description="The local Golem network.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def population_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--providers", type=_count, help="population size (default: the profile's)")
+        p.add_argument("--seed", type=int, help="population seed (default: the profile's)")
+        p.add_argument("--profile", help="population profile, JSON or YAML (format: section 3 of this file)")
+
+    serve_p = sub.add_parser("serve", help="run the yagna-compatible daemon")
+    serve_p.add_argument("--port", type=_port, required=True, help="TCP port; 0 picks a free one")
+    serve_p.add_argument("--datadir", required=True, help="directory for the app key and localnet.json")
+    serve_p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
+    serve_p.add_argument("--time-scale", type=_positive_float, default=1.0,
+                         help="simulated seconds per real second for provider behaviour")
+    population_args(serve_p)
+    pop_p = sub.add_parser("population", help="print the provider population a seed and profile give")
+    population_args(pop_p)
+    pop_p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("not built yet")
+    args = build_parser().parse_args(argv)
+    try:
+        population = Population(load_profile(args.profile), seed=args.seed, providers=args.providers)
+    except ProfileError as e:
+        print(f"golem_localnet.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "population":
+        _print_population(population, args.json)
+        return 0
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("golem_localnet.py: error: --host must be a loopback address", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args, population))
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":
