@@ -182,6 +182,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    connection: Any = None  # (reader, writer): for a handler that upgrades the connection (WebSocket)
 
     def json(self) -> Any:
         """The body as JSON; malformed JSON is the client's fault (400)."""
@@ -229,6 +230,7 @@ class Response:
     body: Any = None  # JSON-able; None with 200 is sent as `null`, as yagna does
     content_type: str = "application/json"
     raw: bytes | None = None
+    upgraded: bool = False  # the handler took the connection over (WebSocket): write nothing
 
     def encode(self) -> bytes:
         if self.raw is not None:
@@ -367,7 +369,10 @@ class HttpServer:
                 if error is not None:
                     response, keep_alive = Response(error.status, {"message": error.message}), False
                 else:
+                    request.connection = (reader, writer)
                     response = await self.dispatch(request)
+                    if response.upgraded:
+                        break
                 self._write_response(writer, response, keep_alive)
                 await writer.drain()
                 if not keep_alive:
@@ -473,6 +478,12 @@ class HttpServer:
 #     unreachable: 0.05        # counter-proposal POST answers 500 with the GSB error
 #     reject_agreement: 0.05   # rejects the agreement (wait -> 410 "Rejected")
 #     slow: 0.05               # answers after slow_latency_s
+#   activity_faults:           # share of providers whose activities fail (drawn from the seed,
+#     deploy_fails: 0.02       #   apart from the draws above): every deploy fails,
+#     dies: 0.02               #   activities die dies_after_s simulated seconds after creation,
+#     stops_answering: 0.02    #   the exe-unit stops answering (500 GSB error) after that time
+#     dies_after_s: [600, 7200]
+#     stops_answering_after_s: [600, 7200]
 #   explicit:                  # exact providers placed first (any Provider field)
 #     - {name: my-provider, cpu_threads: 8, behaviour: ok}
 #
@@ -502,6 +513,7 @@ DEFAULT_PROFILE: dict[str, Any] = {
         "busy": 0.1, "outbound_rules": 0.05, "no_answer": 0.05, "unreachable": 0.05,
         "reject_agreement": 0.05, "slow": 0.05,
     },
+    "activity_faults": {},
     "explicit": [],
 }
 
@@ -541,6 +553,10 @@ class Provider:
     payment_platforms: tuple[str, ...] = ("erc20-local-tglm",)
     offer_id: str = ""
     approved_agreements: int = 0  # live (Approved) agreements, for the agreement limit
+    # activity faults (section 6): probability that a deploy fails, seconds after creation
+    deploy_fails: float = 0.0
+    dies_after_s: float | None = None
+    stops_answering_after_s: float | None = None
     _properties: dict | None = None
 
     def offer_properties(self, created_ms: int) -> dict:
@@ -591,6 +607,8 @@ class Provider:
             "usage_vector": list(USAGE_VECTOR), "behaviour": self.behaviour,
             "latency_s": self.latency_s, "agreement_limit": self.agreement_limit,
             "offer_at_s": self.offer_at_s, "payment_platforms": list(self.payment_platforms),
+            "deploy_fails": self.deploy_fails, "dies_after_s": self.dies_after_s,
+            "stops_answering_after_s": self.stops_answering_after_s,
         }
 
 
@@ -652,7 +670,28 @@ class Population:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ProfileError("profile field providers: expected an integer >= 0")
         self.providers: list[Provider] = self._generate(count)
+        self._assign_activity_faults()
         self.by_node_id: dict[str, Provider] = {p.node_id: p for p in self.providers}
+
+    def _assign_activity_faults(self) -> None:
+        """Activity faults by share, from a generator of their own so that adding faults to a
+        profile leaves every other draw (and the market funnel) unchanged."""
+        faults = self.profile.get("activity_faults") or {}
+        known = {"deploy_fails", "dies", "stops_answering", "dies_after_s", "stops_answering_after_s"}
+        if not isinstance(faults, dict) or not set(faults) <= known:
+            raise ProfileError(f"profile field activity_faults: keys must be among {', '.join(sorted(known))}")
+        rng = random.Random(f"activity-faults:{self.seed}")
+        explicit = len(self.profile.get("explicit") or [])
+        for name, attr in (("deploy_fails", "deploy_fails"), ("dies", "dies_after_s"),
+                           ("stops_answering", "stops_answering_after_s")):
+            share = faults.get(name, 0)
+            if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise ProfileError(f"profile field activity_faults.{name}: expected a share in [0, 1]")
+            lo, hi = _range(faults, attr) if attr in faults else (600.0, 7200.0)
+            order = list(range(explicit, len(self.providers)))
+            rng.shuffle(order)
+            for idx in order[:round(share * len(self.providers))]:
+                setattr(self.providers[idx], attr, 1.0 if name == "deploy_fails" else round(rng.uniform(lo, hi), 3))
 
     def _generate(self, count: int) -> list[Provider]:
         profile, rng = self.profile, random.Random(self.seed)
@@ -732,7 +771,8 @@ class Population:
                 for key, value in spec.items():
                     if key not in ("name", "cpu_threads", "cpu_cores", "mem_gib", "storage_gib", "subnet",
                                    "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
-                                   "latency_s", "agreement_limit", "offer_at_s", "node_id"):
+                                   "latency_s", "agreement_limit", "offer_at_s", "node_id",
+                                   "deploy_fails", "dies_after_s", "stops_answering_after_s"):
                         raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
@@ -1474,23 +1514,13 @@ class MarketRoutes(HttpHandler):
 ###############################################################################
 
 
-# Section-local imports: kept here (not in the header) so that the parallel
-# branches editing sections 1-5 do not conflict on the import block.
-import asyncio as _asyncio
-import ctypes as _ctypes
-import fcntl as _fcntl
-import hashlib as _hashlib
-import os as _os
-import random as _random
-import signal as _signal
-import subprocess as _subprocess
-import tempfile as _tempfile
-import time as _time
-import uuid as _uuid
-from dataclasses import dataclass as _dataclass, field as _field
-from datetime import datetime as _datetime, timezone as _timezone
-from decimal import Decimal as _Decimal
-from pathlib import Path as _Path
+# Section-local imports (modules only sections 6-8 use), kept here so the parallel
+# branches editing the header do not conflict on the import block.
+import ctypes
+import fcntl
+import subprocess
+import tempfile
+from pathlib import Path
 
 ACTIVITY_MARKER_ENV = "GOLEM_LOCALNET_ACTIVITY"
 # The exe-unit's batch-result long-poll never holds longer than this (yagna-api.md §2.0:
@@ -1498,32 +1528,14 @@ ACTIVITY_MARKER_ENV = "GOLEM_LOCALNET_ACTIVITY"
 BATCH_POLL_MAX_SECONDS = 5.0
 # stdout/stderr of one `run` returned in its result (the tail beyond is dropped).
 CAPTURE_LIMIT_BYTES = 1 << 20
-_CLK_TCK = _os.sysconf("SC_CLK_TCK")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-class ActivityApiError(Exception):
-    """A request the activity/net/payment engines refuse: carries the HTTP status for the route."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _iso_now() -> str:
-    """Timezone-aware, microsecond timestamp (yagna-api.md §3.5: naive or ns timestamps kill loops)."""
-    return _datetime.now(_timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _new_id() -> str:
-    return _uuid.uuid4().hex
 
 
 # --- the process table ------------------------------------------------------
 
 
-@_dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ProcInfo:
     """One line of /proc/<pid>/stat, the fields process ownership and pricing need."""
 
@@ -1558,7 +1570,7 @@ def read_proc(pid: int) -> ProcInfo | None:
 def read_proc_table() -> dict[int, ProcInfo]:
     """Every process of the machine, one pass over /proc."""
     table = {}
-    for name in _os.listdir("/proc"):
+    for name in os.listdir("/proc"):
         if name.isdigit():
             info = read_proc(int(name))
             if info is not None:
@@ -1578,7 +1590,7 @@ def become_subreaper() -> bool:
     """Make this process the reaper of orphaned descendants (Linux prctl), so a daemon started by
     an activity that double-forks is re-parented here, stays attributable and gets its CPU counted."""
     try:
-        libc = _ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
@@ -1598,7 +1610,7 @@ class LoopbackPool:
     """
 
     def __init__(self, lock_dir: str | None = None):
-        self._lock_dir = _Path(lock_dir or _tempfile.gettempdir()) / "golem-localnet-loopback"
+        self._lock_dir = Path(lock_dir or tempfile.gettempdir()) / "golem-localnet-loopback"
         self._lock_dir.mkdir(mode=0o755, exist_ok=True)
         self._lock_file = None
         self.block = self._claim_block()
@@ -1606,12 +1618,12 @@ class LoopbackPool:
         self._taken: set[str] = set()
 
     def _claim_block(self) -> int:
-        start = _os.getpid() % 200
+        start = os.getpid() % 200
         for i in range(200):
             block = 20 + (start + i) % 200  # 127.20.-.- .. 127.219.-.-: clear of 127.0.0.x
             f = open(self._lock_dir / f"{block}.lock", "w")
             try:
-                _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 f.close()
                 continue
@@ -1655,7 +1667,7 @@ class Sandbox:
     setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
     """
 
-    def __init__(self, root: _Path, activity_id: str):
+    def __init__(self, root: Path, activity_id: str):
         self.activity_id = activity_id
         self.home = root / activity_id
         self.tmp = self.home / "tmp"
@@ -1666,13 +1678,13 @@ class Sandbox:
         self.vpn_ip: str | None = None
         self.sessions: set[int] = set()
         self.known: set[tuple[int, int]] = set()  # (pid, start) of processes seen as ours
-        self.finished_seconds = _Decimal(0)  # CPU of processes reaped by the localnet itself
+        self.finished_seconds = Decimal(0)  # CPU of processes reaped by the localnet itself
         self._captures = 0
-        self._cpu_reported = _Decimal(0)
+        self._cpu_reported = Decimal(0)
         self._marker = f"{ACTIVITY_MARKER_ENV}={activity_id}".encode()
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
-        env = {k: v for k, v in _os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
         env.update(
             HOME=str(self.home),
             TMPDIR=str(self.tmp),
@@ -1687,7 +1699,7 @@ class Sandbox:
 
     def owned(self, table: dict[int, ProcInfo]) -> dict[int, ProcInfo]:
         """The sandbox's processes in `table`; remembers them so their orphans stay ours."""
-        me = _os.getpid()
+        me = os.getpid()
         owned = {
             pid: info
             for pid, info in table.items()
@@ -1710,22 +1722,22 @@ class Sandbox:
         self.known = {(pid, info.start) for pid, info in owned.items()}
         return owned
 
-    def cpu_seconds(self, table: dict[int, ProcInfo]) -> _Decimal:
+    def cpu_seconds(self, table: dict[int, ProcInfo]) -> Decimal:
         """CPU seconds of the whole process tree, dead and alive; never decreases."""
         live = sum(info.ticks for info in self.owned(table).values())
-        total = self.finished_seconds + _Decimal(live) / _CLK_TCK
+        total = self.finished_seconds + Decimal(live) / _CLK_TCK
         self._cpu_reported = max(self._cpu_reported, total)
         return self._cpu_reported
 
     def add_rusage(self, rusage) -> None:
         # wait4 gives the reaped process's CPU including its own reaped descendants.
-        self.finished_seconds += _Decimal(str(rusage.ru_utime)) + _Decimal(str(rusage.ru_stime))
+        self.finished_seconds += Decimal(str(rusage.ru_utime)) + Decimal(str(rusage.ru_stime))
 
     def signal_all(self, table: dict[int, ProcInfo], sig: int) -> set[int]:
         pids = {pid for pid, info in self.owned(table).items() if info.state != "Z"}
         for pid in pids:
             try:
-                _os.kill(pid, sig)
+                os.kill(pid, sig)
             except OSError:
                 pass
         return pids
@@ -1734,54 +1746,44 @@ class Sandbox:
 # --- ExeScript --------------------------------------------------------------
 
 
-@_dataclass
+@dataclasses.dataclass
 class Batch:
     """One ExeScript batch: its commands and the cumulative results golem-core polls."""
 
     batch_id: str
     commands: list
-    results: list = _field(default_factory=list)
+    results: list = dataclasses.field(default_factory=list)
     finished: bool = False
-    changed: _asyncio.Event = _field(default_factory=_asyncio.Event)
+    signal: Signal = dataclasses.field(default_factory=Signal)
 
     def add_result(self, result: dict) -> None:
         self.results.append(result)
         if result["isBatchFinished"]:
             self.finished = True
-        self.changed.set()
-        self.changed = _asyncio.Event()
+        self.signal.notify()
 
 
-@_dataclass
+@dataclasses.dataclass
 class ActivityFaults:
-    """Provider-profile faults that touch activities (profile fields `deploy_fails`,
-    `dies_after`, `stops_answering_after`); decided once per activity from the seed."""
+    """The faults of one activity, decided at creation from its provider's profile fields
+    (`deploy_fails`, `dies_after_s`, `stops_answering_after_s`, section 3) and the seed."""
 
     deploy_fails: bool = False
-    dies_after: float | None = None  # seconds after create: the activity terminates with an error
-    stops_answering_after: float | None = None  # seconds after create: exe-unit calls get GSB errors
+    dies_after: float | None = None  # real seconds after creation: terminates with an error
+    stops_answering_after: float | None = None  # real seconds after creation: exe-unit calls fail
 
     @classmethod
-    def from_profile(cls, profile: dict | None, seed: int | str, activity_ordinal: int, provider_id: str):
-        """`profile` keys: `deploy_fails` (probability 0..1), `dies_after` and `stops_answering_after`
-        (seconds, a number or [low, high] drawn uniformly); absent keys mean no fault."""
-        profile = profile or {}
-        key = f"{seed}:{provider_id}:{activity_ordinal}".encode()
-        rng = _random.Random(int.from_bytes(_hashlib.sha256(key).digest()[:8], "big"))
+    def for_provider(cls, provider, seed, activity_ordinal: int, time_scale: float = 1.0) -> "ActivityFaults":
+        key = f"{seed}:{provider.node_id}:{activity_ordinal}".encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
 
-        def seconds(name):
-            value = profile.get(name)
-            if value is None:
-                return None
-            if isinstance(value, (list, tuple)):
-                return rng.uniform(float(value[0]), float(value[1]))
-            return float(value)
+        def real(sim_seconds):
+            return None if sim_seconds is None else float(sim_seconds) / time_scale
 
-        probability = float(profile.get("deploy_fails") or 0)
         return cls(
-            deploy_fails=rng.random() < probability,
-            dies_after=seconds("dies_after"),
-            stops_answering_after=seconds("stops_answering_after"),
+            deploy_fails=rng.random() < float(provider.deploy_fails or 0),
+            dies_after=real(provider.dies_after_s),
+            stops_answering_after=real(provider.stops_answering_after_s),
         )
 
 
@@ -1792,25 +1794,25 @@ class Activity:
         self.engine = engine
         self.activity_id = activity_id
         self.agreement = agreement
-        self.agreement_id = agreement.agreement_id
-        self.provider_id = agreement.provider_id
+        self.agreement_id = agreement.id
+        self.provider_id = agreement.provider.node_id
         self.faults = faults
         self.state = ["Initialized", None]
         self.reason: str | None = None
         self.error_message: str | None = None
-        self.created_monotonic = _time.monotonic()
-        self.created_at = _iso_now()
+        self.created_monotonic = time.monotonic()
+        self.created_at = iso(utcnow())
         self.sandbox = Sandbox(engine.sandbox_root, activity_id)
         self.deploy_net: list = []
         self.batches: dict[str, Batch] = {}
-        self._queue: _asyncio.Queue = _asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()
         self._current: Batch | None = None
-        self._worker = _asyncio.ensure_future(self._run_batches())
-        self._timers: list[_asyncio.TimerHandle] = []
-        loop = _asyncio.get_running_loop()
+        self._worker = asyncio.ensure_future(self._run_batches())
+        self._timers: list[asyncio.TimerHandle] = []
+        loop = asyncio.get_running_loop()
         if faults.dies_after is not None:
             self._timers.append(loop.call_later(faults.dies_after, self._die))
-        self.terminated = _asyncio.Event()
+        self.terminated = asyncio.Event()
 
     # -- state --
 
@@ -1820,32 +1822,32 @@ class Activity:
 
     def answering(self) -> bool:
         limit = self.faults.stops_answering_after
-        return limit is None or _time.monotonic() - self.created_monotonic < limit
+        return limit is None or time.monotonic() - self.created_monotonic < limit
 
     def check_answering(self) -> None:
         if not self.answering():
             # What yagna's router answers when the provider's node is gone (yagna-api.md §2.0).
-            raise ActivityApiError(
+            raise HttpError(
                 500, f"GSB error: GSB failure: Bad request: endpoint address not found: /net/{self.provider_id}/exeunit"
             )
 
     def state_json(self) -> dict:
         return {"state": list(self.state), "reason": self.reason, "errorMessage": self.error_message}
 
-    def wall_seconds(self) -> _Decimal:
-        return _Decimal(str(round(_time.monotonic() - self.created_monotonic, 6)))
+    def wall_seconds(self) -> Decimal:
+        return Decimal(str(round(time.monotonic() - self.created_monotonic, 6)))
 
     def _die(self) -> None:
-        _asyncio.ensure_future(self.engine.terminate(self.activity_id, "activity died", error="Activity process exited"))
+        asyncio.ensure_future(self.engine.terminate(self.activity_id, "activity died", error="Activity process exited"))
 
     # -- batches --
 
     def submit(self, commands: list) -> str:
         if not self.alive:
-            raise ActivityApiError(400, f"Activity {self.activity_id} is terminated")
+            raise HttpError(400, f"Activity {self.activity_id} is terminated")
         if not isinstance(commands, list) or not commands:
-            raise ActivityApiError(400, "exe script `text` must be a non-empty JSON list of commands")
-        batch = Batch(_new_id(), commands)
+            raise HttpError(400, "exe script `text` must be a non-empty JSON list of commands")
+        batch = Batch(new_id(), commands)
         self.batches[batch.batch_id] = batch
         self._queue.put_nowait(batch)
         return batch.batch_id
@@ -1855,22 +1857,14 @@ class Activity:
         `timeout` passes (exe-unit semantics, yagna-api.md §2.0)."""
         batch = self.batches.get(batch_id)
         if batch is None:
-            raise ActivityApiError(404, f"Batch {batch_id} not found for activity {self.activity_id}")
-        deadline = _time.monotonic() + max(0.0, min(timeout, BATCH_POLL_MAX_SECONDS))
+            raise HttpError(404, f"Batch {batch_id} not found for activity {self.activity_id}")
 
         def done():
             if command_index is not None:
                 return len(batch.results) > command_index or batch.finished
             return batch.finished
 
-        while not done():
-            remaining = deadline - _time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await _asyncio.wait_for(batch.changed.wait(), remaining)
-            except _asyncio.TimeoutError:
-                break
+        await long_poll(batch.signal, done, max(0.0, min(timeout, BATCH_POLL_MAX_SECONDS)))
         if command_index is not None:
             return batch.results[: command_index + 1]
         return list(batch.results)
@@ -1887,7 +1881,7 @@ class Activity:
                 batch.add_result(
                     {
                         "index": index,
-                        "eventDate": _iso_now(),
+                        "eventDate": iso(utcnow()),
                         "result": "Ok" if ok else "Error",
                         "stdout": stdout,
                         "stderr": stderr,
@@ -1907,7 +1901,7 @@ class Activity:
                 batch.add_result(
                     {
                         "index": len(batch.results),
-                        "eventDate": _iso_now(),
+                        "eventDate": iso(utcnow()),
                         "result": "Error",
                         "stdout": None,
                         "stderr": None,
@@ -1983,36 +1977,39 @@ class ActivityEngine:
     """All activities of the local network: creation from agreements, ExeScript, process
     accounting, and killing every process an activity started when it ends."""
 
-    def __init__(self, datadir: str | _Path, seed: int | str = 0, on_terminated=None):
-        self.sandbox_root = _Path(datadir) / "activities"
+    def __init__(self, datadir: str | Path, seed: int | str = 0, time_scale: float = 1.0):
+        self.sandbox_root = Path(datadir) / "activities"
         self.sandbox_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.seed = seed
         self.activities: dict[str, Activity] = {}
         self.loopback = LoopbackPool()
         self.subreaper = become_subreaper()
-        # on_terminated(activity) -> None: the payment section issues the last debit note etc.
-        self.on_terminated = on_terminated
+        self.time_scale = time_scale
+        # observer(event, activity), event in ("created", "terminated"): sections below listen
+        self.observers: list[Callable[[str, Activity], None]] = []
         self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
-        self._reaper: _asyncio.TimerHandle | None = None
+        self._reaper: asyncio.TimerHandle | None = None
         self._ordinal = 0
 
-    def create(self, agreement, fault_profile: dict | None = None) -> Activity:
-        """`agreement` needs: agreement_id, provider_id, state ('Approved' to create)."""
-        if getattr(agreement, "state", "Approved") != "Approved":
+    def create(self, agreement) -> Activity:
+        """An activity on an Approved agreement (section 5's `Agreement`)."""
+        if agreement.state != "Approved":
             # yagna: core/activity/src/provider/service.rs (yagna-api.md §2.7)
-            raise ActivityApiError(
-                400, f"Bad request: Agreement {agreement.agreement_id} is not Approved. Current state: {agreement.state}"
+            raise HttpError(
+                400, f"Bad request: Agreement {agreement.id} is not Approved. Current state: {agreement.state}"
             )
         self._ordinal += 1
-        faults = ActivityFaults.from_profile(fault_profile, self.seed, self._ordinal, agreement.provider_id)
-        activity = Activity(self, _new_id(), agreement, faults)
+        faults = ActivityFaults.for_provider(agreement.provider, self.seed, self._ordinal, self.time_scale)
+        activity = Activity(self, new_id(), agreement, faults)
         self.activities[activity.activity_id] = activity
+        for observer in list(self.observers):
+            observer("created", activity)
         return activity
 
     def get(self, activity_id: str) -> Activity:
         activity = self.activities.get(activity_id)
         if activity is None:
-            raise ActivityApiError(404, f"Activity {activity_id} not found")
+            raise HttpError(404, f"Activity {activity_id} not found")
         return activity
 
     def by_node(self, net_id: str, ip: str) -> Activity | None:
@@ -2035,11 +2032,11 @@ class ActivityEngine:
         out_path = sandbox.exe_dir / f"{sandbox._captures}.stdout"
         err_path = sandbox.exe_dir / f"{sandbox._captures}.stderr"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = _subprocess.Popen(
+            proc = subprocess.Popen(
                 argv,
                 cwd=sandbox.home,
                 env=sandbox.environment(env),
-                stdin=_subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
@@ -2050,24 +2047,24 @@ class ActivityEngine:
             status, rusage = await self._wait_child(proc.pid)
         finally:
             self._children.pop(proc.pid, None)
-        proc.returncode = _os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
         sandbox.add_rusage(rusage)
         return proc.returncode, _read_capture(out_path), _read_capture(err_path)
 
     async def _wait_child(self, pid: int):
-        loop = _asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         done = loop.create_future()
-        pidfd = _os.pidfd_open(pid)
+        pidfd = os.pidfd_open(pid)
 
         def ready():
             try:
-                wpid, status, rusage = _os.wait4(pid, _os.WNOHANG)
+                wpid, status, rusage = os.wait4(pid, os.WNOHANG)
             except ChildProcessError:
                 wpid, status, rusage = pid, 0, None
             if wpid == 0:
                 return
             loop.remove_reader(pidfd)
-            _os.close(pidfd)
+            os.close(pidfd)
             if not done.done():
                 done.set_result((status, rusage))
 
@@ -2081,7 +2078,7 @@ class ActivityEngine:
         """Reap zombie orphans re-parented here (subreaper) that belong to an activity, counting
         their CPU; never touches children the localnet waits for itself."""
         table = read_proc_table() if table is None else table
-        me = _os.getpid()
+        me = os.getpid()
         for info in table.values():
             if info.ppid != me or info.state != "Z" or info.pid in self._children:
                 continue
@@ -2096,13 +2093,13 @@ class ActivityEngine:
             if owner is None:
                 continue
             try:
-                wpid, _status, rusage = _os.wait4(info.pid, _os.WNOHANG)
+                wpid, _status, rusage = os.wait4(info.pid, os.WNOHANG)
             except ChildProcessError:
                 continue
             if wpid:
                 owner.sandbox.add_rusage(rusage)
 
-    def cpu_seconds(self, activity: Activity) -> _Decimal:
+    def cpu_seconds(self, activity: Activity) -> Decimal:
         table = read_proc_table()
         self.reap_orphans(table)
         return activity.sandbox.cpu_seconds(table)
@@ -2113,27 +2110,27 @@ class ActivityEngine:
         sandbox = activity.sandbox
         for _ in range(50):
             table = read_proc_table()
-            if not sandbox.signal_all(table, _signal.SIGSTOP):
+            if not sandbox.signal_all(table, signal.SIGSTOP):
                 break
             table = read_proc_table()
             sandbox.cpu_seconds(table)  # last look at their CPU before they go
-            sandbox.signal_all(table, _signal.SIGKILL)
+            sandbox.signal_all(table, signal.SIGKILL)
             for sid in sandbox.sessions:
                 try:
-                    _os.killpg(sid, _signal.SIGKILL)
+                    os.killpg(sid, signal.SIGKILL)
                 except OSError:
                     pass
-            await _asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)
             self.reap_orphans()
         # Wait for the zombies of our direct children and orphans to be reaped.
         for _ in range(200):
             table = read_proc_table()
             self.reap_orphans(table)
-            me = _os.getpid()
+            me = os.getpid()
             left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
             if not left:
                 return
-            await _asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
 
     # -- ending --
 
@@ -2160,8 +2157,8 @@ class ActivityEngine:
         if activity.sandbox.loopback_ip:
             self.loopback.release(activity.sandbox.loopback_ip)
         activity.fail_pending(error or f"Activity terminated: {reason}")
-        if self.on_terminated is not None:
-            self.on_terminated(activity)
+        for observer in list(self.observers):
+            observer("terminated", activity)
         activity.terminated.set()
         return activity
 
@@ -2174,9 +2171,32 @@ class ActivityEngine:
             if activity.agreement_id == agreement_id and activity.alive:
                 await self.terminate(activity.activity_id, reason)
 
-    async def shutdown(self) -> None:
-        """Localnet exit: nothing outlives it."""
-        await _asyncio.gather(
+    def inspect(self) -> dict:
+        by_state: dict[str, int] = {}
+        for activity in self.activities.values():
+            by_state[activity.state[0]] = by_state.get(activity.state[0], 0) + 1
+        return {
+            "activities": {
+                "count": len(self.activities),
+                "by_state": by_state,
+                "items": [
+                    {
+                        "activityId": a.activity_id,
+                        "agreementId": a.agreement_id,
+                        "state": a.state_json(),
+                        "home": str(a.sandbox.home),
+                        "nodeIp": a.sandbox.loopback_ip,
+                        "vpnIp": a.sandbox.vpn_ip,
+                        "sessions": sorted(a.sandbox.sessions),
+                    }
+                    for a in self.activities.values()
+                ],
+            }
+        }
+
+    async def close(self) -> None:
+        """Localnet exit (SIGTERM/SIGINT): every activity's processes die with it."""
+        await asyncio.gather(
             *(self.terminate(a.activity_id, "local network shut down") for a in list(self.activities.values()) if a.alive)
         )
         self.loopback.close()
@@ -2187,22 +2207,75 @@ class _ZeroUsage:
     ru_stime = 0.0
 
 
-def _read_capture(path: _Path) -> str:
+def _read_capture(path: Path) -> str:
     with open(path, "rb") as f:
-        f.seek(0, _os.SEEK_END)
+        f.seek(0, os.SEEK_END)
         size = f.tell()
         f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
         return f.read().decode("utf-8", errors="replace")
 
+
+
+class ActivityRoutes(HttpHandler):
+    """The activity API (yagna-api.md §2.8-§2.9)."""
+
+    def _activity(self) -> Activity:
+        activity = self.net.activities.get(self.params["activity_id"])
+        activity.check_answering()
+        return activity
+
+    async def post_activity(self) -> Response:
+        # golem-core sends the agreement id as a JSON string and wants a string back; yagna
+        # answers an object body with an object (yagna-api.md §2.8, checklist item 7).
+        body = self.request.json()
+        as_object = isinstance(body, dict)
+        agreement_id = body.get("agreementId") if as_object else body
+        if not isinstance(agreement_id, str) or not agreement_id:
+            raise HttpError(400, "request body: expected the agreement id as a JSON string")
+        activity = self.net.activities.create(self.net.market.get_agreement(agreement_id))
+        return self.ok({"activityId": activity.activity_id} if as_object else activity.activity_id, 201)
+
+    async def delete_activity(self) -> Response:
+        activity = self.net.activities.get(self.params["activity_id"])
+        await self.net.activities.destroy(activity.activity_id)
+        return self.ok(None)
+
+    async def get_activity_state(self) -> Response:
+        return self.ok(self._activity().state_json())
+
+    async def get_activity_usage(self) -> Response:
+        activity = self._activity()
+        usage = self.net.billing.usage(activity)
+        vector = self.net.billing.billing(activity.agreement).usage_vector
+        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
+
+    async def post_activity_exec(self) -> Response:
+        activity = self._activity()
+        body = self.request.json_object()
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise HttpError(400, "text: expected the ExeScript as a JSON string")
+        try:
+            commands = json.loads(text)
+        except ValueError as e:
+            raise HttpError(400, f"text: malformed ExeScript JSON: {e}") from None
+        return self.ok(activity.submit(commands))
+
+    async def get_activity_exec(self) -> Response:
+        activity = self._activity()
+        timeout = self.request.query_float("timeout", BATCH_POLL_MAX_SECONDS, 0, 1e6)
+        index = self.request.query.get("commandIndex")
+        command_index = self.request.query_int("commandIndex", 0) if index not in (None, "") else None
+        return self.ok(await activity.results(self.params["batch_id"], timeout, command_index))
 
 ###############################################################################
 # 7. Net ######################################################################
 ###############################################################################
 
 
-import base64 as _base64
-import ipaddress as _ipaddress
-import struct as _struct
+import base64
+import ipaddress
+import struct
 
 # RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
 _WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -2212,16 +2285,16 @@ WS_MAX_FRAME = 16 << 20
 WS_PING_INTERVAL = 5.0
 
 
-@_dataclass
+@dataclasses.dataclass
 class VpnNetwork:
     """A requestor's VPN (yagna core/vpn/src/network.rs): a CIDR, the requestor's own addresses
     and the provider nodes with theirs."""
 
     network_id: str
-    network: _ipaddress.IPv4Network
+    network: ipaddress.IPv4Network
     gateway: str | None
-    addresses: list = _field(default_factory=list)  # the requestor's IPs
-    nodes: dict = _field(default_factory=dict)  # ip -> node (provider) id
+    addresses: list = dataclasses.field(default_factory=list)  # the requestor's IPs
+    nodes: dict = dataclasses.field(default_factory=dict)  # ip -> node (provider) id
 
     def json(self) -> dict:
         # `ip` WITH the prefix: without it golem-core sees a /32 and raises NetworkFull (§2.10).
@@ -2234,13 +2307,13 @@ class VpnNetwork:
 
     def _host(self, value, field_name: str) -> str:
         if not isinstance(value, str):
-            raise ActivityApiError(400, f"`{field_name}` must be an IPv4 address string")
+            raise HttpError(400, f"`{field_name}` must be an IPv4 address string")
         try:
-            ip = _ipaddress.IPv4Address(value)
+            ip = ipaddress.IPv4Address(value)
         except ValueError:
-            raise ActivityApiError(400, f"`{field_name}`: {value!r} is not an IPv4 address") from None
+            raise HttpError(400, f"`{field_name}`: {value!r} is not an IPv4 address") from None
         if ip not in self.network:
-            raise ActivityApiError(400, f"`{field_name}`: {value} is outside network {self.network}")
+            raise HttpError(400, f"`{field_name}`: {value} is outside network {self.network}")
         return str(ip)
 
 
@@ -2252,25 +2325,25 @@ class NetRegistry:
 
     def create(self, body) -> dict:
         if not isinstance(body, dict):
-            raise ActivityApiError(400, "network body must be a JSON object with `ip`")
+            raise HttpError(400, "network body must be a JSON object with `ip`")
         ip, mask, gateway = body.get("ip"), body.get("mask"), body.get("gateway")
         if not isinstance(ip, str) or not ip:
-            raise ActivityApiError(400, "`ip` is required: the network address, e.g. 192.168.0.0/16")
+            raise HttpError(400, "`ip` is required: the network address, e.g. 192.168.0.0/16")
         try:
             if mask is not None:
                 if "/" in ip:
-                    raise ActivityApiError(400, "give either `ip` with a /prefix or `mask`, not both")
-                network = _ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
+                    raise HttpError(400, "give either `ip` with a /prefix or `mask`, not both")
+                network = ipaddress.IPv4Network(f"{ip}/{mask}", strict=False)
             elif "/" in ip:
-                network = _ipaddress.IPv4Network(ip, strict=False)
+                network = ipaddress.IPv4Network(ip, strict=False)
             else:
                 # yagna's default for a bare address is a /24 (core/vpn/src/network.rs).
-                network = _ipaddress.IPv4Network(f"{ip}/24", strict=False)
+                network = ipaddress.IPv4Network(f"{ip}/24", strict=False)
         except ValueError as e:
-            raise ActivityApiError(400, f"`ip`/`mask`: {e}") from None
+            raise HttpError(400, f"`ip`/`mask`: {e}") from None
         if network.num_addresses < 4:
-            raise ActivityApiError(400, f"`ip`: network {network} is too small for a requestor and a node")
-        vpn = VpnNetwork(_new_id(), network, None)
+            raise HttpError(400, f"`ip`: network {network} is too small for a requestor and a node")
+        vpn = VpnNetwork(new_id(), network, None)
         vpn.gateway = vpn._host(gateway, "gateway") if gateway else str(next(network.hosts()))
         self.networks[vpn.network_id] = vpn
         return vpn.json()
@@ -2278,7 +2351,7 @@ class NetRegistry:
     def get(self, network_id: str) -> VpnNetwork:
         vpn = self.networks.get(network_id)
         if vpn is None:
-            raise ActivityApiError(404, f"Network {network_id} not found")
+            raise HttpError(404, f"Network {network_id} not found")
         return vpn
 
     def delete(self, network_id: str) -> None:
@@ -2289,7 +2362,7 @@ class NetRegistry:
         vpn = self.get(network_id)
         ip = vpn._host(body.get("ip") if isinstance(body, dict) else None, "ip")
         if ip in vpn.nodes:
-            raise ActivityApiError(409, f"IP address {ip} is taken by node {vpn.nodes[ip]}")
+            raise HttpError(409, f"IP address {ip} is taken by node {vpn.nodes[ip]}")
         if ip not in vpn.addresses:
             vpn.addresses.append(ip)
 
@@ -2297,11 +2370,16 @@ class NetRegistry:
         """Idempotent: golem-core's refresh_nodes() re-posts every node (yagna ignores IpAddrTaken)."""
         vpn = self.get(network_id)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
-            raise ActivityApiError(400, "`id` (the node id) is required")
+            raise HttpError(400, "`id` (the node id) is required")
         ip = vpn._host(body.get("ip"), "ip")
         if ip in vpn.addresses:
-            raise ActivityApiError(409, f"IP address {ip} is the requestor's")
+            raise HttpError(409, f"IP address {ip} is the requestor's")
         vpn.nodes.setdefault(ip, body["id"])
+
+    def inspect(self) -> dict:
+        return {"networks": {"count": len(self.networks),
+                             "items": [dict(n.json(), nodes=dict(n.nodes), addresses=list(n.addresses))
+                                       for n in self.networks.values()]}}
 
     def nodes(self, network_id: str) -> list:
         return [{"id": node, "ip": ip} for ip, node in self.get(network_id).nodes.items()]
@@ -2315,20 +2393,20 @@ class NetRegistry:
 
 def websocket_accept(key: str) -> str:
     """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
-    return _base64.b64encode(_hashlib.sha1((key.strip() + _WEBSOCKET_GUID).encode()).digest()).decode()
+    return base64.b64encode(hashlib.sha1((key.strip() + _WEBSOCKET_GUID).encode()).digest()).decode()
 
 
 def websocket_handshake_error(headers) -> str | None:
-    """Why a request is not a valid WebSocket upgrade, or None. `headers`: case-insensitive mapping."""
-    if "websocket" not in (headers.get("Upgrade") or "").lower():
+    """Why a request is not a valid WebSocket upgrade, or None. `headers`: lower-case names."""
+    if "websocket" not in (headers.get("upgrade") or "").lower():
         return "expected `Upgrade: websocket`"
-    if "upgrade" not in (headers.get("Connection") or "").lower():
+    if "upgrade" not in (headers.get("connection") or "").lower():
         return "expected `Connection: Upgrade`"
-    if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
+    if (headers.get("sec-websocket-version") or "").strip() != "13":
         return "expected `Sec-WebSocket-Version: 13`"
-    key = headers.get("Sec-WebSocket-Key") or ""
+    key = headers.get("sec-websocket-key") or ""
     try:
-        if len(_base64.b64decode(key, validate=True)) != 16:
+        if len(base64.b64decode(key, validate=True)) != 16:
             raise ValueError
     except ValueError:
         return "`Sec-WebSocket-Key` must be 16 bytes in base64"
@@ -2347,7 +2425,7 @@ def websocket_handshake_response(key: str) -> bytes:
 class WebSocket:
     """Frames over an accepted connection. Client frames arrive masked, ours go unmasked."""
 
-    def __init__(self, reader: _asyncio.StreamReader, writer: _asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
         self.closed = False
@@ -2355,11 +2433,11 @@ class WebSocket:
     async def send(self, opcode: int, payload: bytes = b"") -> None:
         n = len(payload)
         if n < 126:
-            header = _struct.pack("!BB", 0x80 | opcode, n)
+            header = struct.pack("!BB", 0x80 | opcode, n)
         elif n < 1 << 16:
-            header = _struct.pack("!BBH", 0x80 | opcode, 126, n)
+            header = struct.pack("!BBH", 0x80 | opcode, 126, n)
         else:
-            header = _struct.pack("!BBQ", 0x80 | opcode, 127, n)
+            header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
         self.writer.write(header + payload)
         await self.writer.drain()
 
@@ -2369,9 +2447,9 @@ class WebSocket:
         if b0 & 0x70:
             raise ConnectionError("reserved bits set without an extension")
         if n == 126:
-            (n,) = _struct.unpack("!H", await self.reader.readexactly(2))
+            (n,) = struct.unpack("!H", await self.reader.readexactly(2))
         elif n == 127:
-            (n,) = _struct.unpack("!Q", await self.reader.readexactly(8))
+            (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
         if n > WS_MAX_FRAME:
             raise ConnectionError(f"frame of {n} bytes exceeds {WS_MAX_FRAME}")
         if not masked:
@@ -2391,7 +2469,7 @@ class WebSocket:
         while True:
             try:
                 fin, opcode, data = await self._frame()
-            except (_asyncio.IncompleteReadError, ConnectionError, OSError):
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 return WS_CLOSE, b""
             if opcode == WS_PING:
                 await self.send(WS_PONG, data)
@@ -2413,19 +2491,15 @@ class WebSocket:
         if not self.closed:
             self.closed = True
             try:
-                await self.send(WS_CLOSE, _struct.pack("!H", code))
+                await self.send(WS_CLOSE, struct.pack("!H", code))
             except (ConnectionError, OSError):
                 pass
 
 
-async def bridge_websocket_tcp(ws: WebSocket, host: str, port: int) -> None:
-    """Carry bytes both ways between a WebSocket and host:port until either side ends
+async def bridge_websocket_tcp(ws: WebSocket, tcp: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Carry bytes both ways between a WebSocket and a TCP connection until either side ends
     (yagna's /net-api/v1/net/{id}/tcp/{ip}/{port}: raw TCP in binary frames)."""
-    try:
-        tcp_reader, tcp_writer = await _asyncio.open_connection(host, port)
-    except OSError as e:
-        await ws.close(1011)
-        raise ConnectionError(f"cannot connect to {host}:{port}: {e.strerror}") from None
+    tcp_reader, tcp_writer = tcp
 
     async def ws_to_tcp():
         while True:
@@ -2447,20 +2521,78 @@ async def bridge_websocket_tcp(ws: WebSocket, host: str, port: int) -> None:
 
     async def keepalive():
         while True:
-            await _asyncio.sleep(WS_PING_INTERVAL)
+            await asyncio.sleep(WS_PING_INTERVAL)
             await ws.send(WS_PING, b"")
 
-    tasks = [_asyncio.ensure_future(c) for c in (ws_to_tcp(), tcp_to_ws(), keepalive())]
+    tasks = [asyncio.ensure_future(c) for c in (ws_to_tcp(), tcp_to_ws(), keepalive())]
     try:
         # Either direction finishing ends the bridge (half-close is not carried by yagna either).
-        await _asyncio.wait(tasks[:2], return_when=_asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
-        await _asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         tcp_writer.close()
         await ws.close()
 
+
+
+class NetRoutes(HttpHandler):
+    """The net API (yagna-api.md §2.10) and its TCP-over-WebSocket bridge."""
+
+    async def post_net(self) -> Response:
+        return self.ok(self.net.vpn.create(self.request.json()))
+
+    async def get_nets(self) -> Response:
+        return self.ok([n.json() for n in self.net.vpn.networks.values()])
+
+    async def get_net(self) -> Response:
+        return self.ok(self.net.vpn.get(self.params["net_id"]).json())
+
+    async def delete_net(self) -> Response:
+        self.net.vpn.delete(self.params["net_id"])
+        return self.ok(None)
+
+    async def post_net_address(self) -> Response:
+        self.net.vpn.add_address(self.params["net_id"], self.request.json())
+        return self.ok(None)
+
+    async def get_net_addresses(self) -> Response:
+        return self.ok(self.net.vpn.addresses(self.params["net_id"]))
+
+    async def post_net_node(self) -> Response:
+        self.net.vpn.add_node(self.params["net_id"], self.request.json())
+        return self.ok(None)
+
+    async def get_net_nodes(self) -> Response:
+        return self.ok(self.net.vpn.nodes(self.params["net_id"]))
+
+    async def get_net_tcp(self) -> Response:
+        """WebSocket to `ip:port` of a node: raw TCP bytes in binary frames (RoG's SSH path)."""
+        vpn = self.net.vpn.get(self.params["net_id"])
+        ip = vpn._host(self.params["ip"], "ip")
+        try:
+            port = int(self.params["port"])
+        except ValueError:
+            port = 0
+        if not 1 <= port <= 65535:
+            raise HttpError(400, f"port: expected 1..65535, got {self.params['port']!r}")
+        problem = websocket_handshake_error(self.request.headers)
+        if problem:
+            raise HttpError(400, f"WebSocket upgrade required: {problem}")
+        activity = self.net.activities.by_node(vpn.network_id, ip)
+        if activity is None:
+            raise HttpError(404, f"No node with address {ip} in network {vpn.network_id}")
+        activity.check_answering()
+        try:
+            tcp = await asyncio.open_connection(activity.sandbox.loopback_ip, port)
+        except OSError as e:
+            raise HttpError(502, f"cannot connect to {ip}:{port}: {e.strerror or e}") from None
+        reader, writer = self.request.connection
+        writer.write(websocket_handshake_response(self.request.headers["sec-websocket-key"]))
+        await writer.drain()
+        await bridge_websocket_tcp(WebSocket(reader, writer), tcp)
+        return Response(101, upgraded=True)
 
 ###############################################################################
 # 8. Payments #################################################################
@@ -2673,7 +2805,7 @@ class PaymentRoutes(HttpHandler):
         return self.ok(note)
 
 
-from decimal import ROUND_DOWN as _ROUND_DOWN, InvalidOperation as _InvalidOperation
+from decimal import ROUND_DOWN
 
 # --- debit notes and invoices (provider side) -------------------------------
 
@@ -2685,116 +2817,78 @@ PROP_ACCEPT_TIMEOUT = "golem.com.payment.debit-notes.accept-timeout?"
 # A provider agent's defaults when the demand is silent (yagna agent/provider factory.rs).
 DEFAULT_DEBIT_NOTE_INTERVAL = 120
 DEFAULT_ACCEPT_TIMEOUT = 240
-_WEI = _Decimal("1e-18")
-_MICRO = _Decimal("1e-6")
+_WEI = Decimal("1e-18")
+_MICRO = Decimal("1e-6")
 # Why a provider agent breaks an agreement whose debit notes go unaccepted
 # (yagna agent/provider BreakReason::DebitNotesDeadline).
 DEBIT_NOTE_DEADLINE_REASON = "Requestor isn't accepting DebitNotes in time"
 
 
-def usage_price(coeffs: list, usage_vector: list, counters: dict) -> tuple[list[_Decimal], _Decimal]:
+def usage_price(coeffs: list, usage_vector: list, counters: dict) -> tuple[list[Decimal], Decimal]:
     """Linear pricing (yagna-api.md §2.11): amount = initial + sum(price_i * usage_i), prices in
     usage-vector order and the initial price last. Exact decimals; usage counters rounded down
     to the microsecond first so the requestor recomputes the same amount from the vector."""
-    usage = [counters.get(name, _Decimal(0)).quantize(_MICRO, _ROUND_DOWN) for name in usage_vector]
-    prices = [_Decimal(str(c)) for c in coeffs]
-    amount = prices[-1] + sum((p * u for p, u in zip(prices, usage)), _Decimal(0))
-    return usage, amount.quantize(_WEI, _ROUND_DOWN)
+    usage = [counters.get(name, Decimal(0)).quantize(_MICRO, ROUND_DOWN) for name in usage_vector]
+    prices = [Decimal(str(c)) for c in coeffs]
+    amount = prices[-1] + sum((p * u for p, u in zip(prices, usage)), Decimal(0))
+    return usage, amount.quantize(_WEI, ROUND_DOWN)
 
 
-def _amount_str(value: _Decimal) -> str:
-    return format(value.quantize(_WEI, _ROUND_DOWN), "f")
+def _amount_str(value: Decimal) -> str:
+    return format(value.quantize(_WEI, ROUND_DOWN), "f")
 
 
-def _parse_amount(value, field_name: str) -> _Decimal:
+def _parse_amount(value, field_name: str) -> Decimal:
     if not isinstance(value, str):
-        raise ActivityApiError(400, f"`{field_name}` must be a decimal string")
+        raise HttpError(400, f"`{field_name}` must be a decimal string")
     try:
-        amount = _Decimal(value)
-    except _InvalidOperation:
-        raise ActivityApiError(400, f"`{field_name}`: {value!r} is not a decimal number") from None
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise HttpError(400, f"`{field_name}`: {value!r} is not a decimal number") from None
     if not amount.is_finite() or amount < 0:
-        raise ActivityApiError(400, f"`{field_name}` must be a non-negative amount")
+        raise HttpError(400, f"`{field_name}` must be a non-negative amount")
     return amount
 
 
-class PaymentEventLog:
-    """Debit-note or invoice events: persistent, filtered by `eventDate > afterTimestamp` (strict)
-    and appSessionId; a poll with nothing new blocks (yagna-api.md §2.0)."""
-
-    def __init__(self):
-        self.events: list[tuple[_datetime, str | None, dict]] = []
-        self._changed = _asyncio.Event()
-
-    def append(self, event: dict, app_session_id: str | None) -> None:
-        date = _datetime.fromisoformat(event["eventDate"].replace("Z", "+00:00"))
-        self.events.append((date, app_session_id, event))
-        self._changed.set()
-        self._changed = _asyncio.Event()
-
-    def _matching(self, after: _datetime | None, app_session_id: str | None, limit: int | None) -> list:
-        found = [
-            e
-            for date, session, e in self.events
-            if (after is None or date > after) and (app_session_id is None or session == app_session_id)
-        ]
-        return found[:limit] if limit else found
-
-    async def poll(self, after: _datetime | None, app_session_id: str | None, timeout: float, limit: int | None = None):
-        deadline = _time.monotonic() + max(0.0, timeout)
-        while True:
-            found = self._matching(after, app_session_id, limit)
-            remaining = deadline - _time.monotonic()
-            if found or remaining <= 0:
-                return found
-            try:
-                await _asyncio.wait_for(self._changed.wait(), remaining)
-            except _asyncio.TimeoutError:
-                pass
-
-
-@_dataclass
+@dataclasses.dataclass
 class Billing:
     """What one agreement's provider bills: its terms, read once from the agreement."""
 
-    agreement: object
+    agreement: Any
     usage_vector: list
     coeffs: list
     interval: float
     accept_timeout: float
     payment_timeout: float | None
-    accepted: _Decimal = _Decimal(0)  # the highest amount the requestor accepted so far
-    allocation_id: str | None = None
+    accepted: Decimal = Decimal(0)  # the highest amount the requestor accepted so far
 
 
-class PaymentEngine:
+class ProviderBilling:
     """Provider-side payments: debit notes on the negotiated interval priced from measured usage,
-    an invoice when the agreement ends, their accept endpoints, and the provider breaking the
-    agreement when a debit note is not accepted within the accept timeout."""
+    an invoice when the agreement ends, their acceptance (the allocation spends the increase),
+    and the provider breaking the agreement when a debit note is not accepted within the accept
+    timeout. Documents and events live in `Payments`, whose routes serve them."""
 
-    def __init__(self, activities: ActivityEngine, allocations=None, on_agreement_broken=None):
+    def __init__(self, activities: "ActivityEngine", payments: Payments, market: Market) -> None:
         self.activities = activities
-        # allocations(allocation_id) -> object with total/spent/remaining Decimals, or None.
-        self.allocations = allocations
-        # on_agreement_broken(agreement, reason): the market section terminates the agreement.
-        self.on_agreement_broken = on_agreement_broken
-        self.debit_notes: dict[str, dict] = {}
-        self.invoices: dict[str, dict] = {}
-        self.debit_note_events = PaymentEventLog()
-        self.invoice_events = PaymentEventLog()
+        self.payments = payments
+        self.market = market
         self._billing: dict[str, Billing] = {}  # agreement id ->
         self._last_note: dict[str, str] = {}  # activity id -> last debit note id
         self._timers: dict[str, list] = {}  # activity id -> timer handles
         self._invoiced: set[str] = set()
+        market.agreement_observers.append(self._agreement_changed)
+        activities.observers.append(self._activity_changed)
 
     # -- terms --
 
     def billing(self, agreement) -> Billing:
-        billing = self._billing.get(agreement.agreement_id)
+        billing = self._billing.get(agreement.id)
         if billing is None:
-            offer, demand = agreement_offer_properties(agreement), agreement_demand_properties(agreement)
-            usage_vector = list(offer.get(PROP_USAGE_VECTOR) or ["golem.usage.cpu_sec", "golem.usage.duration_sec"])
+            offer, demand = agreement.offer_properties, agreement.demand_properties
+            usage_vector = list(offer.get(PROP_USAGE_VECTOR) or USAGE_VECTOR)
             coeffs = list(offer.get(PROP_LINEAR_COEFFS) or [0] * (len(usage_vector) + 1))
+            # The provider echoes the requestor's terms (yagna-api.md §2.6).
             interval = demand.get(PROP_DEBIT_NOTE_INTERVAL) or offer.get(PROP_DEBIT_NOTE_INTERVAL)
             accept = demand.get(PROP_ACCEPT_TIMEOUT) or offer.get(PROP_ACCEPT_TIMEOUT)
             payment_timeout = demand.get(PROP_PAYMENT_TIMEOUT)
@@ -2806,10 +2900,10 @@ class PaymentEngine:
                 accept_timeout=float(min(accept or DEFAULT_ACCEPT_TIMEOUT, DEFAULT_ACCEPT_TIMEOUT)),
                 payment_timeout=float(payment_timeout) if payment_timeout else None,
             )
-            self._billing[agreement.agreement_id] = billing
+            self._billing[agreement.id] = billing
         return billing
 
-    def usage(self, activity: Activity) -> dict[str, _Decimal]:
+    def usage(self, activity: "Activity") -> dict[str, Decimal]:
         if activity.alive:
             cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
         else:
@@ -2821,216 +2915,185 @@ class PaymentEngine:
             "golem.usage.duration-sec": wall,
         }
 
-    def activity_cost(self, activity: Activity) -> tuple[list[_Decimal], _Decimal]:
+    def activity_cost(self, activity: "Activity") -> tuple[list[Decimal], Decimal]:
         billing = self.billing(activity.agreement)
         return usage_price(billing.coeffs, billing.usage_vector, self.usage(activity))
 
     # -- debit notes --
 
-    def activity_started(self, activity: Activity) -> None:
-        """Schedule the activity's debit notes (real seconds: golem-core checks their pace
-        against its own clock, so the time scale must not speed them up)."""
+    def _activity_changed(self, event: str, activity: "Activity") -> None:
+        if event == "created":
+            self.activity_created(activity)
+        elif event == "terminated":
+            self.activity_ended(activity)
+
+    def activity_created(self, activity: "Activity") -> None:
+        """Schedule the activity's debit notes in real seconds: golem-core checks their pace
+        against its own clock (yagna-api.md §2.11), so the time scale must not speed them up."""
         billing = self.billing(activity.agreement)
-        loop = _asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self._timers[activity.activity_id] = [loop.call_later(billing.interval, self._tick, activity)]
 
-    def _tick(self, activity: Activity) -> None:
+    def _tick(self, activity: "Activity") -> None:
         if not activity.alive:
             return
         billing = self.billing(activity.agreement)
-        if activity.answering():
+        if activity.answering():  # a provider that stopped answering sends nothing either
             self.issue_debit_note(activity)
-        loop = _asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self._timers.setdefault(activity.activity_id, []).append(loop.call_later(billing.interval, self._tick, activity))
 
-    def issue_debit_note(self, activity: Activity) -> dict:
+    def issue_debit_note(self, activity: "Activity") -> dict:
         billing = self.billing(activity.agreement)
         usage, amount = self.activity_cost(activity)
-        note_id = _new_id()
-        now = _datetime.now(_timezone.utc)
+        note_id = new_id()
         note = {
             "debitNoteId": note_id,
             "previousDebitNoteId": self._last_note.get(activity.activity_id),
-            "timestamp": _iso_now(),
-            "agreementId": activity.agreement_id,
+            "timestamp": iso(utcnow()),
+            "agreementId": activity.agreement.id,
             "activityId": activity.activity_id,
             "totalAmountDue": _amount_str(amount),
             "usageCounterVector": [float(u) for u in usage],
             "status": "RECEIVED",
-            **agreement_parties(activity.agreement),
+            **self._parties(activity.agreement),
         }
         if billing.payment_timeout:
             # Payable only under mid-agreement payments (yagna-api.md §2.11).
-            due = now.timestamp() + billing.payment_timeout
-            note["paymentDueDate"] = _datetime.fromtimestamp(due, _timezone.utc).isoformat(timespec="microseconds")
-        self.debit_notes[note_id] = note
+            note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
+        self.payments.debit_notes[note_id] = note
         self._last_note[activity.activity_id] = note_id
-        self.debit_note_events.append(
-            {"eventType": "DebitNoteReceivedEvent", "eventDate": _iso_now(), "debitNoteId": note_id},
-            agreement_app_session(activity.agreement),
-        )
-        loop = _asyncio.get_running_loop()
+        self.payments.debit_note_events.add("DebitNoteReceivedEvent", note_id, activity.agreement.app_session_id)
+        loop = asyncio.get_running_loop()
         self._timers.setdefault(activity.activity_id, []).append(
             loop.call_later(billing.accept_timeout, self._check_accepted, activity, note_id)
         )
         return note
 
-    def _check_accepted(self, activity: Activity, note_id: str) -> None:
-        if self.debit_notes[note_id]["status"] != "RECEIVED" or not activity.alive:
+    def _check_accepted(self, activity: "Activity", note_id: str) -> None:
+        if self.payments.debit_notes[note_id]["status"] != "RECEIVED" or not activity.alive:
             return
-        _asyncio.ensure_future(self.break_agreement(activity.agreement, f"{DEBIT_NOTE_DEADLINE_REASON}: {note_id}"))
+        asyncio.ensure_future(self.break_agreement(activity.agreement, f"{DEBIT_NOTE_DEADLINE_REASON}: {note_id}"))
 
     async def break_agreement(self, agreement, reason: str) -> None:
-        """What a provider agent does to a requestor that does not pay: kill the activities and
-        terminate the agreement (visible to golem-core only as the Terminated activity state)."""
-        await self.activities.terminate_agreement(agreement.agreement_id, reason)
-        if self.on_agreement_broken is not None:
-            self.on_agreement_broken(agreement, reason)
-        self.agreement_ended(agreement)
+        """What a provider agent does to a requestor that does not accept debit notes: kill the
+        activities and terminate the agreement. golem-core sees it only as the Terminated activity
+        state and failing exec calls (yagna-api.md §5.1)."""
+        await self.activities.terminate_agreement(agreement.id, reason)
+        if agreement.state == "Approved":
+            agreement.terminate_reason = {"message": reason, "golem.requestor.code": "DebitNotesDeadline"}
+            self.market.set_state(agreement, "Terminated")  # -> _agreement_changed -> invoice
 
-    def activity_ended(self, activity: Activity) -> None:
+    def activity_ended(self, activity: "Activity") -> None:
         for timer in self._timers.pop(activity.activity_id, []):
             timer.cancel()
 
     # -- invoices --
 
-    def agreement_ended(self, agreement) -> dict | None:
-        """One invoice per agreement after it terminates: the cost of all its activities."""
-        if agreement.agreement_id in self._invoiced:
+    def _agreement_changed(self, agreement, old: str, new: str) -> None:
+        if new == "Terminated" and old == "Approved":
+            asyncio.ensure_future(self.agreement_ended(agreement))
+
+    async def agreement_ended(self, agreement) -> dict | None:
+        """One invoice per agreement after it terminates: the final cost of all its activities."""
+        if agreement.id in self._invoiced:
             return None
-        self._invoiced.add(agreement.agreement_id)
-        acts = [a for a in self.activities.activities.values() if a.agreement_id == agreement.agreement_id]
-        for activity in acts:
-            if activity.alive:  # the market terminated the agreement first: end them now
-                _asyncio.ensure_future(self.activities.terminate(activity.activity_id, "agreement terminated"))
-        total = sum((self._final_cost(a) for a in acts), _Decimal(0))
+        self._invoiced.add(agreement.id)
+        await self.activities.terminate_agreement(agreement.id, "agreement terminated")
+        acts = [a for a in self.activities.activities.values() if a.agreement.id == agreement.id]
+        if not acts:
+            return None  # nothing ran: nothing to bill (yagna sends no invoice either)
+        total = sum((self.activity_cost(a)[1] for a in acts), Decimal(0))
         billing = self.billing(agreement)
-        invoice_id = _new_id()
-        due = _datetime.now(_timezone.utc).timestamp() + (billing.payment_timeout or 86400)
+        invoice_id = new_id()
         invoice = {
             "invoiceId": invoice_id,
-            "timestamp": _iso_now(),
-            "agreementId": agreement.agreement_id,
+            "timestamp": iso(utcnow()),
+            "agreementId": agreement.id,
             "activityIds": [a.activity_id for a in acts],
             "amount": _amount_str(total),
-            "paymentDueDate": _datetime.fromtimestamp(due, _timezone.utc).isoformat(timespec="microseconds"),
+            "paymentDueDate": iso(utcnow() + timedelta(seconds=billing.payment_timeout or 86400)),
             "status": "RECEIVED",
-            **agreement_parties(agreement),
+            **self._parties(agreement),
         }
-        self.invoices[invoice_id] = invoice
-        self.invoice_events.append(
-            {"eventType": "InvoiceReceivedEvent", "eventDate": _iso_now(), "invoiceId": invoice_id},
-            agreement_app_session(agreement),
-        )
+        self.payments.invoices[invoice_id] = invoice
+        self.payments.invoice_events.add("InvoiceReceivedEvent", invoice_id, agreement.app_session_id)
         return invoice
-
-    def _final_cost(self, activity: Activity) -> _Decimal:
-        return self.activity_cost(activity)[1]
 
     # -- accepting --
 
-    def get_debit_note(self, note_id: str) -> dict:
-        note = self.debit_notes.get(note_id)
-        if note is None:
-            raise ActivityApiError(404, f"Debit note {note_id} not found")
-        return note
-
-    def get_invoice(self, invoice_id: str) -> dict:
-        invoice = self.invoices.get(invoice_id)
-        if invoice is None:
-            raise ActivityApiError(404, f"Invoice {invoice_id} not found")
-        return invoice
-
     def accept_debit_note(self, note_id: str, body) -> None:
-        note = self.get_debit_note(note_id)
-        self._accept(note, note["totalAmountDue"], body, f"Debit note {note_id}")
-        note["status"] = "ACCEPTED"
-        self.debit_note_events.append(
-            {"eventType": "DebitNoteAcceptedEvent", "eventDate": _iso_now(), "debitNoteId": note_id}, None
-        )
+        note = self.payments.debit_notes.get(note_id)
+        if note is None:
+            raise HttpError(404, f"DebitNote [{note_id}] not found")
+        if self._accept(note, note["totalAmountDue"], body, f"DebitNote [{note_id}]"):
+            self.payments.debit_note_events.add("DebitNoteAcceptedEvent", note_id, None)
 
     def accept_invoice(self, invoice_id: str, body) -> None:
-        invoice = self.get_invoice(invoice_id)
-        self._accept(invoice, invoice["amount"], body, f"Invoice {invoice_id}")
-        invoice["status"] = "ACCEPTED"
-        self.invoice_events.append(
-            {"eventType": "InvoiceAcceptedEvent", "eventDate": _iso_now(), "invoiceId": invoice_id}, None
-        )
+        invoice = self.payments.invoices.get(invoice_id)
+        if invoice is None:
+            raise HttpError(404, f"Invoice [{invoice_id}] not found")
+        if self._accept(invoice, invoice["amount"], body, f"Invoice [{invoice_id}]"):
+            self.payments.invoice_events.add("InvoiceAcceptedEvent", invoice_id, None)
 
-    def _accept(self, document: dict, due: str, body, what: str) -> None:
-        """yagna's accept checks: the accepted amount equals the amount due, and the allocation
-        exists and covers the increase; the increase is what the allocation spends."""
+    def _accept(self, document: dict, due: str, body, what: str) -> bool:
+        """yagna's acceptance checks: the accepted amount equals the amount due and the allocation
+        covers the increase over what this agreement had accepted; the increase is spent.
+        Accepting again is a no-op (golem-core retries accept on 408/504)."""
         if not isinstance(body, dict):
-            raise ActivityApiError(400, "acceptance body must be an object with `totalAmountAccepted` and `allocationId`")
+            raise HttpError(400, "request body: expected an object with `totalAmountAccepted` and `allocationId`")
         accepted = _parse_amount(body.get("totalAmountAccepted"), "totalAmountAccepted")
-        if accepted != _Decimal(due):
-            raise ActivityApiError(400, f"{what}: `totalAmountAccepted` {accepted} must equal the amount due {due}")
+        if accepted != Decimal(due):
+            raise HttpError(400, f"{what}: totalAmountAccepted {accepted} must equal the amount due {due}")
         allocation_id = body.get("allocationId")
         if not isinstance(allocation_id, str) or not allocation_id:
-            raise ActivityApiError(400, "`allocationId` is required")
+            raise HttpError(400, "allocationId: required")
+        allocation = self.payments.get_allocation(allocation_id)
         if document["status"] == "ACCEPTED":
-            return  # golem-core retries accept on 408/504: repeat acceptance is a no-op
+            return False
         billing = self._billing[document["agreementId"]]
-        increase = max(_Decimal(0), accepted - billing.accepted)
-        if self.allocations is not None:
-            allocation = self.allocations(allocation_id)
-            if allocation is None:
-                raise ActivityApiError(404, f"Allocation {allocation_id} not found")
-            remaining = allocation_remaining(allocation)
-            if increase > remaining:
-                raise ActivityApiError(
-                    400, f"Not enough funds in allocation {allocation_id}: need {increase}, remaining {remaining}"
-                )
-            allocation_spend(allocation, increase)
+        increase = max(Decimal(0), accepted - billing.accepted)
+        remaining = allocation.total - allocation.spent
+        if increase > remaining:
+            raise HttpError(400, f"allocationId: allocation [{allocation_id}] has {remaining} left, {increase} needed")
+        allocation.spent += increase
         billing.accepted += increase
-        billing.allocation_id = allocation_id
+        document["status"] = "ACCEPTED"
+        return True
 
-    def shutdown(self) -> None:
+    def _parties(self, agreement) -> dict:
+        offer, demand = agreement.offer_properties, agreement.demand_properties
+        platform = demand.get("golem.com.payment.chosen-platform") or next(
+            (k.split(".")[4] for k in offer if k.startswith("golem.com.payment.platform.") and k.endswith(".address")),
+            DEFAULT_PAYMENT_PLATFORM,
+        )
+        requestor = self.market.identity.node_id
+        return {
+            "issuerId": agreement.provider.node_id,
+            "recipientId": requestor,
+            "payeeAddr": offer.get(f"golem.com.payment.platform.{platform}.address", agreement.provider.node_id),
+            "payerAddr": demand.get(f"golem.com.payment.platform.{platform}.address", requestor),
+            "paymentPlatform": platform,
+        }
+
+    def inspect(self) -> dict:
+        return {"billing": {a: {"accepted": decimal_str(b.accepted)} for a, b in self._billing.items()}}
+
+    def close(self) -> None:
         for timers in self._timers.values():
             for timer in timers:
                 timer.cancel()
         self._timers.clear()
 
 
-# The agreement and allocation objects belong to sections 5 and 8 (market branch); these
-# accessors are the only places that know their shape.
+class BillingRoutes(HttpHandler):
+    async def post_debit_note_accept(self) -> Response:
+        self.net.billing.accept_debit_note(self.params["debit_note_id"], self.request.json())
+        return self.ok(None)
 
-
-def agreement_offer_properties(agreement) -> dict:
-    return agreement.offer_properties
-
-
-def agreement_demand_properties(agreement) -> dict:
-    return agreement.demand_properties
-
-
-def agreement_app_session(agreement) -> str | None:
-    return agreement.app_session_id
-
-
-def agreement_parties(agreement) -> dict:
-    offer, demand = agreement.offer_properties, agreement.demand_properties
-    platform = offer.get("golem.com.payment.chosen-platform") or demand.get("golem.com.payment.chosen-platform")
-    if not platform:
-        platform = next(
-            (k.split(".")[4] for k in offer if k.startswith("golem.com.payment.platform.") and k.endswith(".address")),
-            "erc20-local-tglm",
-        )
-    return {
-        "issuerId": agreement.provider_id,
-        "recipientId": agreement.requestor_id,
-        "payeeAddr": offer.get(f"golem.com.payment.platform.{platform}.address", agreement.provider_id),
-        "payerAddr": demand.get(f"golem.com.payment.platform.{platform}.address", agreement.requestor_id),
-        "paymentPlatform": platform,
-    }
-
-
-def allocation_remaining(allocation) -> _Decimal:
-    return allocation.total - allocation.spent
-
-
-def allocation_spend(allocation, amount: _Decimal) -> None:
-    allocation.spent += amount
+    async def post_invoice_accept(self) -> Response:
+        self.net.billing.accept_invoice(self.params["invoice_id"], self.request.json())
+        return self.ok(None)
 
 
 ###############################################################################
@@ -3043,11 +3106,12 @@ class InspectionRoutes(HttpHandler):
         return self.ok(self.net.inspect())
 
 
-class LocalnetHandler(IdentityRoutes, MarketRoutes, PaymentRoutes, InspectionRoutes):
+class LocalnetHandler(IdentityRoutes, MarketRoutes, ActivityRoutes, NetRoutes, PaymentRoutes, BillingRoutes,
+                      InspectionRoutes):
     """The handler class: one method per route, composed from the sections' mixins."""
 
 
-M, A, P = "/market-api/v1", "/activity-api/v1", "/payment-api/v1"
+M, A, P, N = "/market-api/v1", "/activity-api/v1", "/payment-api/v1", "/net-api/v1"
 PUBLIC_ROUTES = {"get_version", "get_root"}  # yagna skips auth for /version/get (§1.2)
 
 ROUTES: list[tuple[str, str, str]] = [
@@ -3099,19 +3163,48 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/invoices/{{invoice_id}}/payments", "not_implemented"),
     ("GET", f"{P}/debitNotes/{{debit_note_id}}/payments", "not_implemented"),
     ("GET", f"{P}/payments/status", "not_implemented"),
+    # activity (section 6): yagna-api.md §2.8-§2.9
+    ("POST", f"{A}/activity", "post_activity"),
+    ("DELETE", f"{A}/activity/{{activity_id}}", "delete_activity"),
+    ("GET", f"{A}/activity/{{activity_id}}/state", "get_activity_state"),
+    ("GET", f"{A}/activity/{{activity_id}}/usage", "get_activity_usage"),
+    ("POST", f"{A}/activity/{{activity_id}}/exec", "post_activity_exec"),
+    ("GET", f"{A}/activity/{{activity_id}}/exec/{{batch_id}}", "get_activity_exec"),
+    ("GET", f"{A}/activity/{{activity_id}}/command", "not_implemented"),
+    ("GET", f"{A}/activity/{{activity_id}}/agreement", "not_implemented"),
+    ("POST", f"{A}/activity/{{activity_id}}/encrypted", "not_implemented"),
+    # net (section 7): yagna-api.md §2.10
+    ("POST", f"{N}/net", "post_net"),
+    ("GET", f"{N}/net", "get_nets"),
+    ("GET", f"{N}/net/{{net_id}}", "get_net"),
+    ("DELETE", f"{N}/net/{{net_id}}", "delete_net"),
+    ("POST", f"{N}/net/{{net_id}}/addresses", "post_net_address"),
+    ("GET", f"{N}/net/{{net_id}}/addresses", "get_net_addresses"),
+    ("POST", f"{N}/net/{{net_id}}/nodes", "post_net_node"),
+    ("GET", f"{N}/net/{{net_id}}/nodes", "get_net_nodes"),
+    ("DELETE", f"{N}/net/{{net_id}}/nodes/{{node_id}}", "not_implemented"),
+    ("GET", f"{N}/net/{{net_id}}/tcp", "not_implemented"),
+    ("GET", f"{N}/net/{{net_id}}/tcp/{{ip}}/{{port}}", "get_net_tcp"),
+    # payment acceptance (section 8)
+    ("POST", f"{P}/debitNotes/{{debit_note_id}}/accept", "post_debit_note_accept"),
+    ("POST", f"{P}/invoices/{{invoice_id}}/accept", "post_invoice_accept"),
 ]
 
 
 class Localnet:
     """The whole simulated network: its parts, the HTTP server and the dispatcher."""
 
-    def __init__(self, app_key: str, population: Population, clock: Clock) -> None:
+    def __init__(self, app_key: str, population: Population, clock: Clock, datadir: str | None = None) -> None:
         self.clock = clock
         self.population = population
         self.identity = Identity(app_key, population.seed)
         self.market = Market(clock, population, self.identity)
         self.payments = Payments(clock, self.identity)
-        self.parts: list[Any] = [self.market, self.payments]
+        self.activities = ActivityEngine(datadir or tempfile.mkdtemp(prefix="golem-localnet-"), population.seed,
+                                         clock.time_scale)
+        self.vpn = NetRegistry()
+        self.billing = ProviderBilling(self.activities, self.payments, self.market)
+        self.parts: list[Any] = [self.market, self.payments, self.activities, self.vpn, self.billing]
         self.router = Router(ROUTES)
         self.http = HttpServer(self.dispatch)
         self.handler_class = LocalnetHandler
@@ -3168,7 +3261,7 @@ def _write_state_file(datadir: str, url: str) -> None:
 async def serve(args: argparse.Namespace, population: Population) -> int:
     os.makedirs(args.datadir, mode=0o700, exist_ok=True)
     app_key = load_app_key(args.datadir)
-    net = Localnet(app_key, population, Clock(args.time_scale))
+    net = Localnet(app_key, population, Clock(args.time_scale), datadir=args.datadir)
     try:
         port = await net.http.start(args.host, args.port)
     except OSError as e:

@@ -1,0 +1,537 @@
+"""The local network's activities, VPN/TCP bridge and provider-side payments, end to end.
+
+Every test drives a real `golem_localnet.py serve` process with the unmodified golem-core
+(yagna-api.md §2.8-§2.11) and checks the processes of the sandboxes through /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from copy import deepcopy
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+A, N, P = "/activity-api/v1", "/net-api/v1", "/payment-api/v1"
+MARKER = b"GOLEM_LOCALNET_ACTIVITY="
+# Prices per second with exact decimal representations (GLM), cpu first (usage-vector order).
+CPU_PRICE, DURATION_PRICE, START_PRICE = "0.001", "0.0001", "0.01"
+PROFILE = {
+    "providers": 5,
+    "known_at_start": 1.0,
+    "latency_s": [0.01, 0.02],
+    "behaviours": {},
+    "explicit": [
+        {"name": "ok-1", "cpu_sec_price": float(CPU_PRICE), "duration_sec_price": float(DURATION_PRICE),
+         "start_price": float(START_PRICE)},
+        {"name": "ok-2"},
+        {"name": "bad-image", "deploy_fails": 1.0},
+        {"name": "dies", "dies_after_s": 1.0},
+        {"name": "mute", "stops_answering_after_s": 1.0},
+    ],
+}
+
+
+# ---- a real localnet process --------------------------------------------------
+
+
+class Localnet:
+    def __init__(self, proc: subprocess.Popen, url: str, app_key: str) -> None:
+        self.proc, self.pid, self.url, self.app_key = proc, proc.pid, url, app_key
+
+    def call(self, method: str, path: str, body=None, raw: bytes | None = None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        req.add_header("Authorization", f"Bearer {self.app_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                status, payload = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, payload = e.code, e.read()
+        return status, json.loads(payload) if payload else None
+
+    def state(self) -> dict:
+        status, body = self.call("GET", "/localnet/v1/state")
+        assert status == 200, body
+        return body
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def start_localnet(datadir: Path, profile: dict) -> Localnet:
+    datadir.mkdir(parents=True)
+    profile_path = datadir / "profile.json"
+    profile_path.write_text(json.dumps(profile))
+    proc = subprocess.Popen([sys.executable, str(REPO / "golem_localnet.py"), "serve", "--port", "0",
+                             "--datadir", str(datadir), "--profile", str(profile_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "YAGNA_APPKEY"})
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("golem-localnet listening on http://127.0.0.1:"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"localnet did not start: {line!r} {proc.stderr.read()}")
+    return Localnet(proc, line.split()[-1], (datadir / "appkey").read_text().strip())
+
+
+def sandbox_processes(home: str) -> list[int]:
+    """Every live process whose environment or working directory says it belongs to `home`'s
+    activity, whatever it did to its session or parent (setsid, double fork)."""
+    activity_id = Path(home).name.encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b") ", 1)[1][:1] == b"Z":
+                    continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:
+            continue
+        if MARKER + activity_id in env or cwd.startswith(home):
+            found.append(int(name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] != b"Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def localnet(tmp_path):
+    ln = start_localnet(tmp_path / "localnet", PROFILE)
+    homes = []
+    ln.homes = homes
+    yield ln
+    for item in ln.state()["activities"]["items"]:
+        homes.append(item["home"])
+    assert ln.stop() == 0
+    leftovers = [pid for home in homes for pid in sandbox_processes(home)]
+    assert leftovers == [], f"sandbox processes outlived the localnet: {leftovers}"
+
+
+# ---- golem-core helpers ---------------------------------------------------------
+
+
+def golem_node(ln, **kwargs):
+    from golem.node import GolemNode
+
+    return GolemNode(app_key=ln.app_key, api_url=ln.url, **kwargs)
+
+
+async def rent(node, name: str, *, interval: int = 120, accept_timeout: int = 240, payment_timeout: int = 600,
+               autoclose: bool = True):
+    """An approved agreement with provider `name` whose debit notes come every `interval` s."""
+    from golem.managers import MidAgreementPaymentsNegotiator, PaymentPlatformNegotiator
+    from golem.payload import VmPayload
+
+    allocation = await node.create_allocation(Decimal(100), autoclose=autoclose)
+    demand = await node.create_demand(VmPayload(package_url="hash:sha3:00:http://127.0.0.1:1/image.gvmi"),
+                                      allocations=[allocation], autoclose=autoclose)
+
+    async def offer():
+        async for proposal in demand.initial_proposals():
+            if (await proposal.get_proposal_data()).properties["golem.node.id.name"] == name:
+                return proposal
+
+    proposal = await asyncio.wait_for(offer(), 30)
+    demand_data = deepcopy(await demand.get_demand_data())
+    for negotiator in (PaymentPlatformNegotiator(), MidAgreementPaymentsNegotiator()):
+        await negotiator(demand_data, await proposal.get_proposal_data())
+    demand_data.properties.update({
+        "golem.com.scheme.payu.debit-note.interval-sec?": interval,
+        "golem.com.scheme.payu.payment-timeout-sec?": payment_timeout,
+        "golem.com.payment.debit-notes.accept-timeout?": accept_timeout,
+    })
+    ours = await proposal.respond(demand_data.properties, demand_data.constraints)
+    draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
+    agreement = await draft.create_agreement(autoclose=autoclose)
+    await agreement.confirm()
+    assert await agreement.wait_for_approval()
+    return allocation, agreement, draft.data.issuer_id
+
+
+async def run(activity, *commands, **kwargs):
+    batch = await activity.execute_commands(*commands, **kwargs)
+    await batch.wait(timeout=60)
+    return batch.events
+
+
+def home_of(ln, activity_id: str) -> str:
+    return next(i for i in ln.state()["activities"]["items"] if i["activityId"] == activity_id)["home"]
+
+
+# ---- ExeScript -------------------------------------------------------------------
+
+
+def test_deploy_start_run_returns_exit_code_stdout_and_stderr(localnet):
+    from golem.resources import BatchError, Deploy, Run, Start
+
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "ok-1")
+            activity = await agreement.create_activity()
+            events = await run(activity, Deploy(), Start(), Run("echo out; echo err >&2; echo $HOME $TMPDIR $NODE_IP"))
+            assert [e.result for e in events] == ["Ok", "Ok", "Ok"]
+            assert events[-1].is_batch_finished and not events[0].is_batch_finished
+            out = events[-1].stdout.splitlines()
+            home, tmp, ip = out[1].split()
+            assert out[0] == "out" and events[-1].stderr == "err\n"
+            assert tmp == f"{home}/tmp" and Path(home).is_dir() and ip.startswith("127.")
+            assert (await activity.get_state()).state == ["Ready", None]
+            # entry point with arguments, and the app key never reaches the sandbox
+            events = await run(activity, Run(["/usr/bin/env"]))
+            assert "HOME=" + home in events[0].stdout and "YAGNA_APPKEY" not in events[0].stdout
+            assert localnet.app_key not in events[0].stdout
+            with pytest.raises(BatchError, match="ExeScript command exited with code 3"):
+                await run(activity, Run("echo before; exit 3"))
+            # a command the local network does not run: a clear error result, not a hang
+            status, batch_id = localnet.call("POST", f"{A}/activity/{activity.id}/exec",
+                                             {"text": json.dumps([{"sign": {}}, {"start": {}}])})
+            assert status == 200
+            status, results = localnet.call("GET", f"{A}/activity/{activity.id}/exec/{batch_id}?timeout=5")
+            assert results == [{"index": 0, "eventDate": results[0]["eventDate"], "result": "Error", "stdout": None,
+                                "stderr": None, "isBatchFinished": True,
+                                "message": "ExeScript command `sign` is not supported by the local network"}]
+            await activity.destroy()
+            await activity.destroy()  # idempotent: golem-core repeats it at shutdown (§2.1)
+            assert (await activity.get_state()).state[0] == "Terminated"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", f"{A}/activity", "nope", 404, "Agreement [nope] not found."),
+    ("POST", f"{A}/activity", {"x": 1}, 400, "request body: expected the agreement id as a JSON string"),
+    ("GET", f"{A}/activity/nope/state", None, 404, "Activity nope not found"),
+    ("POST", f"{N}/net", {"ip": "300.1.1.1/16"}, 400, "`ip`/`mask`:"),
+    ("POST", f"{N}/net", {}, 400, "`ip` is required"),
+    ("POST", f"{P}/debitNotes/nope/accept", {"totalAmountAccepted": "1", "allocationId": "a"}, 404,
+     "DebitNote [nope] not found"),
+])
+def test_bad_requests_get_json_errors(localnet, method, path, body, status, message):
+    got_status, got = localnet.call(method, path, body)
+    assert got_status == status and got["message"].startswith(message)
+
+
+def test_exec_rejects_malformed_scripts(localnet):
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "ok-1")
+            activity = await agreement.create_activity()
+            for body, message in [({"text": "[{"}, "text: malformed ExeScript JSON"),
+                                  ({"text": "{}"}, "exe script `text` must be a non-empty JSON list"),
+                                  ({"nope": 1}, "text: expected the ExeScript as a JSON string")]:
+                status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", body)
+                assert status == 400 and got["message"].startswith(message)
+
+    asyncio.run(main())
+
+
+# ---- sandboxes ----------------------------------------------------------------------
+
+
+def test_background_daemon_survives_its_run_and_dies_on_destroy(localnet):
+    from golem.resources import Deploy, Run, Start
+
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "ok-1")
+            activity = await agreement.create_activity()
+            # a plain background daemon, and one that double-forks into a session of its own
+            await run(activity, Deploy(), Start(),
+                      Run("sleep 1000 & echo $! > daemon.pid; setsid sh -c 'sleep 1001 & echo $! > escaped.pid' &"))
+            home = home_of(localnet, activity.id)
+            await asyncio.sleep(0)  # the run returned while its daemons run on
+            for _ in range(100):
+                if Path(home, "escaped.pid").exists() and Path(home, "escaped.pid").read_text().strip():
+                    break
+                await asyncio.sleep(0.05)
+            daemon = int(Path(home, "daemon.pid").read_text())
+            escaped = int(Path(home, "escaped.pid").read_text())
+            assert pid_alive(daemon) and pid_alive(escaped)
+            assert {daemon, escaped} <= set(sandbox_processes(home))
+            await activity.destroy()
+            assert not pid_alive(daemon) and not pid_alive(escaped)
+            assert sandbox_processes(home) == []
+
+    asyncio.run(main())
+
+
+async def _serve_name_on_port(activity, port: int, name: str):
+    from golem.resources import Run
+
+    server = (f"import socket,os\ns=socket.socket()\ns.bind((os.environ['NODE_IP'],{port}))\ns.listen()\n"
+              f"while True:\n c,_=s.accept()\n c.sendall(b'{name}')\n c.close()\n")
+    await run(activity, Run(f"cat > server.py <<'EOF'\n{server}EOF\n{sys.executable} server.py >/dev/null 2>&1 &"))
+
+
+def _read_from(ip: str, port: int) -> bytes:
+    import socket
+
+    for _ in range(100):
+        try:
+            with socket.create_connection((ip, port), timeout=5) as s:
+                s.shutdown(socket.SHUT_WR)
+                return s.recv(100)
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {ip}:{port}")
+
+
+def test_two_activities_serve_the_same_port_on_their_own_loopback_ips(localnet):
+    from golem.resources import Deploy, Start
+
+    async def main():
+        async with golem_node(localnet) as node:
+            network = await node.create_network("192.168.0.1/16")
+            ips = []
+            for name in ("ok-1", "ok-2"):
+                _, agreement, provider_id = await rent(node, name)
+                activity = await agreement.create_activity()
+                vpn_ip = await network.create_node(provider_id)
+                await run(activity, Deploy({"net": [network.deploy_args(vpn_ip)]}), Start())
+                await _serve_name_on_port(activity, 18080, name)
+                item = next(i for i in localnet.state()["activities"]["items"] if i["activityId"] == activity.id)
+                assert item["vpnIp"] == vpn_ip
+                ips.append(item["nodeIp"])
+            assert ips[0] != ips[1]
+            assert [_read_from(ip, 18080) for ip in ips] == [b"ok-1", b"ok-2"]
+
+    asyncio.run(main())
+
+
+# ---- VPN and the TCP bridge ------------------------------------------------------------
+
+
+def test_network_keeps_its_prefix_and_nodes_are_idempotent(localnet):
+    async def main():
+        async with golem_node(localnet) as node:
+            network = await node.create_network("192.168.0.1/16")
+            status, data = localnet.call("GET", f"{N}/net/{network.id}")
+            assert data["ip"] == "192.168.0.0/16" and data["mask"] == "255.255.0.0"
+            ip = await network.create_node("0x" + "ab" * 20)
+            await network.refresh_nodes()  # re-posts every node (yagna-api.md §2.10)
+            assert localnet.call("GET", f"{N}/net/{network.id}/nodes")[1] == [{"id": "0x" + "ab" * 20, "ip": ip}]
+            status, got = localnet.call("POST", f"{N}/net/{network.id}/nodes", {"id": "0x1", "ip": "10.0.0.1"})
+            assert status == 400 and "outside network 192.168.0.0/16" in got["message"]
+
+    asyncio.run(main())
+
+
+def test_tcp_bridge_carries_an_echo_conversation(localnet):
+    import aiohttp
+    from golem.resources import Deploy, Run, Start
+
+    echo = ("import socket,os\ns=socket.socket()\ns.bind((os.environ['NODE_IP'],2222))\ns.listen()\n"
+            "while True:\n c,_=s.accept()\n while True:\n  d=c.recv(65536)\n  if not d: break\n"
+            "  c.sendall(d.upper())\n c.close()\n")
+
+    async def main():
+        async with golem_node(localnet) as node:
+            network = await node.create_network("192.168.0.1/16")
+            _, agreement, provider_id = await rent(node, "ok-1")
+            activity = await agreement.create_activity()
+            ip = await network.create_node(provider_id)
+            await run(activity, Deploy({"net": [network.deploy_args(ip)]}), Start(),
+                      Run(f"cat > echo.py <<'EOF'\n{echo}EOF\n{sys.executable} echo.py >/dev/null 2>&1 &"))
+            home = home_of(localnet, activity.id)
+            node_ip = next(i for i in localnet.state()["activities"]["items"] if i["activityId"] == activity.id)["nodeIp"]
+            _read_from(node_ip, 2222)  # until the echo server listens
+            url = f"{localnet.url}/net-api/v1/net/{network.id}/tcp/{ip}/2222".replace("http://", "ws://")
+            headers = {"Authorization": f"Bearer {localnet.app_key}"}
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(url, headers=headers) as ws:
+                    big = os.urandom(200_000)
+                    for message in (b"hello", b"golem", big):
+                        await ws.send_bytes(message)
+                        got = b""
+                        while len(got) < len(message):
+                            got += (await ws.receive_bytes(timeout=10))
+                        assert got == message.upper()
+                # without the key there is no bridge
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await session.ws_connect(url)
+                assert e.value.status == 401
+            await activity.destroy()
+            assert sandbox_processes(home) == []
+
+    asyncio.run(main())
+
+
+# ---- payments --------------------------------------------------------------------------
+
+
+def test_debit_notes_and_invoice_amounts_follow_the_linear_price_of_measured_usage(localnet):
+    from golem.resources import Deploy, Run, Start
+
+    burn = ("import resource,subprocess,sys\n"
+            "subprocess.run([sys.executable,'-c','import time\\nt=time.process_time()\\n"
+            "while time.process_time()-t<2: pass'])\n"
+            "r=[resource.getrusage(w) for w in (resource.RUSAGE_SELF,resource.RUSAGE_CHILDREN)]\n"
+            "print(sum(x.ru_utime+x.ru_stime for x in r))\n")
+    cpu, duration, start = Decimal(CPU_PRICE), Decimal(DURATION_PRICE), Decimal(START_PRICE)
+
+    async def main():
+        async with golem_node(localnet) as node:
+            allocation, agreement, _ = await rent(node, "ok-1", interval=4)
+            activity = await agreement.create_activity()
+            created = time.monotonic()
+            events = await run(activity, Deploy(), Start(),
+                               Run(f"cat > burn.py <<'EOF'\n{burn}EOF\n{sys.executable} burn.py"))
+            burned = Decimal(events[-1].stdout.strip())
+            # wait for a note issued after the burn ended (one every 4 s since the activity began)
+            needed = int((time.monotonic() - created) / 4) + 2
+            while len(activity.debit_notes) < needed:
+                await asyncio.sleep(0.1)
+            notes = [await dn.get_data(force=True) for dn in activity.debit_notes]
+            for note in notes:
+                used_cpu, used_wall = (Decimal(str(u)) for u in note.usage_counter_vector)
+                assert Decimal(note.total_amount_due) == (start + cpu * used_cpu + duration * used_wall).quantize(
+                    Decimal("1e-18"))
+                assert note.payment_due_date is not None and note.status == "RECEIVED"
+            last = notes[-1]
+            used_cpu, used_wall = (Decimal(str(u)) for u in last.usage_counter_vector)
+            assert abs(used_cpu - burned) <= burned * Decimal("0.05"), (used_cpu, burned)
+            assert abs(used_wall - 4 * len(notes)) <= 4 * len(notes) * Decimal("0.05"), used_wall
+            # golem-core validates the note against the agreement and accepts it
+            await activity.debit_notes[-1].validate_and_accept(allocation)
+            assert (await activity.debit_notes[-1].get_data(force=True)).status == "ACCEPTED"
+            spent = Decimal((await allocation.get_data(force=True)).spent_amount)
+            assert spent == Decimal(last.total_amount_due)
+
+            await activity.destroy()
+            await agreement.terminate("done")
+            for _ in range(200):
+                if agreement.invoice is not None:
+                    break
+                await asyncio.sleep(0.05)
+            invoice = await agreement.invoice.get_data(force=True)
+            final = localnet.state()["activities"]["items"][0]
+            assert invoice.activity_ids == [activity.id] and final["state"]["state"][0] == "Terminated"
+            amount = Decimal(invoice.amount)
+            assert amount >= Decimal(last.total_amount_due)
+            # the invoice is the linear price of the final usage: cpu unchanged since the burn
+            wall = (amount - start - cpu * used_cpu) / duration
+            assert used_wall <= wall <= used_wall + 60
+            await agreement.invoice.validate_and_accept(allocation)
+            assert Decimal((await allocation.get_data(force=True)).spent_amount) == amount
+
+    asyncio.run(main())
+
+
+def test_provider_terminates_when_a_debit_note_is_not_accepted_in_time(localnet):
+    from golem.resources import Deploy, Run, Start
+
+    async def main():
+        # a requestor that never looks at its debit notes
+        async with golem_node(localnet, collect_payment_events=False) as node:
+            _, agreement, _ = await rent(node, "ok-1", interval=1, accept_timeout=1)
+            activity = await agreement.create_activity()
+            await run(activity, Deploy(), Start(), Run("sleep 1000 & echo $! > daemon.pid"))
+            home = home_of(localnet, activity.id)
+            daemon = int(Path(home, "daemon.pid").read_text())
+            for _ in range(200):
+                state = await activity.get_state()
+                if state.state[0] == "Terminated":
+                    break
+                await asyncio.sleep(0.05)
+            assert state.state == ["Terminated", None]
+            assert state.reason.startswith("Requestor isn't accepting DebitNotes in time")
+            assert (await agreement.get_data(force=True)).state == "Terminated"
+            assert not pid_alive(daemon) and sandbox_processes(home) == []
+
+    asyncio.run(main())
+
+
+# ---- faults from the profile ------------------------------------------------------------
+
+
+def test_faults_from_the_profile(localnet):
+    from golem.resources import BatchError, Deploy, Run, Start
+    from ya_activity.exceptions import ApiException
+
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "bad-image")
+            activity = await agreement.create_activity()
+            with pytest.raises(BatchError, match="Deployment failed"):
+                await run(activity, Deploy(), Start())
+            assert (await activity.get_state()).state[0] == "Terminated"
+
+            _, agreement, _ = await rent(node, "dies")
+            activity = await agreement.create_activity()
+            await run(activity, Deploy(), Start(), Run("sleep 1000 &"))
+            home = home_of(localnet, activity.id)
+            for _ in range(200):
+                state = await activity.get_state()
+                if state.state[0] == "Terminated":
+                    break
+                await asyncio.sleep(0.05)
+            assert state.state[0] == "Terminated" and state.error_message == "Activity process exited"
+            assert sandbox_processes(home) == []
+
+            _, agreement, _ = await rent(node, "mute")
+            activity = await agreement.create_activity()
+            await run(activity, Deploy(), Start())
+            await asyncio.sleep(1.2)
+            with pytest.raises(ApiException) as e:
+                await activity.get_state()
+            assert e.value.status == 500 and "GSB error" in json.loads(e.value.body)["message"]
+
+    asyncio.run(main())
+
+
+# ---- the localnet going away --------------------------------------------------------------
+
+
+def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
+    from golem.resources import Deploy, Run, Start
+
+    ln = start_localnet(tmp_path / "localnet", PROFILE)
+    try:
+        async def main():
+            async with golem_node(ln) as node:  # closes nothing on the localnet: autoclose off
+                _, agreement, _ = await rent(node, "ok-1", autoclose=False)
+                activity = await agreement.create_activity(autoclose=False)
+                await run(activity, Deploy(), Start(),
+                          Run("sleep 1000 & echo $! > daemon.pid; setsid sleep 1001 >/dev/null 2>&1 &"))
+                home = home_of(ln, activity.id)
+                return home, int(Path(home, "daemon.pid").read_text())
+
+        home, daemon = asyncio.run(main())
+        assert pid_alive(daemon) and sandbox_processes(home)
+    finally:
+        code = ln.stop(signal.SIGTERM)
+    assert code == 0
+    assert not pid_alive(daemon) and sandbox_processes(home) == []
