@@ -4648,6 +4648,11 @@ def _build_node_provider_class():
                 "count": count,
                 "resources": resources or {},
                 "labels": labels or {},
+                # Used on the local network only, where nodes run on this machine:
+                # they run the Python and Ray of this `ray up` (a VM image would
+                # carry the same versions) and import this module.
+                "local": {"python_bin_dir": os.path.dirname(sys.executable),
+                          "module_dir": os.path.dirname(os.path.abspath(__file__))},
             }
             try:
                 nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]
