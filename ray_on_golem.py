@@ -3013,7 +3013,7 @@ class ClusterService:
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
-            self.records.cluster(cluster_name, network, parameters)
+        self.records.cluster(cluster_name, network, parameters)  # (again) running
         timeout_s = float(parameters.get("node_start_timeout") or DEFAULT_NODE_START_TIMEOUT)
         nodes = []
         for _ in range(count):

@@ -260,8 +260,9 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     assert status.returncode == 0, status.stderr[-3000:]
     assert "1 ray.head.default" in status.stdout
 
-    # 4 one-CPU tasks of 8 s on a 1-CPU head: the head's autoscaler adds workers.
-    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"), "4", "8")
+    # 6 one-CPU tasks of 15 s on a 1-CPU head: the head's autoscaler adds workers, which
+    # join well before the head alone could finish (90 s).
+    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"), "6", "15")
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     used = int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1))
     assert used >= 2, submit.stdout
