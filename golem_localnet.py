@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
+import operator
 import os
 import random
 import re
@@ -777,7 +779,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
-            p.offer_id = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            # yagna's subscription id shape: <uuid hex>-<sha256 hex>
+            digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
             result.append(p)
         return result
 
@@ -858,6 +862,7 @@ class ConstraintError(ValueError):
 
 _NAME_RX = re.compile(r"[\w!\-]+(?:\.[\w!\-]+)*")
 _OPS = ("<=", ">=", "=", "<", ">")
+_VALUE_RX = re.compile(r"[\sa-zA-Z0-9_.*/\\:;-]+")  # golem-core's parser.tx Value
 
 
 def parse_constraints(text: str) -> tuple:
@@ -910,9 +915,14 @@ def parse_constraints(text: str) -> tuple:
         if end < 0:
             raise ConstraintError("unterminated constraint")
         value = text[pos:end].strip()
-        pos = end + 1
         if value.startswith("[") and value.endswith("]"):
             value = [v.strip() for v in value[1:-1].split(",")]
+            bad = [v for v in value if not _VALUE_RX.fullmatch(v)]
+        else:
+            bad = [] if _VALUE_RX.fullmatch(value) else [value]
+        if bad:
+            raise ConstraintError(f"value {bad[0]!r} of {name} is outside golem-core's constraint grammar")
+        pos = end + 1
         return ("leaf", name, op, value)
 
     tree = node()
@@ -922,28 +932,37 @@ def parse_constraints(text: str) -> tuple:
     return tree
 
 
-def _compare(prop: Any, op: str, value: str) -> bool | None:
+_ORDER = {"=": operator.eq, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _compare(prop: Any, op: str, value: str) -> bool:
     if isinstance(prop, bool):
         v = value.lower()
-        if v not in ("true", "false"):
-            return False
-        return op == "=" and prop == (v == "true")
+        return op == "=" and v in ("true", "false") and prop == (v == "true")
     if isinstance(prop, (int, float)):
-        try:
-            v = float(value)
-        except ValueError:
-            return False
-        return {"=": prop == v, "<": prop < v, "<=": prop <= v, ">": prop > v, ">=": prop >= v}[op]
+        number = _as_number(value)
+        return number is not None and _ORDER[op](prop, number)
     if isinstance(prop, str):
-        if op == "=":
-            if "*" in value:
-                return re.fullmatch(".*".join(map(re.escape, value.split("*"))), prop) is not None
-            return prop == value
-        return {"<": prop < value, "<=": prop <= value, ">": prop > value, ">=": prop >= value}[op]
+        if op == "=" and "*" in value:
+            return _wildcard(value).fullmatch(prop) is not None
+        return _ORDER[op](prop, value)
     if isinstance(prop, list):
         # lists: `=` means contains; ordering is false (yagna resolver, §4.3)
         return op == "=" and any(_compare(item, "=", value) for item in prop)
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _as_number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _wildcard(value: str) -> re.Pattern:
+    return re.compile(".*".join(map(re.escape, value.split("*"))))
 
 
 def evaluate(tree: tuple, props: dict) -> bool | None:
@@ -959,12 +978,24 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
         if isinstance(value, list):
             return all(_compare(prop, op, v) for v in value)
         return _compare(prop, op, value)
-    results = [evaluate(child, props) for child in tree[1]]
     if kind == "&":
-        return False if False in results else (None if None in results else True)
+        undefined = False
+        for child in tree[1]:
+            result = evaluate(child, props)
+            if result is False:
+                return False
+            undefined = undefined or result is None
+        return None if undefined else True
     if kind == "|":
-        return True if True in results else (None if None in results else False)
-    return None if results[0] is None else not results[0]
+        undefined = False
+        for child in tree[1]:
+            result = evaluate(child, props)
+            if result is True:
+                return True
+            undefined = undefined or result is None
+        return None if undefined else False
+    result = evaluate(tree[1][0], props)
+    return None if result is None else not result
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
@@ -994,7 +1025,8 @@ class Proposal:
 
     def __init__(self, demand: "Demand", provider: Provider, from_requestor: bool, state: str,
                  properties: dict, constraints: str, prev_id: str | None) -> None:
-        self.id = new_id("R-" if from_requestor else "P-")
+        # the requestor's view of a negotiation: yagna prefixes every proposal id with R-
+        self.id = "R-" + secrets.token_hex(32)
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
@@ -1100,7 +1132,7 @@ class Market:
         # callables (agreement, old_state, new_state), e.g. invoices after termination
         self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
         self._offer_ms = ms(clock.started_at)
-        self._offer_trees: dict[int, tuple] = {}
+        self._offer_trees: dict[str, tuple] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- demands and offers ---
@@ -1123,13 +1155,14 @@ class Market:
     def get_demand(self, demand_id: str) -> Demand:
         demand = self.demands.get(demand_id)
         if demand is None:
-            if demand_id in self.unsubscribed:
-                raise HttpError(410, f"Subscription [{demand_id}] was already unsubscribed.")
-            raise HttpError(404, f"Subscription [{demand_id}] wasn't found.")
+            raise HttpError(404, f"Subscription [{demand_id}] not found. Could be unsubscribed.")  # yagna 0.17.6
         return demand
 
     def unsubscribe(self, demand_id: str) -> None:
-        demand = self.get_demand(demand_id)
+        demand = self.demands.get(demand_id)
+        if demand is None:
+            # yagna 0.17.6 on a repeated unsubscribe (recorded by the fidelity test)
+            raise HttpError(404, f"Demand [{demand_id}] not found.")
         del self.demands[demand_id]
         self.unsubscribed.add(demand_id)
         demand.signal.notify()
@@ -1139,9 +1172,10 @@ class Market:
         props = provider.offer_properties(self._offer_ms)
         if evaluate(demand.tree, props) is not True:
             return False
-        tree = self._offer_trees.get(provider.index)
+        text = provider.offer_constraints(self._offer_ms)
+        tree = self._offer_trees.get(text)
         if tree is None:
-            tree = self._offer_trees[provider.index] = parse_constraints(provider.offer_constraints(self._offer_ms))
+            tree = self._offer_trees[text] = parse_constraints(text)
         return evaluate(tree, demand.properties) is True
 
     def _release_due_offers(self, demand: Demand, limit: int) -> None:
@@ -1444,10 +1478,15 @@ class MarketRoutes(HttpHandler):
         demand = market.get_demand(self.params["demand_id"])
         timeout = self.request.query_float("timeout", MARKET_EVENT_TIMEOUT_S, 0, 1e6)
         max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1, MARKET_MAX_EVENTS_MAX)
-        events = await long_poll(demand.signal, lambda: market.take_events(demand, max_events),
-                                 min(timeout, MAX_LONG_POLL_S), lambda: market.seconds_to_next_offer(demand))
-        if self.params["demand_id"] not in market.demands:
-            raise HttpError(404, f"Subscription [{demand.id}] wasn't found.")
+
+        def take() -> list[dict] | bool:
+            # an unsubscribe ends the polls in flight at once, as in yagna
+            return market.take_events(demand, max_events) if demand.id in market.demands else True
+
+        events = await long_poll(demand.signal, take, min(timeout, MAX_LONG_POLL_S),
+                                 lambda: market.seconds_to_next_offer(demand))
+        if events is True:
+            market.get_demand(demand.id)  # raises the 404
         return self.ok(events)
 
     async def get_proposal(self) -> Response:
@@ -2619,12 +2658,14 @@ class Allocation:
         self.timeout = timeout or self.timestamp + timedelta(days=3650)  # yagna: 10 years by default
         self.make_deposit = make_deposit
         self.released = False
+        self.updated = self.timestamp  # moved by whoever changes `spent`
 
     def to_json(self) -> dict:
         return {"allocationId": self.id, "address": self.address, "paymentPlatform": self.platform,
                 "totalAmount": decimal_str(self.total), "spentAmount": decimal_str(self.spent),
                 "remainingAmount": decimal_str(self.total - self.spent), "timestamp": iso(self.timestamp),
-                "timeout": iso(self.timeout), "makeDeposit": self.make_deposit}
+                "timeout": iso(self.timeout), "createdTs": iso(self.timestamp), "updatedTs": iso(self.updated),
+                "makeDeposit": self.make_deposit}
 
 
 class EventLog:
@@ -2760,7 +2801,10 @@ class PaymentRoutes(HttpHandler):
         allocation = self.net.payments.allocations.get(self.params["allocation_id"])
         if allocation is None:
             raise HttpError(404, f"Allocation [{self.params['allocation_id']}] not found")
-        allocation.released = True  # releasing twice is fine: shutdown repeats it (§2.1)
+        if allocation.released:
+            # yagna 0.17.6's answer to a repeated release; golem-core ignores 404 and 410 (§2.3)
+            raise HttpError(410, f"Allocation {allocation.id} has been already released")
+        allocation.released = True
         return self.ok(None)
 
     async def get_demand_decorations(self) -> Response:
