@@ -978,24 +978,19 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
         if isinstance(value, list):
             return all(_compare(prop, op, v) for v in value)
         return _compare(prop, op, value)
-    if kind == "&":
-        undefined = False
-        for child in tree[1]:
-            result = evaluate(child, props)
-            if result is False:
-                return False
-            undefined = undefined or result is None
-        return None if undefined else True
-    if kind == "|":
-        undefined = False
-        for child in tree[1]:
-            result = evaluate(child, props)
-            if result is True:
-                return True
-            undefined = undefined or result is None
-        return None if undefined else False
-    result = evaluate(tree[1][0], props)
-    return None if result is None else not result
+    if kind == "!":
+        result = evaluate(tree[1][0], props)
+        return None if result is None else not result
+    # `&` is decided by the first False, `|` by the first True; otherwise any undefined
+    # operand leaves the group undefined
+    decisive = kind == "|"
+    undefined = False
+    for child in tree[1]:
+        result = evaluate(child, props)
+        if result is decisive:
+            return decisive
+        undefined = undefined or result is None
+    return None if undefined else not decisive
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
@@ -1477,7 +1472,7 @@ class MarketRoutes(HttpHandler):
         market = self.net.market
         demand = market.get_demand(self.params["demand_id"])
         timeout = self.request.query_float("timeout", MARKET_EVENT_TIMEOUT_S, 0, 1e6)
-        max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1, MARKET_MAX_EVENTS_MAX)
+        max_events = min(self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1), MARKET_MAX_EVENTS_MAX)
 
         def take() -> list[dict] | bool:
             # an unsubscribe ends the polls in flight at once, as in yagna
@@ -3345,24 +3340,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+def _int_in(lo: int, hi: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in {lo}..{hi if hi is not None else ''}: {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3370,12 +3358,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def population_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--providers", type=_count, help="population size (default: the profile's)")
+        p.add_argument("--providers", type=_int_in(0, None, "a provider count"), help="population size (default: the profile's)")
         p.add_argument("--seed", type=int, help="population seed (default: the profile's)")
         p.add_argument("--profile", help="population profile, JSON or YAML (format: section 3 of this file)")
 
     serve_p = sub.add_parser("serve", help="run the yagna-compatible daemon")
-    serve_p.add_argument("--port", type=_port, required=True, help="TCP port; 0 picks a free one")
+    serve_p.add_argument("--port", type=_int_in(0, 65535, "a port number"), required=True, help="TCP port; 0 picks a free one")
     serve_p.add_argument("--datadir", required=True, help="directory for the app key and localnet.json")
     serve_p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
     serve_p.add_argument("--time-scale", type=_positive_float, default=1.0,

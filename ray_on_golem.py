@@ -1546,6 +1546,7 @@ class YagnaService:
 
     def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
         import logging
+        import threading
 
         self.network = network
         self.datadir = datadir
@@ -1562,6 +1563,8 @@ class YagnaService:
         # The daemon a killed webserver had started in this data dir ({"url", "pid",
         # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
         self.orphan: dict | None = None
+        self.cancelled = threading.Event()  # set by a shutdown that comes while we start
+        self.stopped = False
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -1716,6 +1719,9 @@ class YagnaService:
 
         deadline = time.monotonic() + timeout
         while True:
+            if self.cancelled.is_set():
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} start cancelled: the webserver is shutting down")
             if self._process.poll() is not None:
                 lines = "\n".join(tail_lines(self.log_path, 20))
                 raise ServiceUnavailable(
@@ -1792,6 +1798,8 @@ class YagnaService:
         """Stop the daemon if we started it; say what happened."""
         import signal
 
+        if self.stopped:
+            return "stopped"
         if not self.started_by_us or self.pid is None:
             if self.api_url:
                 self._log.info("not stopping %s: it was started externally", self.kind)
@@ -1805,7 +1813,7 @@ class YagnaService:
             except Exception:  # noqa: BLE001 - already killed above; reaping is best effort
                 pass
         self._log.info("stopped %s (pid %s): %s", self.kind, self.pid, how)
-        self.started_by_us = False
+        self.stopped = True
         return {"gone": "already gone", "signal": "stopped", "killed": "killed after a timeout"}[how]
 
 
@@ -4045,6 +4053,7 @@ class Webserver:
         self._run_lock_fd: int | None = None
         self._watcher = None
         self._reaper = None
+        self._bring_up_task = None
         self._counts_cache: tuple[tuple[int, int], dict] | None = None
         self.store = None
         self._log = None
@@ -4148,6 +4157,7 @@ class Webserver:
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
+        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         for hook in self.shutdown_hooks:
             try:
@@ -4158,6 +4168,9 @@ class Webserver:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
+        starting = self._bring_up_task
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
         outcome = await asyncio.to_thread(self.yagna.stop)
         self._log.info("%s: %s", self.yagna.kind, outcome)
         self._stopped.set()
@@ -4228,20 +4241,7 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
-        try:
-            await asyncio.to_thread(self.yagna.start)
-        except RayOnGolemError as e:
-            self._log.error("cannot start: %s", e)
-            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
-            self.exit_code = e.exit_code
-            await self.shutdown()
-        else:
-            if self.state == "starting":
-                self.redactor.secrets.add(self.yagna.app_key)
-                self._write_runtime_files()
-                self.state = "running"
-                self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
-                self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+        self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()
         self._remove_runtime_files()
@@ -4249,14 +4249,35 @@ class Webserver:
         self._log.info("stopped, bye")
         return self.exit_code
 
+    async def _bring_up(self) -> None:
+        """Connect to or start the daemon (a blocking job, in a thread); then serve as `running`."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.yagna.start)
+        except RayOnGolemError as e:
+            if self.state == "shutting_down":
+                return  # cancelled by the shutdown, which stops what was started
+            self._log.error("cannot start: %s", e)
+            print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
+            self.exit_code = e.exit_code
+            await self.shutdown()
+            return
+        if self.state == "starting":
+            self.redactor.secrets.add(self.yagna.app_key)
+            self._write_runtime_files()
+            self.state = "running"
+            self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
         import asyncio
 
-        while self.state == "running" and self.yagna.started_by_us:
+        while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
             await asyncio.sleep(1.0)
             if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
-                self.yagna.started_by_us = False
+                self.yagna.stopped = True
                 self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
                                  "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
@@ -4280,7 +4301,7 @@ class Webserver:
                     return
                 connections[writer] = (REQUEST_READ_TIMEOUT, clock())
                 try:
-                    request, keep_alive = await self._parse_request(head, reader)
+                    request, keep_alive = await self._parse_request(head, reader, writer)
                 except RayOnGolemError as e:
                     await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
                     return
@@ -4312,7 +4333,7 @@ class Webserver:
                     writer.close()
 
     @staticmethod
-    async def _parse_request(head: bytes, reader) -> tuple[Request, bool]:
+    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
         lines = head[:-4].decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
@@ -4336,6 +4357,8 @@ class Webserver:
             raise UsageError("malformed Content-Length")
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
         body = await reader.readexactly(length) if length else b""
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
@@ -4397,9 +4420,9 @@ class WebserverClient:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
+        # No token file yet: ask anyway. Nothing listening is ServiceUnavailable; a webserver
+        # of another data dir answers 401, which `status` turns into a clear Conflict.
         token = read_token(self.datadir)
-        if token is None:
-            raise ServiceUnavailable(f"no webserver token in {self.datadir}: is the webserver started?")
         if self._connection is None:
             self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
         self._connection.timeout = timeout or self.timeout
@@ -4419,6 +4442,9 @@ class WebserverClient:
             return self.request("GET", "/status", timeout=3.0)
         except ServiceUnavailable:
             return None
+        except Unauthorized:
+            raise Conflict(f"the webserver on {self.url} does not accept the token in {self.datadir}: "
+                           "it serves another data directory (use another --port)") from None  # fmt: skip
 
     def close(self) -> None:
         if self._connection is not None:
@@ -4473,6 +4499,13 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
             return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+        elsewhere = read_runtime(datadir).get("port")
+        if elsewhere not in (None, port):
+            other = WebserverClient(datadir, elsewhere).status()
+            if other:
+                out(f"A webserver for {datadir} already runs on http://{WEBSERVER_HOST}:{elsewhere} (pid {other['pid']}).")
+                out(f"Stop it first (`ray-on-golem stop`) to start one on port {port}.")
+                return EXIT_FAILED
         running = live_pid(datadir)
         if running:
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
@@ -4508,7 +4541,7 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
             return EXIT_FAILED
-        status = client.status() if read_token(datadir) else None
+        status = client.status()
         if status and status["state"] == "running":
             yagna = status["yagna"]
             out(f"Webserver is running on {client.url} (pid {status['pid']}); "

@@ -82,6 +82,13 @@ async def by_name(proposals):
     return {await p.get_provider_name(): p for p in proposals}
 
 
+async def market_of_the_test_profile(node, payload=None):
+    """An allocation, a demand and its 8 initial offers by provider name (MARKET_TEST_PROFILE)."""
+    allocation = await node.create_allocation(1.0, network="local")
+    demand = await node.create_demand(payload or vm_payload(), allocations=[allocation])
+    return allocation, demand, await by_name(await collect_initial(demand, 8))
+
+
 def raw_demand(ln, props=None, constraints="(&(golem.runtime.name=vm))"):
     now_ms = int(time.time() * 1000)
     properties = {"golem.srv.comp.expiration": now_ms + 3600_000, "golem.node.debug.subnet": "public",
@@ -199,6 +206,63 @@ def test_population_is_reproducible_and_resembles_a_testnet(tmp_path):
     yaml_profile.write_text("providers: 5\nbehaviours: {busy: 0.4}\n")
     small = population("--profile", str(yaml_profile))
     assert len(small) == 5 and sum(p["behaviour"] == "busy" for p in small) == 2
+
+
+# ---- the matcher: golem-core's grammar, yagna's semantics (yagna-api.md §4.3) ----------
+
+OFFER = {"golem.inf.cpu.threads": 4, "golem.node.debug.subnet": "public", "golem.srv.caps.multi-activity": True,
+         "golem.runtime.capabilities": ["inet", "vpn"], "golem.runtime.name": "vm"}
+
+
+@pytest.mark.parametrize("constraints, result", [
+    ("(&)", True),
+    ("(golem.inf.cpu.threads>=4)", True),
+    ("(golem.inf.cpu.threads>4)", False),
+    ("(golem.inf.cpu.threads=four)", False),
+    ("(golem.runtime.capabilities=vpn)", True),  # lists: = means contains
+    ("(golem.runtime.capabilities<vpn)", False),  # ordering is false on lists
+    ("(golem.node.debug.subnet=pub*)", True),
+    ("(golem.node.debug.subnet>private)", True),  # strings order lexicographically
+    ("(golem.srv.caps.multi-activity=true)", True),
+    ("(golem.com.payment.platform.erc20-local-tglm.address=*)", None),  # missing: undefined
+    ("(golem.runtime.name=*)", True),
+    ("(&(golem.runtime.name=vm)(golem.missing=1))", None),
+    ("(&(golem.runtime.name=docker)(golem.missing=1))", False),
+    ("(|(golem.runtime.name=docker)(golem.missing=1))", None),
+    ("(|(golem.runtime.name=vm)(golem.missing=1))", True),
+    ("(!(golem.runtime.name=vm))", False),
+    ("(!(golem.missing=1))", None),
+    ("(&\n\t(golem.runtime.name=vm)\n\t(golem.inf.cpu.threads<=8))", True),
+])
+def test_constraint_matching(constraints, result):
+    import golem_localnet as gl
+
+    assert gl.evaluate(gl.parse_constraints(constraints), OFFER) is result
+
+
+@pytest.mark.parametrize("constraints", ["", "()", "(a<>1)", "(a=x@y)", "(&(a=1)", "(a=1))", "(!(a=1)(b=2))"])
+def test_constraints_outside_golem_cores_grammar_are_refused(constraints):
+    import golem_localnet as gl
+
+    with pytest.raises(gl.ConstraintError):
+        gl.parse_constraints(constraints)
+
+
+def test_golem_core_constraints_all_parse():
+    """Whatever golem-core serializes (payloads with capabilities, RoG's extra clauses) parses here."""
+    import golem_localnet as gl
+    from golem.payload import Constraint, Constraints, ManifestVmPayload
+
+    async def build():
+        payloads = [vm_payload(min_cpu_threads=2, capabilities=["vpn", "inet"]), ManifestVmPayload(manifest="e30=")]
+        return [(await p.build_properties_and_constraints())[1] for p in payloads]
+
+    extra = Constraints([Constraint("golem.inf.cpu.threads", "<=", 8),
+                         Constraints([Constraint("golem.node.debug.subnet", "=", "public")], operator="|")])
+    profile = {**gl.load_profile(None), "providers": 1, "explicit": [{"cpu_threads": 8}]}
+    offer = gl.Population(profile).providers[0].offer_properties(0)
+    for constraints in run(build()) + [extra]:
+        assert gl.evaluate(gl.parse_constraints(constraints.serialize()), offer) is True
 
 
 # ---- HTTP: auth and errors ----------------------------------------------------
@@ -322,9 +386,7 @@ def test_constraints_are_matched_both_ways(localnet_factory):
 def test_negotiation_agreement_approved_and_terminated(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["ok-1"])
             draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
             assert draft.data.state == "Draft" and draft.data.prev_proposal_id == ours.id
@@ -374,10 +436,8 @@ def test_provider_rejects_counter_proposal_with_the_real_reason(localnet, provid
 
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
             payload = (ManifestVmPayload(**payload_kwargs) if payload_kwargs else vm_payload())
-            demand = await node.create_demand(payload, allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            _, _, offers = await market_of_the_test_profile(node, payload)
             ours = await counter(offers[provider], with_negotiators=use_negotiators)
             with pytest.raises(ProposalRejected) as info:
                 await asyncio.wait_for(ours.responses().__anext__(), 10)
@@ -389,9 +449,7 @@ def test_provider_rejects_counter_proposal_with_the_real_reason(localnet, provid
 def test_outbound_rules_only_bite_demands_asking_for_outbound(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["outbound"])
             draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
             return draft.data.state
@@ -402,9 +460,7 @@ def test_outbound_rules_only_bite_demands_asking_for_outbound(localnet):
 def test_silent_provider_never_answers(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["silent"])
             with pytest.raises(asyncio.TimeoutError):  # golem-core: "Failed to receive proposal response!"
                 await asyncio.wait_for(ours.responses().__anext__(), 2)
@@ -419,9 +475,7 @@ def test_unreachable_provider_fails_the_counter_with_a_gsb_500(localnet):
 
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             with pytest.raises(ApiException) as info:
                 await counter(offers["unreachable"])
             return info.value
@@ -436,9 +490,7 @@ def test_unreachable_provider_fails_the_counter_with_a_gsb_500(localnet):
 def test_rejected_agreement_wait_returns_false_and_terminate_is_swallowed(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["rejecter"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()
@@ -454,9 +506,7 @@ def test_rejected_agreement_wait_returns_false_and_terminate_is_swallowed(localn
 def test_agreement_limit_and_rematch_after_termination(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            first = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(first, 8))
+            allocation, first, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["ok-2"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()
@@ -480,9 +530,7 @@ def test_agreement_limit_and_rematch_after_termination(localnet):
 def test_requestor_reject_and_agreement_creation_errors(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             valid_to = (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()
             status, body = localnet.call("POST", f"{M}/agreements",
                                          {"proposalId": offers["ok-1"].id, "validTo": valid_to})
@@ -681,9 +729,7 @@ def test_killer_09_error_bodies_parse_where_golem_core_parses_them(localnet):
 def test_killer_10_repeated_closes_are_idempotent(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["ok-1"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()

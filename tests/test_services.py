@@ -140,6 +140,8 @@ _YAGNA_PORTS = iter(range(17464, 30000, 10))  # fresh ports per test: no TIME_WA
 def _teardown(services: Services) -> None:
     services.remember()
     leftover = services.alive()
+    leftover += [pid for pid in processes_mentioning(services.datadir) if pid not in leftover]
+    services.seen.update({pid: rog.proc_start_time(pid) for pid in leftover if pid not in services.seen})
     for pid in leftover:  # kill by PID what the test left, then fail it
         try:
             os.kill(pid, signal.SIGKILL)
@@ -660,3 +662,89 @@ def test_start_status_stop_from_the_zipapp(tmp_path):
         assert stopped.returncode == 0 and "Webserver stopped" in stopped.stdout
     finally:
         _teardown(svc)
+
+
+def test_one_webserver_per_datadir_and_per_port(running, tmp_path):
+    """Another port for the same data dir is refused; another data dir on the same port is told the port is taken."""
+    other_port = free_port()
+    again = running.cli("start", "--datadir", running.datadir, "-p", str(other_port))
+    assert again.returncode == 1
+    assert f"A webserver for {running.datadir} already runs on http://127.0.0.1:{running.port}" in again.stdout
+
+    stranger = Services(str(tmp_path / "other"), running.port, "local", running.env)
+    clash = stranger.start()
+    assert clash.returncode == 1
+    assert f"the webserver on http://127.0.0.1:{running.port} does not accept the token" in clash.stderr
+    assert "Traceback" not in clash.stdout + clash.stderr
+    _teardown(stranger)
+
+
+def test_expect_100_continue(shared):
+    body = b'{"force": "no"}'
+    data = request_bytes("POST", "/shutdown", shared.token(), body, extra="Expect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=10) as s:
+        stream = s.makefile("rb")
+        s.sendall(data[: -len(body)])
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
+        s.sendall(body)
+        status, _, answer = _read_response(stream)
+    assert status == 400 and "field 'force' must be bool, got str" in json.loads(answer)["error"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Every process whose command line mentions `text` (a test's data dir): the 'nothing left' check."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read() and rog.process_alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _foreground_webserver(svc: Services) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, MODULE, "webserver", "--datadir", svc.datadir, "-p", str(svc.port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=svc.env)  # fmt: skip
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_sigterm_is_a_graceful_shutdown(services, when):
+    """SIGTERM while the daemon is still starting or once running: exit 0, the daemon stopped, files removed."""
+    proc = _foreground_webserver(services)
+    try:
+        client = rog.WebserverClient(services.datadir, services.port)
+        state = None
+        for _ in range(3000):
+            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
+            state = status and status["state"]
+            if state == when:
+                break
+            time.sleep(0.005)
+        assert state == when  # starting: the local network needs far more than one poll to come up
+        services.remember()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert processes_mentioning(services.datadir) == []
+        assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_PID_FILE))
+        assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_RUNTIME_FILE))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_daemon_dying_becomes_a_status_warning(running):
+    daemon = running.runtime()["yagna"]["pid"]
+    os.kill(daemon, signal.SIGKILL)
+    client = rog.WebserverClient(running.datadir, running.port)
+    for _ in range(200):
+        warnings = client.request("GET", "/status")["warnings"]
+        if warnings:
+            break
+        time.sleep(0.05)
+    assert len(warnings) == 1 and f"localnet (pid {daemon}) exited unexpectedly" in warnings[0]
+    assert "Server warnings:" in running.status().stdout
+    assert running.stop().returncode == 0
+    assert processes_mentioning(running.datadir) == []
