@@ -1552,6 +1552,7 @@ class MarketRoutes(HttpHandler):
 # branches editing the header do not conflict on the import block.
 import ctypes
 import fcntl
+import ipaddress
 import subprocess
 import tempfile
 from pathlib import Path
@@ -1583,9 +1584,12 @@ class ProcInfo:
 
 
 def read_proc(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+    try:  # os-level calls: a scan reads every process of the machine
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # comm may contain spaces and parentheses: split after the last ')'.
@@ -1671,13 +1675,13 @@ class LoopbackPool:
         else:
             slot = self._net_slots.setdefault(net_id, len(self._net_slots) % 255 + 1)
         preferred = [int(vpn_ip.rsplit(".", 1)[1])] if vpn_ip else []
-        for host in preferred + list(range(2, 255)):
-            for third in [slot] + [t for t in range(256) if t != slot]:
+        for third in [slot] + [t for t in range(256) if t != slot]:
+            for host in preferred + list(range(2, 255)):
                 ip = f"127.{self.block}.{third}.{host}"
                 if 1 <= host <= 254 and ip not in self._taken:
                     self._taken.add(ip)
                     return ip
-        raise RuntimeError("loopback block exhausted")
+        raise HttpError(503, f"all addresses of 127.{self.block}.0.0/16 are in use")
 
     def release(self, ip: str) -> None:
         self._taken.discard(ip)
@@ -1719,7 +1723,10 @@ class Sandbox:
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        # The "image": this Python (and whatever its environment has, e.g. `ray`) comes first on PATH.
+        path = env.get("PATH", os.defpath)
         env.update(
+            PATH=os.pathsep.join([os.path.dirname(sys.executable), path]),
             HOME=str(self.home),
             TMPDIR=str(self.tmp),
             NODE_IP=self.loopback_ip or "127.0.0.1",
@@ -1956,7 +1963,15 @@ class Activity:
             return False, None, None, f"ExeScript command `{name}` is not supported by the local network"
         if not isinstance(args, dict):
             return False, None, None, f"ExeScript command `{name}`: arguments must be an object"
-        return await handler(args)
+        try:
+            return await handler(args)
+        except asyncio.CancelledError:
+            raise
+        except HttpError as e:
+            return False, None, None, e.message
+        except Exception as e:  # a bug of ours must still finish the batch, never hang the poll
+            print(f"golem-localnet: ExeScript `{name}` failed: {e!r}", file=sys.stderr)
+            return False, None, None, f"ExeScript command `{name}` failed in the local network: {type(e).__name__}"
 
     async def _exe_deploy(self, args: dict):
         if self.state[0] != "Initialized":
@@ -1964,6 +1979,13 @@ class Activity:
         net = args.get("net") or []
         if not isinstance(net, list) or not all(isinstance(n, dict) for n in net):
             return False, None, None, "deploy: `net` must be a list of network objects"
+        for i, n in enumerate(net):
+            try:
+                ipaddress.IPv4Address(n.get("nodeIp"))
+            except ValueError:
+                return False, None, None, f"deploy: net[{i}].nodeIp must be an IPv4 address, got {n.get('nodeIp')!r}"
+            if not isinstance(n.get("id"), str):
+                return False, None, None, f"deploy: net[{i}].id must be the network id"
         self.state = ["Initialized", "Deployed"]
         if self.faults.deploy_fails:
             # The provider's profile says the image never comes up.
@@ -2022,7 +2044,6 @@ class ActivityEngine:
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
         self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
-        self._reaper: asyncio.TimerHandle | None = None
         self._ordinal = 0
 
     def create(self, agreement) -> Activity:
@@ -2138,13 +2159,16 @@ class ActivityEngine:
         self.reap_orphans(table)
         return activity.sandbox.cpu_seconds(table)
 
-    async def kill_processes(self, activity: Activity) -> None:
+    async def kill_processes(self, activity: Activity) -> dict[int, ProcInfo]:
         """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
-        until a scan finds none alive; then wait until they are reaped."""
+        until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
+        me = os.getpid()
         for _ in range(50):
             table = read_proc_table()
             if not sandbox.signal_all(table, signal.SIGSTOP):
+                if not any(i.ppid == me for i in sandbox.owned(table).values()):
+                    return table  # nothing alive and no zombie of ours to reap
                 break
             table = read_proc_table()
             sandbox.cpu_seconds(table)  # last look at their CPU before they go
@@ -2160,11 +2184,11 @@ class ActivityEngine:
         for _ in range(200):
             table = read_proc_table()
             self.reap_orphans(table)
-            me = os.getpid()
             left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
             if not left:
-                return
+                break
             await asyncio.sleep(0.01)
+        return table
 
     # -- ending --
 
@@ -2185,8 +2209,8 @@ class ActivityEngine:
         if not from_batch:
             activity._worker.cancel()
             activity._current = None
-        await self.kill_processes(activity)
-        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(read_proc_table())
+        table = await self.kill_processes(activity)
+        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(table)
         activity.final_wall_seconds = activity.wall_seconds()
         if activity.sandbox.loopback_ip:
             self.loopback.release(activity.sandbox.loopback_ip)
@@ -2308,7 +2332,6 @@ class ActivityRoutes(HttpHandler):
 
 
 import base64
-import ipaddress
 import struct
 
 # RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
@@ -2914,6 +2937,7 @@ class ProviderBilling:
         self.market = market
         self._billing: dict[str, Billing] = {}  # agreement id ->
         self._last_note: dict[str, str] = {}  # activity id -> last debit note id
+        self._last_payable: dict[str, float] = {}  # activity id -> monotonic time of its last payable note
         self._timers: dict[str, list] = {}  # activity id -> timer handles
         self._invoiced: set[str] = set()
         market.agreement_observers.append(self._agreement_changed)
@@ -2997,9 +3021,12 @@ class ProviderBilling:
             "status": "RECEIVED",
             **self._parties(activity.agreement),
         }
-        if billing.payment_timeout:
-            # Payable only under mid-agreement payments (yagna-api.md §2.11).
+        last_payable = self._last_payable.get(activity.activity_id)
+        if billing.payment_timeout and (last_payable is None or time.monotonic() - last_payable >= billing.payment_timeout):
+            # Payable only under mid-agreement payments, and at most one per payment timeout:
+            # golem-core rejects more (validate_mid_agreement_payment, yagna-api.md §2.11).
             note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
+            self._last_payable[activity.activity_id] = time.monotonic()
         self.payments.debit_notes[note_id] = note
         self._last_note[activity.activity_id] = note_id
         self.payments.debit_note_events.add("DebitNoteReceivedEvent", note_id, activity.agreement.app_session_id)
