@@ -195,7 +195,7 @@ def test_tag_filter_needs_every_key(tags, tag_filter, expected):
 ])
 def test_ray_stop_is_scoped_to_the_node_on_the_local_network(command, local, expected_stop):
     script = rog.localize_command(command, local)
-    assert script.startswith('. "$HOME/.ray_on_golem/env"')
+    assert script.startswith('if [ -f "$HOME/.ray_on_golem/env" ]; then . "$HOME/.ray_on_golem/env"; fi;')
     assert (rog.NODE_RAY_STOP in script) is expected_stop
     if expected_stop:
         assert not re.search(r"(?<![\w.])ray stop", script)
