@@ -2800,7 +2800,7 @@ NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, upload 
 # `ray stop` kills every Ray process of the machine by name (psutil): on the local
 # network all nodes share one machine, so it becomes a stop of this node only.
 _RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
-NODE_RAY_STOP = "python3 -c 'import ray_on_golem; ray_on_golem.stop_ray_on_this_node()'"
+NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.stop_ray_on_this_node())'"
 
 
 def tags_match(tags: dict, tag_filter: dict) -> bool:
@@ -5188,7 +5188,7 @@ def _build_node_provider_class():
                 if states & {"terminating", "terminated"}:
                     reason = "; ".join(n.get("error") or "terminated" for n in nodes)
                     raise ProviderError(RayOnGolemError(f"head node failed to start: {reason}"))
-                _time.sleep(0.5)
+                _time.sleep(0.2)
 
         def terminate_node(self, node_id: str):
             node = self._call("DELETE", _node_path(self.cluster_name, node_id))
