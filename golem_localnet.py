@@ -3496,7 +3496,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"golem_localnet.py: error: {e}", file=sys.stderr)
         return 2
     if args.command == "population":
-        _print_population(population, args.json)
+        try:
+            _print_population(population, args.json)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `population | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("golem_localnet.py: error: --host must be a loopback address", file=sys.stderr)
