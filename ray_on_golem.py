@@ -5013,12 +5013,14 @@ def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> N
 # from the node's environment file (section 7): per node and per cluster, so nodes
 # sharing one machine on the local network never collide.
 DEFAULT_HEAD_START_RAY_COMMANDS = [
+    "ray stop",
     "ray start --head --node-ip-address=$NODE_IP --port=$RAY_GCS_PORT "
     "--ray-client-server-port=$RAY_CLIENT_SERVER_PORT --temp-dir=$RAY_TMPDIR/ray "
     "--include-dashboard=false --dashboard-agent-listen-port=0 --disable-usage-stats "
     "--autoscaling-config=~/ray_bootstrap_config.yaml",
 ]
 DEFAULT_WORKER_START_RAY_COMMANDS = [
+    "ray stop",
     "ray start --address=$RAY_HEAD_IP:$RAY_GCS_PORT --node-ip-address=$NODE_IP "
     "--temp-dir=$RAY_TMPDIR/ray --dashboard-agent-listen-port=0",
 ]
