@@ -457,3 +457,55 @@ def test_node_routes_reject_bad_input(fault_session):
     with pytest.raises(rog.NotFound, match="no cluster named 'nope'"):
         session.api("GET", "/clusters/nope/nodes/node1")
     assert session.api("GET", "/clusters/nope/nodes") == {"nodes": []}
+
+
+@pytest.mark.ray
+def test_node_provider_is_thread_safe(fault_session):
+    """Ray calls the provider from many threads at once (NodeLauncher, updaters, the v2 adapter)."""
+    import threading
+
+    session = fault_session({"providers": 6, "known_at_start": 1.0, "behaviours": {}})
+    config = rog.load_cluster_config(str(SAMPLE_CLUSTER))
+    params = json.loads(json.dumps(config.parameters))
+    params.update(webserver_port=session.port, webserver_datadir=str(session.datadir))
+    provider = rog.GolemNodeProvider({"type": "external", "module": rog.PROVIDER_MODULE, "parameters": params},
+                                     "threads")
+    node_config = config.node_types["ray.worker.default"].node_config
+    created, errors, stop = [], [], threading.Event()
+
+    def create(i: int):
+        try:
+            tags = {"ray-node-type": "worker", "ray-user-node-type": "ray.worker.default", "index": str(i)}
+            created.extend(provider.create_node_with_resources_and_labels(node_config, tags, 1, {"CPU": 1}, {}))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    def poll():
+        while not stop.is_set():
+            try:
+                for node_id in provider.non_terminated_nodes({"ray-node-type": "worker"}):
+                    provider.node_tags(node_id)
+                    provider.is_running(node_id)
+                    provider.set_node_tags(node_id, {f"seen-{threading.get_ident()}": "1"})
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    pollers = [threading.Thread(target=poll) for _ in range(4)]
+    creators = [threading.Thread(target=create, args=(i,)) for i in range(3)]
+    for t in pollers + creators:
+        t.start()
+    for t in creators:
+        t.join(60)
+    wait_for(lambda: all(provider.is_running(n) for n in created), 90, what="3 nodes running")
+    stop.set()
+    for t in pollers:
+        t.join(30)
+    assert errors == []
+    assert len(set(created)) == 3
+    listed = provider.non_terminated_nodes({"ray-node-type": "worker"})
+    assert sorted(listed) == sorted(created)
+    indexes = sorted(provider.node_tags(n)["index"] for n in listed)
+    assert indexes == ["0", "1", "2"]  # every node kept its own tags through concurrent updates
+    provider.terminate_nodes(created)
+    assert provider.non_terminated_nodes({}) == []
+    assert all(provider.is_terminated(n) for n in created)
