@@ -2834,6 +2834,13 @@ PROVISIONING_STEPS = (
     "Ready on {provider}",
 )
 
+# Ray's tag names (ray/autoscaler/tags.py), repeated so the webserver never imports Ray.
+RAY_TAG_NODE_KIND = "ray-node-type"
+RAY_TAG_USER_NODE_TYPE = "ray-user-node-type"
+RAY_NODE_KIND_HEAD = "head"
+# Largest archive (after gzip) a file mount / rsync may move through the command
+# channel: it travels base64-encoded inside ExeScript `run`s.
+MAX_TRANSFER_BYTES = 64 * 1024 * 1024
 CLUSTER_VPN_PREFIX = 16  # one VPN per cluster (the original shared one /16 between all)
 PROVIDER_FAILURES_BEFORE_BLACKLIST = 2  # failed node starts within the window...
 PROVIDER_FAILURE_WINDOW_S = 3600.0
@@ -3109,7 +3116,7 @@ class ClusterNode:
         self.resources = resources
         self.labels = labels
         self.local = local  # python_bin_dir/module_dir of the `ray up` side (local network only)
-        self.node_type = self.tags.get("ray-user-node-type") or self.tags.get("ray-node-type") or "unknown"
+        self.node_type = self.tags.get(RAY_TAG_USER_NODE_TYPE) or self.tags.get(RAY_TAG_NODE_KIND) or "unknown"
         self.state = NodeState.PENDING
         self.state_log: list[str] = []
         self.internal_ip: str | None = None
@@ -4865,24 +4872,12 @@ def format_status(report: dict) -> str:
 # below; the module-level `__getattr__` (PEP 562) builds the classes on first use.
 
 import base64 as _base64
-import http.client as _http_client
 import io as _io
-import json as _json
-import shlex as _shlex
 import tarfile as _tarfile
 import threading as _threading
 import time as _time
 import urllib.parse as _urlparse
 
-# Ray's tag names (ray/autoscaler/tags.py), repeated so the webserver side
-# never has to import Ray to recognise a head node.
-RAY_TAG_NODE_KIND = "ray-node-type"
-RAY_NODE_KIND_HEAD = "head"
-RAY_TAG_NODE_NAME = "ray-node-name"
-
-# Largest archive (after gzip) a file mount / rsync may move through the
-# command channel: each piece travels base64-encoded inside an ExeScript `run`.
-MAX_TRANSFER_BYTES = 64 * 1024 * 1024
 # Base64 characters per upload request: under the webserver's 1 MiB body limit.
 UPLOAD_REQUEST_CHARS = 768 * 1024
 
