@@ -232,6 +232,34 @@ def test_diagnosis_names_the_filter_nothing_passed():
     assert rog.diagnose_funnel(empty).startswith("no offer matched the demand")
 
 
+def test_node_ray_stop_ends_only_that_nodes_processes(tmp_path: Path):
+    """Two "nodes" on one machine: the node-scoped `ray stop` ends one node's Ray processes
+    (found by its temp dir or IP, plus their descendants) and leaves the other's alone."""
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    a = subprocess.Popen([sys.executable, "-c", child, "ray-raylet", "--temp-dir=/tmp/rog-testA/ray"])
+    b = subprocess.Popen([sys.executable, "-c", child, "ray-raylet", "--node-ip-address=127.99.0.2"])
+    try:
+        def children(pid):
+            return [int(p) for p in os.listdir("/proc") if p.isdigit() and
+                    open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid)]
+        a_children = wait_for(lambda: children(a.pid), 30, what="node A's child")
+        wait_for(lambda: children(b.pid), 30, what="node B's child")
+        env = dict(os.environ, RAY_TMPDIR="/tmp/rog-testA", NODE_IP="127.99.0.1", PYTHONPATH=str(REPO))
+        stop = subprocess.run(["/bin/sh", "-c", rog.localize_command("ray stop", True)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert "Stopped all 2 Ray processes of this node." in stop.stdout
+        assert a.wait(timeout=30) is not None and not any(pid_alive(p) for p in a_children)
+        assert b.poll() is None  # the other node's Ray lives on
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                for pid in children(proc.pid):
+                    os.kill(pid, 9)
+                proc.kill()
+            proc.wait(timeout=30)
+
+
 # --- Ray: the user's session -------------------------------------------------------------
 
 
