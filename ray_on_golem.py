@@ -3880,6 +3880,9 @@ def read_runtime(datadir: str) -> dict:
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
 
 
+RUN_LOCK_TAKEN = "another webserver already runs with data dir"  # `start` looks for it in webserver.out
+
+
 class MethodNotAllowed(RayOnGolemError):
     http_status = 405
 
@@ -4341,8 +4344,9 @@ class Webserver:
             os.close(fd)
             pid = read_pidfile(self.datadir)
             owner = f" (pid {pid[0]})" if pid else ""
-            raise Conflict(f"another webserver already runs with data dir {self.datadir}{owner}") from None
+            raise Conflict(f"{RUN_LOCK_TAKEN} {self.datadir}{owner}") from None
         self._run_lock_fd = fd
+        write_pidfile(self.datadir, os.getpid())  # only the lock holder writes it: it always names the owner
 
     def _write_runtime_files(self) -> None:
         import json
@@ -4566,6 +4570,7 @@ WEBSERVER_START_LOCK = "webserver.lock"  # held by `start` from its check to rea
 WEBSERVER_OUT_FILE = "webserver.out"  # the webserver's stdout/stderr: what it says before logging is set up
 WEBSERVER_START_TIMEOUT = 180.0  # covers a real yagna's start (~4 s offline, more on a busy machine)
 WEBSERVER_STOP_TIMEOUT = 60.0
+WEBSERVER_BIND_GRACE = 5.0  # a webserver holding its data dir answers within ms; this much before we call it hung
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
 
 
@@ -4671,6 +4676,11 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
                 return EXIT_FAILED
         running = live_pid(datadir)
         if running:
+            # A webserver that holds the data dir but does not answer yet is binding: give it a moment.
+            status = _answer_within(client, running, WEBSERVER_BIND_GRACE)
+            if status:
+                out(f"Not starting the webserver, as it's already running on {client.url} (pid {running[0]}).")
+                return _wait_running(client, None, datadir, timeout, out, pid=running[0])
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
@@ -4686,7 +4696,6 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             )  # fmt: skip
         finally:
             log.close()
-        write_pidfile(datadir, process.pid)  # before readiness: even a hung start can be stopped
         started = time.monotonic()
         code = _wait_running(client, process, datadir, timeout, out)
         if code == EXIT_OK:
@@ -4706,6 +4715,12 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
     start_time = proc_start_time(pid) if pid else None
     while True:
         if process is not None and process.poll() is not None:
+            # Lost the race for the data dir to a webserver started by hand at the same moment: wait for that one.
+            holder = _run_lock_holder(datadir, process.pid)
+            if holder:
+                out(f"Another webserver (pid {holder[0]}) took the data directory first; waiting for it.")
+                process, pid, start_time = None, holder[0], holder[1]
+                continue
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
             return EXIT_FAILED
         if pid is not None and not process_alive(pid, start_time):
@@ -4723,6 +4738,34 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
             out(_failure_report(datadir, f"no answer within {timeout:.0f} s"))
             return EXIT_FAILED
         time.sleep(0.02)
+
+
+def _answer_within(client: WebserverClient, process: tuple[int, int | None], grace: float) -> dict | None:
+    """Poll the status route for `grace` seconds while the process lives; its status or None."""
+    import time
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and process_alive(*process):
+        status = client.status()
+        if status:
+            return status
+        time.sleep(0.02)
+    return None
+
+
+def _run_lock_holder(datadir: str, our_child: int) -> tuple[int, int | None] | None:
+    """The other webserver our child lost the run lock to (it said so in webserver.out), once its pidfile names it."""
+    import time
+
+    if not any(RUN_LOCK_TAKEN in line for line in tail_lines(os.path.join(datadir, WEBSERVER_OUT_FILE), 5)):
+        return None
+    deadline = time.monotonic() + WEBSERVER_BIND_GRACE
+    while time.monotonic() < deadline:
+        holder = live_pid(datadir)
+        if holder and holder[0] != our_child:
+            return holder
+        time.sleep(0.02)
+    return None
 
 
 def _kill_leftovers(datadir: str, pid: int, start_time: int | None, out) -> None:
