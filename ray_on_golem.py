@@ -2852,6 +2852,7 @@ RUN_POLL_MAX_S = 20.0  # longest wait of one `GET .../runs/{id}` long-poll
 RUN_INLINE_WAIT_S = 2.0  # a command that ends within this needs no separate poll
 RUN_POLL_FIRST_S = 0.2  # then the node is polled for new output, less often as it runs on
 RUN_POLL_MAX_INTERVAL_S = 1.0
+RUN_RESULT_KEEP_S = 600.0  # an uncollected result is dropped after this
 # A single argv string is at most 128 KiB on Linux (MAX_ARG_STRLEN): uploads go to
 # the node in pieces of this many base64 characters, one `run` each.
 UPLOAD_PIECE_CHARS = 96 * 1024
@@ -3738,6 +3739,8 @@ class ClusterService:
             finally:
                 record["done"] = True
                 publish()
+                # A client that never collects the result (killed `ray exec`) must not leak it.
+                asyncio.get_running_loop().call_later(RUN_RESULT_KEEP_S, self.runs.pop, run_id, None)
 
         record["task"] = asyncio.create_task(runner())
         self.runs[run_id] = record
