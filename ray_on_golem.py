@@ -2796,6 +2796,1037 @@ def market_store_callbacks(store: "Store", network: str) -> dict:
 ###############################################################################
 # 7. Clusters #################################################################
 ###############################################################################
+# The webserver's model of Ray clusters: nodes rented through the market
+# pipeline (section 6), each node one activity on one provider. A node moves
+#
+#     pending ──> running ──> terminating ──> terminated
+#        └─────────────────────────┘ (deadline, failure or terminate while pending)
+#
+# and every provisioning step is appended to its numbered state log. Whatever a
+# node rents (agreement, activity) is written to sqlite before it is used and
+# released on every path out; a provider that fails a node is excluded for that
+# node, recorded as a provider event, and blacklisted for a while after repeated
+# failures. Commands reach a node as ExeScript `run`s of `/bin/sh -c`.
+
+import enum
+import json
+import re
+import shlex
+import time
+
+
+class NodeState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+
+
+# The numbered provisioning steps of a node's state log (the original had nine,
+# two of them for ssh; here the node is reached through its activity).
+PROVISIONING_STEPS = (
+    "Getting an agreement",
+    "Creating an activity on {provider}",
+    "Joining the VPN",
+    "Deploying the image",
+    "Starting the VM",
+    "Running bootstrap commands",
+    "Ready on {provider}",
+)
+
+# Ray's tag names (ray/autoscaler/tags.py), repeated so the webserver never imports Ray.
+RAY_TAG_NODE_KIND = "ray-node-type"
+RAY_TAG_USER_NODE_TYPE = "ray-user-node-type"
+RAY_NODE_KIND_HEAD = "head"
+# Largest archive (after gzip) a file mount / rsync may move through the command
+# channel: it travels base64-encoded inside ExeScript `run`s.
+MAX_TRANSFER_BYTES = 64 * 1024 * 1024
+CLUSTER_VPN_PREFIX = 16  # one VPN per cluster (the original shared one /16 between all)
+PROVIDER_FAILURES_BEFORE_BLACKLIST = 2  # failed node starts within the window...
+PROVIDER_FAILURE_WINDOW_S = 3600.0
+PROVIDER_BLACKLIST_S = 3600.0  # ...block the provider for an hour (reason recorded)
+ACTIVITY_MONITOR_INTERVAL_S = 5.0  # GET /activity/{id}/state of running nodes
+DEPLOY_TIMEOUT_S = 300.0  # golem-core's default_prepare_activity waits as long
+INVOICE_WAIT_S = 20.0  # how long a stopping cluster waits for its invoices
+RUN_POLL_MAX_S = 20.0  # longest wait of one `GET .../runs/{id}` long-poll
+RUN_INLINE_WAIT_S = 2.0  # a command that ends within this needs no separate poll
+RUN_POLL_FIRST_S = 0.2  # then the node is polled for new output, less often as it runs on
+RUN_POLL_MAX_INTERVAL_S = 1.0
+RUN_RESULT_KEEP_S = 600.0  # an uncollected result is dropped after this
+# A single argv string is at most 128 KiB on Linux (MAX_ARG_STRLEN): uploads go to
+# the node in pieces of this many base64 characters, one `run` each.
+UPLOAD_PIECE_CHARS = 96 * 1024
+NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, upload pieces
+# `ray stop` kills every Ray process of the machine by name (psutil): on the local
+# network all nodes share one machine, so it becomes a stop of this node only.
+_RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
+NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.stop_ray_on_this_node())'"
+
+
+def tags_match(tags: dict, tag_filter: dict) -> bool:
+    """A node matches only if it has every filter key with that value (the original
+    compared only keys present on both sides, anchor §3.3)."""
+    return all(key in tags and tags[key] == value for key, value in tag_filter.items())
+
+
+def diagnose_funnel(funnel) -> str:
+    """Why no agreement came: the first stage nothing passed, then the grouped errors.
+
+    E.g. "0 of 48 offers passed `Reject if start price exceeds `max_start_price` = 0.0001`".
+    """
+    if funnel is None:
+        return "the market was never reached"
+    counts, stages = funnel.counts, funnel.stages
+    before = counts[stages[0]]
+    if before == 0:
+        text = "no offer matched the demand (no provider with the image, subnet and minimums asked for)"
+    else:
+        text = f"{before} offers seen, {counts[stages[-1]]} negotiated, none started the node"
+        for stage in stages[1:]:
+            if counts[stage] == 0:
+                label = stage[len("Passed "):] if stage.startswith("Passed ") else stage
+                text = f"0 of {before} offers passed `{label}`"
+                break
+            before = counts[stage]
+    errors = funnel.sorted_errors()
+    if errors:
+        text += "; negotiation errors: " + ", ".join(f"{reason} ({n})" for reason, n in errors[:5])
+    return text
+
+
+def _result_exit_code(result) -> int:
+    """Exit code of an ExeScript `run` result: yagna reports a failure as the message
+    "ExeScript command exited with code N" (yagna-api.md §2.9.3)."""
+    if result.result == "Ok":
+        return 0
+    match = re.search(r"exited with code (-?\d+)", result.message or "")
+    return int(match.group(1)) if match else 255
+
+
+def _shell_path(path: str) -> str:
+    """Quote a node path for `/bin/sh`, expanding a leading `~` to the node's $HOME."""
+    if path == "~" or path == "~/":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def localize_command(command: str, local_network: bool) -> str:
+    """What a node runs for one of Ray's commands: its environment first, from $HOME."""
+    if local_network:
+        command = _RAY_STOP_RE.sub(NODE_RAY_STOP, command)
+    env = f'"$HOME/{NODE_STATE_DIR}/env"'
+    return f'if [ -f {env} ]; then . {env}; fi; cd "$HOME" && {command}'
+
+
+def _run_dir(run_id: str) -> str:
+    return f'__rog_d="$HOME/{NODE_STATE_DIR}/runs/{run_id}"'
+
+
+def run_poll_script(run_id: str, out_offset: int, err_offset: int) -> str:
+    """Print `OUT_SIZE ERR_SIZE [EXIT_CODE]`, then the new stdout; the new stderr to stderr.
+
+    The exit code is read before the sizes: once it exists the output files are
+    complete, so the last poll returns everything and removes the run's files.
+    """
+    return (
+        f"{_run_dir(run_id)}; [ -d \"$__rog_d\" ] || {{ echo GONE; exit 0; }}; "
+        'c=$(cat "$__rog_d/code" 2>/dev/null); o=$(wc -c < "$__rog_d/out"); e=$(wc -c < "$__rog_d/err"); '
+        'printf "%s %s %s\\n" "$o" "$e" "$c"; '
+        f'tail -c +{out_offset + 1} "$__rog_d/out" | head -c $((o - {out_offset})); '
+        f'tail -c +{err_offset + 1} "$__rog_d/err" | head -c $((e - {err_offset})) >&2; '
+        '[ -z "$c" ] || rm -rf "$__rog_d"; true'
+    )
+
+
+def run_script(run_id: str, command: str, local_network: bool) -> str:
+    """Start `command` in the background (output to files, exit code last), wait up to
+    RUN_INLINE_WAIT_S for it, then poll once: short commands need a single `run`."""
+    steps = int(RUN_INLINE_WAIT_S / 0.02)
+    return (
+        f'{_run_dir(run_id)}; mkdir -p "$__rog_d" && '
+        f'( ( {localize_command(command, local_network)}\n ); echo $? > "$__rog_d/code.tmp"; '
+        'mv "$__rog_d/code.tmp" "$__rog_d/code" ) > "$__rog_d/out" 2> "$__rog_d/err" < /dev/null &\n'
+        f'i=0; while [ ! -f "$__rog_d/code" ] && [ $i -lt {steps} ]; do sleep 0.02; i=$((i+1)); done; '
+        + run_poll_script(run_id, 0, 0)
+    )
+
+
+def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_port: int,
+                            local: dict | None) -> str:
+    """Bootstrap: write the node's environment file; print `NODE_IP RAY_TMPDIR`.
+
+    On the local network every node shares this machine: it takes the Python that
+    runs `ray up` (as a VM image carries the same Ray), its own loopback IP (the
+    local network's NODE_IP) and its own short Ray temp dir (Ray's unix sockets
+    must stay under 107 bytes, so not inside the sandbox's deep HOME).
+    """
+    lines = [
+        f'export NODE_IP="${{NODE_IP:-{vpn_ip}}}"',
+        'export RAY_TMPDIR="$ray_tmp"',
+        "export ON_GOLEM_NETWORK=1",
+        "export RAY_USAGE_STATS_ENABLED=0",
+        f"export RAY_ON_GOLEM_NODE_ID={shlex.quote(node_id)}",
+        f"export RAY_GCS_PORT={int(gcs_port)}",
+        f"export RAY_CLIENT_SERVER_PORT={int(client_port)}",
+    ]
+    if local:
+        if local.get("python_bin_dir"):
+            lines.append(f'export PATH={shlex.quote(local["python_bin_dir"])}:"$PATH"')
+        if local.get("module_dir"):
+            lines.append(f'export PYTHONPATH={shlex.quote(local["module_dir"])}${{PYTHONPATH:+:$PYTHONPATH}}')
+    body = "\n".join(lines)
+    return (
+        f'mkdir -p "$HOME/{NODE_STATE_DIR}" && ray_tmp=$(mktemp -d /tmp/rog-XXXXXXXX) && '
+        f'NODE_IP="${{NODE_IP:-{vpn_ip}}}" && '
+        f"cat > \"$HOME/{NODE_STATE_DIR}/env\" <<EOF\n{body}\nEOF\n"
+        'printf "%s %s" "$NODE_IP" "$ray_tmp"'
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((WEBSERVER_HOST, 0))
+        return s.getsockname()[1]
+
+
+class ClusterRecords:
+    """The clusters/nodes/agreements/activities/ledger rows of the Store.
+
+    Everything rented is written here before it is used, so a crash leaves a record
+    of what must be released (clusters, nodes and agreements tables: section 4).
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def cluster(self, name: str, network: str, parameters: dict) -> None:
+        now = self.store.clock()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO clusters (name, network, state, config, total_budget, created_at, updated_at) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = 'running', "
+                "network = excluded.network, config = excluded.config, total_budget = excluded.total_budget, "
+                "updated_at = excluded.updated_at",
+                (name, network, json.dumps(parameters), str(parameters.get("total_budget", "")), now, now))
+
+    def cluster_state(self, name: str, state: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE clusters SET state = ?, updated_at = ? WHERE name = ?",
+                         (state, self.store.clock(), name))
+
+    def next_node_number(self) -> int:
+        row = self.store.conn.execute(
+            "SELECT MAX(CAST(SUBSTR(node_id, 5) AS INTEGER)) FROM nodes WHERE node_id LIKE 'node%'").fetchone()
+        return (row[0] or 0) + 1
+
+    def node(self, node: "ClusterNode") -> None:
+        now = self.store.clock()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO nodes (node_id, cluster_name, node_type, state, tags, provider_id, internal_ip, "
+                "state_log, attempts, deadline, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, tags = excluded.tags, "
+                "provider_id = excluded.provider_id, internal_ip = excluded.internal_ip, "
+                "state_log = excluded.state_log, attempts = excluded.attempts, updated_at = excluded.updated_at",
+                (node.node_id, node.cluster.name, node.node_type, node.state.value, json.dumps(node.tags),
+                 node.provider_id, node.internal_ip, json.dumps(node.state_log), node.attempts,
+                 node.deadline_at, node.created_at, now))
+
+    def agreement(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: dict) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO agreements (agreement_id, cluster_name, node_id, provider_id, network, state, terms, "
+                "created_at) VALUES (?, ?, ?, ?, ?, 'approved', ?, ?)",
+                (agreement_id, node.cluster.name, node.node_id, provider_id, node.cluster.network,
+                 json.dumps(terms), self.store.clock()))
+
+    def agreement_ended(self, agreement_id: str, reason: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE agreements SET state = 'terminated', terminated_at = ?, reason = ? "
+                         "WHERE agreement_id = ? AND terminated_at IS NULL",
+                         (self.store.clock(), reason, agreement_id))
+
+    def activity(self, activity_id: str, agreement_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO activities (activity_id, agreement_id, state, created_at) "
+                         "VALUES (?, ?, 'created', ?)", (activity_id, agreement_id, self.store.clock()))
+
+    def activity_ended(self, activity_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE activities SET state = 'destroyed', destroyed_at = ? "
+                         "WHERE activity_id = ? AND destroyed_at IS NULL", (self.store.clock(), activity_id))
+
+    def allocation(self, allocation_id: str, cluster_name: str, platform: str, amount: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO allocations (allocation_id, cluster_name, platform, amount, "
+                         "created_at) VALUES (?, ?, ?, ?, ?)",
+                         (allocation_id, cluster_name, platform, amount, self.store.clock()))
+
+    def allocation_released(self, allocation_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE allocations SET released_at = ? WHERE allocation_id = ? AND released_at IS NULL",
+                         (self.store.clock(), allocation_id))
+
+    def document(self, document_id: str, kind: str, agreement_id: str, activity_id: str | None,
+                 cluster_name: str, amount: str, status: str) -> None:
+        now = self.store.clock()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO ledger (document_id, kind, agreement_id, activity_id, cluster_name, amount, status, "
+                "created_at, settled_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (document_id) DO UPDATE SET "
+                "status = excluded.status, amount = excluded.amount, settled_at = excluded.settled_at",
+                (document_id, kind, agreement_id, activity_id, cluster_name, amount, status, now,
+                 now if status == "accepted" else None))
+
+    def open_agreements(self) -> list[dict]:
+        return [dict(r) for r in self.store.conn.execute(
+            "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements WHERE terminated_at IS NULL")]
+
+    def recent_failures(self, provider_id: str, network: str, window_s: float) -> int:
+        failing = [k for k, good in PROVIDER_EVENT_KINDS.items() if not good]
+        marks = ",".join("?" * len(failing))
+        row = self.store.conn.execute(
+            f"SELECT COUNT(*) FROM provider_events WHERE node_id = ? AND network = ? AND kind IN ({marks}) "
+            "AND created_at > ?", (provider_id, network, *failing, self.store.clock() - window_s)).fetchone()
+        return row[0]
+
+
+class NodeStartFailed(RayOnGolemError):
+    """One provider could not start the node; the node tries the next one."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind  # a provider event kind of the Store
+        super().__init__(message)
+
+
+class ClusterNode:
+    """One node of a cluster: what Ray sees (state, tags, IPs) and what it rents."""
+
+    def __init__(self, cluster: "Cluster", node_id: str, node_config: dict, tags: dict, resources: dict,
+                 labels: dict, timeout_s: float, local: dict | None):
+        import asyncio
+
+        self.cluster = cluster
+        self.node_id = node_id
+        self.node_config = node_config
+        self.tags = {str(k): str(v) for k, v in tags.items()}
+        self.resources = resources
+        self.labels = labels
+        self.local = local  # python_bin_dir/module_dir of the `ray up` side (local network only)
+        self.node_type = self.tags.get(RAY_TAG_USER_NODE_TYPE) or self.tags.get(RAY_TAG_NODE_KIND) or "unknown"
+        self.state = NodeState.PENDING
+        self.state_log: list[str] = []
+        self.internal_ip: str | None = None
+        self.external_ip: str | None = None
+        self.vpn_ip: str | None = None
+        self.ray_tmpdir: str | None = None
+        self.provider_id: str | None = None
+        self.provider_name: str | None = None
+        self.price: dict | None = None
+        self.error: str | None = None
+        self.attempts = 0
+        self.created_at = time.time()
+        self.deadline_at = self.created_at + timeout_s
+        self.timeout_s = timeout_s
+        self.excluded: set[str] = set()
+        self.agreement = None
+        self.activity = None
+        self.amounts: dict[str, object] = {}  # document key -> Decimal amount due
+        self.provisioning = None  # asyncio.Task
+        self.monitor = None  # asyncio.Task
+        self.changed = asyncio.Event()
+        self.exec_lock = asyncio.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (NodeState.PENDING, NodeState.RUNNING)
+
+    @property
+    def provider(self) -> str:
+        return f"{self.provider_name or '?'} ({self.provider_id})"
+
+    def log(self, message: str) -> None:
+        self.state_log.append(message)
+        self.cluster.service.log.info("%s/%s: %s", self.cluster.name, self.node_id, message)
+        self.touch()
+
+    def step(self, number: int) -> None:
+        text = PROVISIONING_STEPS[number - 1].format(provider=self.provider)
+        ending = "" if number == len(PROVISIONING_STEPS) else "..."
+        self.log(f"[{number}/{len(PROVISIONING_STEPS)}] {text}{ending}")
+
+    def touch(self) -> None:
+        """Persist and wake whoever waits for a change of this node."""
+        import asyncio
+
+        self.cluster.service.records.node(self)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def cost_so_far(self) -> str:
+        """GLM due so far: the latest debit note of each activity, or the invoice (exact decimal)."""
+        from decimal import Decimal
+
+        return str(sum(self.amounts.values(), Decimal(0)))
+
+    def as_dict(self) -> dict:
+        return {
+            "node_id": self.node_id,
+            "cluster_name": self.cluster.name,
+            "node_type": self.node_type,
+            "state": self.state.value,
+            "state_log": list(self.state_log),
+            "tags": dict(self.tags),
+            "internal_ip": self.internal_ip,
+            "external_ip": self.external_ip,
+            "provider_id": self.provider_id,
+            "provider_name": self.provider_name,
+            "price": self.price,
+            "cost_so_far": self.cost_so_far(),
+            "error": self.error,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "deadline_at": self.deadline_at,
+        }
+
+
+class Cluster:
+    """The nodes of one Ray cluster, its VPN and its market pipelines (one per node_config)."""
+
+    def __init__(self, service: "ClusterService", name: str, parameters: dict):
+        import asyncio
+
+        self.service = service
+        self.name = name
+        self.parameters = parameters
+        self.network = parameters.get("payment_network") or service.network
+        self.nodes: dict[str, ClusterNode] = {}
+        self.pipelines: dict[str, object] = {}
+        self.vpn = None
+        self.local = self.network == "local"
+        # On the local network every head binds this machine: ports per cluster.
+        self.gcs_port = _free_port() if self.local else 6379
+        self.client_port = _free_port() if self.local else 10001
+        self.lock = asyncio.Lock()
+        self.number = len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in NodeState}
+        for node in self.nodes.values():
+            counts[node.state.value] += 1
+        return counts
+
+    async def ensure_vpn(self):
+        async with self.lock:
+            if self.vpn is None:
+                # One network per cluster (the original shared one /16 between all clusters
+                # and never released addresses): golem-core hands out the next free host.
+                self.vpn = await self.service.golem.create_network(f"10.{self.number}.0.0/{CLUSTER_VPN_PREFIX}")
+        return self.vpn
+
+    async def pipeline(self, node_config: dict):
+        """The market pipeline for one node_config, started on first use (allocation + demand)."""
+        key = json.dumps(node_config, sort_keys=True)
+        async with self.lock:
+            pipeline = self.pipelines.get(key)
+            if pipeline is None:
+                service = self.service
+                store = service.store
+                spec = DemandSpec.from_node_config(node_config, self.network)
+                budget = BudgetControl.from_node_config(node_config)
+                pipeline = MarketPipeline(
+                    service.golem, spec, budget,
+                    is_blacklisted=lambda provider_id: store.is_blocked(provider_id, self.network),
+                    reputation=lambda provider_id: store.score(provider_id, self.network),
+                    total_budget=float(self.parameters.get("total_budget") or 5.0),
+                    payment_driver=self.parameters.get("payment_driver") or "erc20",
+                    max_drafts=4)
+                self.pipelines[key] = pipeline
+                await pipeline.start()
+                allocation = pipeline.allocation
+                service.records.allocation(allocation.id, self.name, spec.payment_network,
+                                           str(self.parameters.get("total_budget")))
+        return pipeline
+
+
+class ClusterService:
+    """All clusters of the webserver: node routes call it; it runs in the webserver's loop.
+
+    It connects golem-core to the webserver's yagna (or local network) on first use,
+    accepts the debit notes and invoices of the agreements it signed, and on
+    shutdown terminates every node and settles payments.
+    """
+
+    def __init__(self, webserver):
+        import logging
+
+        self.webserver = webserver
+        self.network = webserver.network
+        self.store = Store(webserver.datadir)
+        self.records = ClusterRecords(self.store)
+        self.clusters: dict[str, Cluster] = {}
+        self.golem = None
+        self.log = logging.getLogger("ray_on_golem.clusters")
+        self.runs: dict[str, dict] = {}
+        self._agreement_allocation: dict[str, object] = {}  # agreement id -> allocation
+        self._agreement_node: dict[str, ClusterNode] = {}
+        self._payment_tasks: set = set()
+        self._start_lock = None
+        webserver.cluster_sources.append(self.counts)
+        webserver.shutdown_hooks.append(self.shutdown)
+
+    # -- golem-core ---------------------------------------------------------------
+
+    async def connect(self):
+        """GolemNode on the webserver's yagna, with payment events (debit notes, invoices)."""
+        import asyncio
+
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.golem is None:
+                from golem.node import GolemNode
+                from golem.resources import NewDebitNote, NewInvoice
+
+                yagna = self.webserver.yagna
+                if self.webserver.state != "running" or not yagna.api_url:
+                    raise ServiceUnavailable(f"{yagna.kind} is not ready yet; retry in a moment")
+                golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url)
+                await golem.start()
+                await golem.event_bus.on(NewDebitNote, self._on_debit_note)
+                await golem.event_bus.on(NewInvoice, self._on_invoice)
+                self.golem = golem
+                await self._release_orphans()
+        return self.golem
+
+    async def _release_orphans(self) -> None:
+        """Agreements a previous webserver left open (crash, kill -9): terminate them."""
+        for row in self.records.open_agreements():
+            try:
+                await self.golem.agreement(row["agreement_id"]).terminate("Ray on Golem restarted")
+            except Exception as e:  # noqa: BLE001 - gone already is fine
+                self.log.info("orphan agreement %s: %s", row["agreement_id"], e)
+            self.records.agreement_ended(row["agreement_id"], "orphaned by a previous webserver")
+
+    # -- payments -------------------------------------------------------------------
+
+    async def _on_debit_note(self, event) -> None:
+        await self._settle(event.resource, "debit_note")
+
+    async def _on_invoice(self, event) -> None:
+        await self._settle(event.resource, "invoice")
+
+    async def _settle(self, document, kind: str) -> None:
+        """Accept a debit note or invoice of our agreements against the node's allocation."""
+        from decimal import Decimal
+
+        try:
+            data = await document.get_data()
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("cannot read %s %s: %s", kind, document.id, e)
+            return
+        allocation = self._agreement_allocation.get(data.agreement_id)
+        node = self._agreement_node.get(data.agreement_id)
+        if allocation is None or node is None:
+            return  # not ours (another requestor of this yagna)
+        amount = data.total_amount_due if kind == "debit_note" else data.amount
+        activity_id = getattr(data, "activity_id", None)
+        self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
+                              str(amount), "received")
+        try:
+            await document.validate_and_accept(allocation)
+        except Exception as e:  # noqa: BLE001 - recorded; golem-core logs why
+            self.log.warning("%s %s of node %s not accepted: %s", kind, document.id, node.node_id, e)
+            self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
+                                  str(amount), "rejected")
+            return
+        self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
+                              str(amount), "accepted")
+        key = data.agreement_id if kind == "invoice" else f"{data.agreement_id}/{activity_id}"
+        if kind == "invoice":
+            node.amounts = {k: v for k, v in node.amounts.items() if not k.startswith(data.agreement_id)}
+        node.amounts[key] = Decimal(str(amount))
+        if kind == "invoice":
+            self._agreement_allocation.pop(data.agreement_id, None)
+
+    # -- what the routes call -----------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {name: cluster.counts() for name, cluster in self.clusters.items()}
+
+    def cluster(self, name: str) -> Cluster:
+        cluster = self.clusters.get(name)
+        if cluster is None:
+            raise NotFound(f"no cluster named {name!r}")
+        return cluster
+
+    def node(self, cluster_name: str, node_id: str) -> ClusterNode:
+        node = self.cluster(cluster_name).nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"no node {node_id!r} in cluster {cluster_name!r}")
+        return node
+
+    def list_nodes(self, cluster_name: str, tag_filter: dict) -> list[ClusterNode]:
+        """Pending and running nodes whose tags match (Ray: terminating counts as gone)."""
+        cluster = self.clusters.get(cluster_name)
+        if cluster is None:
+            return []
+        return [n for n in cluster.nodes.values() if n.alive and tags_match(n.tags, tag_filter)]
+
+    async def request_nodes(self, cluster_name: str, parameters: dict, node_config: dict, tags: dict,
+                            count: int, resources: dict, labels: dict, local: dict | None) -> list[ClusterNode]:
+        """Create `count` pending nodes at once; each is provisioned in the background."""
+        import asyncio
+
+        if self.webserver.state == "shutting_down":
+            raise ServiceUnavailable("the webserver is shutting down")
+        network = parameters.get("payment_network") or self.network
+        if network != self.network:
+            raise Conflict(f"this webserver pays on `{self.network}`, the cluster asks for `{network}`; "
+                           f"stop it (`ray-on-golem stop`) or use webserver_port of another one")
+        await self.connect()
+        cluster = self.clusters.get(cluster_name)
+        if cluster is None:
+            cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
+        self.records.cluster(cluster_name, network, parameters)  # (again) running
+        timeout_s = float(parameters.get("node_start_timeout") or DEFAULT_NODE_START_TIMEOUT)
+        nodes = []
+        for _ in range(count):
+            node_id = f"node{self.records.next_node_number()}"
+            node = ClusterNode(cluster, node_id, node_config, tags, resources, labels, timeout_s,
+                               local if cluster.local else None)
+            cluster.nodes[node_id] = node
+            node.touch()
+            node.provisioning = asyncio.create_task(self._provision(node))
+            nodes.append(node)
+        return nodes
+
+    def set_tags(self, cluster_name: str, node_id: str, tags: dict) -> ClusterNode:
+        node = self.node(cluster_name, node_id)
+        node.tags.update({str(k): str(v) for k, v in tags.items()})
+        node.touch()
+        return node
+
+    async def terminate(self, cluster_name: str, node_id: str) -> ClusterNode:
+        """Leave `non_terminated_nodes` at once; release what it rents in the background."""
+        import asyncio
+
+        node = self.node(cluster_name, node_id)
+        if node.alive:
+            self._set_state(node, NodeState.TERMINATING, "Terminating: requested by Ray")
+            asyncio.create_task(self._stop(node))
+        return node
+
+    async def shutdown(self, force: bool = True) -> None:
+        """Webserver shutdown hook: end every node, settle payments, stop pipelines."""
+        import asyncio
+
+        stops = []
+        for cluster in self.clusters.values():
+            for node in cluster.nodes.values():
+                if node.alive:
+                    self._set_state(node, NodeState.TERMINATING, "Terminating: the webserver shuts down")
+                    stops.append(self._stop(node, end_cluster=False))
+        await asyncio.gather(*stops, return_exceptions=True)
+        await asyncio.gather(*(self._end_cluster(c) for c in list(self.clusters.values())), return_exceptions=True)
+        if self.golem is not None:
+            await _quietly(self.golem.aclose())
+            self.golem = None
+        self.store.close()
+
+    # -- provisioning -------------------------------------------------------------------
+
+    def _set_state(self, node: ClusterNode, state: NodeState, message: str | None = None) -> None:
+        node.state = state
+        if message:
+            node.log(message)
+        else:
+            node.touch()
+
+    async def _provision(self, node: ClusterNode) -> None:
+        """Rent and prepare the node, provider after provider, until it runs or its deadline passes."""
+        import asyncio
+
+        cluster = node.cluster
+        pipeline = None
+        try:
+            pipeline = await cluster.pipeline(node.node_config)
+            while True:
+                remaining = node.deadline_at - time.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                node.step(1)
+                agreement, candidate = await asyncio.wait_for(pipeline.agreement(frozenset(node.excluded)),
+                                                              remaining)
+                node.attempts += 1
+                try:
+                    await asyncio.wait_for(self._start_on(node, pipeline, agreement, candidate),
+                                           node.deadline_at - time.time())
+                    break
+                except NodeStartFailed as failure:
+                    await self._provider_failed(node, candidate.provider_id, failure.kind, str(failure))
+                    await self._release(node, f"start failed: {failure}")
+                except asyncio.TimeoutError:
+                    await self._release(node, "node_start_timeout reached")
+                    raise
+        except asyncio.TimeoutError:
+            diagnosis = diagnose_funnel(pipeline.funnel if pipeline else None)
+            node.error = (f"node_start_timeout of {format_duration(node.timeout_s)} reached after "
+                          f"{node.attempts} provider(s) tried: {diagnosis}")
+            await self._end_node(node, node.error)
+            return
+        except asyncio.CancelledError:
+            await self._release(node, "node terminated while starting")
+            raise
+        except RayOnGolemError as e:
+            node.error = str(e)
+            await self._end_node(node, f"Failed: {e}")
+            return
+        except Exception as e:  # noqa: BLE001 - a node must end, never hang half-made
+            self.log.exception("node %s failed", node.node_id)
+            node.error = f"{type(e).__name__}: {e}"
+            await self._end_node(node, f"Failed: {node.error}")
+            return
+        if node.state == NodeState.PENDING:
+            node.state = NodeState.RUNNING
+            node.step(len(PROVISIONING_STEPS))  # logs and persists the state change at once
+            node.monitor = asyncio.create_task(self._monitor(node))
+
+    async def _start_on(self, node: ClusterNode, pipeline, agreement, candidate) -> None:
+        """Steps 2-6 on one provider; NodeStartFailed names what the provider did wrong."""
+        from golem.resources.activity.commands import Deploy, Start
+
+        cluster = node.cluster
+        row = candidate.row
+        node.agreement = agreement
+        node.provider_id = candidate.provider_id
+        node.provider_name = row.get("name")
+        node.price = {"start": row.get("start_price"), "cpu_per_hour": row.get("cpu_per_hour"),
+                      "env_per_hour": row.get("env_per_hour"), "expected_cost": row.get("expected_cost")}
+        # Recorded before use: a crash from here on leaves a row to release.
+        self.records.agreement(agreement.id, node, candidate.provider_id, node.price)
+        self._agreement_allocation[agreement.id] = pipeline.allocation
+        self._agreement_node[agreement.id] = node
+        self.store.record_event(candidate.provider_id, cluster.network, "agreement_ok", cluster_name=cluster.name)
+        node.step(2)
+        try:
+            activity = await agreement.create_activity()
+        except Exception as e:  # noqa: BLE001
+            raise NodeStartFailed("start_failed", f"creating the activity failed: {_describe_error(e)}") from None
+        node.activity = activity
+        self.records.activity(activity.id, agreement.id)
+        node.step(3)
+        vpn = await cluster.ensure_vpn()
+        try:
+            node.vpn_ip = await vpn.create_node(candidate.provider_id)
+        except Exception as e:  # noqa: BLE001
+            raise NodeStartFailed("connection_failed", f"joining the VPN failed: {_describe_error(e)}") from None
+        node.step(4)
+        await self._batch(node, Deploy({"net": [vpn.deploy_args(node.vpn_ip)]}), kind="deploy_failed",
+                          what="deploy")
+        node.step(5)
+        await self._batch(node, Start(), kind="start_failed", what="start")
+        node.step(6)
+        script = node_environment_script(node.node_id, node.vpn_ip, cluster.gcs_port, cluster.client_port,
+                                         node.local)
+        result = await self._batch(node, _run_command(script), kind="start_failed", what="bootstrap")
+        fields = (result.stdout or "").split()
+        node.internal_ip = fields[0] if fields else node.vpn_ip
+        node.ray_tmpdir = fields[1] if len(fields) > 1 else None
+        # Ray reaches nodes only through our command runner: one address serves both.
+        node.external_ip = node.internal_ip
+        self.store.record_event(candidate.provider_id, cluster.network, "deploy_ok", cluster_name=cluster.name)
+
+    async def _batch(self, node: ClusterNode, command, *, kind: str, what: str, timeout: float = DEPLOY_TIMEOUT_S):
+        """Run one command as its own batch; NodeStartFailed(kind) when it fails."""
+        try:
+            batch = await node.activity.execute_commands(command)
+            await batch.wait(timeout=timeout, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            raise NodeStartFailed(kind, f"{what} failed: {_describe_error(e)}") from None
+        result = batch.events[-1] if batch.events else None
+        if result is None or result.result != "Ok":
+            message = (result.message if result else None) or "no result"
+            stderr = ((result.stderr or "").strip()[-500:] if result else "")
+            raise NodeStartFailed(kind, f"{what} failed: {message}" + (f": {stderr}" if stderr else ""))
+        return result
+
+    async def _provider_failed(self, node: ClusterNode, provider_id: str, kind: str, message: str) -> None:
+        """Exclude the provider for this node, record it, blacklist it after repeated failures."""
+        cluster = node.cluster
+        node.excluded.add(provider_id)
+        node.log(f"Provider {node.provider} failed: {message}; trying another provider")
+        self.store.record_event(provider_id, cluster.network, kind, detail=message[:500], cluster_name=cluster.name)
+        failures = self.records.recent_failures(provider_id, cluster.network, PROVIDER_FAILURE_WINDOW_S)
+        if failures >= PROVIDER_FAILURES_BEFORE_BLACKLIST:
+            self.store.block(provider_id, [cluster.network], duration=PROVIDER_BLACKLIST_S, source="auto",
+                             reason=f"{failures} failed node starts within {format_duration(PROVIDER_FAILURE_WINDOW_S)}: "
+                                    f"{message[:200]}")
+            node.log(f"Provider {node.provider} blacklisted for {format_duration(PROVIDER_BLACKLIST_S)} "
+                     f"after {failures} failures")
+
+    async def _monitor(self, node: ClusterNode) -> None:
+        """A running node whose activity ends (provider gone, died) ends too; Ray replaces it."""
+        import asyncio
+
+        while node.state == NodeState.RUNNING:
+            await asyncio.sleep(ACTIVITY_MONITOR_INTERVAL_S)
+            if node.state != NodeState.RUNNING or node.activity is None:
+                return
+            try:
+                state = await node.activity.get_state()
+                dead = "Terminated" in (state.state or []) or "Unresponsive" in (state.state or [])
+                reason = state.error_message or state.reason or "activity terminated"
+            except Exception as e:  # noqa: BLE001
+                dead, reason = True, f"activity unreachable: {_describe_error(e)}"
+            if dead and node.state == NodeState.RUNNING:
+                node.error = f"provider {node.provider}: {reason}"
+                self.store.record_event(node.provider_id, node.cluster.network, "activity_died",
+                                        detail=reason[:500], cluster_name=node.cluster.name)
+                self._set_state(node, NodeState.TERMINATING, f"Activity ended on {node.provider}: {reason}")
+                asyncio.create_task(self._stop(node))
+                return
+
+    # -- ending -------------------------------------------------------------------------
+
+    async def _release(self, node: ClusterNode, reason: str) -> None:
+        """Destroy the activity and terminate the agreement of the node's current provider."""
+        activity, agreement = node.activity, node.agreement
+        node.activity = node.agreement = None
+        if activity is not None:
+            await _quietly(activity.destroy())
+            self.records.activity_ended(activity.id)
+        if agreement is not None:
+            await _quietly(agreement.terminate(reason[:200]))
+            self.records.agreement_ended(agreement.id, reason[:500])
+        if node.ray_tmpdir and node.cluster.local and node.ray_tmpdir.startswith("/tmp/rog-"):
+            import shutil
+
+            # The local network's nodes share this machine's /tmp (see node_environment_script).
+            shutil.rmtree(node.ray_tmpdir, ignore_errors=True)
+            node.ray_tmpdir = None
+
+    async def _end_node(self, node: ClusterNode, message: str) -> None:
+        import asyncio
+
+        await self._release(node, message)
+        self._set_state(node, NodeState.TERMINATED, message)
+        cluster = node.cluster
+        if node.provisioning is asyncio.current_task() and not any(n.alive for n in cluster.nodes.values()):
+            # It never ran (deadline, failure): nothing else will end the cluster's
+            # pipelines (allocation, demand) and VPN.
+            asyncio.create_task(self._end_cluster(cluster))
+
+    async def _stop(self, node: ClusterNode, end_cluster: bool = True) -> None:
+        import asyncio
+
+        for task in (node.provisioning, node.monitor):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._end_node(node, "Terminated")
+        cluster = node.cluster
+        if end_cluster and not any(n.alive for n in cluster.nodes.values()):
+            await self._end_cluster(cluster)
+
+    async def _end_cluster(self, cluster: Cluster) -> None:
+        """Last node gone: wait a little for invoices, then stop pipelines and the VPN."""
+        import asyncio
+
+        ours = [a for a, n in self._agreement_node.items() if n.cluster is cluster]
+        deadline = time.monotonic() + INVOICE_WAIT_S
+        while any(a in self._agreement_allocation for a in ours) and time.monotonic() < deadline:
+            if any(n.alive for n in cluster.nodes.values()):
+                return  # a new node came: the cluster lives on
+            await asyncio.sleep(0.2)
+        if any(n.alive for n in cluster.nodes.values()):
+            return
+        pipelines, cluster.pipelines = list(cluster.pipelines.values()), {}
+        for pipeline in pipelines:
+            allocation = pipeline.allocation
+            await _quietly(pipeline.stop())
+            if allocation is not None:
+                self.records.allocation_released(allocation.id)
+        if cluster.vpn is not None:
+            await _quietly(cluster.vpn.remove())
+            cluster.vpn = None
+        self.records.cluster_state(cluster.name, "stopped")
+
+    # -- commands on nodes ----------------------------------------------------------------
+
+    async def wait_running(self, node: ClusterNode, timeout: float) -> None:
+        """Until the node runs; Conflict if it ends or does not run within `timeout`."""
+        import asyncio
+
+        deadline = time.monotonic() + max(0.0, timeout)
+        while node.state == NodeState.PENDING:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(node.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        if node.state != NodeState.RUNNING:
+            why = f": {node.error}" if node.error else ""
+            raise Conflict(f"node {node.node_id} is {node.state.value}{why}")
+
+    async def execute(self, node: ClusterNode, command: str, timeout: float | None = None, localize: bool = True):
+        """Run one shell command on a running node as one batch: (exit code, stdout, stderr)."""
+        script = localize_command(command, node.cluster.local) if localize else command
+        async with node.exec_lock:
+            if node.state != NodeState.RUNNING or node.activity is None:
+                raise Conflict(f"node {node.node_id} is {node.state.value}")
+            try:
+                batch = await node.activity.execute_commands(_run_command(script))
+            except Exception as e:  # noqa: BLE001
+                raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
+        try:
+            await batch.wait(timeout=timeout, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
+        if not batch.events:
+            raise ServiceUnavailable(f"node {node.node_id}: the activity gave no result (provider gone?)")
+        result = batch.events[-1]
+        return _result_exit_code(result), result.stdout or "", result.stderr or ""
+
+    def start_run(self, node: ClusterNode, command: str, wait_running_s: float) -> str:
+        """Start a command on the node; `run_result` long-polls its output as it comes.
+
+        The command runs in the background on the node with its output in files, and
+        short ExeScript `run`s read what is new: output streams back while a long job
+        runs, and the node's activity stays free for other commands meanwhile
+        (golem-core 0.7.8 returns a `run`'s output only when it ends, yagna-api.md §2.9.3).
+        """
+        import asyncio
+        import secrets
+
+        run_id = secrets.token_hex(8)
+        record = {"node": node, "changed": asyncio.Event(), "stdout": [], "stderr": [], "done": False,
+                  "exit_code": None, "error": None}
+
+        def publish(out: str = "", err: str = "") -> None:
+            if out:
+                record["stdout"].append(out)
+            if err:
+                record["stderr"].append(err)
+            record["changed"].set()
+            record["changed"] = asyncio.Event()
+
+        async def runner():
+            try:
+                await self.wait_running(node, wait_running_s)
+                offsets = (0, 0)
+                code, offsets, out, err = await self._run_step(node, run_script(run_id, command, node.cluster.local),
+                                                               offsets)
+                publish(out, err)
+                interval = RUN_POLL_FIRST_S
+                while code is None:
+                    await asyncio.sleep(interval)
+                    interval = min(interval * 1.5, RUN_POLL_MAX_INTERVAL_S)
+                    code, offsets, out, err = await self._run_step(node, run_poll_script(run_id, *offsets), offsets)
+                    publish(out, err)
+                record["exit_code"] = code
+            except RayOnGolemError as e:
+                record["error"] = str(e)
+            except Exception as e:  # noqa: BLE001
+                self.log.exception("run on %s failed", node.node_id)
+                record["error"] = f"internal error: {e}"
+            finally:
+                record["done"] = True
+                publish()
+                # A client that never collects the result (killed `ray exec`) must not leak it.
+                asyncio.get_running_loop().call_later(RUN_RESULT_KEEP_S, self.runs.pop, run_id, None)
+
+        record["task"] = asyncio.create_task(runner())
+        self.runs[run_id] = record
+        return run_id
+
+    async def _run_step(self, node: ClusterNode, script: str, offsets: tuple[int, int]):
+        """One `run` of the start or poll script: (exit code or None, new offsets, stdout, stderr)."""
+        code, out, err = await self.execute(node, script, localize=False)
+        header, _, data = out.partition("\n")
+        fields = header.split()
+        if code != 0 or not fields or fields[0] == "GONE":
+            raise ServiceUnavailable(f"node {node.node_id} lost the command's output ({header or err.strip()[-300:]})")
+        sizes = (int(fields[0]), int(fields[1]))
+        exit_code = int(fields[2]) if len(fields) > 2 else None
+        return exit_code, sizes, data, err
+
+    async def run_result(self, node: ClusterNode, run_id: str, wait: float) -> dict:
+        """What the run printed since the last call (waiting up to `wait` s for something new)."""
+        import asyncio
+
+        record = self.runs.get(run_id)
+        if record is None or record["node"] is not node:
+            raise NotFound(f"no run {run_id!r} on node {node.node_id}")
+        if not (record["stdout"] or record["stderr"] or record["done"]):
+            try:
+                await asyncio.wait_for(record["changed"].wait(), max(0.0, min(wait, RUN_POLL_MAX_S)))
+            except asyncio.TimeoutError:
+                pass
+        answer = {"done": record["done"], "stdout": "".join(record["stdout"]), "stderr": "".join(record["stderr"])}
+        record["stdout"].clear()
+        record["stderr"].clear()
+        if record["done"]:
+            answer.update(exit_code=record["exit_code"], error=record["error"])
+            del self.runs[run_id]
+        return answer
+
+    async def upload_piece(self, node: ClusterNode, upload_id: str, data: str, directory: str | None,
+                           final: bool) -> dict:
+        """Append base64 text to the node's upload file; on `final` unpack it into `directory`."""
+        if not re.fullmatch(r"[0-9a-f]{8,32}", upload_id):
+            raise UsageError("upload_id: expected 8-32 lower-case hex digits")
+        if re.search(r"[^A-Za-z0-9+/=]", data):
+            raise UsageError("data: expected base64 text")
+        part = f'"$HOME"/{NODE_STATE_DIR}/upload-{upload_id}.b64'
+        for start in range(0, len(data), UPLOAD_PIECE_CHARS):
+            await self._must(node, f"printf %s {data[start:start + UPLOAD_PIECE_CHARS]} >> {part}", "upload")
+        if final:
+            if not directory:
+                raise UsageError("directory: required with final")
+            target = _shell_path(directory)
+            await self._must(node, f"mkdir -p {target} && base64 -d < {part} | tar -xzf - -C {target}; "
+                                   f"status=$?; rm -f {part}; exit $status", "upload")
+        return {"ok": True}
+
+    async def download(self, node: ClusterNode, path: str) -> dict:
+        """The file or directory `path` of the node as a base64 gzip tar."""
+        source = _shell_path(path.rstrip("/") or "/")
+        script = (f"p={source}; if [ -d \"$p\" ]; then printf 'D '; tar -czf - -C \"$p\" . | base64 -w0; "
+                  f"elif [ -e \"$p\" ]; then printf 'F '; tar -czf - -C \"$(dirname \"$p\")\" \"$(basename \"$p\")\" "
+                  f"| base64 -w0; else echo \"no such file or directory: $p\" >&2; exit 2; fi")
+        out = await self._must(node, script, "download")
+        kind, _, archive = out.partition(" ")
+        if len(archive) * 3 // 4 > MAX_TRANSFER_BYTES:
+            raise UsageError(f"{path}: archive above the {MAX_TRANSFER_BYTES} byte limit of the command channel")
+        return {"is_dir": kind == "D", "archive": archive}
+
+    async def _must(self, node: ClusterNode, command: str, what: str) -> str:
+        code, out, err = await self.execute(node, command)
+        if code != 0:
+            raise UsageError(f"{what} on node {node.node_id} failed (exit code {code}): {err.strip()[-500:]}")
+        return out
+
+
+def _run_command(script: str):
+    """ExeScript `run` of `/bin/sh -c script` (golem-core's Run with a string)."""
+    from golem.resources.activity.commands import Run
+
+    return Run(script)
+
+
+def cluster_service(webserver) -> ClusterService:
+    """The webserver's ClusterService, made on first use (its node routes need it)."""
+    service = getattr(webserver, "cluster_service", None)
+    if service is None:
+        service = webserver.cluster_service = ClusterService(webserver)
+    return service
 
 
 ###############################################################################
@@ -3042,6 +4073,17 @@ class WebserverHandler:
         ("GET", "/status", "status"),
         ("GET", "/wallet", "wallet"),
         ("POST", "/shutdown", "shutdown"),
+        # Node routes (section 7): what GolemNodeProvider and GolemCommandRunner call.
+        ("GET", "/clusters", "list_clusters"),
+        ("POST", "/clusters/{cluster}/nodes", "request_nodes"),
+        ("GET", "/clusters/{cluster}/nodes", "list_nodes"),
+        ("GET", "/clusters/{cluster}/nodes/{node}", "node_data"),
+        ("DELETE", "/clusters/{cluster}/nodes/{node}", "terminate_node"),
+        ("POST", "/clusters/{cluster}/nodes/{node}/tags", "set_node_tags"),
+        ("POST", "/clusters/{cluster}/nodes/{node}/runs", "start_run"),
+        ("GET", "/clusters/{cluster}/nodes/{node}/runs/{run}", "run_result"),
+        ("POST", "/clusters/{cluster}/nodes/{node}/upload", "upload"),
+        ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
     )
 
     def __init__(self, server: "Webserver"):
@@ -3056,6 +4098,77 @@ class WebserverHandler:
     async def shutdown(self, request: Request) -> dict:
         body = request.fields({"force": (bool, False)})
         return self.server.request_shutdown(force=body["force"])
+
+    # -- node routes (section 7) ------------------------------------------------------
+
+    def _clusters(self) -> "ClusterService":
+        return cluster_service(self.server)
+
+    def _node(self, request: Request) -> "ClusterNode":
+        return self._clusters().node(request.params["cluster"], request.params["node"])
+
+    async def list_clusters(self, request: Request) -> dict:
+        return {"clusters": self._clusters().counts()}
+
+    async def request_nodes(self, request: Request) -> dict:
+        body = request.fields({
+            "provider_parameters": (dict, {}), "node_config": (dict, {}), "tags": (dict, {}),
+            "count": (int, 1), "resources": (dict, {}), "labels": (dict, {}), "local": (dict, None),
+        })  # fmt: skip
+        if not 1 <= body["count"] <= 100:
+            raise UsageError(f"count: expected 1..100 nodes, got {body['count']}")
+        if not all(isinstance(v, str) for v in body["tags"].values()):
+            raise UsageError("tags: values must be strings")
+        nodes = await self._clusters().request_nodes(
+            request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
+            body["count"], body["resources"], body["labels"], body["local"])
+        return {"nodes": [node.as_dict() for node in nodes]}
+
+    async def list_nodes(self, request: Request) -> dict:
+        """Non-terminated nodes; `?tag.KEY=VALUE` filters (a node must have every key with that value)."""
+        tag_filter = {k[4:]: v for k, v in request.query_params().items() if k.startswith("tag.")}
+        nodes = self._clusters().list_nodes(request.params["cluster"], tag_filter)
+        return {"nodes": [node.as_dict() for node in nodes]}
+
+    async def node_data(self, request: Request) -> dict:
+        return self._node(request).as_dict()
+
+    async def terminate_node(self, request: Request) -> dict:
+        node = await self._clusters().terminate(request.params["cluster"], request.params["node"])
+        return node.as_dict()
+
+    async def set_node_tags(self, request: Request) -> dict:
+        body = request.fields({"tags": (dict, None)})
+        if body["tags"] is None or not all(isinstance(v, str) for v in body["tags"].values()):
+            raise UsageError("tags: expected an object of string values")
+        return self._clusters().set_tags(request.params["cluster"], request.params["node"], body["tags"]).as_dict()
+
+    async def start_run(self, request: Request) -> dict:
+        body = request.fields({"command": (str, None), "wait_running_s": (int, 0)})
+        if not body["command"]:
+            raise UsageError("command: required")
+        return {"run_id": self._clusters().start_run(self._node(request), body["command"], body["wait_running_s"])}
+
+    async def run_result(self, request: Request) -> dict:
+        try:
+            wait = float(request.query_params().get("wait", "0"))
+        except ValueError:
+            raise UsageError("wait: expected seconds") from None
+        return await self._clusters().run_result(self._node(request), request.params["run"], wait)
+
+    async def upload(self, request: Request) -> dict:
+        body = request.fields({"upload_id": (str, None), "data": (str, ""), "directory": (str, None),
+                               "final": (bool, False)})  # fmt: skip
+        if not body["upload_id"]:
+            raise UsageError("upload_id: required")
+        return await self._clusters().upload_piece(self._node(request), body["upload_id"], body["data"],
+                                                   body["directory"], body["final"])
+
+    async def download(self, request: Request) -> dict:
+        body = request.fields({"path": (str, None)})
+        if not body["path"]:
+            raise UsageError("path: required")
+        return await self._clusters().download(self._node(request), body["path"])
 
 
 class Webserver:
@@ -3797,6 +4910,570 @@ def format_status(report: dict) -> str:
 ###############################################################################
 # 10. Ray integration #########################################################
 ###############################################################################
+# Ray loads `provider: {type: external, module: ray_on_golem.GolemNodeProvider}`
+# with importlib + getattr (ray/autoscaler/_private/loader.py), in the `ray up`
+# process on this machine AND in the autoscaler (monitor) process on the head
+# node. Both instances are thin clients of the one webserver, which owns all
+# cluster state (ray-provider.md §5). Ray is imported only inside the builders
+# below; the module-level `__getattr__` (PEP 562) builds the classes on first use.
+
+import base64 as _base64
+import io as _io
+import tarfile as _tarfile
+import threading as _threading
+import time as _time
+import urllib.parse as _urlparse
+
+# Base64 characters per upload request: under the webserver's 1 MiB body limit.
+UPLOAD_REQUEST_CHARS = 768 * 1024
+
+# Commands Ray sends for `ray attach`: they need an interactive TTY, which an
+# ExeScript `run` cannot give (commands.py::attach_cluster).
+_INTERACTIVE_COMMANDS = ("$SHELL", "tmux attach || tmux new", "screen -L -xRR")
+
+# Set in the environment of every node (see section 7): code running on a node
+# (the head's autoscaler) knows it is inside the cluster.
+ON_GOLEM_NETWORK_ENV = "ON_GOLEM_NETWORK"
+
+
+class _ThreadClients:
+    """One section-9 WebserverClient per thread: Ray calls the provider from many
+    threads (NodeLauncher, NodeUpdaterThreads, the v2 adapter's executor) and a
+    keep-alive connection must not be shared between them."""
+
+    def __init__(self, datadir: str, port: int):
+        self.datadir = datadir
+        self.port = port
+        self.url = f"http://{WEBSERVER_HOST}:{port}"
+        self._local = _threading.local()
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = WebserverClient(self.datadir, self.port, timeout=timeout)
+        try:
+            return client.request(method, path, body)
+        except ServiceUnavailable:
+            # A keep-alive connection the webserver closed while idle fails on first
+            # use; a fresh one tells whether the webserver is really gone.
+            client.close()
+            try:
+                return client.request(method, path, body)
+            except ServiceUnavailable:
+                raise ServiceUnavailable(
+                    f"the Ray on Golem webserver does not answer on {self.url}; start it with "
+                    f"`ray-on-golem start --datadir {self.datadir}`") from None
+
+
+def _node_path(cluster_name: str, node_id: str | None = None, action: str = "") -> str:
+    """Path of a node route: `/clusters/{cluster}/nodes[/{node}[/{action}]]`."""
+    path = f"/clusters/{_urlparse.quote(cluster_name, safe='')}/nodes"
+    if node_id is not None:
+        path += f"/{_urlparse.quote(node_id, safe='')}"
+    if action:
+        path += f"/{action}"
+    return path
+
+
+def webserver_client_for(provider_config: dict) -> _ThreadClients:
+    """The webserver a provider instance talks to: `provider.parameters` on this
+    machine; on the head, what prepare_for_head_node wrote (absolute data dir)."""
+    params = provider_config.get("parameters") or {}
+    datadir = provider_config.get("_webserver_datadir") or params.get("webserver_datadir") or default_datadir()
+    port = provider_config.get("_webserver_port") or params.get("webserver_port") or DEFAULT_WEBSERVER_PORT
+    return _ThreadClients(os.path.abspath(os.path.expanduser(datadir)), int(port))
+
+
+def _excluded(name: str, patterns: list) -> bool:
+    import fnmatch
+
+    base = os.path.basename(name.rstrip("/"))
+    return any(fnmatch.fnmatch(base, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def pack_for_upload(source: str, target: str, exclude: list | None = None) -> tuple[str, bytes]:
+    """(node directory, gzip tar) reproducing rsync's `source target` semantics.
+
+    A directory source (Ray passes `dir/` on both sides) copies its contents into
+    `target`; a file source becomes the file `target` (or `target/<name>` when
+    `target` ends with `/`).
+    """
+    exclude = list(exclude or [])
+    buf = _io.BytesIO()
+    with _tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        if os.path.isdir(source):
+            directory = target.rstrip("/") or "/"
+            for entry in sorted(os.listdir(source)):
+                if not _excluded(entry, exclude):
+                    tar.add(
+                        os.path.join(source, entry),
+                        arcname=entry,
+                        filter=lambda info: None if _excluded(info.name, exclude) else info,
+                    )
+        elif os.path.exists(source):
+            if target.endswith("/"):
+                directory, name = target.rstrip("/") or "/", os.path.basename(source)
+            else:
+                directory, name = os.path.dirname(target) or ".", os.path.basename(target)
+            tar.add(source, arcname=name)
+        else:
+            raise UsageError(f"cannot upload {source!r}: no such file or directory")
+    data = buf.getvalue()
+    if len(data) > MAX_TRANSFER_BYTES:
+        raise UsageError(
+            f"cannot upload {source!r}: {len(data)} bytes compressed, above the "
+            f"{MAX_TRANSFER_BYTES} byte limit of the command channel; put large data "
+            "in the node image or fetch it from the node"
+        )
+    return directory, data
+
+
+def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> None:
+    """Write what `download` returned to `target` with rsync's semantics (see pack_for_upload)."""
+    with _tarfile.open(fileobj=_io.BytesIO(archive), mode="r:gz") as tar:
+        if is_dir:
+            os.makedirs(target, exist_ok=True)
+            tar.extractall(target, filter="data")
+            return
+        member = tar.getmembers()[0]
+        if target.endswith("/") or os.path.isdir(target):
+            os.makedirs(target, exist_ok=True)
+            dest = os.path.join(target, os.path.basename(source.rstrip("/")))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            dest = target
+        extracted = tar.extractfile(member)
+        if extracted is None:
+            raise UsageError(f"cannot download {source!r}: not a regular file")
+        with open(dest, "wb") as f:
+            f.write(extracted.read())
+
+
+# What nodes run when the YAML gives no start commands (Ray's external provider
+# has no defaults, ray-provider.md §2.1). $NODE_IP, $RAY_TMPDIR and the ports come
+# from the node's environment file (section 7): per node and per cluster, so nodes
+# sharing one machine on the local network never collide.
+DEFAULT_HEAD_START_RAY_COMMANDS = [
+    "ray stop",
+    "ray start --head --node-ip-address=$NODE_IP --port=$RAY_GCS_PORT "
+    "--ray-client-server-port=$RAY_CLIENT_SERVER_PORT --temp-dir=$RAY_TMPDIR/ray "
+    "--include-dashboard=false --dashboard-agent-listen-port=0 --disable-usage-stats "
+    "--autoscaling-config=~/ray_bootstrap_config.yaml",
+]
+DEFAULT_WORKER_START_RAY_COMMANDS = [
+    "ray stop",
+    "ray start --address=$RAY_HEAD_IP:$RAY_GCS_PORT --node-ip-address=$NODE_IP "
+    "--temp-dir=$RAY_TMPDIR/ray --dashboard-agent-listen-port=0",
+]
+
+
+def bootstrap_cluster_config(cluster_config: dict) -> dict:
+    """`GolemNodeProvider.bootstrap_config`: validate, resolve, start the services.
+
+    Runs in `ray up` before the confirmation prompt (commands.py::_bootstrap_config),
+    so a bad YAML stops here with the field path and nothing is spent. Each node
+    type gets its merged `node_config` (what Ray passes to create_node), the
+    provider parameters their defaults, and the start commands Ray lacks.
+    """
+    import copy
+
+    from ray.autoscaler._private.cli_logger import cli_logger
+
+    config = copy.deepcopy(cluster_config)
+    provider = config.get("provider") or {}
+    # Keys Ray or we add to the provider block (`_config_cache_path`, ...) are not the user's.
+    checked = dict(config, provider={k: v for k, v in provider.items() if not str(k).startswith("_")})
+    resolved = load_cluster_config(checked)
+    for warning in resolved.warnings:
+        cli_logger.warning("{}", warning)
+    for name, node_type in resolved.node_types.items():
+        config["available_node_types"][name]["node_config"] = node_type.node_config
+    provider["parameters"] = json.loads(json.dumps(resolved.parameters))
+    config["auth"] = config.get("auth") or {}
+    if not config.get("head_start_ray_commands"):
+        config["head_start_ray_commands"] = list(DEFAULT_HEAD_START_RAY_COMMANDS)
+    if not config.get("worker_start_ray_commands"):
+        config["worker_start_ray_commands"] = list(DEFAULT_WORKER_START_RAY_COMMANDS)
+    if os.environ.get(ON_GOLEM_NETWORK_ENV):
+        return config  # on the head (ray rsync, Tune): the services are the laptop's
+    params = resolved.parameters
+    datadir = os.path.abspath(os.path.expanduser(params.get("webserver_datadir") or default_datadir()))
+    code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
+                           out=lambda line: cli_logger.print("{}", line))
+    if code != EXIT_OK:
+        raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
+    return config
+
+
+def stop_ray_on_this_node() -> int:
+    """`ray stop` for one node of the local network (section 7 substitutes it).
+
+    Ray's own `ray stop` kills Ray processes by name on the whole machine, i.e.
+    every node of the local network. A node's Ray processes are those naming its
+    own temp dir or IP on their command line, plus all their descendants (workers
+    and agents rename themselves with setproctitle, so only the tree finds them).
+    """
+    import signal
+
+    temp_dir, node_ip = os.environ.get("RAY_TMPDIR"), os.environ.get("NODE_IP")
+    if not temp_dir or not node_ip:
+        print("ray stop: not inside a Ray on Golem node (RAY_TMPDIR/NODE_IP unset)", file=sys.stderr)
+        return 1
+    ip_arg = re.compile(r"[=\s]" + re.escape(node_ip) + r"(?![\d.])")
+
+    def processes() -> dict[int, tuple[int, str]]:
+        table = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            table[int(entry)] = (ppid, cmdline)
+        return table
+
+    def ours(table) -> set[int]:
+        me = {os.getpid(), os.getppid()}
+        found = {pid for pid, (_, cmd) in table.items()
+                 if pid not in me and "ray" in cmd and (temp_dir in cmd or ip_arg.search(cmd))}
+        while True:
+            more = {pid for pid, (ppid, _) in table.items() if ppid in found and pid not in found | me}
+            if not more:
+                return found
+            found |= more
+
+    deadline = time.monotonic() + 15.0
+    sig = signal.SIGTERM
+    stopped = 0
+    while True:
+        pids = ours(processes())
+        if not pids:
+            break
+        stopped = max(stopped, len(pids))
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(0.5)
+    print(f"Stopped all {stopped} Ray processes of this node." if stopped else "Did not find any active Ray processes.")
+    return 0
+
+
+def _print_node_progress(cli_logger, seen: dict, nodes: list) -> None:
+    """Print the state-log lines of `nodes` not printed yet (ray up's head progress)."""
+    for node in nodes:
+        log = node.get("state_log") or []
+        for line in log[seen.get(node["node_id"], 0):]:
+            cli_logger.print("{}: {}", node["node_id"], line)
+        seen[node["node_id"]] = len(log)
+
+
+def _build_node_provider_class():
+    """Build `GolemNodeProvider`, a subclass of Ray's NodeProvider (imports Ray)."""
+    import copy
+
+    import click
+    from ray.autoscaler._private.cli_logger import cli_logger
+    from ray.autoscaler.node_launch_exception import NodeLaunchException
+    from ray.autoscaler.node_provider import NodeProvider
+
+    class ProviderError(click.ClickException):
+        """What `ray up/exec/down` print for our errors: `Error: <message>`, no traceback."""
+
+        def __init__(self, error: RayOnGolemError):
+            super().__init__(str(error))
+            self.exit_code = error.exit_code
+
+    class GolemNodeProvider(NodeProvider):
+        """Ray's external node provider: every call is one request to the webserver.
+
+        Holds no cluster state of its own, only the node data of its latest
+        listing so `is_running`/`node_tags`/IPs called right after
+        `non_terminated_nodes` (v2 adapter, ray up) need no extra request.
+        """
+
+        def __init__(self, provider_config: dict, cluster_name: str):
+            super().__init__(provider_config, cluster_name)
+            self._client = webserver_client_for(provider_config)
+            self._lock = _threading.Lock()
+            self._cache: dict[str, dict] = {}
+
+        # -- helpers ----------------------------------------------------------
+        def _call(self, method: str, path: str, body: dict | None = None):
+            try:
+                return self._client.request(method, path, body)
+            except RayOnGolemError as exc:
+                raise ProviderError(exc) from None
+
+        def _remember(self, nodes: list) -> None:
+            with self._lock:
+                for node in nodes:
+                    self._cache[node["node_id"]] = node
+
+        def _node(self, node_id: str, fresh: bool = False) -> dict:
+            if not fresh:
+                with self._lock:
+                    cached = self._cache.get(node_id)
+                if cached is not None:
+                    return cached
+            node = self._call("GET", _node_path(self.cluster_name, node_id))
+            self._remember([node])
+            return node
+
+        # -- NodeProvider -----------------------------------------------------
+        def non_terminated_nodes(self, tag_filters: dict) -> list:
+            query = _urlparse.urlencode({f"tag.{k}": v for k, v in (tag_filters or {}).items()})
+            path = _node_path(self.cluster_name) + (f"?{query}" if query else "")
+            nodes = self._call("GET", path)["nodes"]
+            self._remember(nodes)
+            return [node["node_id"] for node in nodes]
+
+        def is_running(self, node_id: str) -> bool:
+            return self._node(node_id)["state"] == "running"
+
+        def is_terminated(self, node_id: str) -> bool:
+            # Polled by NodeUpdater.wait_ready: always ask, never the cache.
+            return self._node(node_id, fresh=True)["state"] in ("terminating", "terminated")
+
+        def node_tags(self, node_id: str) -> dict:
+            return dict(self._node(node_id)["tags"])
+
+        def internal_ip(self, node_id: str):
+            node = self._node(node_id)
+            if not node.get("internal_ip"):
+                node = self._node(node_id, fresh=True)
+            return node.get("internal_ip")
+
+        def external_ip(self, node_id: str):
+            node = self._node(node_id)
+            if not node.get("external_ip"):
+                node = self._node(node_id, fresh=True)
+            return node.get("external_ip")
+
+        def set_node_tags(self, node_id: str, tags: dict) -> None:
+            node = self._call("POST", _node_path(self.cluster_name, node_id, "tags"), {"tags": tags})
+            self._remember([node])
+
+        def create_node(self, node_config: dict, tags: dict, count: int):
+            return self.create_node_with_resources_and_labels(node_config, tags, count, {}, {})
+
+        def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+            body = {
+                "provider_parameters": self.provider_config.get("parameters") or {},
+                "node_config": node_config or {},
+                "tags": tags or {},
+                "count": count,
+                "resources": resources or {},
+                "labels": labels or {},
+                # Used on the local network only, where nodes run on this machine:
+                # they run the Python and Ray of this `ray up` (a VM image would
+                # carry the same versions) and import this module.
+                "local": {"python_bin_dir": os.path.dirname(sys.executable),
+                          "module_dir": os.path.dirname(os.path.abspath(__file__))},
+            }
+            try:
+                nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]
+            except RayOnGolemError as exc:
+                if (tags or {}).get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+                    raise ProviderError(exc) from None
+                raise NodeLaunchException("ray-on-golem", str(exc), None) from None
+            self._remember(nodes)
+            if (tags or {}).get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD and not os.environ.get(
+                ON_GOLEM_NETWORK_ENV
+            ):
+                nodes = self._wait_for_head(nodes)
+            return {node["node_id"]: node for node in nodes}
+
+        def _wait_for_head(self, nodes: list) -> list:
+            """`ray up` only: follow the head's state log until it runs or ends.
+
+            The head is visible (pending) at once, so Ray's 50 s fetch window
+            is never at risk; waiting here lets the user see the provisioning
+            steps and, if the node ends, the webserver's diagnosis instead of
+            Ray's generic "wait_ready aborting".
+            """
+            seen: dict = {}
+            cli_logger.print("Ray on Golem {}: requested {} node(s)", __version__, len(nodes))
+            ids = [node["node_id"] for node in nodes]
+            while True:
+                nodes = [self._node(node_id, fresh=True) for node_id in ids]
+                _print_node_progress(cli_logger, seen, nodes)
+                states = {node["state"] for node in nodes}
+                if states <= {"running"}:
+                    return nodes
+                if states & {"terminating", "terminated"}:
+                    reason = "; ".join(n.get("error") or "terminated" for n in nodes)
+                    raise ProviderError(RayOnGolemError(f"head node failed to start: {reason}"))
+                _time.sleep(0.2)
+
+        def terminate_node(self, node_id: str):
+            node = self._call("DELETE", _node_path(self.cluster_name, node_id))
+            self._remember([node])
+            return {node_id: node}
+
+        def terminate_nodes(self, node_ids: list):
+            # One request per node, but without waiting for the activities to end:
+            # the webserver releases them in the background (ray down polls).
+            result = {}
+            for node_id in node_ids:
+                result.update(self.terminate_node(node_id))
+            return result
+
+        def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner,
+                               use_internal_ip, docker_config=None):
+            if docker_config and docker_config.get("container_name"):
+                raise ProviderError(UsageError("docker: Ray on Golem nodes run no docker; remove the `docker` section"))
+            runner_cls = globals().get("GolemCommandRunner") or __getattr__("GolemCommandRunner")
+            return runner_cls(log_prefix, node_id, self, cluster_name)
+
+        @staticmethod
+        def bootstrap_config(cluster_config: dict) -> dict:
+            try:
+                return bootstrap_cluster_config(cluster_config)
+            except RayOnGolemError as exc:
+                raise ProviderError(exc) from None
+
+        def prepare_for_head_node(self, cluster_config: dict) -> dict:
+            # The head's autoscaler must reach the same webserver with the token.
+            # On the local network the head runs on this machine: the port and the
+            # absolute data dir (its 0600 token file) work as they are, and the
+            # token itself never goes into the config. (The real network needs a
+            # tunnel from the head to this port: not built yet.)
+            config = copy.deepcopy(cluster_config)
+            config["provider"]["_webserver_datadir"] = self._client.datadir
+            config["provider"]["_webserver_port"] = self._client.port
+            return config
+
+        @staticmethod
+        def fillout_available_node_types_resources(cluster_config: dict) -> dict:
+            return cluster_config
+
+    GolemNodeProvider.__module__ = __name__
+    return GolemNodeProvider
+
+
+def _build_command_runner_class():
+    """Build `GolemCommandRunner`, Ray's CommandRunnerInterface over the webserver."""
+    import click
+    from ray.autoscaler._private.command_runner import _with_environment_variables
+    from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
+    from ray.autoscaler.command_runner import CommandRunnerInterface
+
+    class GolemCommandRunner(CommandRunnerInterface):
+        """Runs Ray's commands on a node through its activity (ExeScript `run` of
+        `/bin/sh -c`), via the webserver; files travel as gzip tar archives."""
+
+        def __init__(self, log_prefix: str, node_id: str, provider, cluster_name: str):
+            self.log_prefix = log_prefix
+            self.node_id = node_id
+            self.provider = provider
+            self.cluster_name = cluster_name
+            self._client: _ThreadClients = provider._client
+
+        def _path(self, action: str) -> str:
+            return _node_path(self.cluster_name, self.node_id, action)
+
+        def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
+                environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
+                shutdown_after_run=False, silent=False):
+            if cmd is None or port_forward:
+                raise click.ClickException(
+                    "port forwarding (`ray dashboard`, `--port-forward`) is not supported by "
+                    "Ray on Golem's command runner yet"
+                )
+            if cmd.strip() in _INTERACTIVE_COMMANDS:
+                raise click.ClickException(
+                    "`ray attach` needs an interactive terminal, which Golem activities do not "
+                    "offer; use `ray exec CLUSTER.yaml 'COMMAND'` instead"
+                )
+            if environment_variables:
+                cmd = _with_environment_variables(cmd, environment_variables)
+            body = {"command": cmd, "wait_running_s": int(timeout or 0)}
+            result: dict = {}
+            stdout: list[str] = []
+            try:
+                # Ray gives the command itself no deadline (the ssh runner uses
+                # `timeout` only to connect): it bounds the wait for a pending node.
+                run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
+                while not result.get("done"):
+                    result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
+                    # Output is streamed: printed as the webserver gets it from the node.
+                    if result.get("stdout"):
+                        if with_output:
+                            stdout.append(result["stdout"])
+                        elif not silent:
+                            sys.stdout.write(result["stdout"])
+                            sys.stdout.flush()
+                    if result.get("stderr") and not silent:
+                        sys.stderr.write(result["stderr"])
+                        sys.stderr.flush()
+            except RayOnGolemError as exc:
+                result = {"error": str(exc), "exit_code": None}
+            error, exit_code = result.get("error"), result.get("exit_code")
+            if shutdown_after_run:
+                self.provider.terminate_node(self.node_id)
+            if error is not None or exit_code != 0:
+                message = error or f"exit code {exit_code}"
+                if exit_on_fail:
+                    raise click.ClickException(f"Command failed on node {self.node_id} ({message}):\n\n  {cmd}\n")
+                raise ProcessRunnerError(
+                    f"Command failed on node {self.node_id}: {message}",
+                    "ssh_command_failed",
+                    code=exit_code,
+                    command=cmd,
+                )
+            return "".join(stdout).encode() if with_output else ""
+
+        def run_rsync_up(self, source, target, options=None):
+            options = options or {}
+            try:
+                directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
+                text = _base64.b64encode(archive).decode()
+                upload_id = os.urandom(8).hex()
+                pieces = [text[i:i + UPLOAD_REQUEST_CHARS] for i in range(0, len(text), UPLOAD_REQUEST_CHARS)] or [""]
+                for number, piece in enumerate(pieces, 1):
+                    self._client.request("POST", self._path("upload"), {
+                        "upload_id": upload_id, "data": piece, "directory": directory,
+                        "final": number == len(pieces)})
+            except RayOnGolemError as exc:
+                raise click.ClickException(f"upload {source} -> {self.node_id}:{target}: {exc}") from None
+
+        def run_rsync_down(self, source, target, options=None):
+            try:
+                answer = self._client.request("POST", self._path("download"), {"path": source})
+                unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
+            except RayOnGolemError as exc:
+                raise click.ClickException(f"download {self.node_id}:{source} -> {target}: {exc}") from None
+
+        def remote_shell_command_str(self) -> str:
+            return f"ray exec <cluster.yaml> 'COMMAND'  # node {self.node_id}: no interactive shell on Golem"
+
+    GolemCommandRunner.__module__ = __name__
+    return GolemCommandRunner
+
+
+_LAZY_ATTRIBUTES = {
+    "GolemNodeProvider": _build_node_provider_class,
+    "GolemCommandRunner": _build_command_runner_class,
+}
+
+
+def __getattr__(name: str):
+    """PEP 562: build the Ray-dependent classes on first access, then cache them."""
+    if name in globals():
+        return globals()[name]
+    builder = _LAZY_ATTRIBUTES.get(name)
+    if builder is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = builder()
+    return value
 
 
 ###############################################################################

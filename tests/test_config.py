@@ -94,7 +94,7 @@ BAD_CONFIGS = [
     ("node-type-both-images", setter(WORKER + "node_config/demand/image_hash", "b" * 56),
      "available_node_types.ray.worker.default.node_config.demand", "not both"),
     ("node-type-min-gt-max", setter(WORKER + "min_workers", 9),
-     "available_node_types.ray.worker.default.min_workers", "at most max_workers (4)"),
+     "available_node_types.ray.worker.default.min_workers", "at most max_workers (2)"),
     ("node-type-no-resources", deleter(WORKER + "resources"),
      "available_node_types.ray.worker.default.resources", "required"),
     ("head-type-missing", setter("head_node_type", "ray.head.defualt"), "head_node_type",
@@ -173,7 +173,7 @@ def test_sample_text_output(run_cli):
     proc = run_cli("validate", SAMPLE_CLUSTER)
     assert proc.returncode == 0
     assert proc.stdout.splitlines()[0].startswith(f"{SAMPLE_CLUSTER}: valid (cluster `golem-cluster`")
-    assert "node type `ray.worker.default` (worker, min_workers 1, max_workers 4):" in proc.stdout
+    assert "node type `ray.worker.default` (worker, min_workers 0, max_workers 2):" in proc.stdout
     assert "  node_config.demand.min_cpu_threads: 2" in proc.stdout
     assert "\033[" not in proc.stdout  # not a terminal: no colour
 
