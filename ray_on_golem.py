@@ -115,9 +115,52 @@ def find_yagna() -> str | None:
 
 # Inside the zipapp the C extensions of aiohttp & co cannot load (a `.so` cannot be imported from a zip):
 # their *_NO_EXTENSIONS switches select the pure-Python fallbacks. Set before golem-core is imported.
-if type(globals().get("__loader__")).__name__ == "zipimporter":  # pragma: no cover - zipapp only
+_ZIPAPP = globals().get("__loader__").archive if type(globals().get("__loader__")).__name__ == "zipimporter" else None
+if _ZIPAPP:  # pragma: no cover - zipapp only
     for _name in ("AIOHTTP", "MULTIDICT", "YARL", "FROZENLIST", "PROPCACHE"):
         os.environ.setdefault(f"{_name}_NO_EXTENSIONS", "1")
+
+
+def prepare_bundled_imports() -> str | None:
+    """Call before the first `import yaml`/`import golem`: inside the zipapp, put its bundle on sys.path.
+
+    The zipapp keeps its dependencies in an inner `bundle.zip` (build_zipapp.py says why), and
+    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path
+    next to `__file__`, which cannot work inside a zip anyway. So the bundle is extracted once per
+    zip (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), its precompiled
+    pycs into `__pycache__`. Outside the zipapp this does nothing and returns None.
+    """
+    if not _ZIPAPP:
+        return None
+    import zipfile
+    from importlib.util import MAGIC_NUMBER, cache_from_source
+
+    stat = os.stat(_ZIPAPP)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                data = zf.read(info)
+                if name.endswith(".pyc"):
+                    if data[:4] != MAGIC_NUMBER:
+                        continue  # another Python: it compiles the .py itself
+                    name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
+                path = os.path.join(tmp, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: use theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    return target
 
 
 ###############################################################################
@@ -597,6 +640,7 @@ def _read_cluster_yaml(path: str) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise UsageError(f"cluster config {path}: cannot be read ({err.__class__.__name__})") from None
     try:
+        prepare_bundled_imports()
         import yaml
     except ImportError:
         raise RayOnGolemError("reading a cluster YAML needs PyYAML: pip install 'PyYAML==6.0.3'") from None
@@ -638,6 +682,7 @@ def load_cluster_config(source) -> ClusterConfig:
 
     # provider: Ray's external provider block pointing at our module.
     provider = raw.get("provider")
+    provider_node_config_ok = False  # node types are resolved only on top of a valid provider level
     parameters: dict = {}
     provider_node_config: dict = {}
     if not isinstance(provider, dict):
@@ -662,7 +707,9 @@ def load_cluster_config(source) -> ClusterConfig:
                            issues, defaults=True)
         provider_node_config = (provider.get("parameters") or {}).get("node_config") or {}
         if isinstance(provider_node_config, dict):
+            before = len(issues)
             _walk(NODE_CONFIG_SCHEMA, provider_node_config, "provider.parameters.node_config", issues, defaults=False)
+            provider_node_config_ok = len(issues) == before
         else:
             provider_node_config = {}
         if parameters.get("payment_network") != "local" and _has(provider.get("parameters"), "local_network"):
@@ -696,7 +743,7 @@ def load_cluster_config(source) -> ClusterConfig:
         if max_w is not None and fields.get("min_workers", 0) > max_w:
             issues.append((f"{type_path}.min_workers", f"expected at most max_workers ({max_w}), "
                                                        f"found {fields['min_workers']}"))
-        if len(issues) > before:
+        if len(issues) > before or not provider_node_config_ok:
             continue
         is_head = name == head_type
         merged = merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, provider_node_config)
@@ -717,7 +764,9 @@ def load_cluster_config(source) -> ClusterConfig:
                     issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
         demand = resolved["demand"]
         if demand["image_tag"] and demand["image_hash"]:
-            issues.append((origin("demand", "image_tag") + ".demand",
+            blame_type = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
+            issues.append(((f"{type_path}.node_config" if blame_type else "provider.parameters.node_config")
+                           + ".demand",
                            "Either the `image_tag` or `image_hash` is allowed, not both "
                            f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
         elif not demand["image_tag"] and not demand["image_hash"]:

@@ -1,0 +1,252 @@
+"""`ray-on-golem validate` and `load_cluster_config`: mistakes are caught with their field path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+import ray_on_golem as rog
+from conftest import SAMPLE_CLUSTER
+
+
+def sample() -> dict:
+    return yaml.safe_load(SAMPLE_CLUSTER.read_text())
+
+
+def write(tmp_path, config: dict, name="cluster.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def setter(dotted: str, value):
+    """Mutation that sets a nested key; `available_node_types.<type>` names contain dots, so use '/'."""
+    def apply(config):
+        keys = dotted.split("/")
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return apply
+
+
+def deleter(dotted: str):
+    def apply(config):
+        keys = dotted.split("/")
+        node = config
+        for key in keys[:-1]:
+            node = node[key]
+        del node[keys[-1]]
+    return apply
+
+
+P = "provider/parameters/"
+NC = P + "node_config/"
+WORKER = "available_node_types/ray.worker.default/"
+
+BAD_CONFIGS = [
+    # (id, mutation, field path in the message, a phrase of the message)
+    ("port-type", setter(P + "webserver_port", "4578x"), "provider.parameters.webserver_port", "expected an integer"),
+    ("port-range", setter(P + "webserver_port", 70000), "provider.parameters.webserver_port", "<= 65535"),
+    ("budget-negative", setter(P + "total_budget", -5), "provider.parameters.total_budget", "found -5"),
+    ("budget-string", setter(P + "total_budget", "five"), "provider.parameters.total_budget", "expected a number"),
+    ("bool-is-not-number", setter(P + "total_budget", True), "provider.parameters.total_budget", "found true"),
+    ("start-price-negative", setter(NC + "budget_control/max_start_price", -1),
+     "provider.parameters.node_config.budget_control.max_start_price", "expected a number >= 0"),
+    ("unknown-key", setter(NC + "budget_control/max_start_prize", 1),
+     "provider.parameters.node_config.budget_control.max_start_prize", "did you mean `max_start_price`"),
+    ("unknown-parameter", setter(P + "payment_netwrok", "local"),
+     "provider.parameters.payment_netwrok", "did you mean `payment_network`"),
+    ("unknown-top-level", setter("max_worker", 3), "max_worker", "did you mean `max_workers`"),
+    ("tag-and-hash", setter(NC + "demand/image_hash", "a" * 56),
+     "provider.parameters.node_config.demand", "Either the `image_tag` or `image_hash` is allowed, not both"),
+    ("neither-tag-nor-hash", deleter(NC + "demand/image_tag"),
+     "provider.parameters.node_config.demand", "Either the `image_tag` or `image_hash` is required"),
+    ("bad-hash", setter(NC + "demand/image_hash", "xyz"), "provider.parameters.node_config.demand.image_hash",
+     "sha3 hash"),
+    ("network-unknown", setter(P + "payment_network", "ethereum"), "provider.parameters.payment_network",
+     "expected one of local, holesky, polygon"),
+    ("network-typo", setter(P + "payment_network", "holeksy"), "provider.parameters.payment_network",
+     "did you mean `holesky`"),
+    ("network-goerli", setter(P + "payment_network", "goerli"), "provider.parameters.payment_network",
+     "goerli was shut down"),
+    ("network-mumbai", setter(P + "payment_network", "mumbai"), "provider.parameters.payment_network",
+     "mumbai was shut down"),
+    ("network-mainnet", setter(P + "payment_network", "mainnet"), "provider.parameters.payment_network",
+     "use `polygon`"),
+    ("cpu-load-zero", setter(NC + "budget_control/per_cpu_expected_usage/cpu_load", 0),
+     "provider.parameters.node_config.budget_control.per_cpu_expected_usage.cpu_load", "> 0"),
+    ("usage-incomplete", deleter(NC + "budget_control/per_cpu_expected_usage/duration_hours"),
+     "provider.parameters.node_config.budget_control.per_cpu_expected_usage.duration_hours", "required"),
+    ("outbound-not-url", setter(NC + "demand/outbound_urls", ["pypi.org"]),
+     "provider.parameters.node_config.demand.outbound_urls", "http(s) URLs"),
+    ("timeout-words", setter(P + "node_start_timeout", "ten minutes"), "provider.parameters.node_start_timeout",
+     "duration"),
+    ("local-network-providers", setter(P + "local_network/providers", 0),
+     "provider.parameters.local_network.providers", "expected an integer >= 1"),
+    ("node-type-override-type", setter(WORKER + "node_config/demand/min_cpu_threads", 1.5),
+     "available_node_types.ray.worker.default.node_config.demand.min_cpu_threads", "expected an integer >= 0"),
+    ("node-type-unknown-key", setter(WORKER + "node_config/demand/min_cpus", 2),
+     "available_node_types.ray.worker.default.node_config.demand.min_cpus", "did you mean"),
+    ("node-type-both-images", setter(WORKER + "node_config/demand/image_hash", "b" * 56),
+     "available_node_types.ray.worker.default.node_config.demand", "not both"),
+    ("node-type-min-gt-max", setter(WORKER + "min_workers", 9),
+     "available_node_types.ray.worker.default.min_workers", "at most max_workers (4)"),
+    ("node-type-no-resources", deleter(WORKER + "resources"),
+     "available_node_types.ray.worker.default.resources", "required"),
+    ("head-type-missing", setter("head_node_type", "ray.head.defualt"), "head_node_type",
+     "did you mean `ray.head.default`"),
+    ("provider-type", setter("provider/type", "aws"), "provider.type", "expected `external`"),
+    ("provider-old-module", setter("provider/module", "ray_on_golem.provider.node_provider.GolemNodeProvider"),
+     "provider.module", "the original's module path"),
+    ("commands-not-strings", setter("setup_commands", [1, 2]), "setup_commands", "list of shell commands"),
+    ("optimal-below-minimal", setter(NC + "budget_control/payment_interval_hours", {"minimal": 12, "optimal": 1}),
+     "provider.parameters.node_config.budget_control.payment_interval_hours.optimal", ">= minimal"),
+]
+
+
+@pytest.mark.parametrize("mutate, path, phrase", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_names_the_field(run_cli, tmp_path, datadir, mutate, path, phrase):
+    config = sample()
+    mutate(config)
+    proc = run_cli("validate", write(tmp_path, config))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    line = next(ln for ln in proc.stderr.splitlines() if path + ":" in ln)
+    assert phrase in line
+    assert not datadir.exists()  # nothing else happened
+
+
+def test_all_problems_reported_at_once(run_cli, tmp_path):
+    config = sample()
+    setter(P + "total_budget", -1)(config)
+    setter(NC + "demand/min_mem_gb", 4)(config)
+    proc = run_cli("validate", write(tmp_path, config))
+    assert proc.returncode == 2
+    assert "2 problems in the cluster config" in proc.stderr
+    assert "provider.parameters.total_budget: expected a number > 0, found -1 (int)" in proc.stderr
+    assert "provider.parameters.node_config.demand.min_mem_gb: unknown key; did you mean `min_mem_gib`?" in proc.stderr
+
+
+@pytest.mark.parametrize("content, phrase", [
+    ("provider: [unclosed\n", "line 2, column 1: not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping at the top level"),
+    ("", "expected a mapping at the top level"),
+])
+def test_not_a_cluster_yaml(run_cli, tmp_path, content, phrase):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    proc = run_cli("validate", path)
+    assert proc.returncode == 2
+    assert phrase in proc.stderr and str(path) in proc.stderr
+
+
+def test_missing_file(run_cli, tmp_path):
+    proc = run_cli("validate", tmp_path / "nope.yaml")
+    assert proc.returncode == 2
+    assert "nope.yaml: no such file" in proc.stderr
+
+
+def test_sample_resolves_per_node_type(run_cli):
+    proc = run_cli("validate", SAMPLE_CLUSTER, "--json")
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    assert resolved["provider"]["parameters"]["payment_network"] == "local"
+    assert resolved["provider"]["module"] == "ray_on_golem.GolemNodeProvider"
+    head = resolved["node_types"]["ray.head.default"]
+    worker = resolved["node_types"]["ray.worker.default"]
+    assert head["head"] and not worker["head"]
+    assert head["node_config"]["priority_subnet_tag"] == "ray-on-golem-heads"
+    assert worker["node_config"]["priority_subnet_tag"] is None
+    # the worker's own min_cpu_threads wins; everything else comes from the provider level
+    assert worker["node_config"]["demand"]["min_cpu_threads"] == 2
+    assert head["node_config"]["demand"]["min_cpu_threads"] == 1
+    assert worker["node_config"]["demand"]["image_tag"] == head["node_config"]["demand"]["image_tag"]
+    assert worker["node_config"]["budget_control"]["payment_interval_hours"] == {"minimal": 12, "optimal": 12}
+    assert resolved["provider"]["parameters"]["node_start_timeout"] == 600
+
+
+def test_sample_text_output(run_cli):
+    proc = run_cli("validate", SAMPLE_CLUSTER)
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines()[0].startswith(f"{SAMPLE_CLUSTER}: valid (cluster `golem-cluster`")
+    assert "node type `ray.worker.default` (worker, min_workers 1, max_workers 4):" in proc.stdout
+    assert "  node_config.demand.min_cpu_threads: 2" in proc.stdout
+    assert "\033[" not in proc.stdout  # not a terminal: no colour
+
+
+def test_lists_replace_and_dicts_merge():
+    config = sample()
+    setter(NC + "demand/outbound_urls", ["https://a.example", "https://b.example"])(config)
+    setter(WORKER + "node_config/demand/outbound_urls", ["https://c.example"])(config)
+    setter(WORKER + "node_config/budget_control/max_start_price", 0.1)(config)
+    resolved = rog.load_cluster_config(config)
+    worker = resolved.node_config("ray.worker.default")
+    head = resolved.node_config("ray.head.default")
+    assert worker["demand"]["outbound_urls"] == ["https://c.example"]
+    assert head["demand"]["outbound_urls"] == ["https://a.example", "https://b.example"]
+    assert worker["budget_control"]["max_start_price"] == 0.1
+    assert worker["budget_control"]["max_cpu_per_hour_price"] == 0.5  # merged from the provider level
+    assert worker["budget_control"]["per_cpu_expected_usage"]["cpu_load"] == 0.8
+
+
+def test_defaults_of_the_original():
+    minimal = {
+        "provider": {"type": "external", "module": "ray_on_golem.GolemNodeProvider",
+                     "parameters": {"node_config": {"demand": {"image_tag": "golem/ray-on-golem:x"}}}},
+        "available_node_types": {"ray.head.default": {"resources": {}, "node_config": {}}},
+    }
+    resolved = rog.load_cluster_config(minimal)
+    params = resolved.parameters
+    assert params["payment_network"] == "holesky"  # as the original, for real use
+    assert (params["webserver_port"], params["total_budget"], params["payment_driver"]) == (4578, 5.0, "erc20")
+    assert params["ray_gcs_expose_port"] == 6379 and params["enable_registry_stats"] is True
+    assert resolved.node_start_timeout == 600
+    node = resolved.node_config("ray.head.default")
+    assert node["subnet_tag"] == "public"
+    assert node["demand"]["capabilities"] == ["vpn", "inet"] and node["demand"]["runtime"] == "vm"
+    assert node["budget_control"]["per_cpu_expected_usage"] is None
+    assert resolved.auth["ssh_user"] == "root"
+    assert resolved.cluster_name == "default" and resolved.head_node_type == "ray.head.default"
+    with pytest.raises(rog.UsageError, match="did you mean `ray.head.default`"):
+        resolved.node_config("ray.head.defaul")
+
+
+def test_config_error_api():
+    config = sample()
+    setter(P + "total_budget", 0)(config)
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.load_cluster_config(config)
+    assert caught.value.path == "provider.parameters.total_budget"
+    assert caught.value.exit_code == 2 and caught.value.http_status == 400
+    assert caught.value.issues == [("provider.parameters.total_budget", "expected a number > 0, found 0 (int)")]
+
+
+def test_local_network_block_on_a_real_network_warns(run_cli, tmp_path):
+    config = sample()
+    setter(P + "payment_network", "holesky")(config)
+    proc = run_cli("validate", write(tmp_path, config))
+    assert proc.returncode == 0
+    assert "local_network is used only with payment_network: local" in proc.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90s", 90.0), ("10m", 600.0), ("2h", 7200.0),
+                                           ("1d", 86400.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("600", 600.0)])
+def test_parse_duration(text, seconds):
+    assert rog.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "h", "-5m", 0, "1h 30", True, None])
+def test_parse_duration_rejects(text):
+    with pytest.raises(rog.UsageError):
+        rog.parse_duration(text)
+
+
+def test_validation_does_not_mutate_input():
+    config = sample()
+    before = copy.deepcopy(config)
+    rog.load_cluster_config(config)
+    assert config == before
