@@ -858,6 +858,7 @@ class ConstraintError(ValueError):
 
 _NAME_RX = re.compile(r"[\w!\-]+(?:\.[\w!\-]+)*")
 _OPS = ("<=", ">=", "=", "<", ">")
+_VALUE_RX = re.compile(r"[\sa-zA-Z0-9_.*/\\:;-]+")  # golem-core's parser.tx Value
 
 
 def parse_constraints(text: str) -> tuple:
@@ -910,9 +911,14 @@ def parse_constraints(text: str) -> tuple:
         if end < 0:
             raise ConstraintError("unterminated constraint")
         value = text[pos:end].strip()
-        pos = end + 1
         if value.startswith("[") and value.endswith("]"):
             value = [v.strip() for v in value[1:-1].split(",")]
+            bad = [v for v in value if not _VALUE_RX.fullmatch(v)]
+        else:
+            bad = [] if _VALUE_RX.fullmatch(value) else [value]
+        if bad:
+            raise ConstraintError(f"value {bad[0]!r} of {name} is outside golem-core's constraint grammar")
+        pos = end + 1
         return ("leaf", name, op, value)
 
     tree = node()
