@@ -1736,7 +1736,6 @@ def golem_node_for(service: "YagnaService", collect_payment_events: bool = True)
 # Every stage counts what passes it in the Funnel; every failure reason is grouped.
 
 import dataclasses
-import re
 
 # A fixed image for the local network: its providers run Ray from this host, so no
 # image is fetched; the hash only has to be well-formed.
@@ -1752,7 +1751,7 @@ DEMAND_LIFETIME_DAYS = 365
 # Scoring without a `per_cpu_expected_usage` block still prefers cheap providers: price
 # them for one fully used CPU-hour.
 DEFAULT_EXPECTED_USAGE = (1.0, 1.0)  # (cpu_load, duration_hours)
-SCORE_WEIGHTS = {"cost": 1.0, "reputation": 1.0, "random": 0.1}  # as the original's scorers
+MARKET_SCORE_WEIGHTS = {"cost": 1.0, "reputation": 1.0, "random": 0.1}  # as the original's scorers
 
 STAGE_INITIAL = "Initial"
 STAGE_NOT_BLACKLISTED = "Not blacklisted"
@@ -1791,13 +1790,14 @@ class Funnel:
         self.counts[stage] += 1
 
     def failed(self, reason: str) -> str:
-        key = mask_ids(reason.strip()) or "Rejected without a reason"
+        # kept verbatim (trailing " ; " of the outbound message included): users grep for it
+        key = mask_ids(reason) if reason.strip() else "Rejected without a reason"
         self.errors[key] = self.errors.get(key, 0) + 1
         return key
 
     def sorted_errors(self) -> list[tuple[str, int]]:
-        """Most frequent first; ties in the order they were first seen."""
-        return sorted(self.errors.items(), key=lambda kv: -kv[1])
+        """Most frequent first; ties alphabetically, so the report is reproducible."""
+        return sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def report_lines(self) -> list[str]:
         lines = ["Proposals count:"]
@@ -1936,12 +1936,12 @@ class Scorer:
         self.rng = random.Random(seed)
 
     def score(self, provider_id: str, expected_cost: float | None) -> float:
-        parts = [(SCORE_WEIGHTS["random"], self.rng.random())]
+        parts = [(MARKET_SCORE_WEIGHTS["random"], self.rng.random())]
         if expected_cost is not None:
-            parts.append((SCORE_WEIGHTS["cost"], 1.0 / (1.0 + max(expected_cost, 0.0) / self.cost_reference)))
+            parts.append((MARKET_SCORE_WEIGHTS["cost"], 1.0 / (1.0 + max(expected_cost, 0.0) / self.cost_reference)))
         reputation = self.reputation(provider_id)
         if reputation is not None:
-            parts.append((SCORE_WEIGHTS["reputation"], min(max(float(reputation), 0.0), 1.0)))
+            parts.append((MARKET_SCORE_WEIGHTS["reputation"], min(max(float(reputation), 0.0), 1.0)))
         return sum(w * s for w, s in parts) / sum(w for w, _ in parts)
 
 
@@ -1976,7 +1976,7 @@ class DemandSpec:
             payment_network=payment_network,
             subnet_tag=node_config.get("subnet_tag") or "public",
             image_tag=demand.get("image_tag"),
-            image_hash=demand.get("image_hash"),
+            image_hash=(demand.get("image_hash") or "").removeprefix("sha3:") or None,
             capabilities=tuple(demand.get("capabilities", ("vpn", "inet"))),
             outbound_urls=tuple(demand.get("outbound_urls") or ()),
             min_mem_gib=demand.get("min_mem_gib") or 0.0,
@@ -2201,16 +2201,23 @@ class MarketPipeline:
         if self.allocation is not None:
             await _quietly(self.allocation.release())
 
-    async def settle(self) -> None:
-        """Stop taking new proposals; let running negotiations end (bounded by the timeout)."""
+    async def settle(self, stop_event=None) -> None:
+        """Stop taking new proposals; negotiate every one already accepted, then return.
+
+        Bounded: each negotiation ends within the response timeout, `concurrency` at a time.
+        """
         import asyncio
 
         if self._tasks:
             self._tasks[0].cancel()  # the collector
             await asyncio.gather(self._tasks[0], return_exceptions=True)
+        # asyncio.Queue removes an item only when its getter resumes, so an item being
+        # handed over still counts as queued here: no gap between the two conditions.
+        while not self._queue.empty() or self.negotiating:
+            if stop_event is not None and stop_event.is_set():
+                break
+            await asyncio.sleep(0.02)
         self._stopping = True
-        while self.negotiating:
-            await asyncio.sleep(0.05)
 
     # -- what callers use ---------------------------------------------------------------
 
@@ -2218,7 +2225,9 @@ class MarketPipeline:
                    progress_interval: float = 0.5) -> bool:
         """network-stats: run for `duration_s` (or until `stop_event`), sign nothing.
 
-        Returns True when the scan ran its full duration, False when stopped early.
+        Returns True when the scan ran its full duration, False when stopped early. After the
+        full duration the proposals already accepted are still negotiated (`settle`); an early
+        stop cancels negotiations at once.
         """
         import asyncio
         import time
@@ -2238,7 +2247,7 @@ class MarketPipeline:
                     on_progress(time.monotonic() - started, remaining)
                 await asyncio.sleep(min(progress_interval, remaining))
             if full:
-                await self.settle()
+                await self.settle(stop_event)
         finally:
             await self.stop(reject_drafts=True)
         return full
@@ -2457,6 +2466,23 @@ async def _quietly(awaitable) -> None:
         await awaitable
     except Exception:
         pass
+
+
+def market_store_callbacks(store: "Store", network: str) -> dict:
+    """`is_blacklisted` and `reputation` for a MarketPipeline, read from the Store.
+
+    The blacklist is read once: a scan is short, and a node start builds a new pipeline.
+    """
+    blocked = store.blocked_node_ids(network)
+
+    def reputation(provider_id: str) -> float | None:
+        try:
+            return store.score(provider_id, network)
+        except UsageError:  # not a Golem node id: no reputation to speak of
+            return None
+
+    return {"is_blacklisted": lambda provider_id: provider_id.lower() in blocked,
+            "reputation": reputation}
 
 
 ###############################################################################
@@ -5339,6 +5365,11 @@ def _add_network_stats(commands, common) -> None:
                         help="node type of `available_node_types` (default: the head node type)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--providers", action="store_true", help="add a table per provider")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_NEGOTIATION_CONCURRENCY, metavar="N",
+                        help=f"negotiations at once (default {DEFAULT_NEGOTIATION_CONCURRENCY})")
+    parser.add_argument("--response-timeout", type=float, default=DEFAULT_PROPOSAL_RESPONSE_TIMEOUT,
+                        metavar="SECONDS", help="how long a provider may take to answer a counter-proposal "
+                                                f"(default {DEFAULT_PROPOSAL_RESPONSE_TIMEOUT:g})")
     parser.set_defaults(func=cmd_network_stats)
 
 
@@ -5348,22 +5379,40 @@ def cmd_network_stats(args) -> int:
 
     if not (args.duration > 0 and math.isfinite(args.duration)):
         raise UsageError(f"--duration: must be a positive number of minutes, got {args.duration:g}")
-    scan = NetworkStatsScan.from_config_file(args.cluster_config, args.node_type)
+    if not (args.response_timeout > 0 and math.isfinite(args.response_timeout)):
+        raise UsageError(f"--response-timeout: must be a positive number of seconds, got {args.response_timeout:g}")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency: must be at least 1, got {args.concurrency}")
+    config = load_cluster_config(args.cluster_config)  # exit 2 with the field path
+    node_type = args.node_type or config.head_node_type
+    if node_type not in config.node_types:
+        available = ", ".join(f"`{name}`" for name in config.node_types)
+        raise UsageError(f"--node-type: node type `{node_type}` is not in available_node_types "
+                         f"(available: {available}){_did_you_mean(node_type, config.node_types)}")
+    datadir = (_datadir(args) if args.datadir else
+               os.path.expanduser(config.parameters.get("webserver_datadir") or default_datadir()))
+    scan = NetworkStatsScan(
+        node_type, config.node_config(node_type), config.payment_network,
+        payment_driver=config.parameters["payment_driver"], total_budget=config.total_budget,
+        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout)
     return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
 
 
 class NetworkStatsScan:
     """One `network-stats` run: connect, scan with the MarketPipeline, print, clean up."""
 
-    def __init__(self, node_type: str, node_config: dict, payment_network: str,
-                 payment_driver: str = "erc20", total_budget: float = 5.0,
-                 datadir: str | None = None):
+    def __init__(self, node_type: str, node_config: dict, payment_network: str, *,
+                 payment_driver: str = "erc20", total_budget: float = 5.0, datadir: str | None = None,
+                 concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT):
         self.node_type = node_type
         self.node_config = node_config
         self.payment_network = payment_network
         self.payment_driver = payment_driver
         self.total_budget = total_budget
         self.datadir = datadir or default_datadir()
+        self.concurrency = concurrency
+        self.response_timeout = response_timeout
         self.interrupted = False
 
     # -- running ------------------------------------------------------------------
@@ -5409,22 +5458,22 @@ class NetworkStatsScan:
                 print("\nReceived CTRL-C, exiting...", file=err, flush=True)
                 stop_event.set()
 
-        yagna = None
+        yagna = store = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
             # a local network it starts is stopped below; a running one is left alone
             yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
-            store = open_store_for_market(self.datadir)
+            store = Store(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
             node = golem_node_for(yagna, collect_payment_events=False)
             await node.start()
             try:
                 pipeline = MarketPipeline(
                     node, spec, budget, total_budget=self.total_budget,
-                    payment_driver=self.payment_driver,
-                    is_blacklisted=store.blacklist_check(self.payment_network),
-                    reputation=store.reputation_lookup(self.payment_network))
+                    payment_driver=self.payment_driver, concurrency=self.concurrency,
+                    response_timeout=self.response_timeout,
+                    **market_store_callbacks(store, self.payment_network))
                 await pipeline.scan(duration_s, stop_event,
                                     on_progress=progress and (lambda e, r: progress.show(e, r, pipeline)))
             finally:
@@ -5433,6 +5482,8 @@ class NetworkStatsScan:
                 await node.aclose()
             return pipeline
         finally:
+            if store is not None:
+                store.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if yagna is not None:

@@ -147,8 +147,8 @@ def test_funnel_report_shape_sorts_errors_and_masks_ids():
         "Negotiation errors:",
         'Failed to send proposal response! 500: {"message":"Failed to send response for Proposal '
         '[***]. Error: GSB failure"}: 2',
-        "No capacity available. Reached Agreements limit: 1: 1",
         "Failed to receive proposal response!: 1",
+        "No capacity available. Reached Agreements limit: 1: 1",
     ]
     assert funnel.as_dict()["funnel"][0] == {"stage": "Initial", "count": 5}
 

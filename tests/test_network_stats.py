@@ -1,0 +1,401 @@
+"""`ray-on-golem network-stats` against a real local Golem network with a known population.
+
+Each test starts `golem_localnet.py serve` with a seeded profile, runs the CLI as a
+user would (a subprocess), and checks what the user sees against counts computed here,
+independently, from the population the local network prints (`population --json`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCALNET = ROOT / "golem_localnet.py"
+ROG = ROOT / "ray_on_golem.py"
+TIME_SCALE = 50  # provider latencies 0.5-2 simulated s -> 10-40 ms real
+RESPONSE_TIMEOUT_S = 2  # `no_answer` providers fail after this; everyone else answers well within it
+SCAN_MINUTES = 0.05  # every offer is on the market at start (known_at_start: 1)
+
+# A market with every behaviour and prices wide enough for budgets to bite.
+PROFILE = {
+    "providers": 30,
+    "seed": 11,
+    "prices": {"cpu_per_hour": [0.01, 0.6], "duration_per_hour": [0.0, 0.6], "start": [0.0, 0.6]},
+    "latency_s": [0.5, 2.0],
+    "slow_latency_s": [5.0, 10.0],
+    "known_at_start": 1.0,
+    "discovery_s": 1.0,
+    "behaviours": {"busy": 0.1, "outbound_rules": 0.1, "no_answer": 0.1, "unreachable": 0.1,
+                   "reject_agreement": 0.1, "slow": 0.1},
+}
+
+# The exact strings of the issue / real providers (reference/yagna-api.md §5.1), not our code's.
+BUSY = "No capacity available. Reached Agreements limit: 1"
+NO_ANSWER = "Failed to receive proposal response!"
+UNREACHABLE = ('Failed to send proposal response! 500: {"message":"Failed to send response for Proposal '
+               '[***]. Error: Countering Proposal [***] GSB error: GSB failure: Net: error forwarding '
+               'message: Connection timed out.."}')
+OUTBOUND = ("Outbound rejected because: Everyone rule didn't match whitelist ; Audited-Payload rule "
+            "requires manifest signature ; Partner rule requires node descriptor ; ")
+LABELS = {
+    "max_cost": "Reject if per cpu expected cost exceeds `max_cost` = {}",
+    "max_start_price": "Reject if start price exceeds `max_start_price` = {}",
+    "max_cpu_per_hour_price": "Reject if cpu per hour price exceeds `max_cpu_per_hour_price` = {}",
+    "max_env_per_hour_price": "Reject if env per hour price exceeds `max_env_per_hour_price` = {}",
+}
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def clean_env(**extra):
+    """No yagna settings leak in from the developer's shell; test traffic stays on loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Localnet:
+    """A running `golem_localnet.py serve` whose data dir is `<rog datadir>/localnet`, so
+    the CLI finds it there (docs/internals.md) instead of starting its own."""
+
+    def __init__(self, rog_datadir: Path, profile_path: Path):
+        self.datadir = rog_datadir / "localnet"
+        self.datadir.mkdir(parents=True, mode=0o700)
+        self.process = subprocess.Popen(
+            [sys.executable, str(LOCALNET), "serve", "--port", "0", "--datadir", str(self.datadir),
+             "--profile", str(profile_path), "--time-scale", str(TIME_SCALE)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env())
+        line = self.process.stdout.readline().strip()
+        assert line.startswith("golem-localnet listening on http://127.0.0.1:"), line
+        self.url = line.rsplit(" ", 1)[1]
+        self.app_key = (self.datadir / "appkey").read_text().strip()
+
+    def state(self) -> dict:
+        request = urllib.request.Request(f"{self.url}/localnet/v1/state",
+                                         headers={"Authorization": f"Bearer {self.app_key}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=20) == 0
+        self.process.stdout.close()
+        assert not pid_alive(self.process.pid)
+
+
+@pytest.fixture
+def profile_path(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(PROFILE))
+    return path
+
+
+@pytest.fixture
+def population(profile_path):
+    out = subprocess.run([sys.executable, str(LOCALNET), "population", "--profile", str(profile_path),
+                          "--json"], capture_output=True, text=True, check=True, env=clean_env())
+    return json.loads(out.stdout)["providers"]
+
+
+@pytest.fixture
+def rog_datadir(tmp_path):
+    path = tmp_path / "rog"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def localnet(rog_datadir, profile_path):
+    net = Localnet(rog_datadir, profile_path)
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+def run_cli(datadir, *args, timeout=180, **env):
+    return subprocess.run([sys.executable, str(ROG), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=clean_env(RAY_ON_GOLEM_DATADIR=str(datadir), **env))
+
+
+def write_cluster(path: Path, node_config: dict, payment_network="local") -> Path:
+    node_config = {**node_config, "demand": {"image_tag": "golem/ray-on-golem:test",
+                                             **node_config.get("demand", {})}}
+    config = {
+        "cluster_name": "stats",
+        "provider": {"type": "external", "module": "ray_on_golem.GolemNodeProvider",
+                     "use_internal_ips": True,
+                     "parameters": {"payment_network": payment_network, "node_config": node_config}},
+        "available_node_types": {
+            "ray.head.default": {"resources": {}, "node_config": {}},
+            "ray.worker.default": {"resources": {}, "node_config": {}},
+        },
+        "head_node_type": "ray.head.default",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def scan(datadir, cluster, *extra):
+    return run_cli(datadir, "network-stats", cluster, "--duration", SCAN_MINUTES,
+                   "--response-timeout", RESPONSE_TIMEOUT_S, *extra)
+
+
+# --- the expected funnel, computed from the population alone ---------------------------
+
+
+def expected_funnel(population, budget: dict, *, manifest=False, blocked=()):
+    """(stage lines, error counts) the issue's rules give for this population and budget."""
+    usage = budget.get("per_cpu_expected_usage") or {}
+    limits = [(key, value) for key, value in (
+        ("max_cost", usage.get("max_cost")), ("max_start_price", budget.get("max_start_price")),
+        ("max_cpu_per_hour_price", budget.get("max_cpu_per_hour_price")),
+        ("max_env_per_hour_price", budget.get("max_env_per_hour_price"))) if value is not None]
+
+    def price(provider, key):
+        cpu_sec, env_sec, start = provider["coeffs"]
+        cpus = provider["cpu_threads"]
+        if key == "max_cost":
+            duration_s = usage["duration_hours"] * 3600
+            return start / cpus + env_sec / cpus * duration_s + cpu_sec * usage["cpu_load"] * duration_s
+        return {"max_start_price": start, "max_cpu_per_hour_price": cpu_sec * 3600,
+                "max_env_per_hour_price": env_sec * 3600}[key]
+
+    stages = {"Initial": len(population)}
+    survivors = [p for p in population if p["node_id"] not in blocked]
+    stages["Not blacklisted"] = len(survivors)
+    for key, limit in limits:
+        for p in survivors:  # the test is only meaningful away from the limits
+            assert abs(price(p, key) - limit) > 1e-9 * max(limit, 1), (p["name"], key)
+        survivors = [p for p in survivors if price(p, key) <= limit]
+        stages["Passed " + LABELS[key].format(limit)] = len(survivors)
+    stages["Negotiation initialized"] = len(survivors)
+    errors = {}
+    outcome = {"busy": BUSY, "no_answer": NO_ANSWER, "unreachable": UNREACHABLE,
+               "outbound_rules": OUTBOUND if manifest else None}
+    for p in survivors:
+        reason = outcome.get(p["behaviour"])
+        if reason:
+            errors[reason] = errors.get(reason, 0) + 1
+    stages["Negotiated successfully"] = len(survivors) - sum(errors.values())
+    return stages, errors
+
+
+def report_of(stages: dict, errors: dict) -> list[str]:
+    """The text of the issue's output shape, for these counts."""
+    lines = ["Proposals count:"] + [f"{stage}: {count}" for stage, count in stages.items()]
+    lines += ["", "Negotiation errors:"]
+    ranked = sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines += [f"{reason}: {count}" for reason, count in ranked] or ["(none)"]
+    return lines
+
+
+BUDGETS = {
+    "no budget": ({}, {}),
+    "sample budget": ({"per_cpu_expected_usage": {"cpu_load": 0.8, "duration_hours": 0.5, "max_cost": 1.5},
+                       "max_start_price": 0.5, "max_cpu_per_hour_price": 0.5, "max_env_per_hour_price": 0.5}, {}),
+    "tight budget": ({"per_cpu_expected_usage": {"cpu_load": 1.0, "duration_hours": 2, "max_cost": 0.45},
+                      "max_start_price": 0.45, "max_cpu_per_hour_price": 0.4}, {}),
+    "outbound + env limit": ({"max_env_per_hour_price": 0.3},
+                             {"outbound_urls": ["https://pypi.dev.golem.network"]}),
+}
+
+
+@pytest.mark.parametrize("budget, demand", BUDGETS.values(), ids=BUDGETS.keys())
+def test_funnel_counts_and_error_groups_match_the_population(localnet, rog_datadir, tmp_path, population,
+                                                            budget, demand):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget, "demand": demand})
+    done = scan(rog_datadir, cluster, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    stages, errors = expected_funnel(population, budget, manifest=bool(demand))
+    assert [(s["stage"], s["count"]) for s in report["funnel"]] == list(stages.items())
+    assert {e["reason"]: e["count"] for e in report["errors"]} == errors
+    assert len(report["providers"]) == len(population)
+    # the scan signs nothing and gives back what it reserved
+    state = localnet.state()
+    assert state["agreements"]["count"] == 0
+    assert state["allocations"]["count"] == 0 and state["allocations"]["released"] == 1
+    assert state["demands"]["unsubscribed"] == 1
+
+
+def test_text_output_has_the_exact_shape_of_the_issue(localnet, rog_datadir, tmp_path, population):
+    budget = BUDGETS["sample budget"][0]
+    cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget})
+    done = scan(rog_datadir, cluster)
+    assert done.returncode == 0, done.stderr
+    stages, errors = expected_funnel(population, budget)
+    assert done.stdout.splitlines() == [
+        f"Gathering stats data for {SCAN_MINUTES:g} minutes...",
+        "Gathering stats data done",
+        "",
+        *report_of(stages, errors),
+    ]
+    assert "elapsed" not in done.stderr  # no progress line without a terminal
+
+
+def test_providers_table_lists_every_provider_with_its_outcome(localnet, rog_datadir, tmp_path, population):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    done = scan(rog_datadir, cluster, "--providers")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("\n\n")[-1].splitlines()
+    assert table[0].split() == ["PROVIDER", "NAME", "CPU", "MEM", "GiB", "START", "CPU/H", "ENV/H", "EXP.",
+                                "COST", "SCORE", "OUTCOME"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert set(rows) == {p["node_id"] for p in population}
+    for p in population:
+        outcome = {"busy": BUSY, "no_answer": NO_ANSWER}.get(p["behaviour"], "negotiated")
+        if p["behaviour"] != "unreachable":
+            assert rows[p["node_id"]].endswith(outcome), rows[p["node_id"]]
+
+
+def test_blacklisted_providers_are_never_negotiated(localnet, rog_datadir, tmp_path, population):
+    blocked = [p["node_id"] for p in population if p["behaviour"] in ("busy", "unreachable")]
+    for node_id in blocked:
+        done = run_cli(rog_datadir, "reputation", "block", node_id, "--network", "local", "--reason", "test")
+        assert done.returncode == 0, done.stderr
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    done = scan(rog_datadir, cluster, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    stages, errors = expected_funnel(population, {}, blocked=set(blocked))
+    assert [(s["stage"], s["count"]) for s in report["funnel"]] == list(stages.items())
+    assert {e["reason"]: e["count"] for e in report["errors"]} == errors
+    assert {p["id"] for p in report["providers"] if p["outcome"] == "blacklisted"} == set(blocked)
+    # the local network saw no counter-proposal to a blocked provider: its proposals are the
+    # offers, one counter per negotiated provider and one draft per provider that answered yes
+    negotiated = [p for p in population if p["node_id"] not in blocked]
+    answered = [p for p in negotiated if p["behaviour"] not in ("no_answer",)]
+    assert localnet.state()["proposals"] == len(population) + len(negotiated) + len(answered)
+
+
+def test_ctrl_c_ends_the_scan_early_and_still_prints(localnet, rog_datadir, tmp_path):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    process = subprocess.Popen([sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env(RAY_ON_GOLEM_DATADIR=str(rog_datadir)))
+    try:
+        assert process.stdout.readline() == "Gathering stats data for 5 minutes...\n"
+        while localnet.state()["demands"]["count"] == 0:  # scanning: the demand is on the market
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert "Received CTRL-C, exiting..." in err and "Traceback" not in err
+    lines = out.splitlines()
+    assert lines[0] == "Gathering stats data done"
+    assert lines[2] == "Proposals count:" and lines[3].startswith("Initial: ")
+    assert "Negotiation errors:" in lines
+    state = localnet.state()
+    assert state["agreements"]["count"] == 0
+    assert state["allocations"]["count"] == 0
+    assert state["demands"]["unsubscribed"] == 1
+
+
+def test_starts_a_local_network_when_none_runs_and_stops_it_after(rog_datadir, tmp_path):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.02", "--response-timeout", "5")
+    assert done.returncode == 0, done.stderr
+    assert "Proposals count:" in done.stdout.splitlines()
+    started = json.loads((rog_datadir / "localnet" / "localnet.json").read_text())
+    assert not pid_alive(started["pid"])
+
+
+def test_progress_line_only_on_a_terminal(localnet, rog_datadir, tmp_path):
+    import pty
+
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "0.03",
+             "--response-timeout", str(RESPONSE_TIMEOUT_S)],
+            stdout=subprocess.PIPE, stderr=follower, text=True,
+            env=clean_env(RAY_ON_GOLEM_DATADIR=str(rog_datadir)))
+        os.close(follower)
+        out, _ = process.communicate(timeout=120)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        os.close(leader)
+    assert process.returncode == 0
+    assert b"\r\x1b[2K" in terminal and b"elapsed" in terminal and b"left: " in terminal
+    assert "elapsed" not in out  # the report itself stays clean
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing file", "no such file"),
+    ("bad yaml", "cluster config"),
+    ("negative price", "budget_control.max_start_price"),
+    ("unknown node type", "--node-type: node type `ray.nope` is not in available_node_types"),
+    ("zero duration", "--duration: must be a positive number"),
+])
+def test_bad_input_exits_2_with_the_field(rog_datadir, tmp_path, case, expected):
+    cluster = tmp_path / "cluster.yaml"
+    args = ["network-stats", cluster]
+    if case == "bad yaml":
+        cluster.write_text("provider: [unclosed\n")
+    elif case == "negative price":
+        write_cluster(cluster, {"budget_control": {"max_start_price": -1}})
+    elif case != "missing file":
+        write_cluster(cluster, {})
+    if case == "unknown node type":
+        args += ["--node-type", "ray.nope"]
+    if case == "zero duration":
+        args += ["--duration", "0"]
+    done = run_cli(rog_datadir, *args)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert not (rog_datadir / "localnet").exists()  # nothing was started
+
+
+def test_unreachable_yagna_exits_1_with_what_to_do(rog_datadir, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
+    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.01",
+                   YAGNA_API_URL=f"http://127.0.0.1:{closed_port}", YAGNA_PATH=str(tmp_path / "no-yagna"))
+    assert done.returncode == 1
+    assert "ray-on-golem start" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_wrong_app_key_exits_1_with_what_to_do(localnet, rog_datadir, tmp_path):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {})
+    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.01", YAGNA_APPKEY="not-the-key")
+    assert done.returncode == 1
+    assert "rejected the app key" in done.stderr and "YAGNA_APPKEY" in done.stderr
+    assert "not-the-key" not in done.stderr + done.stdout  # never echo a secret
+    assert localnet.state()["demands"]["count"] == 0
