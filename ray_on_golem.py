@@ -3438,7 +3438,7 @@ BUDGET_STOP_MARGIN_S = 15.0  # a node being stopped is billed at most this much 
 # A node kept running must stay covered until its next payment (its next debit note), at
 # least BUDGET_KEEP_MIN_S and at most BUDGET_LOOKAHEAD_S ahead, plus the stop margin.
 BUDGET_KEEP_MIN_S = 10.0
-BUDGET_LOOKAHEAD_S = 60.0
+BUDGET_LOOKAHEAD_S = 20.0
 BUDGET_CHECK_INTERVAL_S = 1.0
 BUDGET_WARNING_SHARE = Decimal("0.8")  # warn once this share of total_budget is committed
 BILLING_BREACH_BLOCK_S = 30 * 86400.0  # a provider that overbills is blocked for 30 days
@@ -3736,6 +3736,7 @@ class AgreementAccount:
     ended_at: float | None = None
     billed: bool = True  # False once it ended without an activity: nothing will be invoiced
     settled: bool = False  # its invoice was accepted or rejected
+    breached: bool = False  # it billed more than agreed (penalised once)
 
     def elapsed(self, now: float) -> float:
         return max(0.0, (self.ended_at if self.ended_at is not None else now) - self.started_at)
@@ -3908,6 +3909,9 @@ class ClusterPayments:
         """A provider billed more than agreed: record it, block it, replace the node."""
         import asyncio
 
+        if account.breached:
+            return
+        account.breached = True
         node, service, provider_id = account.node, self.service, account.provider_id
         network = node.cluster.network
         service.store.record_event(provider_id, network, "billing_breach", detail=reason[:500],
