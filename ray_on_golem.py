@@ -3564,6 +3564,7 @@ class Verdict:
     spend: Decimal = Decimal(0)  # what accepting adds to the cluster's spending
     reason: str | None = None  # why not
     breach: bool = False  # the provider billed more than the agreement allows
+    previous: Decimal = Decimal(0)  # what its activity (debit note) or agreement (invoice) had accepted
 
 
 class Spending:
@@ -3596,17 +3597,17 @@ class Spending:
                 scope[activity_id if kind == "debit_note" else None] = amount
         return verdict
 
-    def undo(self, agreement_id: str, activity_id: str | None, kind: str, verdict: Verdict, before: Decimal) -> None:
-        """Take back an accepted verdict whose acceptance failed at yagna."""
+    def undo(self, agreement_id: str, activity_id: str | None, kind: str, verdict: Verdict) -> None:
+        """Take back an accepted debit note whose acceptance failed at yagna (an invoice's is not
+        undone: the activities' totals it replaced are gone, so its spending stays counted)."""
+        if kind != "debit_note":
+            return
         self.spent -= verdict.spend
         scope = self._accepted.setdefault(agreement_id, {})
-        key = activity_id if kind == "debit_note" else None
-        if kind == "invoice":
-            self._invoiced.discard(agreement_id)
-        if before:
-            scope[key] = before
+        if verdict.previous:
+            scope[activity_id] = verdict.previous
         else:
-            scope.pop(key, None)
+            scope.pop(activity_id, None)
 
     def _judge(self, terms, kind, agreement_id, activity_id, amount, counters, elapsed_s) -> Verdict:
         if agreement_id in self._invoiced:
@@ -3636,8 +3637,8 @@ class Spending:
         spend = amount - before
         if self.spent + spend > self.budget:
             return Verdict(False, reason=f"accepting {glm(spend)} GLM more would spend {glm(self.spent + spend)} "
-                                         f"of total_budget {glm(self.budget)}")
-        return Verdict(True, spend)
+                                         f"of total_budget {glm(self.budget)}", previous=before)
+        return Verdict(True, spend, previous=before)
 
 
 class Ledger:
@@ -3870,8 +3871,6 @@ class ClusterPayments:
             if spending is None or allocation is None:
                 self.ledger.update(document.id, "rejected", reason="the cluster's allocation is released")
                 return
-            before = (spending._accepted.get(data.agreement_id, {}).get(activity_id if kind == "debit_note" else None)
-                      or Decimal(0))
             try:
                 amount = parse_amount(amount_text, "amount")
                 verdict = spending.decide(account.terms, kind, data.agreement_id, activity_id, amount,
@@ -3893,7 +3892,7 @@ class ClusterPayments:
             try:
                 await document.accept(allocation, amount)
             except Exception as e:  # noqa: BLE001 - e.g. yagna refuses: the allocation is short
-                spending.undo(data.agreement_id, activity_id, kind, verdict, before)
+                spending.undo(data.agreement_id, activity_id, kind, verdict)
                 self.ledger.update(document.id, "failed", reason=_describe_error(e)[:500])
                 self.service.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
                 return

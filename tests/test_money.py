@@ -188,6 +188,14 @@ class Money:
             time.sleep(0.3)
         raise AssertionError(f"{node_id} not {states} in {timeout} s: {node}")
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`ray-on-golem ARGS` as a user runs it against this webserver's data dir."""
+        home = self.datadir.parent / "home"
+        proc = subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), *args], capture_output=True, text=True,
+                              timeout=60, env=cli_env(self.datadir, home), stdin=subprocess.DEVNULL)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.datadir / "ray_on_golem.sqlite3", timeout=30)
         conn.row_factory = sqlite3.Row
@@ -308,6 +316,16 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     assert {n["provider_name"] for n in cluster["nodes"]} == {"p-1", "p-2", "p-3"}
     assert all(n["prices"] == {"start": "0.01", "cpu_per_hour": "1.8", "env_per_hour": "36", "cpu_threads": 2}
                for n in cluster["nodes"])
+
+    # What a user sees: `status` per cluster, `costs` per node.
+    status = money.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert f"budget 1.4 GLM: {rog.glm(spent)} spent, 0 reserved, " in status.stdout, status.stdout
+    assert "warning: stopped by the budget" in status.stdout
+    table = money.cli("costs", "c1")
+    assert table.returncode == 0, table.stderr
+    assert f"{rog.glm(spent)} GLM of total_budget 1.4" in table.stdout
+    assert all(n["node_id"] in table.stdout for n in (head, older, newer)) and "p-1" in table.stdout
 
 
 @pytest.mark.slow
