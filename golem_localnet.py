@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
+import operator
 import os
 import random
 import re
@@ -803,7 +805,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
-            p.offer_id = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            # yagna's subscription id shape: <uuid hex>-<sha256 hex>
+            digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
+            p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
             result.append(p)
         return result
 
@@ -954,28 +958,37 @@ def parse_constraints(text: str) -> tuple:
     return tree
 
 
-def _compare(prop: Any, op: str, value: str) -> bool | None:
+_ORDER = {"=": operator.eq, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _compare(prop: Any, op: str, value: str) -> bool:
     if isinstance(prop, bool):
         v = value.lower()
-        if v not in ("true", "false"):
-            return False
-        return op == "=" and prop == (v == "true")
+        return op == "=" and v in ("true", "false") and prop == (v == "true")
     if isinstance(prop, (int, float)):
-        try:
-            v = float(value)
-        except ValueError:
-            return False
-        return {"=": prop == v, "<": prop < v, "<=": prop <= v, ">": prop > v, ">=": prop >= v}[op]
+        number = _as_number(value)
+        return number is not None and _ORDER[op](prop, number)
     if isinstance(prop, str):
-        if op == "=":
-            if "*" in value:
-                return re.fullmatch(".*".join(map(re.escape, value.split("*"))), prop) is not None
-            return prop == value
-        return {"<": prop < value, "<=": prop <= value, ">": prop > value, ">=": prop >= value}[op]
+        if op == "=" and "*" in value:
+            return _wildcard(value).fullmatch(prop) is not None
+        return _ORDER[op](prop, value)
     if isinstance(prop, list):
         # lists: `=` means contains; ordering is false (yagna resolver, §4.3)
         return op == "=" and any(_compare(item, "=", value) for item in prop)
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _as_number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _wildcard(value: str) -> re.Pattern:
+    return re.compile(".*".join(map(re.escape, value.split("*"))))
 
 
 def evaluate(tree: tuple, props: dict) -> bool | None:
@@ -991,12 +1004,19 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
         if isinstance(value, list):
             return all(_compare(prop, op, v) for v in value)
         return _compare(prop, op, value)
-    results = [evaluate(child, props) for child in tree[1]]
-    if kind == "&":
-        return False if False in results else (None if None in results else True)
-    if kind == "|":
-        return True if True in results else (None if None in results else False)
-    return None if results[0] is None else not results[0]
+    if kind == "!":
+        result = evaluate(tree[1][0], props)
+        return None if result is None else not result
+    # `&` is decided by the first False, `|` by the first True; otherwise any undefined
+    # operand leaves the group undefined
+    decisive = kind == "|"
+    undefined = False
+    for child in tree[1]:
+        result = evaluate(child, props)
+        if result is decisive:
+            return decisive
+        undefined = undefined or result is None
+    return None if undefined else not decisive
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
@@ -1026,7 +1046,8 @@ class Proposal:
 
     def __init__(self, demand: "Demand", provider: Provider, from_requestor: bool, state: str,
                  properties: dict, constraints: str, prev_id: str | None) -> None:
-        self.id = new_id("R-" if from_requestor else "P-")
+        # the requestor's view of a negotiation: yagna prefixes every proposal id with R-
+        self.id = "R-" + secrets.token_hex(32)
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
@@ -1132,7 +1153,7 @@ class Market:
         # callables (agreement, old_state, new_state), e.g. invoices after termination
         self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
         self._offer_ms = ms(clock.started_at)
-        self._offer_trees: dict[int, tuple] = {}
+        self._offer_trees: dict[str, tuple] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- demands and offers ---
@@ -1155,13 +1176,14 @@ class Market:
     def get_demand(self, demand_id: str) -> Demand:
         demand = self.demands.get(demand_id)
         if demand is None:
-            if demand_id in self.unsubscribed:
-                raise HttpError(410, f"Subscription [{demand_id}] was already unsubscribed.")
-            raise HttpError(404, f"Subscription [{demand_id}] wasn't found.")
+            raise HttpError(404, f"Subscription [{demand_id}] not found. Could be unsubscribed.")  # yagna 0.17.6
         return demand
 
     def unsubscribe(self, demand_id: str) -> None:
-        demand = self.get_demand(demand_id)
+        demand = self.demands.get(demand_id)
+        if demand is None:
+            # yagna 0.17.6 on a repeated unsubscribe (recorded by the fidelity test)
+            raise HttpError(404, f"Demand [{demand_id}] not found.")
         del self.demands[demand_id]
         self.unsubscribed.add(demand_id)
         demand.signal.notify()
@@ -1171,9 +1193,10 @@ class Market:
         props = provider.offer_properties(self._offer_ms)
         if evaluate(demand.tree, props) is not True:
             return False
-        tree = self._offer_trees.get(provider.index)
+        text = provider.offer_constraints(self._offer_ms)
+        tree = self._offer_trees.get(text)
         if tree is None:
-            tree = self._offer_trees[provider.index] = parse_constraints(provider.offer_constraints(self._offer_ms))
+            tree = self._offer_trees[text] = parse_constraints(text)
         return evaluate(tree, demand.properties) is True
 
     def _release_due_offers(self, demand: Demand, limit: int) -> None:
@@ -1475,11 +1498,16 @@ class MarketRoutes(HttpHandler):
         market = self.net.market
         demand = market.get_demand(self.params["demand_id"])
         timeout = self.request.query_float("timeout", MARKET_EVENT_TIMEOUT_S, 0, 1e6)
-        max_events = self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1, MARKET_MAX_EVENTS_MAX)
-        events = await long_poll(demand.signal, lambda: market.take_events(demand, max_events),
-                                 min(timeout, MAX_LONG_POLL_S), lambda: market.seconds_to_next_offer(demand))
-        if self.params["demand_id"] not in market.demands:
-            raise HttpError(404, f"Subscription [{demand.id}] wasn't found.")
+        max_events = min(self.request.query_int("maxEvents", MARKET_MAX_EVENTS_DEFAULT, 1), MARKET_MAX_EVENTS_MAX)
+
+        def take() -> list[dict] | bool:
+            # an unsubscribe ends the polls in flight at once, as in yagna
+            return market.take_events(demand, max_events) if demand.id in market.demands else True
+
+        events = await long_poll(demand.signal, take, min(timeout, MAX_LONG_POLL_S),
+                                 lambda: market.seconds_to_next_offer(demand))
+        if events is True:
+            market.get_demand(demand.id)  # raises the 404
         return self.ok(events)
 
     async def get_proposal(self) -> Response:
@@ -1550,6 +1578,7 @@ class MarketRoutes(HttpHandler):
 # branches editing the header do not conflict on the import block.
 import ctypes
 import fcntl
+import ipaddress
 import subprocess
 import tempfile
 from pathlib import Path
@@ -1581,9 +1610,12 @@ class ProcInfo:
 
 
 def read_proc(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+    try:  # os-level calls: a scan reads every process of the machine
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # comm may contain spaces and parentheses: split after the last ')'.
@@ -1669,13 +1701,13 @@ class LoopbackPool:
         else:
             slot = self._net_slots.setdefault(net_id, len(self._net_slots) % 255 + 1)
         preferred = [int(vpn_ip.rsplit(".", 1)[1])] if vpn_ip else []
-        for host in preferred + list(range(2, 255)):
-            for third in [slot] + [t for t in range(256) if t != slot]:
+        for third in [slot] + [t for t in range(256) if t != slot]:
+            for host in preferred + list(range(2, 255)):
                 ip = f"127.{self.block}.{third}.{host}"
                 if 1 <= host <= 254 and ip not in self._taken:
                     self._taken.add(ip)
                     return ip
-        raise RuntimeError("loopback block exhausted")
+        raise HttpError(503, f"all addresses of 127.{self.block}.0.0/16 are in use")
 
     def release(self, ip: str) -> None:
         self._taken.discard(ip)
@@ -1717,7 +1749,10 @@ class Sandbox:
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}  # never leak the app key
+        # The "image": this Python (and whatever its environment has, e.g. `ray`) comes first on PATH.
+        path = env.get("PATH", os.defpath)
         env.update(
+            PATH=os.pathsep.join([os.path.dirname(sys.executable), path]),
             HOME=str(self.home),
             TMPDIR=str(self.tmp),
             NODE_IP=self.loopback_ip or "127.0.0.1",
@@ -1954,7 +1989,15 @@ class Activity:
             return False, None, None, f"ExeScript command `{name}` is not supported by the local network"
         if not isinstance(args, dict):
             return False, None, None, f"ExeScript command `{name}`: arguments must be an object"
-        return await handler(args)
+        try:
+            return await handler(args)
+        except asyncio.CancelledError:
+            raise
+        except HttpError as e:
+            return False, None, None, e.message
+        except Exception as e:  # a bug of ours must still finish the batch, never hang the poll
+            print(f"golem-localnet: ExeScript `{name}` failed: {e!r}", file=sys.stderr)
+            return False, None, None, f"ExeScript command `{name}` failed in the local network: {type(e).__name__}"
 
     async def _exe_deploy(self, args: dict):
         if self.state[0] != "Initialized":
@@ -1962,6 +2005,13 @@ class Activity:
         net = args.get("net") or []
         if not isinstance(net, list) or not all(isinstance(n, dict) for n in net):
             return False, None, None, "deploy: `net` must be a list of network objects"
+        for i, n in enumerate(net):
+            try:
+                ipaddress.IPv4Address(n.get("nodeIp"))
+            except ValueError:
+                return False, None, None, f"deploy: net[{i}].nodeIp must be an IPv4 address, got {n.get('nodeIp')!r}"
+            if not isinstance(n.get("id"), str):
+                return False, None, None, f"deploy: net[{i}].id must be the network id"
         self.state = ["Initialized", "Deployed"]
         if self.faults.deploy_fails:
             # The provider's profile says the image never comes up.
@@ -2020,7 +2070,6 @@ class ActivityEngine:
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
         self._children: dict[int, Activity] = {}  # direct children (pid) -> owner
-        self._reaper: asyncio.TimerHandle | None = None
         self._ordinal = 0
 
     def create(self, agreement) -> Activity:
@@ -2136,13 +2185,16 @@ class ActivityEngine:
         self.reap_orphans(table)
         return activity.sandbox.cpu_seconds(table)
 
-    async def kill_processes(self, activity: Activity) -> None:
+    async def kill_processes(self, activity: Activity) -> dict[int, ProcInfo]:
         """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
-        until a scan finds none alive; then wait until they are reaped."""
+        until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
+        me = os.getpid()
         for _ in range(50):
             table = read_proc_table()
             if not sandbox.signal_all(table, signal.SIGSTOP):
+                if not any(i.ppid == me for i in sandbox.owned(table).values()):
+                    return table  # nothing alive and no zombie of ours to reap
                 break
             table = read_proc_table()
             sandbox.cpu_seconds(table)  # last look at their CPU before they go
@@ -2158,11 +2210,11 @@ class ActivityEngine:
         for _ in range(200):
             table = read_proc_table()
             self.reap_orphans(table)
-            me = os.getpid()
             left = [i for i in sandbox.owned(table).values() if i.state != "Z" or i.ppid == me]
             if not left:
-                return
+                break
             await asyncio.sleep(0.01)
+        return table
 
     # -- ending --
 
@@ -2183,8 +2235,8 @@ class ActivityEngine:
         if not from_batch:
             activity._worker.cancel()
             activity._current = None
-        await self.kill_processes(activity)
-        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(read_proc_table())
+        table = await self.kill_processes(activity)
+        activity.final_cpu_seconds = activity.sandbox.cpu_seconds(table)
         activity.final_wall_seconds = activity.wall_seconds()
         if activity.sandbox.loopback_ip:
             self.loopback.release(activity.sandbox.loopback_ip)
@@ -2306,7 +2358,6 @@ class ActivityRoutes(HttpHandler):
 
 
 import base64
-import ipaddress
 import struct
 
 # RFC 6455 §1.3: the GUID every server appends to Sec-WebSocket-Key.
@@ -2651,12 +2702,14 @@ class Allocation:
         self.timeout = timeout or self.timestamp + timedelta(days=3650)  # yagna: 10 years by default
         self.make_deposit = make_deposit
         self.released = False
+        self.updated = self.timestamp  # moved by whoever changes `spent`
 
     def to_json(self) -> dict:
         return {"allocationId": self.id, "address": self.address, "paymentPlatform": self.platform,
                 "totalAmount": decimal_str(self.total), "spentAmount": decimal_str(self.spent),
                 "remainingAmount": decimal_str(self.total - self.spent), "timestamp": iso(self.timestamp),
-                "timeout": iso(self.timeout), "makeDeposit": self.make_deposit}
+                "timeout": iso(self.timeout), "createdTs": iso(self.timestamp), "updatedTs": iso(self.updated),
+                "makeDeposit": self.make_deposit}
 
 
 class EventLog:
@@ -2807,7 +2860,10 @@ class PaymentRoutes(HttpHandler):
         allocation = self.net.payments.allocations.get(self.params["allocation_id"])
         if allocation is None:
             raise HttpError(404, f"Allocation [{self.params['allocation_id']}] not found")
-        allocation.released = True  # releasing twice is fine: shutdown repeats it (§2.1)
+        if allocation.released:
+            # yagna 0.17.6's answer to a repeated release; golem-core ignores 404 and 410 (§2.3)
+            raise HttpError(410, f"Allocation {allocation.id} has been already released")
+        allocation.released = True
         return self.ok(None)
 
     async def get_demand_decorations(self) -> Response:
@@ -2922,6 +2978,7 @@ class ProviderBilling:
         self.market = market
         self._billing: dict[str, Billing] = {}  # agreement id ->
         self._last_note: dict[str, str] = {}  # activity id -> last debit note id
+        self._last_payable: dict[str, float] = {}  # activity id -> monotonic time of its last payable note
         self._timers: dict[str, list] = {}  # activity id -> timer handles
         self._invoiced: set[str] = set()
         market.agreement_observers.append(self._agreement_changed)
@@ -3009,9 +3066,12 @@ class ProviderBilling:
             "status": "RECEIVED",
             **self._parties(activity.agreement),
         }
-        if billing.payment_timeout:
-            # Payable only under mid-agreement payments (yagna-api.md §2.11).
+        last_payable = self._last_payable.get(activity.activity_id)
+        if billing.payment_timeout and (last_payable is None or time.monotonic() - last_payable >= billing.payment_timeout):
+            # Payable only under mid-agreement payments, and at most one per payment timeout:
+            # golem-core rejects more (validate_mid_agreement_payment, yagna-api.md §2.11).
             note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
+            self._last_payable[activity.activity_id] = time.monotonic()
         self.payments.debit_notes[note_id] = note
         self._last_note[activity.activity_id] = note_id
         self.payments.debit_note_events.add("DebitNoteReceivedEvent", note_id, activity.agreement.app_session_id)
@@ -3352,24 +3412,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+def _int_in(lo: int, hi: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in {lo}..{hi if hi is not None else ''}: {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3377,12 +3430,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def population_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--providers", type=_count, help="population size (default: the profile's)")
+        p.add_argument("--providers", type=_int_in(0, None, "a provider count"), help="population size (default: the profile's)")
         p.add_argument("--seed", type=int, help="population seed (default: the profile's)")
         p.add_argument("--profile", help="population profile, JSON or YAML (format: section 3 of this file)")
 
     serve_p = sub.add_parser("serve", help="run the yagna-compatible daemon")
-    serve_p.add_argument("--port", type=_port, required=True, help="TCP port; 0 picks a free one")
+    serve_p.add_argument("--port", type=_int_in(0, 65535, "a port number"), required=True, help="TCP port; 0 picks a free one")
     serve_p.add_argument("--datadir", required=True, help="directory for the app key and localnet.json")
     serve_p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
     serve_p.add_argument("--time-scale", type=_positive_float, default=1.0,

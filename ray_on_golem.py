@@ -23,7 +23,6 @@ Sections, in dependency order (each uses only those above it):
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -83,6 +82,12 @@ def write_secret_file(path: str, content: str) -> None:
     os.replace(tmp, path)
 
 
+def cache_dir() -> str:
+    """`$XDG_CACHE_HOME/ray-on-golem` (default `~/.cache/ray-on-golem`): what can be rebuilt at any time."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ray-on-golem")
+
+
 DB_FILENAME = "ray_on_golem.sqlite3"
 # Ray resolves `provider.module` with importlib + getattr (ray-provider.md), so this is the module path.
 PROVIDER_MODULE = "ray_on_golem.GolemNodeProvider"
@@ -136,8 +141,7 @@ def prepare_bundled_imports() -> str | None:
     from importlib.util import MAGIC_NUMBER, cache_from_source
 
     stat = os.stat(_ZIPAPP)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    target = os.path.join(cache, "ray-on-golem", f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
+    target = os.path.join(cache_dir(), f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
     if not os.path.isdir(target):
         tmp = f"{target}.tmp.{os.getpid()}"
         with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
@@ -572,6 +576,60 @@ def _has(raw, *keys) -> bool:
     return True
 
 
+def _resolve_node_config(own: dict, common: dict, is_head: bool, own_path: str, common_path: str,
+                         issues: list) -> dict:
+    """Head defaults <- provider-level `common` <- the node type's `own`, defaulted and cross-checked.
+
+    Both inputs were checked field by field already; what is left are the rules across fields, and
+    an error blames the level that set the field (`own_path` or `common_path`).
+    """
+    merged = merge_node_config(merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, common), own)
+
+    def origin(*keys):
+        return own_path if _has(own, *keys) or not _has(common, *keys) else common_path
+
+    resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
+    usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
+    if usage is not None:
+        base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
+        for key in ("cpu_load", "duration_hours"):
+            if key not in usage:
+                issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
+    demand = resolved["demand"]
+    if demand["image_tag"] and demand["image_hash"]:
+        blame_own = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
+        issues.append(((own_path if blame_own else common_path) + ".demand",
+                       "Either the `image_tag` or `image_hash` is allowed, not both "
+                       f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
+    elif not demand["image_tag"] and not demand["image_hash"]:
+        issues.append((origin("demand") + ".demand",
+                       "Either the `image_tag` or `image_hash` is required (found neither)"))
+    intervals = resolved["budget_control"]["payment_interval_hours"]
+    if intervals["optimal"] is None:
+        intervals["optimal"] = intervals["minimal"]
+    elif intervals["optimal"] < intervals["minimal"]:
+        issues.append((origin("budget_control", "payment_interval_hours")
+                       + ".budget_control.payment_interval_hours.optimal",
+                       f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+    return resolved
+
+
+def resolve_node_config(node_config: dict, common: dict | None = None, *, head: bool = False) -> dict:
+    """One node's `node_config` (what Ray passes to `create_node`), checked, merged over `common` and
+    defaulted; `ConfigError` naming `node_config.<field>` otherwise. For callers that hold no whole
+    cluster YAML (the node provider on the head node)."""
+    issues: list[tuple[str, str]] = []
+    common = common or {}
+    _walk(NODE_CONFIG_SCHEMA, common, "provider.parameters.node_config", issues, defaults=False)
+    _walk(NODE_CONFIG_SCHEMA, node_config, "node_config", issues, defaults=False)
+    if not issues:
+        resolved = _resolve_node_config(node_config or {}, common, head, "node_config",
+                                        "provider.parameters.node_config", issues)
+    if issues:
+        raise ConfigError(issues[0][0], issues[0][1], issues)
+    return resolved
+
+
 class NodeType:
     """One entry of `available_node_types` with its fully merged and defaulted `node_config`."""
 
@@ -746,39 +804,8 @@ def load_cluster_config(source) -> ClusterConfig:
         if len(issues) > before or not provider_node_config_ok:
             continue
         is_head = name == head_type
-        merged = merge_node_config(HEAD_NODE_DEFAULTS if is_head else {}, provider_node_config)
-        merged = merge_node_config(merged, own)
-
-        def origin(*keys, _own=own, _type_path=type_path):
-            """Blame the node type if it set the field, else the provider level that did."""
-            if _has(_own, *keys) or not _has(provider_node_config, *keys):
-                return f"{_type_path}.node_config"
-            return "provider.parameters.node_config"
-
-        resolved = _walk(NODE_CONFIG_SCHEMA, merged, "", [], defaults=True)
-        usage = merged.get("budget_control", {}).get("per_cpu_expected_usage")
-        if usage is not None:
-            base = origin("budget_control", "per_cpu_expected_usage") + ".budget_control.per_cpu_expected_usage"
-            for key in ("cpu_load", "duration_hours"):
-                if key not in usage:
-                    issues.append((f"{base}.{key}", "required key is missing (per_cpu_expected_usage is given)"))
-        demand = resolved["demand"]
-        if demand["image_tag"] and demand["image_hash"]:
-            blame_type = _has(own, "demand", "image_tag") or _has(own, "demand", "image_hash")
-            issues.append(((f"{type_path}.node_config" if blame_type else "provider.parameters.node_config")
-                           + ".demand",
-                           "Either the `image_tag` or `image_hash` is allowed, not both "
-                           f"(found image_tag={demand['image_tag']!r}, image_hash={demand['image_hash']!r})"))
-        elif not demand["image_tag"] and not demand["image_hash"]:
-            issues.append((origin("demand") + ".demand",
-                           "Either the `image_tag` or `image_hash` is required (found neither)"))
-        intervals = resolved["budget_control"]["payment_interval_hours"]
-        if intervals["optimal"] is None:
-            intervals["optimal"] = intervals["minimal"]
-        elif intervals["optimal"] < intervals["minimal"]:
-            issues.append((origin("budget_control", "payment_interval_hours")
-                           + ".budget_control.payment_interval_hours.optimal",
-                           f"expected a number >= minimal ({intervals['minimal']}), found {intervals['optimal']}"))
+        resolved = _resolve_node_config(own, provider_node_config, is_head, f"{type_path}.node_config",
+                                        "provider.parameters.node_config", issues)
         node_types[name] = NodeType(name, is_head, resolved, fields["resources"], fields["min_workers"], max_w)
 
     if issues:
@@ -1252,6 +1279,7 @@ PROVIDER_EVENT_KINDS["billing_breach"] = False
 
 # Payment tokens: mainnets pay in GLM, every test network (and the local one) in tGLM.
 MAINNET_PAYMENT_NETWORKS = ("polygon", "mainnet")
+DEFAULT_SERVICE_NETWORK = "local"  # what `start` runs when no cluster asks: works with no wallet and no internet
 YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): yagna-offline.md §1
 YAGNA_STOP_TIMEOUT = 10.0
 YAGNA_LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -1266,21 +1294,13 @@ def payment_platform(network: str, driver: str = "erc20", token: str | None = No
     return f"{driver}-{network}-{token}"
 
 
-def find_yagna_binary() -> str:
-    """`$YAGNA_PATH`, else `yagna` on PATH, else the one golem-node installed next to this Python."""
-    explicit = os.environ.get("YAGNA_PATH")
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise ServiceUnavailable(f"YAGNA_PATH={explicit!r} is not an executable file")
-        return explicit
-    import shutil
-
-    found = shutil.which("yagna")
-    if found:
-        return found
-    beside_python = os.path.join(os.path.dirname(sys.executable), "yagna")
-    if os.access(beside_python, os.X_OK):
-        return beside_python
+def require_yagna() -> str:
+    """The yagna binary (`find_yagna`), or a ServiceUnavailable that says how to get one."""
+    path = find_yagna()
+    if path:
+        return path
+    if os.environ.get("YAGNA_PATH"):
+        raise ServiceUnavailable(f"YAGNA_PATH={os.environ['YAGNA_PATH']!r} is not an executable file")
     raise ServiceUnavailable(
         "the yagna binary was not found: install it with `pip install golem-node==0.17.6` or set YAGNA_PATH"
     )
@@ -1405,6 +1425,90 @@ def open_rotated_log(path: str, max_bytes: int, backups: int = 3):
     return os.fdopen(fd, "ab", buffering=0)
 
 
+def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run `module` (ours or golem_localnet) with `sys.executable`.
+
+    `-m` with this module's directory first on PYTHONPATH works from a checkout, a venv and
+    the zipapp alike (there the directory is the .pyz itself and zipimport reads it).
+    """
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return [sys.executable, "-m", module, *args], env
+
+
+class HTTPConnection:
+    """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
+
+    Not `http.client`: it imports `email` and `ssl`, ~50 ms (100 ms on a busy machine) of
+    a `status` whose whole budget is 60 ms. Plain http only; every service here is on 127.0.0.1.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._sock = None
+        self._stream = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._stream.close()
+            self._sock.close()
+            self._sock = self._stream = None
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
+        """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
+        import socket
+
+        # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            if fresh:
+                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._stream = self._sock.makefile("rb")
+            self._sock.settimeout(self.timeout)
+            head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
+            head += [f"{k}: {v}" for k, v in headers.items()]
+            try:
+                self._sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (body or b""))
+                return self._read_response()
+            except (OSError, ValueError):
+                self.close()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_response(self) -> tuple[int, bytes]:
+        stream = self._stream
+        status_line = stream.readline(65537)
+        if not status_line:
+            raise ConnectionResetError("connection closed before a response")
+        status = int(status_line.split()[1])
+        headers = {}
+        while True:
+            line = stream.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
+                body += stream.read(size)
+                stream.readline(3)
+            while stream.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+        elif "content-length" in headers:
+            body = stream.read(int(headers["content-length"]))
+        else:
+            body = stream.read()  # until the server closes
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+
 def http_request(
     method: str,
     url: str,
@@ -1412,21 +1516,19 @@ def http_request(
     token: str | None = None,
     body: object = None,
     timeout: float = 10.0,
-    connection=None,
+    connection: HTTPConnection | None = None,
 ) -> tuple[int, object]:
-    """One JSON request over HTTP/1.1 (stdlib); returns (status, decoded JSON or text).
+    """One JSON request to `http://host:port/path`; returns (status, decoded JSON or text).
 
     Raises ServiceUnavailable when nothing answers. `connection` reuses a keep-alive
-    `http.client.HTTPConnection` to the same host.
+    HTTPConnection to the same host.
     """
-    import http.client
     import json
-    import urllib.parse
 
-    parts = urllib.parse.urlsplit(url)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
+    if not url.startswith("http://"):
+        raise UsageError(f"only http:// URLs are supported here, not {url!r}")
+    netloc, slash, path = url[len("http://") :].partition("/")
+    host, _, port = netloc.rpartition(":") if ":" in netloc else (netloc, "", "80")
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -1434,22 +1536,19 @@ def http_request(
     if body is not None:
         payload = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    conn = connection or http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    conn = connection or HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-    except (OSError, http.client.HTTPException) as e:
-        conn.close()
-        raise ServiceUnavailable(f"no answer from {parts.scheme}://{parts.netloc}: {e}") from None
+        status, raw = conn.request(method, slash + path, headers, payload)
+    except (OSError, ValueError, IndexError) as e:
+        raise ServiceUnavailable(f"no answer from http://{netloc}: {e}") from None
     finally:
         if connection is None:
             conn.close()
     text = raw.decode(errors="replace")
     try:
-        return response.status, json.loads(text) if text else None
+        return status, json.loads(text) if text else None
     except ValueError:
-        return response.status, text
+        return status, text
 
 
 class YagnaService:
@@ -1462,6 +1561,7 @@ class YagnaService:
 
     def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
         import logging
+        import threading
 
         self.network = network
         self.datadir = datadir
@@ -1474,6 +1574,12 @@ class YagnaService:
         self.pid: int | None = None
         self.pid_start_time: int | None = None
         self.started_by_us = False
+        self.warnings: list[str] = []
+        # The daemon a killed webserver had started in this data dir ({"url", "pid",
+        # "pid_start_time"}): found still running, it is adopted, so that it is stopped with us.
+        self.orphan: dict | None = None
+        self.cancelled = threading.Event()  # set by a shutdown that comes while we start
+        self.stopped = False
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -1538,21 +1644,26 @@ class YagnaService:
         if state.get("url") and process_alive(int(state.get("pid") or 0)) and self._reachable(state["url"]):
             self.api_url = state["url"]
             self.pid = int(state["pid"])
-            self._log.info("not starting the local network: it already runs (pid %s)", self.pid)
+            self._adopt_or_leave("the local network")
         else:
             try:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            # `-m golem_localnet` with this module's directory on the path works from a
-            # checkout, a venv and the zipapp alike (zipimport reads the .pyz entry).
-            cmd = [sys.executable, "-m", "golem_localnet", "serve", "--port", "0", "--datadir", netdir]
-            env = dict(os.environ)
-            here = os.path.dirname(os.path.abspath(__file__))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+
+    def _adopt_or_leave(self, what: str) -> None:
+        """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
+        orphan = self.orphan or {}
+        if orphan.get("url") == self.api_url and process_alive(orphan.get("pid") or 0, orphan.get("pid_start_time")):
+            self.pid, self.pid_start_time = orphan["pid"], orphan.get("pid_start_time")
+            self.started_by_us = True
+            self._log.info("adopting %s (pid %s), left running by a webserver that was killed", what, self.pid)
+        else:
+            self._log.info("not starting %s: it was started externally (%s)", what, self.api_url)
 
     def _localnet_url(self, state_path: str) -> str | None:
         """The URL from `localnet.json` once our child wrote it (internals.md: the local network process)."""
@@ -1579,14 +1690,26 @@ class YagnaService:
         url = os.environ.get("YAGNA_API_URL", DEFAULT_YAGNA_API_URL).rstrip("/")
         if self._reachable(url):
             self.api_url = url
-            self._log.info("not starting yagna: it was started externally at %s", url)
+            self._adopt_or_leave("yagna")
         else:
-            binary = find_yagna_binary()
+            binary = require_yagna()
             env = dict(os.environ, RUST_BACKTRACE="0")
             # --disable-metrics-push: no reports to metrics.golem.network from a user's machine.
             self._spawn([binary, "service", "run", "--disable-metrics-push"], env)
             self._wait_ready(timeout, lambda: url if self._reachable(url) else None)
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._yagna_app_key()
+        try:
+            # Registers the requestor account for this platform; works offline and is
+            # idempotent (yagna-offline.md §3). Funding needs the chain, so it is not done here.
+            self.yagna_cli("payment", "init", "--sender", "--network", self.network)
+        except ServiceUnavailable as e:
+            self._warn(f"payment account not initialised: {e}")
+
+    def _warn(self, message: str) -> None:
+        import datetime
+
+        self._log.warning("%s", message)
+        self.warnings.append(f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} {message}")
 
     def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
         import subprocess
@@ -1611,6 +1734,9 @@ class YagnaService:
 
         deadline = time.monotonic() + timeout
         while True:
+            if self.cancelled.is_set():
+                self.stop()
+                raise ServiceUnavailable(f"{self.kind} start cancelled: the webserver is shutting down")
             if self._process.poll() is not None:
                 lines = "\n".join(tail_lines(self.log_path, 20))
                 raise ServiceUnavailable(
@@ -1632,7 +1758,7 @@ class YagnaService:
 
         try:
             done = subprocess.run(
-                [find_yagna_binary(), *args], capture_output=True, text=True, timeout=timeout,
+                [require_yagna(), *args], capture_output=True, text=True, timeout=timeout,
                 env=dict(os.environ, RUST_BACKTRACE="0"), stdin=subprocess.DEVNULL,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -1687,6 +1813,8 @@ class YagnaService:
         """Stop the daemon if we started it; say what happened."""
         import signal
 
+        if self.stopped:
+            return "stopped"
         if not self.started_by_us or self.pid is None:
             if self.api_url:
                 self._log.info("not stopping %s: it was started externally", self.kind)
@@ -1700,7 +1828,7 @@ class YagnaService:
             except Exception:  # noqa: BLE001 - already killed above; reaping is best effort
                 pass
         self._log.info("stopped %s (pid %s): %s", self.kind, self.pid, how)
-        self.started_by_us = False
+        self.stopped = True
         return {"gone": "already gone", "signal": "stopped", "killed": "killed after a timeout"}[how]
 
 
@@ -1710,9 +1838,32 @@ class YagnaService:
 # daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
 
 
-def start_yagna_for(network: str, datadir: str) -> "YagnaService":
+class ConfiguredYagnaService(YagnaService):
+    """A YagnaService that starts the local network with the cluster's `local_network` block
+    (providers, seed, profile, time_scale), so a scan sees the market the YAML describes.
+
+    A small subclass at the end of the golem-core part of this section: the process side
+    (YagnaService) takes no such options yet; it should, and then this class goes away.
+    """
+
+    LOCALNET_FLAGS = {"providers": "--providers", "seed": "--seed", "profile": "--profile",
+                      "time_scale": "--time-scale"}
+
+    def __init__(self, network: str, datadir: str, local_network: dict | None = None):
+        super().__init__(network, datadir)
+        self.local_network = local_network or {}
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        if self.kind == "localnet":
+            for key, flag in self.LOCALNET_FLAGS.items():
+                if self.local_network.get(key) is not None:
+                    cmd = [*cmd, flag, str(self.local_network[key])]
+        super()._spawn(cmd, env)
+
+
+def start_yagna_for(network: str, datadir: str, local_network: dict | None = None) -> "YagnaService":
     """A started YagnaService (reused or spawned), or ServiceUnavailable naming the fix."""
-    service = YagnaService(network, datadir)
+    service = ConfiguredYagnaService(network, datadir, local_network)
     try:
         service.start()
     except ServiceUnavailable as e:
@@ -1724,6 +1875,26 @@ def start_yagna_for(network: str, datadir: str) -> "YagnaService":
             f"{e} (start the services with `ray-on-golem start`, or point YAGNA_API_URL at a "
             "running yagna)") from None
     return service
+
+
+# Networks whose faucet `yagna payment fund` may call; never a mainnet (polygon): that is real money.
+AUTO_FUNDED_TESTNETS = ("holesky",)
+
+
+def top_up_testnet_wallet(service: "YagnaService", network: str, driver: str = "erc20") -> str | None:
+    """Ask the testnet faucet for tGLM (the original's `prepare_funds`); a warning if it fails.
+
+    One attempt, no 5-minute retry loop: offline the CLI fails in well under a second
+    ("Server is unreachable", yagna-offline.md §3) and the allocation then says what is missing.
+    """
+    if network not in AUTO_FUNDED_TESTNETS or service.kind != "yagna":
+        return None
+    try:
+        # `--network` always: the 0.17.6 CLI defaults to hoodi (yagna-offline.md §3)
+        service.yagna_cli("payment", "fund", "--network", network, "--driver", driver, timeout=120)
+    except ServiceUnavailable as e:
+        return f"could not top up the {network} wallet: {e}"
+    return None
 
 
 def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
@@ -1749,8 +1920,6 @@ def golem_node_for(service: "YagnaService", collect_payment_events: bool = True)
 #                                               drafts (best first) ─> agreement | reject
 #
 # Every stage counts what passes it in the Funnel; every failure reason is grouped.
-
-import dataclasses
 
 # A fixed image for the local network: its providers run Ray from this host, so no
 # image is fetched; the hash only has to be well-formed.
@@ -1832,18 +2001,26 @@ class Funnel:
 # --- Budget filters -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class BudgetControl:
-    """`node_config.budget_control`: the four price limits and the expected usage."""
+    """`node_config.budget_control`: the four price limits and the expected usage.
 
-    cpu_load: float | None = None
-    duration_hours: float | None = None
-    max_cost: float | None = None
-    max_start_price: float | None = None
-    max_cpu_per_hour_price: float | None = None
-    max_env_per_hour_price: float | None = None
-    payment_interval_minimal_hours: float = 12.0
-    payment_interval_optimal_hours: float | None = None
+    (Plain classes, not dataclasses, in this module: `import dataclasses` would cost
+    every cold start of the CLI its `inspect` import.)
+    """
+
+    def __init__(self, *, cpu_load: float | None = None, duration_hours: float | None = None,
+                 max_cost: float | None = None, max_start_price: float | None = None,
+                 max_cpu_per_hour_price: float | None = None, max_env_per_hour_price: float | None = None,
+                 payment_interval_minimal_hours: float = 12.0,
+                 payment_interval_optimal_hours: float | None = None):
+        self.cpu_load = cpu_load
+        self.duration_hours = duration_hours
+        self.max_cost = max_cost
+        self.max_start_price = max_start_price
+        self.max_cpu_per_hour_price = max_cpu_per_hour_price
+        self.max_env_per_hour_price = max_env_per_hour_price
+        self.payment_interval_minimal_hours = payment_interval_minimal_hours
+        self.payment_interval_optimal_hours = payment_interval_optimal_hours
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "BudgetControl":
@@ -1889,14 +2066,14 @@ class Pricing:
         self.env_per_sec = LinearCoeffsCost("price_duration_sec")
 
 
-@dataclasses.dataclass(frozen=True)
 class PriceFilter:
     """One budget limit: rejects offers priced above `limit`, or unpriceable ones."""
 
-    label: str
-    limit: float  # in the unit `price` returns (GLM, or GLM per second)
-    price: object  # callable(ProposalData) -> float | None
-    per: float = 1.0  # 3600 for the per-hour limits: the unit of the label
+    def __init__(self, label: str, limit: float, price, per: float = 1.0):
+        self.label = label
+        self.limit = limit  # in the unit `price` returns (GLM, or GLM per second)
+        self.price = price  # callable(ProposalData) -> float | None
+        self.per = per  # 3600 for the per-hour limits: the unit of the label
 
     def rejection(self, proposal_data) -> str | None:
         value = self.price(proposal_data)
@@ -1963,24 +2140,29 @@ class Scorer:
 # --- Demand ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class DemandSpec:
     """What a node needs from a provider, from the resolved `node_config`."""
 
-    payment_network: str
-    subnet_tag: str = "public"
-    image_tag: str | None = None
-    image_hash: str | None = None
-    capabilities: tuple = ("vpn", "inet")
-    outbound_urls: tuple = ()
-    min_mem_gib: float = 0.0
-    min_cpu_threads: int = 0
-    min_storage_gib: float = 0.0
-    max_cpu_threads: int | None = None
-    runtime: str = "vm"
-    node_descriptor: dict | None = None
-    payment_timeout_s: int = 12 * 3600
-    registry_url: str = DEFAULT_REGISTRY_URL
+    def __init__(self, payment_network: str, *, subnet_tag: str = "public", image_tag: str | None = None,
+                 image_hash: str | None = None, capabilities: tuple = ("vpn", "inet"),
+                 outbound_urls: tuple = (), min_mem_gib: float = 0.0, min_cpu_threads: int = 0,
+                 min_storage_gib: float = 0.0, max_cpu_threads: int | None = None, runtime: str = "vm",
+                 node_descriptor: dict | None = None, payment_timeout_s: int = 12 * 3600,
+                 registry_url: str = DEFAULT_REGISTRY_URL):
+        self.payment_network = payment_network
+        self.subnet_tag = subnet_tag
+        self.image_tag = image_tag
+        self.image_hash = image_hash
+        self.capabilities = tuple(capabilities)
+        self.outbound_urls = tuple(outbound_urls)
+        self.min_mem_gib = min_mem_gib
+        self.min_cpu_threads = min_cpu_threads
+        self.min_storage_gib = min_storage_gib
+        self.max_cpu_threads = max_cpu_threads
+        self.runtime = runtime
+        self.node_descriptor = node_descriptor
+        self.payment_timeout_s = payment_timeout_s
+        self.registry_url = registry_url
 
     @classmethod
     def from_node_config(cls, node_config: dict, payment_network: str,
@@ -2100,16 +2282,18 @@ class DemandSpec:
 # --- Pipeline -------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class Candidate:
     """One initial proposal on its way through the pipeline."""
 
-    proposal: object  # golem.resources.Proposal
-    provider_id: str
-    row: dict  # the provider's row in the Funnel
-    expected_cost: float | None = None
-    score: float = 0.0
-    draft: object = None  # the provider's Draft once negotiated
+    __slots__ = ("proposal", "provider_id", "row", "expected_cost", "score", "draft")
+
+    def __init__(self, proposal, provider_id: str, row: dict, expected_cost: float | None = None):
+        self.proposal = proposal  # golem.resources.Proposal
+        self.provider_id = provider_id
+        self.row = row  # the provider's row in the Funnel
+        self.expected_cost = expected_cost
+        self.score = 0.0
+        self.draft = None  # the provider's Draft once negotiated
 
 
 class MarketPipeline:
@@ -2147,8 +2331,8 @@ class MarketPipeline:
         self.response_timeout = response_timeout
         self.pricing = Pricing(budget)
         self.filters = budget_filters(budget, self.pricing)
-        cost_reference = budget.max_cost if budget.max_cost else None
-        self.scorer = Scorer(reputation, cost_reference, seed)
+        # cost scores are relative to the user's own limit, else to 1 GLM per expected usage
+        self.scorer = Scorer(reputation, budget.max_cost or 1.0, seed)
         minimal = timedelta(hours=budget.payment_interval_minimal_hours)
         optimal = timedelta(hours=budget.payment_interval_optimal_hours or budget.payment_interval_minimal_hours)
         self.negotiators = [
@@ -2172,6 +2356,9 @@ class MarketPipeline:
         self._room = asyncio.Condition()  # signalled when a draft slot frees (max_drafts)
         self._reserved = 0  # negotiator slots holding or about to hold a draft
         self._seq = 0
+        self._demand_data = None
+        self._answers: dict = {}  # our counter-proposal id -> future of the provider's answer
+        self._answer_handler = None
         self._tasks: list = []
         self._stopping = False
 
@@ -2182,19 +2369,27 @@ class MarketPipeline:
         import asyncio
 
         from golem.resources import Allocation, Demand
+        from golem.resources.proposal.events import NewProposal
 
         try:
             if self.allocation is None:
                 self.allocation = await Allocation.create_any_account(
                     self.node, _decimal(self.total_budget), self.spec.payment_network, self.payment_driver)
         except Exception as e:
+            network = self.spec.payment_network
+            hint = f"; check the wallet with `yagna payment status --network {network}`"
+            if network in AUTO_FUNDED_TESTNETS:
+                hint += f" and top it up with `yagna payment fund --network {network}`"
             raise ServiceUnavailable(
-                f"could not allocate {self.total_budget} GLM on {self.spec.payment_network}: "
-                f"{_describe_error(e)}") from None
+                f"could not allocate {self.total_budget} GLM on {network}: {_api_error_text(e)}{hint}") from None
         builder = await self.spec.build(self.allocation)
         self.demand = await Demand.create_from_properties_constraints(
             self.node, builder.properties, builder.constraints)
         self.demand.start_collecting_events()
+        # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
+        # every call (its cache is never filled): read it once for all negotiations.
+        self._demand_data = await self.demand.get_demand_data()
+        self._answer_handler = await self.node.event_bus.on(NewProposal, self._on_new_proposal)
         self._tasks.append(asyncio.create_task(self._collect()))
         self._tasks += [asyncio.create_task(self._negotiate_forever())
                         for _ in range(self.concurrency)]
@@ -2208,6 +2403,9 @@ class MarketPipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._answer_handler is not None:
+            await _quietly(self.node.event_bus.off(self._answer_handler))
+            self._answer_handler = None
         if reject_drafts:
             drafts = []
             while not self._drafts.empty():
@@ -2388,14 +2586,16 @@ class MarketPipeline:
         enough with a real provider, who echoes our payment terms.
         """
         import asyncio
-        from copy import deepcopy
+        import dataclasses
 
         from golem.managers import RejectProposal
         from golem.managers.base import ManagerPluginException
+        from golem.payload import Properties
 
-        demand_data = await offer.demand.get_demand_data()
+        demand_data = self._demand_data or await offer.demand.get_demand_data()
         while True:
-            negotiated = deepcopy(demand_data)
+            # negotiators change properties only: copy those, share the parsed constraints
+            negotiated = dataclasses.replace(demand_data, properties=Properties(demand_data.properties))
             try:
                 for negotiator in self.negotiators:
                     if await negotiator(negotiated, _proposal_data(offer)) is False:
@@ -2412,10 +2612,48 @@ class MarketPipeline:
             except Exception as e:  # HTTP error or the 5 s client timeout of `respond`
                 raise ManagerPluginException(
                     f"Failed to send proposal response! {_describe_error(e)}") from None
+            offer = await self._answer(ours)
+
+    async def _answer(self, ours):
+        """The provider's Draft answering our counter-proposal, as soon as it arrives.
+
+        golem-core's `responses()` notices a new child only on a 100 ms poll
+        (`Resource.child_aiter`), which would cap negotiation at ~10 rounds/s per
+        negotiator; the NewProposal event of the Draft wakes us at once. `responses()`
+        still delivers the provider's rejection (ProposalRejected) and ends the wait.
+        """
+        import asyncio
+
+        from golem.managers.base import ManagerPluginException
+
+        answered = asyncio.get_running_loop().create_future()
+        self._answers[ours.id] = answered
+        for child in ours.children:  # answered before we started listening
+            if not answered.done():
+                answered.set_result(child)
+        fallback = asyncio.ensure_future(ours.responses().__anext__())
+        try:
+            done, _ = await asyncio.wait({answered, fallback}, timeout=self.response_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._answers.pop(ours.id, None)
+            for waiter in (answered, fallback):
+                if not waiter.done():
+                    waiter.cancel()
+        if answered in done:
+            return answered.result()
+        if fallback in done:
             try:
-                offer = await asyncio.wait_for(ours.responses().__anext__(), self.response_timeout)
-            except (StopAsyncIteration, asyncio.TimeoutError):
-                raise ManagerPluginException(REASON_NO_RESPONSE) from None
+                return fallback.result()  # raises ProposalRejected on the provider's rejection
+            except StopAsyncIteration:
+                pass
+        raise ManagerPluginException(REASON_NO_RESPONSE)
+
+    async def _on_new_proposal(self, event) -> None:
+        data = event.resource.data
+        answered = self._answers.get(data.prev_proposal_id) if data is not None else None
+        if answered is not None and not answered.done():
+            answered.set_result(event.resource)
 
     async def _reject(self, proposal, reason: str) -> None:
         await _quietly(proposal.reject(reason))
@@ -2441,7 +2679,9 @@ def _proposal_data(proposal):
     from golem.resources import ProposalData
 
     data = proposal.data
-    return ProposalData(properties=Properties(data.properties), constraints=Constraints(),
+    properties = Properties()  # Properties(mapping) deep-copies; nothing here mutates them
+    properties.update(data.properties)
+    return ProposalData(properties=properties, constraints=Constraints(),
                         proposal_id=data.proposal_id, issuer_id=data.issuer_id, state=data.state,
                         timestamp=data.timestamp, prev_proposal_id=data.prev_proposal_id)
 
@@ -2466,6 +2706,22 @@ def _describe_error(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "Request timed out"
     return str(e) or type(e).__name__
+
+
+def _api_error_text(e: BaseException) -> str:
+    """The reason inside a yagna error body (`message`, or `internalError` of a 500), else one line."""
+    import json
+
+    body = getattr(e, "body", None)
+    try:
+        data = json.loads(body) if body else None
+    except (TypeError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        for key in ("message", "internalError", "detail"):
+            if isinstance(data.get(key), str):
+                return f"{getattr(e, 'status', '')} {data[key]}".strip()
+    return _describe_error(e)
 
 
 def _per_hour(per_second: float | None) -> float | None:
@@ -3024,7 +3280,7 @@ class ClusterService:
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
-            self.records.cluster(cluster_name, network, parameters)
+        self.records.cluster(cluster_name, network, parameters)  # (again) running
         timeout_s = float(parameters.get("node_start_timeout") or DEFAULT_NODE_START_TIMEOUT)
         nodes = []
         for _ in range(count):
@@ -4086,6 +4342,20 @@ def live_pid(datadir: str) -> tuple[int, int | None] | None:
     return None
 
 
+def read_runtime(datadir: str) -> dict:
+    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
+
+
 class MethodNotAllowed(RayOnGolemError):
     http_status = 405
 
@@ -4242,6 +4512,23 @@ class Router:
         return name, params
 
 
+def cluster_node_counts(store) -> dict[str, dict[str, int]]:
+    """`{cluster: {node_state: count}}` from the Store's clusters and nodes tables.
+
+    Kept here until the Store has a query of its own for it (the Clusters section may replace it).
+    """
+    rows = store.conn.execute(
+        "SELECT c.name, n.state, COUNT(n.node_id) FROM clusters c LEFT JOIN nodes n ON n.cluster_name = c.name "
+        "GROUP BY c.name, n.state"
+    ).fetchall()
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, n in rows:
+        counts.setdefault(name, {})
+        if state is not None:
+            counts[name][state] = n
+    return counts
+
+
 class WebserverHandler:
     """The webserver's routes, in the style of `http.server`: one coroutine method per route.
 
@@ -4391,8 +4678,14 @@ class Webserver:
         self._token = b""
         self._server = None
         self._stopped = None  # asyncio.Event, set when shutdown is complete
-        self._connections: set = set()
+        # writer -> (timeout, since) while waiting for the client, None while handling a request.
+        self._connections: dict = {}
         self._run_lock_fd: int | None = None
+        self._watcher = None
+        self._reaper = None
+        self._bring_up_task = None
+        self._counts_cache: tuple[tuple[int, int], dict] | None = None
+        self.store = None
         self._log = None
 
     # -- status and shutdown (used by the route methods) ------------------------
@@ -4408,6 +4701,17 @@ class Webserver:
             for name, counts in source().items():
                 merged.setdefault(name, {}).update(counts)
         return merged
+
+    def _stored_cluster_counts(self) -> dict[str, dict[str, int]]:
+        """cluster_node_counts, recomputed only when the database changed: status polls stay cheap.
+
+        `PRAGMA data_version` moves on commits of other connections, `total_changes` on ours.
+        """
+        conn = self.store.conn
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        if self._counts_cache is None or self._counts_cache[0] != version:
+            self._counts_cache = (version, cluster_node_counts(self.store))
+        return self._counts_cache[1]
 
     def live_nodes(self) -> int:
         """Nodes that still hold an agreement: everything not `terminated`."""
@@ -4427,7 +4731,7 @@ class Webserver:
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
             "budgets": self.cluster_service.payments.budgets() if getattr(self, "cluster_service", None) else {},
-            "warnings": list(self.warnings),
+            "warnings": self.yagna.warnings + self.warnings,
         }
 
     async def wallet_status(self) -> dict:
@@ -4485,6 +4789,7 @@ class Webserver:
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
+        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         for hook in self.shutdown_hooks:
             try:
@@ -4495,6 +4800,9 @@ class Webserver:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
+        starting = self._bring_up_task
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
         outcome = await asyncio.to_thread(self.yagna.stop)
         self._log.info("%s: %s", self.yagna.kind, outcome)
         self._stopped.set()
@@ -4540,6 +4848,13 @@ class Webserver:
 
         self._log = setup_webserver_logging(self.datadir, self.redactor)
         self._take_run_lock()
+        # Holding the run lock, any runtime file left is a dead webserver's.
+        previous = read_runtime(self.datadir)
+        if (previous.get("yagna") or {}).get("started_by_us"):
+            self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
+                                 "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
+        self.store = Store(self.datadir)
+        self.cluster_sources.append(self._stored_cluster_counts)
         token = load_or_create_token(self.datadir)
         self.redactor.secrets.add(token)
         self._token = f"Bearer {token}".encode()
@@ -4552,29 +4867,51 @@ class Webserver:
             raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
         self._write_runtime_files()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
+        self._bring_up_task = loop.create_task(self._bring_up())
+        await self._stopped.wait()
+        await self._server.wait_closed()
+        self._remove_runtime_files()
+        self.store.close()
+        self._log.info("stopped, bye")
+        return self.exit_code
+
+    async def _bring_up(self) -> None:
+        """Connect to or start the daemon (a blocking job, in a thread); then serve as `running`."""
+        import asyncio
+
         try:
             await asyncio.to_thread(self.yagna.start)
         except RayOnGolemError as e:
+            if self.state == "shutting_down":
+                return  # cancelled by the shutdown, which stops what was started
             self._log.error("cannot start: %s", e)
             print(f"ray-on-golem: error: {e}", file=sys.stderr, flush=True)
             self.exit_code = e.exit_code
             await self.shutdown()
-        else:
-            if self.state == "starting":
-                self.redactor.secrets.add(self.yagna.app_key)
-                self._write_runtime_files()
-                self.state = "running"
-                self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
-        await self._stopped.wait()
-        await self._server.wait_closed()
-        self._remove_runtime_files()
-        self._log.info("stopped, bye")
-        return self.exit_code
+            return
+        if self.state == "starting":
+            self.redactor.secrets.add(self.yagna.app_key)
+            self._write_runtime_files()
+            self.state = "running"
+            self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+
+    async def _watch_yagna(self) -> None:
+        """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
+        import asyncio
+
+        while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
+            await asyncio.sleep(1.0)
+            if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
+                self.yagna.stopped = True
+                self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
+                                 "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
 
     # -- HTTP/1.1 ----------------------------------------------------------------
 
@@ -4582,25 +4919,27 @@ class Webserver:
         """Serve one keep-alive connection: read a request, dispatch it, answer; repeat."""
         import asyncio
 
-        self._connections.add(writer)
+        connections, clock = self._connections, asyncio.get_running_loop().time
         try:
             while True:
+                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
+                connections[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
                 try:
-                    async with asyncio.timeout(KEEPALIVE_IDLE_TIMEOUT):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-                    return  # client went away or idled out
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # client went away or was reaped
                 except asyncio.LimitOverrunError:
                     await self._respond(writer, 431, {"error": "request head too large"}, keep_alive=False)
                     return
+                connections[writer] = (REQUEST_READ_TIMEOUT, clock())
                 try:
-                    async with asyncio.timeout(REQUEST_READ_TIMEOUT):
-                        request, keep_alive = await self._parse_request(head, reader)
+                    request, keep_alive = await self._parse_request(head, reader, writer)
                 except RayOnGolemError as e:
                     await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
                     return
-                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+                except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                connections[writer] = None  # handling: never reaped
                 status, payload = await self._dispatch(request)
                 if self.state == "shutting_down":
                     keep_alive = False
@@ -4610,11 +4949,23 @@ class Webserver:
         except ConnectionError:
             pass
         finally:
-            self._connections.discard(writer)
+            connections.pop(writer, None)
             writer.close()
 
+    async def _reap_connections(self) -> None:
+        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for writer, waiting in list(self._connections.items()):
+                if waiting is not None and now - waiting[1] > waiting[0]:
+                    writer.close()
+
     @staticmethod
-    async def _parse_request(head: bytes, reader) -> tuple[Request, bool]:
+    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
         lines = head[:-4].decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
@@ -4638,6 +4989,8 @@ class Webserver:
             raise UsageError("malformed Content-Length")
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
         body = await reader.readexactly(length) if length else b""
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
@@ -4666,7 +5019,7 @@ class Webserver:
         from http import HTTPStatus
 
         body = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
                 f"Content-Length: {len(body)}"]  # fmt: skip
         if not keep_alive:
             head.append("Connection: close")
@@ -4687,25 +5040,6 @@ WEBSERVER_STOP_TIMEOUT = 60.0
 _HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
 
 
-def read_runtime(datadir: str) -> dict:
-    """`<datadir>/webserver.json` as the running (or last crashed) webserver wrote it; {} if none."""
-    import json
-
-    try:
-        with open(os.path.join(datadir, WEBSERVER_RUNTIME_FILE)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def webserver_module_command(*args: str) -> tuple[list[str], dict[str, str]]:
-    """argv and environment that run this module with `sys.executable`, from a checkout, venv or zipapp."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))  # the .pyz itself when run from the zipapp
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return [sys.executable, "-m", "ray_on_golem", *args], env
-
-
 class WebserverClient:
     """HTTP client of the webserver (CLI, node provider): bearer token from the data dir, one keep-alive connection."""
 
@@ -4718,13 +5052,12 @@ class WebserverClient:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         """Call a route; the webserver's `{"error": ...}` comes back as the matching RayOnGolemError."""
-        import http.client
-
+        # No token file yet: ask anyway. Nothing listening is ServiceUnavailable; a webserver
+        # of another data dir answers 401, which `status` turns into a clear Conflict.
         token = read_token(self.datadir)
-        if token is None:
-            raise ServiceUnavailable(f"no webserver token in {self.datadir}: is the webserver started?")
         if self._connection is None:
-            self._connection = http.client.HTTPConnection(WEBSERVER_HOST, self.port, timeout=timeout or self.timeout)
+            self._connection = HTTPConnection(WEBSERVER_HOST, self.port, self.timeout)
+        self._connection.timeout = timeout or self.timeout
         try:
             status, data = http_request(method, self.url + path, token=token, body=body, connection=self._connection)
         except ServiceUnavailable:
@@ -4741,6 +5074,9 @@ class WebserverClient:
             return self.request("GET", "/status", timeout=3.0)
         except ServiceUnavailable:
             return None
+        except Unauthorized:
+            raise Conflict(f"the webserver on {self.url} does not accept the token in {self.datadir}: "
+                           "it serves another data directory (use another --port)") from None  # fmt: skip
 
     def close(self) -> None:
         if self._connection is not None:
@@ -4795,13 +5131,20 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
             return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+        elsewhere = read_runtime(datadir).get("port")
+        if elsewhere not in (None, port):
+            other = WebserverClient(datadir, elsewhere).status()
+            if other:
+                out(f"A webserver for {datadir} already runs on http://{WEBSERVER_HOST}:{elsewhere} (pid {other['pid']}).")
+                out(f"Stop it first (`ray-on-golem stop`) to start one on port {port}.")
+                return EXIT_FAILED
         running = live_pid(datadir)
         if running:
             out(f"A webserver process (pid {running[0]}) runs but does not answer on {client.url}.")
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
-        cmd, env = webserver_module_command(
-            "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+        cmd, env = python_module_command(
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
@@ -4830,7 +5173,7 @@ def _wait_running(client: WebserverClient, process, datadir: str, timeout: float
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
             return EXIT_FAILED
-        status = client.status() if read_token(datadir) else None
+        status = client.status()
         if status and status["state"] == "running":
             yagna = status["yagna"]
             out(f"Webserver is running on {client.url} (pid {status['pid']}); "
@@ -5362,6 +5705,11 @@ def _build_node_provider_class():
                 "count": count,
                 "resources": resources or {},
                 "labels": labels or {},
+                # Used on the local network only, where nodes run on this machine:
+                # they run the Python and Ray of this `ray up` (a VM image would
+                # carry the same versions) and import this module.
+                "local": {"python_bin_dir": os.path.dirname(sys.executable),
+                          "module_dir": os.path.dirname(os.path.abspath(__file__))},
             }
             try:
                 nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]
@@ -5598,68 +5946,103 @@ def _datadir(args) -> str:
 
 # -- version -------------------------------------------------------------------
 
-def installed_version(dist_name: str) -> str | None:
-    """Version of an installed distribution without importing it or importlib.metadata.
+def installed_versions() -> dict[str, str]:
+    """Versions of the installed distributions (normalized name -> version), without importing them.
 
-    Both are slow on a cold start (importlib.metadata alone costs ~100 ms here): the version is in
-    the name of the `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp
-    lists what it bundles in `bundled-versions.json` at its root.
+    Neither the packages nor importlib.metadata are imported: both are slow on a cold start
+    (importlib.metadata alone costs ~100 ms here). The version is in the name of each
+    `NAME-VERSION.dist-info` directory on sys.path (wheel spec), and the zipapp lists what it bundles
+    in `bundled-versions.json` at its root. The first entry on sys.path wins, as for imports.
     """
-    wanted = re.sub(r"[-_.]+", "_", dist_name).lower()
+    found: dict[str, str] = {}
     for entry in sys.path:
         entry = entry or "."
+        names: list[tuple[str, str]] = []
         if os.path.isfile(entry):
+            import json
             import zipimport
 
             try:
-                import json
-
                 bundled = json.loads(zipimport.zipimporter(entry).get_data("bundled-versions.json"))
+                names = list(bundled.items())
             except (OSError, ValueError, zipimport.ZipImportError):
                 continue
-            found = {re.sub(r"[-_.]+", "_", k).lower(): v for k, v in bundled.items()}.get(wanted)
-            if found:
-                return found
-            continue
-        try:
-            names = os.listdir(entry)
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith((".dist-info", ".egg-info")) and "-" in name:
-                stem = name.rsplit(".", 1)[0]
-                dist, _, version = stem.partition("-")
-                if re.sub(r"[-_.]+", "_", dist).lower() == wanted:
-                    return version.split("-")[0] or None
-    return None
+        else:
+            try:
+                listing = os.listdir(entry)
+            except OSError:
+                continue
+            for name in listing:
+                if name.endswith((".dist-info", ".egg-info")) and "-" in name:
+                    dist, _, version = name.rsplit(".", 1)[0].partition("-")
+                    names.append((dist, version.split("-")[0]))
+        for dist, version in names:
+            found.setdefault(re.sub(r"[-_.]+", "_", dist).lower(), version)
+    return found
+
+
+def installed_version(dist_name: str, _versions: dict | None = None) -> str | None:
+    """Version of one installed distribution (see `installed_versions`), or None."""
+    versions = installed_versions() if _versions is None else _versions
+    return versions.get(re.sub(r"[-_.]+", "_", dist_name).lower()) or None
 
 
 def _yagna_info() -> dict:
+    """Path and `yagna --version` output, cached per binary (path, size, mtime).
+
+    Starting yagna just to print its version costs ~30 ms and ~30 MB, more than all the rest of
+    `ray-on-golem version`; the cache key changes whenever the binary does, so the output stays exact.
+    """
+    import json
+
     path = find_yagna()
     if not path:
         return {"path": None, "version": None}
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    cache_file = os.path.join(cache_dir(), "yagna-version.json")
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return {"path": path, "version": cached["version"]}
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
     import subprocess
 
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
                              stdin=subprocess.DEVNULL)
-        version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
     except (OSError, subprocess.TimeoutExpired) as err:
-        version = f"cannot run: {err.__class__.__name__}"
+        return {"path": path, "version": f"cannot run: {err.__class__.__name__}"}
+    version = out.stdout.strip() or out.stderr.strip() or f"exit code {out.returncode}"
+    if out.returncode == 0:
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            tmp = f"{cache_file}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"key": key, "version": version}, f)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home: no cache, still correct
     return {"path": path, "version": version}
 
 
 def version_info() -> dict:
     """What a bug report needs: our version, Python, platform, dependencies, yagna, data dir."""
     uname = os.uname()
+    versions = installed_versions()
     return {
         "ray-on-golem": __version__,
         "python": {"version": sys.version.split()[0], "implementation": sys.implementation.name,
                    "executable": sys.executable},
         "platform": f"{uname.sysname}-{uname.release}-{uname.machine}",
-        "golem-core": installed_version("golem-core"),
-        "PyYAML": installed_version("PyYAML"),
-        "ray": installed_version("ray"),
+        "golem-core": installed_version("golem-core", versions),
+        "PyYAML": installed_version("PyYAML", versions),
+        "ray": installed_version("ray", versions),
         "yagna": _yagna_info(),
         "datadir": default_datadir(),
     }
@@ -5901,8 +6284,10 @@ def _add_reputation(commands, common) -> None:
     update.set_defaults(func=cmd_reputation_update)
 
 
+# -- services: webserver, start, stop, status ---------------------------------------
+
 def _port_arg(value: str) -> int:
-    import argparse
+    import argparse  # already loaded by build_parser
 
     try:
         port = int(value)
@@ -5913,8 +6298,24 @@ def _port_arg(value: str) -> int:
     return port
 
 
+def _listen_port_arg(value: str) -> int:
+    return 0 if value.strip() == "0" else _port_arg(value)
+
+
+def _seconds_arg(value: str) -> float:
+    import argparse  # already loaded by build_parser
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
 def _payment_network_arg(value: str) -> str:
-    import argparse
+    import argparse  # already loaded by build_parser
 
     if value in DEAD_PAYMENT_NETWORKS:
         raise argparse.ArgumentTypeError(DEAD_PAYMENT_NETWORKS[value])
@@ -5923,68 +6324,77 @@ def _payment_network_arg(value: str) -> str:
     return value
 
 
-def _service_datadir(args) -> str:
-    return os.path.abspath(os.path.expanduser(args.datadir)) if args.datadir else default_datadir()
-
-
 def cmd_webserver(args) -> int:
     """Run the webserver in the foreground until shut down."""
     import asyncio
 
-    return asyncio.run(Webserver(_service_datadir(args), args.port, args.network).run())
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network).run())
 
 
 def cmd_start(args) -> int:
-    return start_webserver(_service_datadir(args), args.port, args.network, args.timeout)
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout)
 
 
 def cmd_stop(args) -> int:
-    return stop_webserver(_service_datadir(args), args.port, args.force, args.kill, args.timeout)
+    return stop_webserver(_datadir(args), args.port, args.force, args.kill, args.timeout)
 
 
 def cmd_status(args) -> int:
-    import json
-
-    report = webserver_status(_service_datadir(args), args.port)
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    report = webserver_status(_datadir(args), args.port)
+    if args.json:
+        _print_json(report)
+    else:
+        text = format_status(report)
+        first, _, rest = text.partition("\n")
+        print(_paint(first, "cyan" if report["running"] else "yellow"), *([rest] if rest else []), sep="\n")
     return EXIT_OK
 
 
-def add_service_parsers(subparsers) -> None:
-    """The `webserver`, `start`, `stop` and `status` subcommands."""
-    datadir_help = f"Ray on Golem's data directory (default: {default_datadir()})"
-    network_help = "payment network: `local` runs the local Golem network, others the real yagna (default: local)"
+_NETWORK_HELP = (f"payment network: `local` runs the local Golem network, the others the real yagna "
+                 f"(default: {DEFAULT_SERVICE_NETWORK})")  # fmt: skip
 
-    p = subparsers.add_parser("webserver", help="Run Ray on Golem's webserver in the foreground.")
-    p.add_argument("-p", "--port", type=lambda v: 0 if v == "0" else _port_arg(v), default=DEFAULT_WEBSERVER_PORT,
-                   help=f"listen port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
-    p.add_argument("--network", type=_payment_network_arg, default="local", help=network_help)
-    p.add_argument("--datadir", help=datadir_help)
+
+def _add_webserver(commands, common) -> None:
+    p = commands.add_parser("webserver", parents=[common], help="run Ray on Golem's webserver in the foreground",
+                            description="Run the webserver in the foreground; it connects to yagna (or the "
+                                        "local network) or starts it, and stops what it started on exit.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_listen_port_arg, default=DEFAULT_WEBSERVER_PORT,
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
     p.set_defaults(func=cmd_webserver)
 
-    p = subparsers.add_parser("start", help="Start Ray on Golem's webserver and yagna (or the local network).")
+
+def _add_start(commands, common) -> None:
+    p = commands.add_parser("start", parents=[common], help="start the webserver and yagna in the background",
+                            description="Start the webserver detached, with yagna or the local network; "
+                                        "wait until it serves. Says so if it already runs.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=DEFAULT_WEBSERVER_PORT,
-                   help=f"listen port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
-    p.add_argument("--network", type=_payment_network_arg, default="local", help=network_help)
-    p.add_argument("--timeout", type=float, default=WEBSERVER_START_TIMEOUT,
-                   help=f"seconds to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
-    p.add_argument("--datadir", help=datadir_help)
+                   help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT})")  # fmt: skip
+    p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_start)
 
-    p = subparsers.add_parser("stop", help="Stop Ray on Golem's webserver and the yagna it started.")
+
+def _add_stop(commands, common) -> None:
+    p = commands.add_parser("stop", parents=[common], help="stop the webserver and the yagna it started",
+                            description="Shut the webserver down gracefully; it stops yagna only if it "
+                                        "started it. Refuses while clusters have live nodes unless --force.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
     p.add_argument("-f", "--force", action="store_true",
-                   help="stop even if clusters have live nodes: terminate them and settle payments first")  # fmt: skip
-    p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not exit in time")
-    p.add_argument("--timeout", type=float, default=WEBSERVER_STOP_TIMEOUT,
-                   help=f"seconds to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
-    p.add_argument("--datadir", help=datadir_help)
+                   help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
+    p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
+    p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip
     p.set_defaults(func=cmd_stop)
 
-    p = subparsers.add_parser("status", help="Show the webserver's status.")
+
+def _add_status(commands, common) -> None:
+    p = commands.add_parser("status", parents=[common], help="show the webserver's status",
+                            description="Show the webserver, yagna, clusters and warnings; or, when "
+                                        "nothing answers, what the pid file says.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--datadir", help=datadir_help)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_status)
 
 
@@ -6033,8 +6443,18 @@ def cmd_network_stats(args) -> int:
     scan = NetworkStatsScan(
         node_type, config.node_config(node_type), config.payment_network,
         payment_driver=config.parameters["payment_driver"], total_budget=config.total_budget,
-        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout)
+        datadir=datadir, concurrency=args.concurrency, response_timeout=args.response_timeout,
+        local_network=_local_network_options(config.parameters.get("local_network"), args.cluster_config))
     return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
+
+
+def _local_network_options(block: dict | None, config_path: str) -> dict:
+    """`local_network` with a relative `profile` taken from the YAML's directory, as users write it."""
+    options = dict(block or {})
+    if options.get("profile"):
+        options["profile"] = os.path.join(os.path.dirname(os.path.abspath(config_path)),
+                                          os.path.expanduser(options["profile"]))
+    return options
 
 
 class NetworkStatsScan:
@@ -6043,8 +6463,9 @@ class NetworkStatsScan:
     def __init__(self, node_type: str, node_config: dict, payment_network: str, *,
                  payment_driver: str = "erc20", total_budget: float = 5.0, datadir: str | None = None,
                  concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
-                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT):
+                 response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, local_network: dict | None = None):
         self.node_type = node_type
+        self.local_network = local_network or {}
         self.node_config = node_config
         self.payment_network = payment_network
         self.payment_driver = payment_driver
@@ -6091,18 +6512,23 @@ class NetworkStatsScan:
         loop = asyncio.get_running_loop()
         stop_event = asyncio.Event()
 
-        def on_signal():
-            if not stop_event.is_set():
+        def on_signal(name: str):
+            if not stop_event.is_set():  # the first signal ends the scan; cleanup is bounded
                 self.interrupted = True
-                print("\nReceived CTRL-C, exiting...", file=err, flush=True)
+                print(f"\nReceived {name}, exiting...", file=err, flush=True)
                 stop_event.set()
 
         yagna = store = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        for sig, name in ((signal.SIGINT, "CTRL-C"), (signal.SIGTERM, "SIGTERM")):
+            loop.add_signal_handler(sig, on_signal, name)
         try:
             # a local network it starts is stopped below; a running one is left alone
-            yagna = await loop.run_in_executor(None, start_yagna_for, self.payment_network, self.datadir)
+            yagna = await loop.run_in_executor(
+                None, start_yagna_for, self.payment_network, self.datadir, self.local_network)
+            warning = await loop.run_in_executor(
+                None, top_up_testnet_wallet, yagna, self.payment_network, self.payment_driver)
+            if warning:
+                print(f"{PACKAGE_NAME}: warning: {warning}", file=err, flush=True)
             store = Store(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
             node = golem_node_for(yagna, collect_payment_events=False)
@@ -6244,6 +6670,8 @@ def cmd_costs(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
+    import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--datadir", metavar="PATH",
                         help="data directory (default: $RAY_ON_GOLEM_DATADIR or ~/.local/share/ray_on_golem)")
@@ -6253,7 +6681,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_version(commands, common)
     _add_validate(commands, common)
     _add_reputation(commands, common)
-    add_service_parsers(commands)
+    _add_webserver(commands, common)
+    _add_start(commands, common)
+    _add_stop(commands, common)
+    _add_status(commands, common)
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     return parser

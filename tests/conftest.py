@@ -1,4 +1,4 @@
-"""Shared fixtures: a private data dir and the CLI run as a user runs it (a real subprocess).
+"""Shared fixtures: a private data dir, the CLI run as a user runs it (a real subprocess), the local network.
 
 Every fixture that starts a process stops it by PID and checks nothing is left (see docs/internals.md).
 """

@@ -250,3 +250,49 @@ def test_validation_does_not_mutate_input():
     before = copy.deepcopy(config)
     rog.load_cluster_config(config)
     assert config == before
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+# No timing in tests (the machine is shared): no deadline, no "too slow" health check.
+untimed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_leaves = st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=3)
+_keys = st.sampled_from("abcd")
+_values = _leaves | st.dictionaries(_keys, _leaves | st.dictionaries(_keys, _leaves, max_size=3), max_size=4)
+
+
+@untimed
+@given(st.dictionaries(st.sampled_from("abcd"), _values), st.dictionaries(st.sampled_from("abcd"), _values))
+def test_merge_override_wins_lists_replace_dicts_merge(base, override):
+    merged = rog.merge_node_config(base, override)
+    assert set(merged) == set(base) | set(override)
+    for key, value in merged.items():
+        if key not in override:
+            assert value == base[key]
+        elif isinstance(override[key], dict) and isinstance(base.get(key), dict):
+            assert value == rog.merge_node_config(base[key], override[key])
+        else:
+            assert value == override[key]  # lists and scalars replace
+
+
+@untimed
+@given(st.integers(min_value=1, max_value=10 ** 8))
+def test_format_duration_round_trips(seconds):
+    assert rog.parse_duration(rog.format_duration(seconds)) == seconds
+
+
+def test_resolve_one_node_config():
+    """What the node provider does with the node_config Ray hands to create_node."""
+    common = {"demand": {"image_tag": "golem/ray-on-golem:x", "outbound_urls": ["https://a.example"]}}
+    worker = rog.resolve_node_config({"demand": {"min_cpu_threads": 4, "outbound_urls": []}}, common)
+    assert worker["demand"]["image_tag"] == "golem/ray-on-golem:x" and worker["demand"]["outbound_urls"] == []
+    assert worker["demand"]["min_cpu_threads"] == 4 and worker["priority_subnet_tag"] is None
+    head = rog.resolve_node_config({}, common, head=True)
+    assert head["priority_subnet_tag"] == "ray-on-golem-heads"
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.resolve_node_config({"demand": {"image_hash": "c" * 56}}, common)
+    assert caught.value.path == "node_config.demand"
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.resolve_node_config({"budget_control": {"max_start_price": -1}}, common)
+    assert caught.value.path == "node_config.budget_control.max_start_price"

@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from copy import deepcopy
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import pid_alive, start_localnet, stop_localnet
+
 A, N, P = "/activity-api/v1", "/net-api/v1", "/payment-api/v1"
 MARKER = b"GOLEM_LOCALNET_ACTIVITY="
 # Prices per second with exact decimal representations (GLM), cpu first (usage-vector order).
@@ -41,60 +38,6 @@ PROFILE = {
         {"name": "mute", "stops_answering_after_s": 1.0},
     ],
 }
-
-
-# ---- a real localnet process --------------------------------------------------
-
-
-class Localnet:
-    def __init__(self, proc: subprocess.Popen, url: str, app_key: str) -> None:
-        self.proc, self.pid, self.url, self.app_key = proc, proc.pid, url, app_key
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        req.add_header("Authorization", f"Bearer {self.app_key}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                status, payload = resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            status, payload = e.code, e.read()
-        return status, json.loads(payload) if payload else None
-
-    def state(self) -> dict:
-        status, body = self.call("GET", "/localnet/v1/state")
-        assert status == 200, body
-        return body
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return self.proc.returncode
-
-
-def start_localnet(datadir: Path, profile: dict) -> Localnet:
-    datadir.mkdir(parents=True)
-    profile_path = datadir / "profile.json"
-    profile_path.write_text(json.dumps(profile))
-    proc = subprocess.Popen([sys.executable, str(REPO / "golem_localnet.py"), "serve", "--port", "0",
-                             "--datadir", str(datadir), "--profile", str(profile_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "YAGNA_APPKEY"})
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("golem-localnet listening on http://127.0.0.1:"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"localnet did not start: {line!r} {proc.stderr.read()}")
-    return Localnet(proc, line.split()[-1], (datadir / "appkey").read_text().strip())
 
 
 def sandbox_processes(home: str) -> list[int]:
@@ -119,23 +62,13 @@ def sandbox_processes(home: str) -> list[int]:
     return found
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b") ", 1)[1][:1] != b"Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def localnet(tmp_path):
-    ln = start_localnet(tmp_path / "localnet", PROFILE)
-    homes = []
-    ln.homes = homes
+def localnet(localnet_factory):
+    """A localnet with PROFILE (this module's providers); after SIGTERM no sandbox process is left."""
+    ln = localnet_factory(profile=PROFILE)
     yield ln
-    for item in ln.state()["activities"]["items"]:
-        homes.append(item["home"])
-    assert ln.stop() == 0
+    homes = [item["home"] for item in ln.state()["activities"]["items"]]
+    assert stop_localnet(ln) == 0
     leftovers = [pid for home in homes for pid in sandbox_processes(home)]
     assert leftovers == [], f"sandbox processes outlived the localnet: {leftovers}"
 
@@ -187,6 +120,16 @@ async def run(activity, *commands, **kwargs):
     return batch.events
 
 
+async def until_terminated(activity):
+    """The activity's state once the provider side has ended it (polled like RoG's monitor)."""
+    for _ in range(400):
+        state = await activity.get_state()
+        if state.state[0] == "Terminated":
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"activity still {state.state}")
+
+
 def home_of(ln, activity_id: str) -> str:
     return next(i for i in ln.state()["activities"]["items"] if i["activityId"] == activity_id)["home"]
 
@@ -223,6 +166,9 @@ def test_deploy_start_run_returns_exit_code_stdout_and_stderr(localnet):
             assert results == [{"index": 0, "eventDate": results[0]["eventDate"], "result": "Error", "stdout": None,
                                 "stderr": None, "isBatchFinished": True,
                                 "message": "ExeScript command `sign` is not supported by the local network"}]
+            # the venv of the localnet is the image: its python comes first on PATH
+            events = await run(activity, Run("command -v python"))
+            assert events[0].stdout.strip() == str(Path(sys.executable).parent / "python")
             await activity.destroy()
             await activity.destroy()  # idempotent: golem-core repeats it at shutdown (§2.1)
             assert (await activity.get_state()).state[0] == "Terminated"
@@ -254,6 +200,29 @@ def test_exec_rejects_malformed_scripts(localnet):
                                   ({"nope": 1}, "text: expected the ExeScript as a JSON string")]:
                 status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", body)
                 assert status == 400 and got["message"].startswith(message)
+
+    asyncio.run(main())
+
+
+def test_exescript_terminate_ends_the_activity_and_its_processes(localnet):
+    from golem.resources import Deploy, Run, Start
+
+    async def main():
+        async with golem_node(localnet) as node:
+            _, agreement, _ = await rent(node, "ok-2")
+            activity = await agreement.create_activity()
+            await run(activity, Deploy(), Start(), Run("sleep 1000 & echo $! > daemon.pid"))
+            home = home_of(localnet, activity.id)
+            daemon = int(Path(home, "daemon.pid").read_text())
+            status, batch_id = localnet.call("POST", f"{A}/activity/{activity.id}/exec",
+                                             {"text": json.dumps([{"terminate": {}}, {"run": {"entry_point": "true"}}])})
+            status, results = localnet.call("GET", f"{A}/activity/{activity.id}/exec/{batch_id}?timeout=5")
+            assert [(r["result"], r["isBatchFinished"]) for r in results] == [("Ok", False), ("Error", True)]
+            assert results[1]["message"] == f"Activity {activity.id} is terminated"
+            assert (await activity.get_state()).state[0] == "Terminated"
+            assert not pid_alive(daemon) and sandbox_processes(home) == []
+            status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", {"text": "[{\"start\": {}}]"})
+            assert status == 400 and got["message"] == f"Activity {activity.id} is terminated"
 
     asyncio.run(main())
 
@@ -419,11 +388,21 @@ def test_debit_notes_and_invoice_amounts_follow_the_linear_price_of_measured_usa
                 used_cpu, used_wall = (Decimal(str(u)) for u in note.usage_counter_vector)
                 assert Decimal(note.total_amount_due) == (start + cpu * used_cpu + duration * used_wall).quantize(
                     Decimal("1e-18"))
-                assert note.payment_due_date is not None and note.status == "RECEIVED"
+                assert note.status == "RECEIVED"
+            # mid-agreement payments: the first note is payable, then one per payment timeout (600 s)
+            assert [n.payment_due_date is not None for n in notes] == [True] + [False] * (len(notes) - 1)
             last = notes[-1]
             used_cpu, used_wall = (Decimal(str(u)) for u in last.usage_counter_vector)
             assert abs(used_cpu - burned) <= burned * Decimal("0.05"), (used_cpu, burned)
             assert abs(used_wall - 4 * len(notes)) <= 4 * len(notes) * Decimal("0.05"), used_wall
+            # acceptance must name the amount due and an allocation
+            for body, status, message in [
+                ({"totalAmountAccepted": "0", "allocationId": allocation.id}, 400, "must equal the amount due"),
+                ({"totalAmountAccepted": "x", "allocationId": allocation.id}, 400, "totalAmountAccepted"),
+                ({"totalAmountAccepted": last.total_amount_due, "allocationId": "nope"}, 404, "Allocation [nope]"),
+            ]:
+                got_status, got = localnet.call("POST", f"{P}/debitNotes/{last.debit_note_id}/accept", body)
+                assert got_status == status and message in got["message"], got
             # golem-core validates the note against the agreement and accepts it
             await activity.debit_notes[-1].validate_and_accept(allocation)
             assert (await activity.debit_notes[-1].get_data(force=True)).status == "ACCEPTED"
@@ -461,11 +440,7 @@ def test_provider_terminates_when_a_debit_note_is_not_accepted_in_time(localnet)
             await run(activity, Deploy(), Start(), Run("sleep 1000 & echo $! > daemon.pid"))
             home = home_of(localnet, activity.id)
             daemon = int(Path(home, "daemon.pid").read_text())
-            for _ in range(200):
-                state = await activity.get_state()
-                if state.state[0] == "Terminated":
-                    break
-                await asyncio.sleep(0.05)
+            state = await until_terminated(activity)
             assert state.state == ["Terminated", None]
             assert state.reason.startswith("Requestor isn't accepting DebitNotes in time")
             assert (await agreement.get_data(force=True)).state == "Terminated"
@@ -493,11 +468,7 @@ def test_faults_from_the_profile(localnet):
             activity = await agreement.create_activity()
             await run(activity, Deploy(), Start(), Run("sleep 1000 &"))
             home = home_of(localnet, activity.id)
-            for _ in range(200):
-                state = await activity.get_state()
-                if state.state[0] == "Terminated":
-                    break
-                await asyncio.sleep(0.05)
+            state = await until_terminated(activity)
             assert state.state[0] == "Terminated" and state.error_message == "Activity process exited"
             assert sandbox_processes(home) == []
 
@@ -518,7 +489,7 @@ def test_faults_from_the_profile(localnet):
 def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
     from golem.resources import Deploy, Run, Start
 
-    ln = start_localnet(tmp_path / "localnet", PROFILE)
+    ln = start_localnet(tmp_path / "localnet", profile=PROFILE)
     try:
         async def main():
             async with golem_node(ln) as node:  # closes nothing on the localnet: autoclose off
@@ -532,6 +503,6 @@ def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
         home, daemon = asyncio.run(main())
         assert pid_alive(daemon) and sandbox_processes(home)
     finally:
-        code = ln.stop(signal.SIGTERM)
+        code = stop_localnet(ln, signal.SIGTERM)
     assert code == 0
     assert not pid_alive(daemon) and sandbox_processes(home) == []

@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -78,6 +80,13 @@ async def collect_initial(demand, count, timeout=30.0):
 
 async def by_name(proposals):
     return {await p.get_provider_name(): p for p in proposals}
+
+
+async def market_of_the_test_profile(node, payload=None):
+    """An allocation, a demand and its 8 initial offers by provider name (MARKET_TEST_PROFILE)."""
+    allocation = await node.create_allocation(1.0, network="local")
+    demand = await node.create_demand(payload or vm_payload(), allocations=[allocation])
+    return allocation, demand, await by_name(await collect_initial(demand, 8))
 
 
 def raw_demand(ln, props=None, constraints="(&(golem.runtime.name=vm))"):
@@ -197,6 +206,63 @@ def test_population_is_reproducible_and_resembles_a_testnet(tmp_path):
     yaml_profile.write_text("providers: 5\nbehaviours: {busy: 0.4}\n")
     small = population("--profile", str(yaml_profile))
     assert len(small) == 5 and sum(p["behaviour"] == "busy" for p in small) == 2
+
+
+# ---- the matcher: golem-core's grammar, yagna's semantics (yagna-api.md §4.3) ----------
+
+OFFER = {"golem.inf.cpu.threads": 4, "golem.node.debug.subnet": "public", "golem.srv.caps.multi-activity": True,
+         "golem.runtime.capabilities": ["inet", "vpn"], "golem.runtime.name": "vm"}
+
+
+@pytest.mark.parametrize("constraints, result", [
+    ("(&)", True),
+    ("(golem.inf.cpu.threads>=4)", True),
+    ("(golem.inf.cpu.threads>4)", False),
+    ("(golem.inf.cpu.threads=four)", False),
+    ("(golem.runtime.capabilities=vpn)", True),  # lists: = means contains
+    ("(golem.runtime.capabilities<vpn)", False),  # ordering is false on lists
+    ("(golem.node.debug.subnet=pub*)", True),
+    ("(golem.node.debug.subnet>private)", True),  # strings order lexicographically
+    ("(golem.srv.caps.multi-activity=true)", True),
+    ("(golem.com.payment.platform.erc20-local-tglm.address=*)", None),  # missing: undefined
+    ("(golem.runtime.name=*)", True),
+    ("(&(golem.runtime.name=vm)(golem.missing=1))", None),
+    ("(&(golem.runtime.name=docker)(golem.missing=1))", False),
+    ("(|(golem.runtime.name=docker)(golem.missing=1))", None),
+    ("(|(golem.runtime.name=vm)(golem.missing=1))", True),
+    ("(!(golem.runtime.name=vm))", False),
+    ("(!(golem.missing=1))", None),
+    ("(&\n\t(golem.runtime.name=vm)\n\t(golem.inf.cpu.threads<=8))", True),
+])
+def test_constraint_matching(constraints, result):
+    import golem_localnet as gl
+
+    assert gl.evaluate(gl.parse_constraints(constraints), OFFER) is result
+
+
+@pytest.mark.parametrize("constraints", ["", "()", "(a<>1)", "(a=x@y)", "(&(a=1)", "(a=1))", "(!(a=1)(b=2))"])
+def test_constraints_outside_golem_cores_grammar_are_refused(constraints):
+    import golem_localnet as gl
+
+    with pytest.raises(gl.ConstraintError):
+        gl.parse_constraints(constraints)
+
+
+def test_golem_core_constraints_all_parse():
+    """Whatever golem-core serializes (payloads with capabilities, RoG's extra clauses) parses here."""
+    import golem_localnet as gl
+    from golem.payload import Constraint, Constraints, ManifestVmPayload
+
+    async def build():
+        payloads = [vm_payload(min_cpu_threads=2, capabilities=["vpn", "inet"]), ManifestVmPayload(manifest="e30=")]
+        return [(await p.build_properties_and_constraints())[1] for p in payloads]
+
+    extra = Constraints([Constraint("golem.inf.cpu.threads", "<=", 8),
+                         Constraints([Constraint("golem.node.debug.subnet", "=", "public")], operator="|")])
+    profile = {**gl.load_profile(None), "providers": 1, "explicit": [{"cpu_threads": 8}]}
+    offer = gl.Population(profile).providers[0].offer_properties(0)
+    for constraints in run(build()) + [extra]:
+        assert gl.evaluate(gl.parse_constraints(constraints.serialize()), offer) is True
 
 
 # ---- HTTP: auth and errors ----------------------------------------------------
@@ -320,9 +386,7 @@ def test_constraints_are_matched_both_ways(localnet_factory):
 def test_negotiation_agreement_approved_and_terminated(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["ok-1"])
             draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
             assert draft.data.state == "Draft" and draft.data.prev_proposal_id == ours.id
@@ -372,10 +436,8 @@ def test_provider_rejects_counter_proposal_with_the_real_reason(localnet, provid
 
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
             payload = (ManifestVmPayload(**payload_kwargs) if payload_kwargs else vm_payload())
-            demand = await node.create_demand(payload, allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            _, _, offers = await market_of_the_test_profile(node, payload)
             ours = await counter(offers[provider], with_negotiators=use_negotiators)
             with pytest.raises(ProposalRejected) as info:
                 await asyncio.wait_for(ours.responses().__anext__(), 10)
@@ -387,9 +449,7 @@ def test_provider_rejects_counter_proposal_with_the_real_reason(localnet, provid
 def test_outbound_rules_only_bite_demands_asking_for_outbound(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["outbound"])
             draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
             return draft.data.state
@@ -400,9 +460,7 @@ def test_outbound_rules_only_bite_demands_asking_for_outbound(localnet):
 def test_silent_provider_never_answers(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             ours = await counter(offers["silent"])
             with pytest.raises(asyncio.TimeoutError):  # golem-core: "Failed to receive proposal response!"
                 await asyncio.wait_for(ours.responses().__anext__(), 2)
@@ -417,9 +475,7 @@ def test_unreachable_provider_fails_the_counter_with_a_gsb_500(localnet):
 
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             with pytest.raises(ApiException) as info:
                 await counter(offers["unreachable"])
             return info.value
@@ -434,9 +490,7 @@ def test_unreachable_provider_fails_the_counter_with_a_gsb_500(localnet):
 def test_rejected_agreement_wait_returns_false_and_terminate_is_swallowed(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["rejecter"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()
@@ -452,9 +506,7 @@ def test_rejected_agreement_wait_returns_false_and_terminate_is_swallowed(localn
 def test_agreement_limit_and_rematch_after_termination(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            first = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(first, 8))
+            allocation, first, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["ok-2"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()
@@ -478,9 +530,7 @@ def test_agreement_limit_and_rematch_after_termination(localnet):
 def test_requestor_reject_and_agreement_creation_errors(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             valid_to = (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()
             status, body = localnet.call("POST", f"{M}/agreements",
                                          {"proposalId": offers["ok-1"].id, "validTo": valid_to})
@@ -679,9 +729,7 @@ def test_killer_09_error_bodies_parse_where_golem_core_parses_them(localnet):
 def test_killer_10_repeated_closes_are_idempotent(localnet):
     async def main():
         async with golem_node(localnet) as node:
-            allocation = await node.create_allocation(1.0, network="local")
-            demand = await node.create_demand(vm_payload(), allocations=[allocation])
-            offers = await by_name(await collect_initial(demand, 8))
+            allocation, demand, offers = await market_of_the_test_profile(node)
             draft = await asyncio.wait_for((await counter(offers["ok-1"])).responses().__anext__(), 10)
             agreement = await draft.create_agreement()
             await agreement.confirm()
@@ -690,14 +738,16 @@ def test_killer_10_repeated_closes_are_idempotent(localnet):
                 await agreement.terminate()
                 await allocation.release()
             await demand.unsubscribe()
-            await demand.unsubscribe()  # 410 "already unsubscribed": ignored by golem-core
+            await demand.unsubscribe()  # 404 as yagna answers: ignored by golem-core
             return demand.id, allocation.id
         # aclose repeats every close once more
 
     demand_id, allocation_id = run(main())
+    # the answers yagna 0.17.6 gives to repeated deletes (see the fidelity test)
     status, body = localnet.call("DELETE", f"{M}/demands/{demand_id}")
-    assert status == 410 and body["message"] == f"Subscription [{demand_id}] was already unsubscribed."
-    assert localnet.call("DELETE", f"{P}/allocations/{allocation_id}")[0] == 200
+    assert status == 404 and body["message"] == f"Demand [{demand_id}] not found."
+    status, body = localnet.call("DELETE", f"{P}/allocations/{allocation_id}")
+    assert status == 410 and body["message"] == f"Allocation {allocation_id} has been already released"
 
 
 @pytest.mark.slow
@@ -779,3 +829,123 @@ def test_negotiation_outcomes_match_the_population_behaviours(localnet_factory):
     }
     for node_id, provider in population.items():
         assert outcome.get(node_id) == expected_by_behaviour[provider["behaviour"]], provider
+
+
+# ---- fidelity: the same golem-core scenario on the real yagna 0.17.6 and on localnet ----
+
+SCENARIO = REPO / "tests" / "fidelity_scenario.py"
+FIDELITY_PROFILE = {"providers": 1, "known_at_start": 1.0, "latency_s": [0.01, 0.05], "behaviours": {},
+                    "explicit": [{"name": "fidelity-provider"}]}
+TIMING_DEPENDENT = ("/payment-api/v1/invoiceEvents", "/payment-api/v1/debitNoteEvents")
+
+
+def _yagna_binary():
+    return shutil.which("yagna", path=os.path.dirname(sys.executable)) or shutil.which("yagna")
+
+
+@pytest.fixture
+def loopback_netns():
+    """A network namespace with only `lo` up (yagna-offline.md §1), or None without root."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield None
+        return
+    name = f"lnm-{os.getpid()}-{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def _route(path):
+    return "/".join("{id}" if len(seg) >= 20 else seg for seg in path.split("/"))
+
+
+def _fields(obj, prefix=""):
+    """Dotted key paths of a JSON value; property maps are opaque (their keys are data)."""
+    out = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.add(prefix + key)
+            if key != "properties":
+                out |= _fields(value, f"{prefix}{key}.")
+    elif isinstance(obj, list):
+        for item in obj:
+            out |= _fields(item, prefix + "[].")
+    return out
+
+
+def _field_sets(trace):
+    sets = {}
+    for call in trace:
+        if call["path"] in TIMING_DEPENDENT or (call["path"].endswith("/events") and call["status"] == 404):
+            continue  # polls in flight at shutdown: recorded or not depending on timing
+        key = (call["method"], _route(call["path"]), call["status"])
+        sets.setdefault(key, set()).update(_fields(call["response"]))
+    return sets
+
+
+def _negotiation_events(trace):
+    """Demand event types (with proposal state) received before the agreement was created."""
+    events = []
+    for call in trace:
+        if call["method"] == "POST" and call["path"].endswith("/agreements"):
+            break
+        if call["method"] == "GET" and call["path"].endswith("/events"):
+            events += [f"{e['eventType']}:{e.get('proposal', {}).get('state')}" for e in call["response"]]
+    return events
+
+
+@pytest.mark.yagna
+@pytest.mark.slow
+def test_fidelity_same_negotiation_on_real_yagna_and_localnet(localnet_factory, loopback_netns, tmp_path):
+    binary = _yagna_binary()
+    if binary is None:
+        pytest.skip("the yagna binary (PyPI golem-node 0.17.6) is not installed")
+    if loopback_netns is None:
+        pytest.skip("needs root and `ip netns` for a loopback-only network namespace (yagna-offline.md §1)")
+    ydir = tmp_path / "yagna"
+    ydir.mkdir()
+    try:
+        real_run = subprocess.run(["ip", "netns", "exec", loopback_netns, sys.executable, str(SCENARIO), "yagna",
+                                   str(ydir)], env={**os.environ, "YAGNA_BINARY": binary},
+                                  capture_output=True, text=True, timeout=300)
+    finally:
+        pids = [int(p) for p in (ydir / "yagna.pids").read_text().split()] if (ydir / "yagna.pids").exists() else []
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert not [pid for pid in pids if pid_alive(pid)], "a yagna daemon was left running"
+    assert real_run.returncode == 0, real_run.stderr[-4000:]
+    real = json.loads(real_run.stdout)
+    (tmp_path / "trace-yagna.json").write_text(real_run.stdout)  # kept for a failing run
+
+    ln = localnet_factory(profile=FIDELITY_PROFILE)
+    fake_run = subprocess.run([sys.executable, str(SCENARIO), "localnet", ln.url],
+                              env={**os.environ, "YAGNA_APPKEY": ln.app_key}, capture_output=True, text=True,
+                              timeout=300)
+    assert fake_run.returncode == 0, fake_run.stderr[-4000:]
+    fake = json.loads(fake_run.stdout)
+    (tmp_path / "trace-localnet.json").write_text(fake_run.stdout)
+
+    assert _negotiation_events(real) == ["ProposalEvent:Initial", "ProposalEvent:Draft"]
+    assert _negotiation_events(fake) == _negotiation_events(real)
+    assert _field_sets(fake) == _field_sets(real)
+
+
+def test_unsubscribe_ends_the_polls_in_flight_with_yagnas_404(localnet):
+    demand_id, _, _ = raw_demand(localnet)
+    poll_events(localnet, demand_id, 8, timeout=2)  # drain the offers
+    answers = []
+    poller = threading.Thread(target=lambda: answers.append(
+        localnet.call("GET", f"{M}/demands/{demand_id}/events?timeout=15&maxEvents=10")))
+    poller.start()
+    time.sleep(0.3)  # the poll is parked on the server
+    assert localnet.call("DELETE", f"{M}/demands/{demand_id}")[0] == 204
+    poller.join(10)  # well before the poll's own 15 s
+    assert not poller.is_alive()
+    assert answers == [(404, {"message": f"Subscription [{demand_id}] not found. Could be unsubscribed."})]

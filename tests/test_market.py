@@ -195,3 +195,89 @@ def test_registry_lookup_errors_are_clear(tmp_path):
                                            registry_url="http://127.0.0.1:9")
     with pytest.raises(rog.ServiceUnavailable, match="can't access the Golem registry"):
         spec.resolve_image(timeout=2)
+
+
+# --- node starts: the same pipeline signs the best draft ---------------------------------
+
+AGREEMENT_PROFILE = {
+    "providers": 3,
+    "known_at_start": 1.0,
+    "latency_s": [0.01, 0.02],
+    "behaviours": {},
+    # expected cost per CPU-hour at full load = cpu_sec_price * 3600 (no start or env price)
+    "explicit": [
+        {"name": "rejecter", "behaviour": "reject_agreement", "cpu_sec_price": 0.01 / 3600,
+         "duration_sec_price": 0.0, "start_price": 0.0},
+        {"name": "ok-cheap", "behaviour": "ok", "cpu_sec_price": 0.3 / 3600,
+         "duration_sec_price": 0.0, "start_price": 0.0},
+        {"name": "ok-dear", "behaviour": "ok", "cpu_sec_price": 0.9 / 3600,
+         "duration_sec_price": 0.0, "start_price": 0.0},
+    ],
+}
+
+
+def test_agreement_signs_the_best_draft_and_skips_a_provider_that_rejects(localnet_factory):
+    """Cost scores 0.99 / 0.77 / 0.53 against a random part of at most 0.1: the order is fixed."""
+    from golem.node import GolemNode
+
+    net = localnet_factory(profile=AGREEMENT_PROFILE)
+    budget = rog.BudgetControl(cpu_load=1.0, duration_hours=1.0, max_cost=1.0)
+    spec = rog.DemandSpec("local", image_tag="test")
+
+    async def scenario():
+        node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
+        await node.start()
+        pipeline = rog.MarketPipeline(node, spec, budget, seed=3, response_timeout=10)
+        try:
+            await pipeline.start()
+            while pipeline.funnel.counts[rog.STAGE_NEGOTIATED] < 3:  # every draft in, so order is by score
+                await asyncio.sleep(0.02)
+            first, best = await asyncio.wait_for(pipeline.agreement(), 60)
+            second, other = await asyncio.wait_for(pipeline.agreement(exclude={best.provider_id}), 60)
+            names = [best.row["name"], other.row["name"]]
+            rejected_row = next(r for r in pipeline.funnel.providers.values() if r["name"] == "rejecter")
+            await first.terminate("test done")
+            await second.terminate("test done")
+            return names, rejected_row["outcome"], dict(pipeline.funnel.errors)
+        finally:
+            await pipeline.stop()
+            await node.aclose()
+
+    names, rejected_outcome, errors = asyncio.run(scenario())
+    assert names == ["ok-cheap", "ok-dear"]
+    assert rejected_outcome == "Agreement rejected by the provider"
+    assert errors == {"Agreement rejected by the provider": 1}
+    state = net.state()
+    assert state["agreements"]["by_state"] == {"Rejected": 1, "Terminated": 2}
+    assert state["allocations"]["count"] == 0
+
+
+def test_max_drafts_holds_negotiation_until_a_draft_is_taken(localnet_factory):
+    from golem.node import GolemNode
+
+    net = localnet_factory(profile={**AGREEMENT_PROFILE, "explicit": [
+        {**p, "behaviour": "ok"} for p in AGREEMENT_PROFILE["explicit"]]})
+
+    async def scenario():
+        node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
+        await node.start()
+        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local"), rog.BudgetControl(), max_drafts=1)
+        try:
+            await pipeline.start()
+            counts = pipeline.funnel.counts
+            while counts[rog.STAGE_NEGOTIATED] < 1:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # room for a wrong second negotiation to show up
+            held = (counts[rog.STAGE_NEGOTIATION_INITIALIZED], counts[rog.STAGE_NEGOTIATED])
+            await pipeline.next_draft()  # a node start takes it: the next negotiation may begin
+            while counts[rog.STAGE_NEGOTIATED] < 2:
+                await asyncio.sleep(0.02)
+            return held, counts[rog.STAGE_NEGOTIATION_INITIALIZED]
+        finally:
+            await pipeline.stop()
+            await node.aclose()
+
+    held, initialized_after = asyncio.run(scenario())
+    assert held == (1, 1)
+    assert initialized_after == 2
+    assert net.state()["agreements"]["count"] == 0

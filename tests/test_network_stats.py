@@ -11,15 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCALNET = ROOT / "golem_localnet.py"
-ROG = ROOT / "ray_on_golem.py"
+from conftest import REPO, cli_env, pid_alive, start_localnet, stop_localnet
+
+ROG = REPO / "ray_on_golem.py"
 TIME_SCALE = 50  # provider latencies 0.5-2 simulated s -> 10-40 ms real
 RESPONSE_TIMEOUT_S = 2  # `no_answer` providers fail after this; everyone else answers well within it
 SCAN_MINUTES = 0.05  # every offer is on the market at start (known_at_start: 1)
@@ -56,93 +55,32 @@ LABELS = {
 # --- processes ----------------------------------------------------------------------
 
 
-def clean_env(**extra):
-    """No yagna settings leak in from the developer's shell; test traffic stays on loopback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("YAGNA_")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
-    return env
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-class Localnet:
-    """A running `golem_localnet.py serve` whose data dir is `<rog datadir>/localnet`, so
-    the CLI finds it there (docs/internals.md) instead of starting its own."""
-
-    def __init__(self, rog_datadir: Path, profile_path: Path):
-        self.datadir = rog_datadir / "localnet"
-        self.datadir.mkdir(parents=True, mode=0o700)
-        self.process = subprocess.Popen(
-            [sys.executable, str(LOCALNET), "serve", "--port", "0", "--datadir", str(self.datadir),
-             "--profile", str(profile_path), "--time-scale", str(TIME_SCALE)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env())
-        line = self.process.stdout.readline().strip()
-        assert line.startswith("golem-localnet listening on http://127.0.0.1:"), line
-        self.url = line.rsplit(" ", 1)[1]
-        self.app_key = (self.datadir / "appkey").read_text().strip()
-
-    def state(self) -> dict:
-        request = urllib.request.Request(f"{self.url}/localnet/v1/state",
-                                         headers={"Authorization": f"Bearer {self.app_key}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=20) == 0
-        self.process.stdout.close()
-        assert not pid_alive(self.process.pid)
+@pytest.fixture
+def population(localnet):
+    return localnet.population()
 
 
 @pytest.fixture
-def profile_path(tmp_path):
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps(PROFILE))
-    return path
-
-
-@pytest.fixture
-def population(profile_path):
-    out = subprocess.run([sys.executable, str(LOCALNET), "population", "--profile", str(profile_path),
-                          "--json"], capture_output=True, text=True, check=True, env=clean_env())
-    return json.loads(out.stdout)["providers"]
-
-
-@pytest.fixture
-def rog_datadir(tmp_path):
-    path = tmp_path / "rog"
-    path.mkdir(mode=0o700)
-    return path
-
-
-@pytest.fixture
-def localnet(rog_datadir, profile_path):
-    net = Localnet(rog_datadir, profile_path)
+def localnet(datadir):
+    """The seeded local network at `<datadir>/localnet`, where the CLI finds it
+    (docs/internals.md: `localnet.json`, `appkey`) instead of starting its own."""
+    net = start_localnet(datadir / "localnet", profile=PROFILE, time_scale=TIME_SCALE,
+                         env={"YAGNA_APPKEY": ""})
     try:
         yield net
     finally:
-        net.stop()
+        assert stop_localnet(net) == 0
 
 
-def run_cli(datadir, *args, timeout=180, **env):
-    return subprocess.run([sys.executable, str(ROG), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=clean_env(RAY_ON_GOLEM_DATADIR=str(datadir), **env))
-
-
-def write_cluster(path: Path, node_config: dict, payment_network="local") -> Path:
+def write_cluster(path: Path, node_config: dict, payment_network="local", **parameters) -> Path:
     node_config = {**node_config, "demand": {"image_tag": "golem/ray-on-golem:test",
                                              **node_config.get("demand", {})}}
     config = {
         "cluster_name": "stats",
         "provider": {"type": "external", "module": "ray_on_golem.GolemNodeProvider",
                      "use_internal_ips": True,
-                     "parameters": {"payment_network": payment_network, "node_config": node_config}},
+                     "parameters": {"payment_network": payment_network, "node_config": node_config,
+                                    **parameters}},
         "available_node_types": {
             "ray.head.default": {"resources": {}, "node_config": {}},
             "ray.worker.default": {"resources": {}, "node_config": {}},
@@ -153,9 +91,9 @@ def write_cluster(path: Path, node_config: dict, payment_network="local") -> Pat
     return path
 
 
-def scan(datadir, cluster, *extra):
-    return run_cli(datadir, "network-stats", cluster, "--duration", SCAN_MINUTES,
-                   "--response-timeout", RESPONSE_TIMEOUT_S, *extra)
+def scan(run_cli, cluster, *extra):
+    return run_cli("network-stats", cluster, "--duration", SCAN_MINUTES, "--response-timeout",
+                   RESPONSE_TIMEOUT_S, *extra)
 
 
 # --- the expected funnel, computed from the population alone ---------------------------
@@ -219,10 +157,10 @@ BUDGETS = {
 
 
 @pytest.mark.parametrize("budget, demand", BUDGETS.values(), ids=BUDGETS.keys())
-def test_funnel_counts_and_error_groups_match_the_population(localnet, rog_datadir, tmp_path, population,
+def test_funnel_counts_and_error_groups_match_the_population(localnet, run_cli, tmp_path, population,
                                                             budget, demand):
     cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget, "demand": demand})
-    done = scan(rog_datadir, cluster, "--json")
+    done = scan(run_cli, cluster, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     stages, errors = expected_funnel(population, budget, manifest=bool(demand))
@@ -236,10 +174,10 @@ def test_funnel_counts_and_error_groups_match_the_population(localnet, rog_datad
     assert state["demands"]["unsubscribed"] == 1
 
 
-def test_text_output_has_the_exact_shape_of_the_issue(localnet, rog_datadir, tmp_path, population):
+def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, tmp_path, population):
     budget = BUDGETS["sample budget"][0]
     cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget})
-    done = scan(rog_datadir, cluster)
+    done = scan(run_cli, cluster)
     assert done.returncode == 0, done.stderr
     stages, errors = expected_funnel(population, budget)
     assert done.stdout.splitlines() == [
@@ -251,9 +189,9 @@ def test_text_output_has_the_exact_shape_of_the_issue(localnet, rog_datadir, tmp
     assert "elapsed" not in done.stderr  # no progress line without a terminal
 
 
-def test_providers_table_lists_every_provider_with_its_outcome(localnet, rog_datadir, tmp_path, population):
+def test_providers_table_lists_every_provider_with_its_outcome(localnet, run_cli, tmp_path, population):
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
-    done = scan(rog_datadir, cluster, "--providers")
+    done = scan(run_cli, cluster, "--providers")
     assert done.returncode == 0, done.stderr
     table = done.stdout.split("\n\n")[-1].splitlines()
     assert table[0].split() == ["PROVIDER", "NAME", "CPU", "MEM", "GiB", "START", "CPU/H", "ENV/H", "EXP.",
@@ -266,13 +204,13 @@ def test_providers_table_lists_every_provider_with_its_outcome(localnet, rog_dat
             assert rows[p["node_id"]].endswith(outcome), rows[p["node_id"]]
 
 
-def test_blacklisted_providers_are_never_negotiated(localnet, rog_datadir, tmp_path, population):
+def test_blacklisted_providers_are_never_negotiated(localnet, run_cli, tmp_path, population):
     blocked = [p["node_id"] for p in population if p["behaviour"] in ("busy", "unreachable")]
     for node_id in blocked:
-        done = run_cli(rog_datadir, "reputation", "block", node_id, "--network", "local", "--reason", "test")
+        done = run_cli("reputation", "block", node_id, "--network", "local", "--reason", "test")
         assert done.returncode == 0, done.stderr
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
-    done = scan(rog_datadir, cluster, "--json")
+    done = scan(run_cli, cluster, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     stages, errors = expected_funnel(population, {}, blocked=set(blocked))
@@ -286,11 +224,11 @@ def test_blacklisted_providers_are_never_negotiated(localnet, rog_datadir, tmp_p
     assert localnet.state()["proposals"] == len(population) + len(negotiated) + len(answered)
 
 
-def test_ctrl_c_ends_the_scan_early_and_still_prints(localnet, rog_datadir, tmp_path):
+def test_ctrl_c_ends_the_scan_early_and_still_prints(localnet, datadir, tmp_path):
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
     process = subprocess.Popen([sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "5"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=clean_env(RAY_ON_GOLEM_DATADIR=str(rog_datadir)))
+                               env=cli_env(datadir, tmp_path))
     try:
         assert process.stdout.readline() == "Gathering stats data for 5 minutes...\n"
         while localnet.state()["demands"]["count"] == 0:  # scanning: the demand is on the market
@@ -314,41 +252,52 @@ def test_ctrl_c_ends_the_scan_early_and_still_prints(localnet, rog_datadir, tmp_
     assert state["demands"]["unsubscribed"] == 1
 
 
-def test_starts_a_local_network_when_none_runs_and_stops_it_after(rog_datadir, tmp_path):
-    cluster = write_cluster(tmp_path / "cluster.yaml", {})
-    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.02", "--response-timeout", "5")
+def test_starts_a_local_network_when_none_runs_and_stops_it_after(run_cli, datadir, tmp_path):
+    # the YAML's local_network block shapes the market it starts (profile relative to the YAML)
+    (tmp_path / "market.json").write_text(json.dumps({"known_at_start": 1.0, "behaviours": {}}))
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, local_network={
+        "providers": 5, "seed": 3, "time_scale": TIME_SCALE, "profile": "market.json"})
+    done = run_cli("network-stats", cluster, "--duration", SCAN_MINUTES, "--response-timeout", "5")
     assert done.returncode == 0, done.stderr
-    assert "Proposals count:" in done.stdout.splitlines()
-    started = json.loads((rog_datadir / "localnet" / "localnet.json").read_text())
+    lines = done.stdout.splitlines()
+    assert "Initial: 5" in lines and "Negotiated successfully: 5" in lines
+    started = json.loads((datadir / "localnet" / "localnet.json").read_text())
     assert not pid_alive(started["pid"])
 
 
-def test_progress_line_only_on_a_terminal(localnet, rog_datadir, tmp_path):
+def test_progress_line_only_on_a_terminal(localnet, datadir, tmp_path):
     import pty
+    import threading
 
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
     leader, follower = pty.openpty()
-    try:
-        process = subprocess.Popen(
-            [sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "0.03",
-             "--response-timeout", str(RESPONSE_TIMEOUT_S)],
-            stdout=subprocess.PIPE, stderr=follower, text=True,
-            env=clean_env(RAY_ON_GOLEM_DATADIR=str(rog_datadir)))
-        os.close(follower)
-        out, _ = process.communicate(timeout=120)
-        terminal = b""
+    terminal = []
+
+    def drain():  # read as it comes: a full pty buffer would block the child
         while True:
             try:
                 chunk = os.read(leader, 65536)
             except OSError:  # EIO: the child closed the terminal
-                break
+                return
             if not chunk:
-                break
-            terminal += chunk
+                return
+            terminal.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "0.03",
+             "--response-timeout", str(RESPONSE_TIMEOUT_S)],
+            stdout=subprocess.PIPE, stderr=follower, text=True, env=cli_env(datadir, tmp_path))
+        os.close(follower)
+        out, _ = process.communicate(timeout=120)
+        reader.join(timeout=30)
     finally:
         os.close(leader)
+    seen = b"".join(terminal)
     assert process.returncode == 0
-    assert b"\r\x1b[2K" in terminal and b"elapsed" in terminal and b"left: " in terminal
+    assert b"\r\x1b[2K" in seen and b"elapsed" in seen and b"left: " in seen
     assert "elapsed" not in out  # the report itself stays clean
 
 
@@ -359,7 +308,7 @@ def test_progress_line_only_on_a_terminal(localnet, rog_datadir, tmp_path):
     ("unknown node type", "--node-type: node type `ray.nope` is not in available_node_types"),
     ("zero duration", "--duration: must be a positive number"),
 ])
-def test_bad_input_exits_2_with_the_field(rog_datadir, tmp_path, case, expected):
+def test_bad_input_exits_2_with_the_field(run_cli, datadir, tmp_path, case, expected):
     cluster = tmp_path / "cluster.yaml"
     args = ["network-stats", cluster]
     if case == "bad yaml":
@@ -372,30 +321,110 @@ def test_bad_input_exits_2_with_the_field(rog_datadir, tmp_path, case, expected)
         args += ["--node-type", "ray.nope"]
     if case == "zero duration":
         args += ["--duration", "0"]
-    done = run_cli(rog_datadir, *args)
+    done = run_cli(*args)
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
-    assert not (rog_datadir / "localnet").exists()  # nothing was started
+    assert not (datadir / "localnet").exists()  # nothing was started
 
 
-def test_unreachable_yagna_exits_1_with_what_to_do(rog_datadir, tmp_path):
+def test_unreachable_yagna_exits_1_with_what_to_do(run_cli, tmp_path):
     import socket
 
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
-    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.01",
-                   YAGNA_API_URL=f"http://127.0.0.1:{closed_port}", YAGNA_PATH=str(tmp_path / "no-yagna"))
+    done = run_cli("network-stats", cluster, "--duration", "0.01",
+                   env={"YAGNA_API_URL": f"http://127.0.0.1:{closed_port}", "YAGNA_PATH": str(tmp_path / "no-yagna")})
     assert done.returncode == 1
     assert "ray-on-golem start" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_wrong_app_key_exits_1_with_what_to_do(localnet, rog_datadir, tmp_path):
+def test_wrong_app_key_exits_1_with_what_to_do(localnet, run_cli, tmp_path):
     cluster = write_cluster(tmp_path / "cluster.yaml", {})
-    done = run_cli(rog_datadir, "network-stats", cluster, "--duration", "0.01", YAGNA_APPKEY="not-the-key")
+    done = run_cli("network-stats", cluster, "--duration", "0.01", env={"YAGNA_APPKEY": "not-the-key"})
     assert done.returncode == 1
     assert "rejected the app key" in done.stderr and "YAGNA_APPKEY" in done.stderr
     assert "not-the-key" not in done.stderr + done.stdout  # never echo a secret
     assert localnet.state()["demands"]["count"] == 0
+
+
+# --- the real yagna, offline (loopback-only network namespace, yagna-offline.md §1) -----
+
+from test_services import netns  # noqa: E402,F401  the namespace fixture: one recipe, one place
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """PIDs whose environment mentions `marker` (our private yagna data dir): a check, never a kill list."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return [pid for pid in found if pid_alive(pid)]
+
+
+@pytest.fixture
+def offline_yagna_env(netns, tmp_path):
+    """Environment and a loopback image registry for a CLI run inside the namespace."""
+    import ray_on_golem as rog
+
+    try:
+        yagna = rog.require_yagna()
+    except rog.RayOnGolemError:
+        pytest.skip("the yagna binary (PyPI golem-node) is not installed")
+    registry = tmp_path / "registry"
+    (registry / "v1" / "image").mkdir(parents=True)
+    (registry / "v1" / "image" / "info").write_text(json.dumps(
+        {"sha3": "a" * 56, "http": "http://127.0.0.1:9/ray-on-golem.gvmi"}))
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-u", "-m", "http.server", "0",
+                               "--bind", "127.0.0.1", "--directory", str(registry)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = server.stdout.readline().split(" port ")[1].split()[0]
+        yagna_dir = str(tmp_path / "yagna")
+        env = {**rog.yagna_loopback_env(yagna_dir, 27464), "RAY_ON_GOLEM_REGISTRY_URL": f"http://127.0.0.1:{port}",
+               "PATH": os.path.dirname(yagna) + os.pathsep + os.environ.get("PATH", "")}
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        server.stdout.close()
+    assert _processes_with_env(yagna_dir) == [], "a yagna started by network-stats is still running"
+
+
+def run_in_netns(netns, datadir, tmp_path, env, *args):
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(ROG), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=cli_env(datadir, home, env))
+
+
+@pytest.mark.yagna
+def test_scan_on_the_real_yagna_subscribes_and_releases(netns, offline_yagna_env, datadir, tmp_path):
+    # 0.17.6 only: allocate without the on-chain balance check (yagna-offline.md §3)
+    env = {**offline_yagna_env, "YAGNA_DEV_SKIP_ALLOCATION_VALIDATION": "1"}
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
+    done = run_in_netns(netns, datadir, tmp_path, env, "network-stats", cluster, "--duration", "0.05")
+    assert done.returncode == 0, done.stderr
+    # the faucet is tried on a testnet and fails fast offline; the scan goes on
+    assert "warning: could not top up the holesky wallet" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == ["Gathering stats data for 0.05 minutes...", "Gathering stats data done", "",
+                         "Proposals count:"]
+    assert "Initial: 0" in lines and "Negotiated successfully: 0" in lines  # nobody else on this market
+
+
+@pytest.mark.yagna
+def test_real_yagna_without_funds_exits_1_and_stops_what_it_started(netns, offline_yagna_env, datadir, tmp_path):
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
+    done = run_in_netns(netns, datadir, tmp_path, offline_yagna_env, "network-stats", cluster, "--duration", "0.05")
+    assert done.returncode == 1
+    assert "could not allocate 5.0 GLM on holesky" in done.stderr and "Traceback" not in done.stderr
+    assert "Server is unreachable" in done.stderr  # yagna's own reason, then what to do
+    assert "`yagna payment status --network holesky`" in done.stderr

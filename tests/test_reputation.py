@@ -250,3 +250,60 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(datadir, tmp_path):
 
     assert "\033[36mBlocked providers" in on_a_tty({"TERM": "xterm"})
     assert "\033[" not in on_a_tty({"TERM": "xterm", "NO_COLOR": "1"})
+
+
+def test_update_from_a_url(run_cli, tmp_path):
+    """The registry can be fetched over http(s); here from a server on loopback, never the internet."""
+    import http.server
+    import threading
+
+    body = json.dumps({"providers": [{"providerId": ALICE, "scores": {"successRate": 1.0, "uptime": 1.0}}]})
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            payload = body.encode() if self.path.startswith("/v1/providers/scores") else b"{}"
+            self.send_response(200 if payload != b"{}" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        proc = run_cli("reputation", "update", "--from", f"{url}/v1/providers/scores?network=polygon",
+                       "--network", "polygon")
+        assert proc.returncode == 0, proc.stderr
+        assert "Total scores=1 (added=1," in proc.stdout
+        proc = run_cli("reputation", "update", "--from", f"{url}/missing", "--network", "polygon")
+        assert proc.returncode == 1 and "cannot fetch (HTTP Error 404" in proc.stderr
+        proc = run_cli("reputation", "update", "--from", "ftp://127.0.0.1/x.json", "--network", "polygon")
+        assert proc.returncode == 2 and "expected a file or an http(s) URL" in proc.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    (row,) = listing(run_cli)
+    assert (row["network"], row["score"]) == ("polygon", 1.0)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_rate = st.none() | st.floats(min_value=0, max_value=1)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rate, _rate, st.integers(0, 50), st.integers(0, 50), st.floats(min_value=0, max_value=1))
+def test_score_is_bounded_and_rewards_uptime(success, uptime, ok, failed, more):
+    _, _, score = rog.Store._combine(success, uptime, ok, failed)
+    assert 0.0 <= score <= 1.0
+    _, _, better = rog.Store._combine(success, min(1.0, (uptime or 0.0) + more), ok, failed)
+    assert better >= score
+    _, _, with_success = rog.Store._combine(success, uptime, ok + 1, failed)
+    _, _, with_failure = rog.Store._combine(success, uptime, ok, failed + 1)
+    assert with_success >= with_failure

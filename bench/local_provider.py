@@ -1,0 +1,172 @@
+"""Baseline for bench/ray_up.py: the same Ray nodes started locally, without any market.
+
+A minimal external NodeProvider (ray-provider.md §3.3): nodes are process groups on
+this machine with their own HOME, loopback IP, temp dir and the same environment
+file and start commands as Ray on Golem nodes (ray_on_golem.node_environment_script,
+localize_command), but created at once: no webserver, no agreement, no activity.
+State lives in a JSON file under `provider.state_dir`, guarded by flock, so the
+`ray up` process and the head's autoscaler share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import io
+
+import ray_on_golem as rog
+from ray.autoscaler._private.command_runner import _with_environment_variables
+from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
+from ray.autoscaler.command_runner import CommandRunnerInterface
+from ray.autoscaler.node_provider import NodeProvider
+
+
+class LocalNodeProvider(NodeProvider):
+    def __init__(self, provider_config: dict, cluster_name: str):
+        super().__init__(provider_config, cluster_name)
+        self.state_dir = provider_config["state_dir"]
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.path = os.path.join(self.state_dir, "nodes.json")
+
+    @contextlib.contextmanager
+    def _state(self, write: bool = False):
+        with open(os.path.join(self.state_dir, "lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(self.path) as f:
+                    state = json.load(f)
+            except FileNotFoundError:
+                state = {"next": 1, "nodes": {}}
+            yield state
+            if write:
+                with open(self.path + ".tmp", "w") as f:
+                    json.dump(state, f)
+                os.replace(self.path + ".tmp", self.path)
+
+    def non_terminated_nodes(self, tag_filters):
+        with self._state() as state:
+            return [i for i, n in state["nodes"].items()
+                    if n["state"] == "running" and rog.tags_match(n["tags"], tag_filters)]
+
+    def is_running(self, node_id):
+        with self._state() as state:
+            return state["nodes"][node_id]["state"] == "running"
+
+    def is_terminated(self, node_id):
+        return not self.is_running(node_id)
+
+    def node_tags(self, node_id):
+        with self._state() as state:
+            return dict(state["nodes"][node_id]["tags"])
+
+    def internal_ip(self, node_id):
+        with self._state() as state:
+            return state["nodes"][node_id]["ip"]
+
+    external_ip = internal_ip
+
+    def set_node_tags(self, node_id, tags):
+        with self._state(write=True) as state:
+            state["nodes"][node_id]["tags"].update(tags)
+
+    def create_node(self, node_config, tags, count):
+        created = []
+        with self._state(write=True) as state:
+            for _ in range(count):
+                number = state["next"]
+                state["next"] += 1
+                node_id = f"local{number}"
+                home = os.path.join(self.state_dir, node_id)
+                os.makedirs(home, exist_ok=True)
+                state["nodes"][node_id] = {"tags": dict(tags), "state": "running", "home": home,
+                                           "ip": f"127.77.{number // 250}.{number % 250 + 2}"}
+                created.append(node_id)
+        for node_id in created:  # the bootstrap step of a Golem node: write the environment file
+            self.get_command_runner("", node_id, {}, self.cluster_name, subprocess, True)._bootstrap()
+        return {node_id: {} for node_id in created}
+
+    def terminate_node(self, node_id):
+        runner = self.get_command_runner("", node_id, {}, self.cluster_name, subprocess, True)
+        with contextlib.suppress(Exception):
+            runner.run("ray stop", with_output=True)
+        with self._state(write=True) as state:
+            node = state["nodes"][node_id]
+            node["state"] = "terminated"
+        shutil.rmtree(node["home"], ignore_errors=True)
+        if node.get("ray_tmpdir", "").startswith("/tmp/rog-"):
+            shutil.rmtree(node["ray_tmpdir"], ignore_errors=True)
+
+    def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner,
+                           use_internal_ip, docker_config=None):
+        with self._state() as state:
+            node = state["nodes"][node_id]
+        return LocalCommandRunner(self, node_id, node)
+
+    @staticmethod
+    def bootstrap_config(cluster_config):
+        return cluster_config
+
+
+class LocalCommandRunner(CommandRunnerInterface):
+    def __init__(self, provider: LocalNodeProvider, node_id: str, node: dict):
+        self.provider = provider
+        self.node_id = node_id
+        self.node = node
+
+    def _env(self) -> dict:
+        env = dict(os.environ, HOME=self.node["home"], NODE_IP=self.node["ip"])
+        here = os.path.dirname(os.path.abspath(__file__))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(rog.__file__), env.get("PYTHONPATH")) if p)
+        return env
+
+    def _bootstrap(self) -> None:
+        # The head binds fixed ports of this machine: the baseline takes free ones, like the Golem cluster.
+        ports = self.provider.provider_config
+        script = rog.node_environment_script(self.node_id, self.node["ip"], ports["gcs_port"], ports["client_port"],
+                                             {"python_bin_dir": os.path.dirname(sys.executable),
+                                              "module_dir": os.path.dirname(os.path.abspath(rog.__file__))})
+        out = subprocess.run(["/bin/sh", "-c", script], env=self._env(), cwd=self.node["home"], check=True,
+                             capture_output=True, text=True).stdout.split()
+        with self.provider._state(write=True) as state:
+            state["nodes"][self.node_id]["ray_tmpdir"] = out[1]
+
+    def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
+            environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
+            shutdown_after_run=False, silent=False):
+        if environment_variables:
+            cmd = _with_environment_variables(cmd, environment_variables)
+        proc = subprocess.run(["/bin/sh", "-c", rog.localize_command(cmd, True)], env=self._env(),
+                              cwd=self.node["home"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if not silent and not with_output:
+            sys.stdout.write(proc.stdout)
+        if not silent:
+            sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            raise ProcessRunnerError("Command failed", "ssh_command_failed", code=proc.returncode, command=cmd)
+        return proc.stdout.encode() if with_output else ""
+
+    def _local(self, path: str) -> str:
+        return os.path.join(self.node["home"], path[2:]) if path == "~" or path.startswith("~/") else path
+
+    def run_rsync_up(self, source, target, options=None):
+        directory, archive = rog.pack_for_upload(source, target, (options or {}).get("rsync_exclude"))
+        directory = self._local(directory)
+        os.makedirs(directory, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(directory, filter="data")
+
+    def run_rsync_down(self, source, target, options=None):
+        source = self._local(source)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+
+    def remote_shell_command_str(self):
+        return f"cd {self.node['home']} && $SHELL"

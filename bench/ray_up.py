@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""`ray up` until the head is ready and until 2 workers are ready: Ray on Golem on the
+local network against a baseline that starts the same Ray nodes locally, without the
+market (bench/local_provider.py), measured in the same run.
+
+    python bench/ray_up.py [--runs 3]
+
+Prints the median of the runs and the ratio to the baseline (target: <= 1.3x). Each
+run is a fresh cluster (`ray up -y --no-config-cache`, workers from `min_workers: 2`,
+then `ray down -y`); the Golem runs include starting the webserver and the local
+network, as a user's first `ray up` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+import ray_on_golem as rog  # noqa: E402
+
+RAY = str(Path(sys.executable).parent / "ray")
+WORKERS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_config(kind: str, workdir: Path, port: int) -> dict:
+    config = yaml.safe_load((REPO / "sample-cluster.yaml").read_text())
+    config["cluster_name"] = f"bench-{kind}-{port}"
+    workers = config["available_node_types"]["ray.worker.default"]
+    workers["min_workers"] = workers["max_workers"] = WORKERS
+    if kind == "golem":
+        params = config["provider"]["parameters"]
+        params["webserver_port"] = port
+        params["webserver_datadir"] = str(workdir / "datadir")
+    else:
+        config["provider"] = {"type": "external", "module": "local_provider.LocalNodeProvider",
+                              "state_dir": str(workdir / "state"), "gcs_port": free_port(),
+                              "client_port": free_port()}
+    return config
+
+
+def ready_workers(kind: str, workdir: Path, port: int, cluster: str) -> int:
+    """Workers Ray's updater marked `up-to-date` (their `ray start` finished)."""
+    if kind == "golem":
+        client = rog.WebserverClient(str(workdir / "datadir"), port)
+        try:
+            nodes = client.request("GET", f"/clusters/{cluster}/nodes")["nodes"]
+        finally:
+            client.close()
+        tags = [n["tags"] for n in nodes]
+    else:
+        try:
+            state = json.loads((workdir / "state" / "nodes.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        tags = [n["tags"] for n in state["nodes"].values() if n["state"] == "running"]
+    return sum(1 for t in tags if t.get("ray-node-type") == "worker" and t.get("ray-node-status") == "up-to-date")
+
+
+def one_run(kind: str) -> tuple[float, float]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"rog-bench-{kind}-"))
+    port = free_port()
+    config = cluster_config(kind, workdir, port)
+    path = workdir / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (workdir / "tmp").mkdir()
+    env = dict(os.environ, TMPDIR=str(workdir / "tmp"), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join([str(REPO / "bench"), str(REPO)]))
+    env.pop("RAY_ON_GOLEM_DATADIR", None)
+    try:
+        started = time.monotonic()
+        up = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(path)], env=env, capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=900)
+        head = time.monotonic() - started
+        if up.returncode != 0:
+            raise SystemExit(f"{kind}: ray up failed:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}")
+        deadline = started + 900
+        while ready_workers(kind, workdir, port, config["cluster_name"]) < WORKERS:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{kind}: {WORKERS} workers not ready within 900 s")
+            time.sleep(0.25)
+        workers = time.monotonic() - started
+        return head, workers
+    finally:
+        subprocess.run([RAY, "down", "-y", str(path)], env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                       timeout=600)
+        if kind == "golem":
+            subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), "stop", "--force", "--kill",
+                            "--datadir", str(workdir / "datadir"), "--port", str(port)],
+                           env=env, capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per variant (default 3)")
+    args = parser.parse_args()
+    results: dict[str, list[tuple[float, float]]] = {"baseline": [], "golem": []}
+    for i in range(args.runs):  # interleaved, so machine load hits both alike
+        for kind in ("baseline", "golem"):
+            head, workers = one_run(kind)
+            results[kind].append((head, workers))
+            print(f"run {i + 1}/{args.runs} {kind:8}  head {head:6.1f} s  {WORKERS} workers {workers:6.1f} s",
+                  file=sys.stderr, flush=True)
+    base_head = statistics.median(h for h, _ in results["baseline"])
+    base_workers = statistics.median(w for _, w in results["baseline"])
+    print(f"ray up on this machine, median of {args.runs} runs ({os.cpu_count()} CPUs)")
+    print(f"{'variant':<28}{'head ready':>12}{'ratio':>8}{f'{WORKERS} workers ready':>20}{'ratio':>8}")
+    for kind, label in (("baseline", "baseline (local, no market)"), ("golem", "Ray on Golem (local network)")):
+        head = statistics.median(h for h, _ in results[kind])
+        workers = statistics.median(w for _, w in results[kind])
+        print(f"{label:<28}{head:>10.1f} s{head / base_head:>7.2f}x{workers:>18.1f} s{workers / base_workers:>7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
