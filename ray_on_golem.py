@@ -3682,23 +3682,23 @@ def cluster_service(webserver) -> ClusterService:
 # BUDGET_LOOKAHEAD_S ahead) must fit the budget; when it does not, workers are
 # stopped newest first, then the head, each of them billed only up to the stop.
 
-import dataclasses
-import decimal
-from decimal import Decimal
+# `decimal` and the classes below are not imported at module level: `import ray_on_golem`
+# stays fast for the CLI's cold start (decimal ~6 ms, dataclasses ~20 ms).
+import collections
 
-BILLING_GRACE_S = Decimal(5)  # a provider's counters may run this far ahead of our clock
+BILLING_GRACE_S = 5  # seconds a provider's counters may run ahead of our clock
 # golem-core's tolerance between an amount and its usage counters (100 wei):
 # providers round counters and amounts (validate_payment_calculated_cost).
-AMOUNT_TOLERANCE = Decimal("1e-16")
+AMOUNT_TOLERANCE = "1e-16"
 BUDGET_STOP_MARGIN_S = 15.0  # a node being stopped is billed at most this much longer
 # A node kept running must stay covered until its next payment (its next debit note), at
 # least BUDGET_KEEP_MIN_S and at most BUDGET_LOOKAHEAD_S ahead, plus the stop margin.
 BUDGET_KEEP_MIN_S = 10.0
 BUDGET_LOOKAHEAD_S = 20.0
 BUDGET_CHECK_INTERVAL_S = 1.0
-BUDGET_WARNING_SHARE = Decimal("0.8")  # warn once this share of total_budget is committed
+BUDGET_WARNING_PERCENT = 80  # warn once this share of total_budget is committed
 BILLING_BREACH_BLOCK_S = 30 * 86400.0  # a provider that overbills is blocked for 30 days
-_WEI = Decimal("1e-18")
+_WEI = "1e-18"
 # The counters of a linear price (golem-core's USAGE_VECTOR_TO_PRICE_MAPPING names): time
 # counters grow at most `threads` (CPU) or 1 (wall time) per second; size counters are
 # capped by the offered size.
@@ -3708,38 +3708,47 @@ _SIZE_COUNTERS = {"golem.usage.storage_gib": "golem.inf.storage.gib", "golem.usa
                   "golem.usage.gib": "golem.inf.mem.gib"}
 
 
-def _exact() -> decimal.Context:
-    """Enough digits that sums and products of 18-decimal amounts never round."""
-    return decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
+_EXACT_CONTEXT = None
 
 
-def glm(amount: Decimal) -> str:
+def _exactly():
+    """`with _exactly():` enough digits that sums and products of 18-decimal amounts never round."""
+    import decimal
+
+    global _EXACT_CONTEXT
+    if _EXACT_CONTEXT is None:
+        _EXACT_CONTEXT = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
+    return decimal.localcontext(_EXACT_CONTEXT)
+
+
+def glm(amount) -> str:
     """An amount for people and JSON: plain decimal notation, trailing zeros dropped."""
     text = format(amount, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def parse_amount(text, what: str) -> Decimal:
+def parse_amount(text, what: str):
     """A document's amount (a decimal string, yagna-api.md §3.5) as an exact Decimal."""
+    from decimal import Decimal, InvalidOperation
+
     try:
         amount = Decimal(str(text))
-    except decimal.InvalidOperation:
+    except InvalidOperation:
         raise ValueError(f"{what}: {text!r} is not a decimal amount") from None
     if not amount.is_finite() or amount < 0:
         raise ValueError(f"{what}: {text!r} is not a non-negative amount")
     return amount
 
 
-@dataclasses.dataclass(frozen=True)
-class PriceTerms:
-    """The agreed linear price of one agreement: amount = start + Σ price_i · counter_i."""
+class PriceTerms(collections.namedtuple(
+        "PriceTerms", "usage_vector prices start cpu_threads sizes debit_note_interval_s", defaults=((), None))):
+    """The agreed linear price of one agreement: amount = start + Σ price_i · counter_i.
 
-    usage_vector: tuple[str, ...]
-    prices: tuple[Decimal, ...]  # per usage-vector entry
-    start: Decimal
-    cpu_threads: int
-    sizes: tuple[Decimal, ...] = ()  # offered size per size counter, in usage-vector order
-    debit_note_interval_s: float | None = None
+    `prices` per usage-vector entry, `start` the initial price (Decimals); `sizes` the offered size
+    per size counter, in usage-vector order; `debit_note_interval_s` the agreed interval.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def from_properties(cls, props: dict) -> "PriceTerms":
@@ -3766,7 +3775,7 @@ class PriceTerms:
         return cls(tuple(vector), tuple(prices[:-1]), prices[-1], threads, sizes,
                    float(interval) if interval else None)
 
-    def counter_caps(self, seconds: Decimal) -> list[Decimal]:
+    def counter_caps(self, seconds):
         """The most each counter can read after `seconds` of an activity."""
         caps, sizes = [], iter(self.sizes)
         for counter in self.usage_vector:
@@ -3777,24 +3786,30 @@ class PriceTerms:
                 caps.append(seconds * (self.cpu_threads if per_second == "threads" else 1))
         return caps
 
-    def cost(self, counters) -> Decimal:
-        with decimal.localcontext(_exact()):
+    def cost(self, counters):
+        from decimal import Decimal
+
+        with _exactly():
             return self.start + sum((p * c for p, c in zip(self.prices, counters)), Decimal(0))
 
-    def max_cost(self, seconds) -> Decimal:
+    def max_cost(self, seconds):
         """The most the agreement can bill after `seconds` (every counter at its cap)."""
+        from decimal import Decimal
+
         seconds = Decimal(str(max(0.0, float(seconds)))) if not isinstance(seconds, Decimal) else max(seconds, Decimal(0))
-        with decimal.localcontext(_exact()):
+        with _exactly():
             return self.cost(self.counter_caps(seconds))
 
     @property
-    def rate_per_hour(self) -> Decimal:
+    def rate_per_hour(self):
         """The most it can bill per hour of running (the burn rate of a node)."""
-        with decimal.localcontext(_exact()):
-            return self.max_cost(Decimal(3600)) - self.max_cost(Decimal(0))
+        with _exactly():
+            return self.max_cost(3600.0) - self.max_cost(0.0)
 
-    def per_hour(self, counter_kind: str) -> Decimal:
+    def per_hour(self, counter_kind: str):
         """The agreed price per hour of one counter kind (`cpu` per thread, `duration`)."""
+        from decimal import Decimal
+
         for counter, price in zip(self.usage_vector, self.prices):
             if counter.startswith(f"golem.usage.{counter_kind}"):
                 return price * 3600
@@ -3807,20 +3822,19 @@ class PriceTerms:
 
     @classmethod
     def from_json(cls, data: dict) -> "PriceTerms":
+        from decimal import Decimal
+
         return cls(tuple(data["usage_vector"]), tuple(Decimal(p) for p in data["prices"]), Decimal(data["start"]),
                    int(data["cpu_threads"]), tuple(Decimal(s) for s in data.get("sizes") or ()),
                    data.get("debit_note_interval_s"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What to do with one debit note or invoice."""
+class Verdict(collections.namedtuple("Verdict", "accept spend reason breach previous", defaults=(0, None, False, 0))):
+    """What to do with one debit note or invoice: `accept`; `spend`, what accepting adds to the
+    cluster's spending; `reason`, why not; `breach`, the provider billed more than the agreement
+    allows; `previous`, what its activity (debit note) or agreement (invoice) had accepted before."""
 
-    accept: bool
-    spend: Decimal = Decimal(0)  # what accepting adds to the cluster's spending
-    reason: str | None = None  # why not
-    breach: bool = False  # the provider billed more than the agreement allows
-    previous: Decimal = Decimal(0)  # what its activity (debit note) or agreement (invoice) had accepted
+    __slots__ = ()
 
 
 class Spending:
@@ -3830,19 +3844,23 @@ class Spending:
     elapsed time), so it can be property-tested; an accepted verdict is already counted.
     """
 
-    def __init__(self, budget: Decimal, spent: Decimal = Decimal(0)):
+    def __init__(self, budget, spent=None):
+        from decimal import Decimal
+
         self.budget = budget
-        self.spent = spent
+        self.spent = Decimal(0) if spent is None else spent
         self._accepted: dict[str, dict[str | None, Decimal]] = {}  # agreement -> activity (None: invoice) -> amount
         self._invoiced: set[str] = set()
 
-    def accepted(self, agreement_id: str) -> Decimal:
+    def accepted(self, agreement_id: str):
         """What the agreement's accepted documents add up to (its latest totals)."""
+        from decimal import Decimal
+
         return sum(self._accepted.get(agreement_id, {}).values(), Decimal(0))
 
-    def decide(self, terms: PriceTerms, kind: str, agreement_id: str, activity_id: str | None, amount: Decimal,
+    def decide(self, terms: PriceTerms, kind: str, agreement_id: str, activity_id: str | None, amount,
                counters: list | None, elapsed_s: float) -> Verdict:
-        with decimal.localcontext(_exact()):
+        with _exactly():
             verdict = self._judge(terms, kind, agreement_id, activity_id, amount, counters, elapsed_s)
             if verdict.accept:
                 self.spent += verdict.spend
@@ -3866,6 +3884,9 @@ class Spending:
             scope.pop(activity_id, None)
 
     def _judge(self, terms, kind, agreement_id, activity_id, amount, counters, elapsed_s) -> Verdict:
+        from decimal import Decimal
+
+        tolerance = Decimal(AMOUNT_TOLERANCE)
         if agreement_id in self._invoiced:
             return Verdict(False, reason="the agreement was invoiced already")
         limit_s = Decimal(str(max(0.0, float(elapsed_s)))) + BILLING_GRACE_S
@@ -3879,11 +3900,11 @@ class Spending:
                     return Verdict(False, breach=True, reason=f"counter {name} = {glm(value)} is impossible "
                                    f"{elapsed_s:.0f} s into the agreement (at most {glm(cap)})")
             expected = terms.cost(used)
-            if amount > expected + AMOUNT_TOLERANCE:
+            if amount > expected + tolerance:
                 return Verdict(False, breach=True, reason=f"{glm(amount)} GLM due, the agreed prices give "
                                                           f"{glm(expected)} for its usage counters")
         ceiling = terms.max_cost(limit_s)
-        if amount > ceiling + AMOUNT_TOLERANCE:
+        if amount > ceiling + tolerance:
             return Verdict(False, breach=True, reason=f"{glm(amount)} GLM due {elapsed_s:.0f} s into the agreement, "
                                                       f"the agreed prices allow at most {glm(ceiling)}")
         scope = self._accepted.get(agreement_id, {})
@@ -3916,14 +3937,16 @@ class Ledger:
                 (document_id, kind, agreement_id, activity_id, node_id, cluster_name, allocation_id, amount,
                  self.store.clock()))
 
-    def update(self, document_id: str, status: str, *, spent: Decimal = Decimal(0), reason: str | None = None) -> None:
+    def update(self, document_id: str, status: str, *, spent=0, reason: str | None = None) -> None:
         settled = self.store.clock() if status in ("accepted", "rejected", "failed") else None
         with self.store.transaction() as conn:
             conn.execute("UPDATE ledger SET status = ?, spent = ?, reason = ?, settled_at = ? WHERE document_id = ?",
                          (status, str(spent), reason, settled, document_id))
 
-    def spent(self, allocation_id: str) -> Decimal:
+    def spent(self, allocation_id: str):
         """What an allocation has spent: the sum of its accepted rows (exact: summed here, not in SQL)."""
+        from decimal import Decimal
+
         rows = self.store.conn.execute(
             "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
         return sum((Decimal(r[0]) for r in rows), Decimal(0))
@@ -3939,6 +3962,8 @@ class Ledger:
 
     def costs(self, cluster_name: str | None = None, now: float | None = None) -> list[dict]:
         """Per cluster, its nodes with provider, prices, runtime and cost (accepted GLM), from the Store."""
+        from decimal import Decimal
+
         now = self.store.clock() if now is None else now
         where, args = (" WHERE c.name = ?", (cluster_name,)) if cluster_name else ("", ())
         clusters = [dict(r) for r in self.store.conn.execute(
@@ -3981,29 +4006,32 @@ class Ledger:
         return out
 
 
-@dataclasses.dataclass
 class AgreementAccount:
     """One agreement of a cluster node, as payments see it: prices and billable time."""
 
-    agreement_id: str
-    node: "ClusterNode"
-    provider_id: str
-    terms: PriceTerms
-    started_at: float  # taken before the activity is created: never later than the provider's start
-    ended_at: float | None = None
-    billed: bool = True  # False once it ended without an activity: nothing will be invoiced
-    settled: bool = False  # its invoice was accepted or rejected
-    breached: bool = False  # it billed more than agreed (penalised once)
+    def __init__(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: PriceTerms,
+                 started_at: float):
+        self.agreement_id = agreement_id
+        self.node = node
+        self.provider_id = provider_id
+        self.terms = terms
+        self.started_at = started_at  # taken before the activity is created: never after the provider's start
+        self.ended_at: float | None = None
+        self.billed = True  # False once it ended without an activity: nothing will be invoiced
+        self.settled = False  # its invoice was accepted or rejected
+        self.breached = False  # it billed more than agreed (penalised once)
 
     def elapsed(self, now: float) -> float:
         return max(0.0, (self.ended_at if self.ended_at is not None else now) - self.started_at)
 
-    def exposure(self, spending: Spending, until: float) -> Decimal:
+    def exposure(self, spending: Spending, until: float):
         """The most it may still bill beyond what was accepted, if it runs until `until`."""
+        from decimal import Decimal
+
         if self.settled or not self.billed:
             return Decimal(0)
         end = self.ended_at if self.ended_at is not None else until
-        with decimal.localcontext(_exact()):
+        with _exactly():
             bound = self.terms.max_cost(Decimal(str(max(0.0, end - self.started_at))) + BILLING_GRACE_S)
             return max(Decimal(0), bound - spending.accepted(self.agreement_id))
 
@@ -4034,7 +4062,7 @@ class ClusterPayments:
 
     # -- allocations ----------------------------------------------------------------
 
-    def budget_of(self, parameters: dict) -> Decimal:
+    def budget_of(self, parameters: dict):
         # The YAML number as written (PyYAML gives a float; its repr is the shortest exact text).
         return parse_amount(parameters.get("total_budget") or 5.0, "total_budget")
 
@@ -4131,7 +4159,9 @@ class ClusterPayments:
                 amount = parse_amount(amount_text, "amount")
                 verdict = spending.decide(account.terms, kind, data.agreement_id, activity_id, amount,
                                           counters, account.elapsed(time.time()))
-            except (ValueError, decimal.InvalidOperation) as e:
+            except ArithmeticError as e:  # decimal.InvalidOperation: a malformed counter
+                verdict = Verdict(False, reason=f"malformed: {e}", breach=True)
+            except ValueError as e:
                 verdict = Verdict(False, reason=str(e), breach=True)
             if not verdict.accept:
                 self.ledger.update(document.id, "rejected", reason=verdict.reason)
@@ -4205,9 +4235,11 @@ class ClusterPayments:
                 except Exception:  # noqa: BLE001 - the watcher must survive one bad cluster
                     self.service.log.exception("budget check of %s failed", cluster.name)
 
-    def _commitment(self, cluster: "Cluster", now: float, stopping: set[str]) -> tuple[Decimal, Decimal]:
+    def _commitment(self, cluster: "Cluster", now: float, stopping: set[str]):
         """(spent, reserved): accepted so far, and the most the cluster's agreements may still bill
         if the nodes in `stopping` end within BUDGET_STOP_MARGIN_S and the others run until their next payment."""
+        from decimal import Decimal
+
         spending = self.spending[cluster.name]
         reserved = Decimal(0)
         for account in self.accounts.values():
@@ -4234,7 +4266,7 @@ class ClusterPayments:
         order += sorted(heads, key=lambda n: n.created_at, reverse=True)
         stopping: set[str] = set()
         spent, reserved = self._commitment(cluster, now, stopping)
-        if spent + reserved >= spending.budget * BUDGET_WARNING_SHARE and cluster.name not in self.warned:
+        if (spent + reserved) * 100 >= spending.budget * BUDGET_WARNING_PERCENT and cluster.name not in self.warned:
             self.warned.add(cluster.name)
             message = (f"Budget warning: {glm(spent + reserved)} of total_budget {glm(spending.budget)} GLM "
                        f"committed ({glm(spent)} spent)")
@@ -4266,6 +4298,9 @@ class ClusterPayments:
 
     def report(self, cluster: "Cluster", now: float | None = None) -> dict:
         """What `status` shows for one cluster: spent, reserved, remaining, burn rate, warning."""
+        from decimal import ROUND_DOWN, ROUND_UP, Decimal
+
+        wei = Decimal(_WEI)
         now = time.time() if now is None else now
         spending = self.spending.get(cluster.name)
         budget = spending.budget if spending else self.budget_of(cluster.parameters)
@@ -4277,14 +4312,14 @@ class ClusterPayments:
                     if a.node.cluster is cluster and a.ended_at is None and a.node.alive), Decimal(0))
         committed = spent + reserved
         warning = None
-        if committed >= budget * BUDGET_WARNING_SHARE:
+        if committed * 100 >= budget * BUDGET_WARNING_PERCENT:
             warning = (f"{glm((committed * 100 / budget).quantize(Decimal('0.1')))}% of total_budget "
                        f"{glm(budget)} GLM committed")
         if cluster.name in self.exhausted:
             warning = self.exhausted[cluster.name]
-        return {"total_budget": glm(budget), "spent": glm(spent), "reserved": glm(reserved.quantize(_WEI, decimal.ROUND_UP)),
-                "remaining": glm(max(Decimal(0), budget - committed).quantize(_WEI, decimal.ROUND_DOWN)),
-                "burn_rate_per_hour": glm(burn.quantize(_WEI, decimal.ROUND_UP)), "warning": warning}
+        return {"total_budget": glm(budget), "spent": glm(spent), "reserved": glm(reserved.quantize(wei, ROUND_UP)),
+                "remaining": glm(max(Decimal(0), budget - committed).quantize(wei, ROUND_DOWN)),
+                "burn_rate_per_hour": glm(burn.quantize(wei, ROUND_UP)), "warning": warning}
 
     def budgets(self) -> dict[str, dict]:
         return {name: self.report(cluster) for name, cluster in self.service.clusters.items()}

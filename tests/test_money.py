@@ -8,7 +8,6 @@ node provider does, without starting Ray (the bootstrap is plain shell).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -75,9 +74,9 @@ def test_acceptance_never_overspends_and_accepts_only_what_the_agreement_allows(
             assert verdict.reason and verdict.spend == 0
             continue
         # every accepted amount is consistent with its agreement: prices × time on our clock
-        assert amount <= terms.max_cost(Decimal(str(elapsed)) + rog.BILLING_GRACE_S) + rog.AMOUNT_TOLERANCE
+        assert amount <= terms.max_cost(Decimal(str(elapsed)) + rog.BILLING_GRACE_S) + Decimal(rog.AMOUNT_TOLERANCE)
         if counters is not None:
-            assert amount <= terms.cost([Decimal(str(c)) for c in counters]) + rog.AMOUNT_TOLERANCE
+            assert amount <= terms.cost([Decimal(str(c)) for c in counters]) + Decimal(rog.AMOUNT_TOLERANCE)
             assert Decimal(str(counters[1])) <= Decimal(str(elapsed)) + rog.BILLING_GRACE_S
         # what it adds is the increase over the agreement's accepted total, never negative
         previous = latest.get((agreement, activity)) if kind == "debit_note" else sum(
@@ -326,6 +325,14 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     assert table.returncode == 0, table.stderr
     assert f"{rog.glm(spent)} GLM of total_budget 1.4" in table.stdout
     assert all(n["node_id"] in table.stdout for n in (head, older, newer)) and "p-1" in table.stdout
+
+    # The ledger outlives the webserver: `costs` reads the same figures from the Store alone.
+    assert money.call("POST", "/shutdown", {"force": True})[0] == 200
+    money.proc.wait(timeout=90)
+    after = money.cli("costs", "c1", "--json")
+    assert after.returncode == 0, after.stderr
+    (cluster,) = json.loads(after.stdout)["clusters"]
+    assert Decimal(cluster["cost"]) == spent and "budget" not in cluster
 
 
 @pytest.mark.slow
