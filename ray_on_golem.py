@@ -3682,8 +3682,8 @@ def cluster_service(webserver) -> ClusterService:
 # BUDGET_LOOKAHEAD_S ahead) must fit the budget; when it does not, workers are
 # stopped newest first, then the head, each of them billed only up to the stop.
 
-# `decimal` and the classes below are not imported at module level: `import ray_on_golem`
-# stays fast for the CLI's cold start (decimal ~6 ms, dataclasses ~20 ms).
+# `decimal` is imported inside the functions and the value classes are namedtuples, not
+# dataclasses: `import ray_on_golem` stays fast for the CLI (decimal ~6 ms, dataclasses ~20 ms).
 import collections
 
 BILLING_GRACE_S = 5  # seconds a provider's counters may run ahead of our clock
