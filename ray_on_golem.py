@@ -2808,6 +2808,9 @@ ACTIVITY_MONITOR_INTERVAL_S = 5.0  # GET /activity/{id}/state of running nodes
 DEPLOY_TIMEOUT_S = 300.0  # golem-core's default_prepare_activity waits as long
 INVOICE_WAIT_S = 20.0  # how long a stopping cluster waits for its invoices
 RUN_POLL_MAX_S = 20.0  # longest wait of one `GET .../runs/{id}` long-poll
+RUN_INLINE_WAIT_S = 2.0  # a command that ends within this needs no separate poll
+RUN_POLL_FIRST_S = 0.2  # then the node is polled for new output, less often as it runs on
+RUN_POLL_MAX_INTERVAL_S = 1.0
 # A single argv string is at most 128 KiB on Linux (MAX_ARG_STRLEN): uploads go to
 # the node in pieces of this many base64 characters, one `run` each.
 UPLOAD_PIECE_CHARS = 96 * 1024
@@ -2815,7 +2818,7 @@ NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, upload 
 # `ray stop` kills every Ray process of the machine by name (psutil): on the local
 # network all nodes share one machine, so it becomes a stop of this node only.
 _RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
-NODE_RAY_STOP = "python3 -c 'import ray_on_golem; ray_on_golem.stop_ray_on_this_node()'"
+NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.stop_ray_on_this_node())'"
 
 
 def tags_match(tags: dict, tag_filter: dict) -> bool:
@@ -2871,7 +2874,41 @@ def localize_command(command: str, local_network: bool) -> str:
     """What a node runs for one of Ray's commands: its environment first, from $HOME."""
     if local_network:
         command = _RAY_STOP_RE.sub(NODE_RAY_STOP, command)
-    return f'. "$HOME/{NODE_STATE_DIR}/env" 2>/dev/null; cd "$HOME" && {command}'
+    env = f'"$HOME/{NODE_STATE_DIR}/env"'
+    return f'if [ -f {env} ]; then . {env}; fi; cd "$HOME" && {command}'
+
+
+def _run_dir(run_id: str) -> str:
+    return f'__rog_d="$HOME/{NODE_STATE_DIR}/runs/{run_id}"'
+
+
+def run_poll_script(run_id: str, out_offset: int, err_offset: int) -> str:
+    """Print `OUT_SIZE ERR_SIZE [EXIT_CODE]`, then the new stdout; the new stderr to stderr.
+
+    The exit code is read before the sizes: once it exists the output files are
+    complete, so the last poll returns everything and removes the run's files.
+    """
+    return (
+        f"{_run_dir(run_id)}; [ -d \"$__rog_d\" ] || {{ echo GONE; exit 0; }}; "
+        'c=$(cat "$__rog_d/code" 2>/dev/null); o=$(wc -c < "$__rog_d/out"); e=$(wc -c < "$__rog_d/err"); '
+        'printf "%s %s %s\\n" "$o" "$e" "$c"; '
+        f'tail -c +{out_offset + 1} "$__rog_d/out" | head -c $((o - {out_offset})); '
+        f'tail -c +{err_offset + 1} "$__rog_d/err" | head -c $((e - {err_offset})) >&2; '
+        '[ -z "$c" ] || rm -rf "$__rog_d"; true'
+    )
+
+
+def run_script(run_id: str, command: str, local_network: bool) -> str:
+    """Start `command` in the background (output to files, exit code last), wait up to
+    RUN_INLINE_WAIT_S for it, then poll once: short commands need a single `run`."""
+    steps = int(RUN_INLINE_WAIT_S / 0.02)
+    return (
+        f'{_run_dir(run_id)}; mkdir -p "$__rog_d" && '
+        f'( ( {localize_command(command, local_network)}\n ); echo $? > "$__rog_d/code.tmp"; '
+        'mv "$__rog_d/code.tmp" "$__rog_d/code" ) > "$__rog_d/out" 2> "$__rog_d/err" < /dev/null &\n'
+        f'i=0; while [ ! -f "$__rog_d/code" ] && [ $i -lt {steps} ]; do sleep 0.02; i=$((i+1)); done; '
+        + run_poll_script(run_id, 0, 0)
+    )
 
 
 def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_port: int,
@@ -3557,59 +3594,105 @@ class ClusterService:
             why = f": {node.error}" if node.error else ""
             raise Conflict(f"node {node.node_id} is {node.state.value}{why}")
 
-    async def execute(self, node: ClusterNode, command: str, timeout: float | None = None):
-        """Run one shell command on a running node: (exit code, stdout, stderr)."""
-        script = localize_command(command, node.cluster.local)
+    async def execute(self, node: ClusterNode, command: str, timeout: float | None = None, localize: bool = True):
+        """Run one shell command on a running node as one batch: (exit code, stdout, stderr)."""
+        script = localize_command(command, node.cluster.local) if localize else command
         async with node.exec_lock:
             if node.state != NodeState.RUNNING or node.activity is None:
                 raise Conflict(f"node {node.node_id} is {node.state.value}")
             try:
                 batch = await node.activity.execute_commands(_run_command(script))
-                await batch.wait(timeout=timeout, ignore_errors=True)
             except Exception as e:  # noqa: BLE001
                 raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
+        try:
+            await batch.wait(timeout=timeout, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
         if not batch.events:
             raise ServiceUnavailable(f"node {node.node_id}: the activity gave no result (provider gone?)")
         result = batch.events[-1]
         return _result_exit_code(result), result.stdout or "", result.stderr or ""
 
     def start_run(self, node: ClusterNode, command: str, wait_running_s: float) -> str:
-        """A command in the background; its result is fetched with `run_result` (long-poll)."""
+        """Start a command on the node; `run_result` long-polls its output as it comes.
+
+        The command runs in the background on the node with its output in files, and
+        short ExeScript `run`s read what is new: output streams back while a long job
+        runs, and the node's activity stays free for other commands meanwhile
+        (golem-core 0.7.8 returns a `run`'s output only when it ends, yagna-api.md §2.9.3).
+        """
         import asyncio
         import secrets
 
         run_id = secrets.token_hex(8)
-        record = {"node": node, "done": asyncio.Event(), "result": None}
+        record = {"node": node, "changed": asyncio.Event(), "stdout": [], "stderr": [], "done": False,
+                  "exit_code": None, "error": None}
+
+        def publish(out: str = "", err: str = "") -> None:
+            if out:
+                record["stdout"].append(out)
+            if err:
+                record["stderr"].append(err)
+            record["changed"].set()
+            record["changed"] = asyncio.Event()
 
         async def runner():
             try:
                 await self.wait_running(node, wait_running_s)
-                code, out, err = await self.execute(node, command)
-                record["result"] = {"exit_code": code, "stdout": out, "stderr": err, "error": None}
+                offsets = (0, 0)
+                code, offsets, out, err = await self._run_step(node, run_script(run_id, command, node.cluster.local),
+                                                               offsets)
+                publish(out, err)
+                interval = RUN_POLL_FIRST_S
+                while code is None:
+                    await asyncio.sleep(interval)
+                    interval = min(interval * 1.5, RUN_POLL_MAX_INTERVAL_S)
+                    code, offsets, out, err = await self._run_step(node, run_poll_script(run_id, *offsets), offsets)
+                    publish(out, err)
+                record["exit_code"] = code
             except RayOnGolemError as e:
-                record["result"] = {"exit_code": None, "stdout": "", "stderr": "", "error": str(e)}
+                record["error"] = str(e)
             except Exception as e:  # noqa: BLE001
                 self.log.exception("run on %s failed", node.node_id)
-                record["result"] = {"exit_code": None, "stdout": "", "stderr": "", "error": f"internal error: {e}"}
+                record["error"] = f"internal error: {e}"
             finally:
-                record["done"].set()
+                record["done"] = True
+                publish()
 
         record["task"] = asyncio.create_task(runner())
         self.runs[run_id] = record
         return run_id
 
+    async def _run_step(self, node: ClusterNode, script: str, offsets: tuple[int, int]):
+        """One `run` of the start or poll script: (exit code or None, new offsets, stdout, stderr)."""
+        code, out, err = await self.execute(node, script, localize=False)
+        header, _, data = out.partition("\n")
+        fields = header.split()
+        if code != 0 or not fields or fields[0] == "GONE":
+            raise ServiceUnavailable(f"node {node.node_id} lost the command's output ({header or err.strip()[-300:]})")
+        sizes = (int(fields[0]), int(fields[1]))
+        exit_code = int(fields[2]) if len(fields) > 2 else None
+        return exit_code, sizes, data, err
+
     async def run_result(self, node: ClusterNode, run_id: str, wait: float) -> dict:
+        """What the run printed since the last call (waiting up to `wait` s for something new)."""
         import asyncio
 
         record = self.runs.get(run_id)
         if record is None or record["node"] is not node:
             raise NotFound(f"no run {run_id!r} on node {node.node_id}")
-        try:
-            await asyncio.wait_for(record["done"].wait(), max(0.0, min(wait, RUN_POLL_MAX_S)))
-        except asyncio.TimeoutError:
-            return {"done": False}
-        del self.runs[run_id]
-        return {"done": True, **record["result"]}
+        if not (record["stdout"] or record["stderr"] or record["done"]):
+            try:
+                await asyncio.wait_for(record["changed"].wait(), max(0.0, min(wait, RUN_POLL_MAX_S)))
+            except asyncio.TimeoutError:
+                pass
+        answer = {"done": record["done"], "stdout": "".join(record["stdout"]), "stderr": "".join(record["stderr"])}
+        record["stdout"].clear()
+        record["stderr"].clear()
+        if record["done"]:
+            answer.update(exit_code=record["exit_code"], error=record["error"])
+            del self.runs[run_id]
+        return answer
 
     async def upload_piece(self, node: ClusterNode, upload_id: str, data: str, directory: str | None,
                            final: bool) -> dict:
@@ -5779,7 +5862,7 @@ def _build_node_provider_class():
                 if states & {"terminating", "terminated"}:
                     reason = "; ".join(n.get("error") or "terminated" for n in nodes)
                     raise ProviderError(RayOnGolemError(f"head node failed to start: {reason}"))
-                _time.sleep(0.5)
+                _time.sleep(0.2)
 
         def terminate_node(self, node_id: str):
             node = self._call("DELETE", _node_path(self.cluster_name, node_id))
@@ -5865,21 +5948,25 @@ def _build_command_runner_class():
                 cmd = _with_environment_variables(cmd, environment_variables)
             body = {"command": cmd, "wait_running_s": int(timeout or 0)}
             result: dict = {}
+            stdout: list[str] = []
             try:
                 # Ray gives the command itself no deadline (the ssh runner uses
                 # `timeout` only to connect): it bounds the wait for a pending node.
                 run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
                 while not result.get("done"):
                     result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
+                    # Output is streamed: printed as the webserver gets it from the node.
+                    if result.get("stdout"):
+                        if with_output:
+                            stdout.append(result["stdout"])
+                        elif not silent:
+                            sys.stdout.write(result["stdout"])
+                            sys.stdout.flush()
+                    if result.get("stderr") and not silent:
+                        sys.stderr.write(result["stderr"])
+                        sys.stderr.flush()
             except RayOnGolemError as exc:
                 result = {"error": str(exc), "exit_code": None}
-            if not silent:
-                if result.get("stdout") and not with_output:
-                    sys.stdout.write(result["stdout"])
-                    sys.stdout.flush()
-                if result.get("stderr"):
-                    sys.stderr.write(result["stderr"])
-                    sys.stderr.flush()
             error, exit_code = result.get("error"), result.get("exit_code")
             if shutdown_after_run:
                 self.provider.terminate_node(self.node_id)
@@ -5893,7 +5980,7 @@ def _build_command_runner_class():
                     code=exit_code,
                     command=cmd,
                 )
-            return (result.get("stdout") or "").encode() if with_output else ""
+            return "".join(stdout).encode() if with_output else ""
 
         def run_rsync_up(self, source, target, options=None):
             options = options or {}

@@ -195,7 +195,7 @@ def test_tag_filter_needs_every_key(tags, tag_filter, expected):
 ])
 def test_ray_stop_is_scoped_to_the_node_on_the_local_network(command, local, expected_stop):
     script = rog.localize_command(command, local)
-    assert script.startswith('. "$HOME/.ray_on_golem/env"')
+    assert script.startswith('if [ -f "$HOME/.ray_on_golem/env" ]; then . "$HOME/.ray_on_golem/env"; fi;')
     assert (rog.NODE_RAY_STOP in script) is expected_stop
     if expected_stop:
         assert not re.search(r"(?<![\w.])ray stop", script)
@@ -266,6 +266,11 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     used = int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1))
     assert used >= 2, submit.stdout
+    # Files come back through the same channel (`ray rsync-down` = run_rsync_down).
+    fetched = tmp_path / "fetched.py"
+    down_file = session.ray("rsync-down", str(config), "~/fan_out.py", str(fetched))
+    assert down_file.returncode == 0, down_file.stderr[-2000:]
+    assert fetched.read_text() == (REPO / "examples" / "fan_out.py").read_text()
     workers = [n for n in session.nodes(cluster) if n["tags"]["ray-node-type"] == "worker"]
     assert 1 <= len(workers) <= 2
     assert all(n["tags"]["ray-user-node-type"] == "ray.worker.default" for n in workers)
