@@ -107,6 +107,10 @@ def parse_iso(text: str, field: str) -> datetime:
     return ts
 
 
+def json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
@@ -239,7 +243,7 @@ class Response:
             return self.raw
         if self.status == 204:
             return b""
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        return json_text(self.body).encode()
 
 
 class Signal:
@@ -535,6 +539,38 @@ OUTBOUND_REJECTION = (
 )
 
 
+DEBIT_NOTE_INTERVAL_KEY = "golem.com.scheme.payu.debit-note.interval-sec?"
+PAYMENT_TIMEOUT_KEY = "golem.com.scheme.payu.payment-timeout-sec?"
+MID_AGREEMENT_REQUIRED_FROM_S = 10 * 3600  # payment_timeout.rs: payment_timeout_required_duration
+ACCEPT_TIMEOUT_KEY = "golem.com.payment.debit-notes.accept-timeout?"
+ACCEPT_TIMEOUT_S = 240  # expiration.rs: debit_note_acceptance_deadline (4min)
+MIN_EXPIRATION_S = 5 * 60  # expiration.rs limits (yagna-api.md §5.1)
+MAX_EXPIRATION_S = 100 * 31_557_600
+MAX_EXPIRATION_WITHOUT_DEADLINE_S = 30 * 60
+
+
+def humantime(seconds: int) -> str:
+    """A duration as Rust's humantime::format_duration writes it in provider messages
+    ("1s", "2m 30s", "10h", "1day")."""
+    parts = []
+    for unit, size, plural in (("year", 31_557_600, True), ("month", 2_630_016, True), ("day", 86_400, True),
+                               ("h", 3600, False), ("m", 60, False), ("s", 1, False)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}{'s' if plural and count > 1 else ''}")
+    return " ".join(parts) or "0s"
+
+
+def _chrono_display(ts: datetime) -> str:
+    """chrono's Display of a DateTime<Utc> built from milliseconds: `2026-11-26 22:36:44.081 UTC`."""
+    return ts.strftime("%Y-%m-%d %H:%M:%S") + (f".{ts.microsecond // 1000:03d}" if ts.microsecond else "") + " UTC"
+
+
+def _rfc3339(ts: datetime) -> str:
+    """chrono's to_rfc3339 (AutoSi fractions) for millisecond timestamps."""
+    return ts.isoformat(timespec="milliseconds" if ts.microsecond else "seconds")
+
+
 class ProfileError(ValueError):
     """A bad profile; the message names the field."""
 
@@ -575,7 +611,7 @@ class Provider:
         if self._properties is None:
             props: dict[str, Any] = {
                 "golem.activity.caps.transfer.protocol": ["gftp", "https", "http"],
-                "golem.com.payment.debit-notes.accept-timeout?": 240,
+                ACCEPT_TIMEOUT_KEY: ACCEPT_TIMEOUT_S,
                 "golem.com.payment.protocol.version": 3,
                 "golem.com.pricing.model": "linear",
                 # usage-vector order, then the initial price (§4.1)
@@ -805,6 +841,9 @@ class Population:
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
+                if spec.get("behaviour") == "slow" and "latency_s" not in spec:
+                    # drawn apart from the main sequence, which the other providers depend on
+                    p.latency_s = round(random.Random(f"{self.seed}:slow:{i}").uniform(*slow_r), 3)
             # yagna's subscription id shape: <uuid hex>-<sha256 hex>
             digest = hashlib.sha256(f"offer:{self.seed}:{p.node_id}".encode()).hexdigest()
             p.offer_id = f"{digest[:32]}-{hashlib.sha256(digest.encode()).hexdigest()}"
@@ -1033,9 +1072,9 @@ def flatten_properties(props: dict, prefix: str = "") -> dict:
 
 # --- market state ---
 
+# the enums of ya-aioclient's models: anything else kills golem-core's loops (§3, checklist item 5)
 PROPOSAL_STATES = ("Initial", "Draft", "Rejected", "Accepted", "Expired")
 AGREEMENT_STATES = ("Proposal", "Pending", "Cancelled", "Rejected", "Approved", "Expired", "Terminated")
-LIVE_AGREEMENT_STATES = ("Proposal", "Pending", "Approved")
 
 
 class Proposal:
@@ -1051,6 +1090,7 @@ class Proposal:
         self.demand = demand
         self.provider = provider
         self.from_requestor = from_requestor
+        assert state in PROPOSAL_STATES, state
         self.state = state
         self.properties = properties
         self.constraints = constraints
@@ -1154,6 +1194,7 @@ class Market:
         self.agreement_observers: list[Callable[[Agreement, str, str], None]] = []
         self._offer_ms = ms(clock.started_at)
         self._offer_trees: dict[str, tuple] = {}
+        self._offer_json: dict[int, str] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     # --- demands and offers ---
@@ -1166,10 +1207,11 @@ class Market:
         # offers already on the market match at once; the rest arrive as they are
         # broadcast (P2P discovery), on the simulated clock
         now_sim = demand.subscribed_sim_s
+        # ... in the order the node received them, the known ones included
         schedule = sorted(
-            (max(0.0, p.offer_at_s - now_sim), p.index) for p in self.population.providers)
+            (max(0.0, p.offer_at_s - now_sim), p.offer_at_s, p.index) for p in self.population.providers)
         mono = demand.subscribed_mono
-        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, i in schedule)
+        demand.pending_offers = deque((mono + self.clock.real_delay(d), i) for d, _, i in schedule)
         self.demands[demand.id] = demand
         return demand
 
@@ -1221,19 +1263,33 @@ class Market:
         self.proposals[proposal.id] = proposal
         proposal.demand.proposals[proposal.id] = proposal
 
-    def take_events(self, demand: Demand, max_events: int) -> list[dict]:
-        """Take up to max_events: yagna removes what it returns, so each is delivered once (§2.0)."""
+    def take_events(self, demand: Demand, max_events: int) -> list[str]:
+        """Take up to max_events, as JSON texts: yagna removes what it returns, so each
+        is delivered once (§2.0)."""
         self._release_due_offers(demand, max_events)
         out = []
         while demand.events and len(out) < max_events:
             event = demand.events.popleft()
             date = iso(self.clock.event_now())
             if event["eventType"] == "ProposalEvent":
-                out.append({"eventType": "ProposalEvent", "eventDate": date,
-                            "proposal": event["proposal"].to_json(self)})
+                out.append(self._proposal_event_json(event["proposal"], date))
             else:
-                out.append({**event, "eventDate": date})
+                out.append(json_text({**event, "eventDate": date}))
         return out
+
+    def _proposal_event_json(self, proposal: Proposal, date: str) -> str:
+        """A ProposalEvent; an offer's properties are encoded once per provider, since a big
+        population sends the same offers to every demand."""
+        provider = proposal.provider
+        if proposal.properties is provider.offer_properties(self._offer_ms):
+            props = self._offer_json.get(provider.index)
+            if props is None:
+                props = self._offer_json[provider.index] = json_text(proposal.properties)
+        else:
+            props = json_text(proposal.properties)
+        rest = proposal.to_json(self)
+        del rest["properties"]
+        return f'{{"eventType":"ProposalEvent","eventDate":"{date}","proposal":{{"properties":{props},{json_text(rest)[1:]}}}'
 
     def seconds_to_next_offer(self, demand: Demand) -> float | None:
         if not demand.pending_offers:
@@ -1289,19 +1345,43 @@ class Market:
         self._timers.add(handle)
 
     def rejection(self, provider: Provider, properties: dict) -> tuple[str, bool] | None:
-        """The provider's negotiators on a counter-proposal: (message, is_final) or None
-        to accept. Messages are the exact strings of yagna's provider agent (§5.1)."""
-        if provider.behaviour == "busy" or provider.approved_agreements >= provider.agreement_limit:
-            return f"No capacity available. Reached Agreements limit: {provider.agreement_limit}", False
-        if provider.behaviour == "outbound_rules" and "golem.srv.comp.payload" in properties:
-            return OUTBOUND_REJECTION, True
+        """The provider's negotiators on a counter-proposal: (message, is_final) or None to
+        accept. The exact strings of yagna's provider agent (§5.1), its default limits, and
+        the order of its composite negotiator: Validation, LimitAgreements, LimitExpiration,
+        DebitNoteInterval, PaymentTimeout, ManifestSignature (outbound rules)."""
         if "golem.com.payment.chosen-platform" not in properties:
             return "Missing fields: /golem/com/payment/chosen-platform", False
-        for key, label in (("golem.com.scheme.payu.debit-note.interval-sec?", "DebitNote interval"),
-                           ("golem.com.scheme.payu.payment-timeout-sec?", "DebitNote payment timeout")):
+        if provider.behaviour == "busy" or provider.approved_agreements >= provider.agreement_limit:
+            return f"No capacity available. Reached Agreements limit: {provider.agreement_limit}", False
+        expiration = properties.get("golem.srv.comp.expiration")
+        expires_at = (datetime.fromtimestamp(expiration / 1000, timezone.utc)
+                      if isinstance(expiration, (int, float)) and not isinstance(expiration, bool) else None)
+        now = utcnow()
+        deadline = properties.get(ACCEPT_TIMEOUT_KEY)
+        if expires_at is not None:
+            longest = MAX_EXPIRATION_S if deadline is not None else MAX_EXPIRATION_WITHOUT_DEADLINE_S
+            too_late = expires_at < now + timedelta(seconds=MIN_EXPIRATION_S)
+            if too_late or expires_at > now + timedelta(seconds=longest):
+                return (f"Proposal expires at: {_chrono_display(expires_at)} which is less than "
+                        f"{humantime(MIN_EXPIRATION_S)} or more than {humantime(longest)} from now"), too_late
+        if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+            if deadline > ACCEPT_TIMEOUT_S:
+                return f"DebitNote acceptance deadline should be less than {humantime(ACCEPT_TIMEOUT_S)}.", True
+            if deadline < 5:
+                return f"To low DebitNotes timeout: {humantime(int(deadline))}", True
+        for key, label in ((DEBIT_NOTE_INTERVAL_KEY, "DebitNote interval"),
+                           (PAYMENT_TIMEOUT_KEY, "DebitNote payment timeout")):
             value = properties.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or not 1 <= value <= 86400):
-                return f"Demand {label} {value}s not in acceptable range of [1s; 86400s]", True
+            if isinstance(value, (int, float)) and not 1 <= value <= 86400:
+                return (f"Demand {label} {humantime(int(value))} not in acceptable range of "
+                        f"[{humantime(1)}; {humantime(86400)}]"), True
+        if (expires_at is not None and PAYMENT_TIMEOUT_KEY not in properties
+                and expires_at - now >= timedelta(seconds=MID_AGREEMENT_REQUIRED_FROM_S)):
+            return (f"Expiration time {_rfc3339(expires_at)} exceeds the "
+                    f"{humantime(MID_AGREEMENT_REQUIRED_FROM_S)} threshold of enforcing mid-agreement payments "
+                    f"but the required property '{PAYMENT_TIMEOUT_KEY}' was not present in the Demand"), True
+        if provider.behaviour == "outbound_rules" and "golem.srv.comp.payload" in properties:
+            return OUTBOUND_REJECTION, True
         return None
 
     def _provider_answer(self, counter: Proposal) -> None:
@@ -1319,14 +1399,17 @@ class Market:
         else:
             props = dict(provider.offer_properties(self._offer_ms))
             # a real provider echoes the requestor's mid-agreement terms within its limits,
-            # so one round trip is enough (§2.6)
-            for key in ("golem.com.scheme.payu.debit-note.interval-sec?",
-                        "golem.com.scheme.payu.payment-timeout-sec?"):
+            # so one round trip is enough (§2.6), and drops them when the demand has none
+            for key in (DEBIT_NOTE_INTERVAL_KEY, PAYMENT_TIMEOUT_KEY):
                 if key in counter.properties:
                     props[key] = counter.properties[key]
-            timeout = counter.properties.get("golem.com.payment.debit-notes.accept-timeout?")
-            if isinstance(timeout, (int, float)) and timeout <= props["golem.com.payment.debit-notes.accept-timeout?"]:
-                props["golem.com.payment.debit-notes.accept-timeout?"] = timeout
+                else:
+                    props.pop(key, None)
+            # expiration.rs: adopt a shorter acceptance deadline, drop ours if the demand has none
+            if ACCEPT_TIMEOUT_KEY in counter.properties:
+                props[ACCEPT_TIMEOUT_KEY] = counter.properties[ACCEPT_TIMEOUT_KEY]
+            else:
+                props.pop(ACCEPT_TIMEOUT_KEY, None)
             if "golem.com.payment.chosen-platform" in counter.properties:
                 props["golem.com.payment.chosen-platform"] = counter.properties["golem.com.payment.chosen-platform"]
             draft = Proposal(demand, provider, False, "Draft", props, provider.offer_constraints(self._offer_ms),
@@ -1371,6 +1454,7 @@ class Market:
         return agreement
 
     def set_state(self, agreement: Agreement, state: str) -> None:
+        assert state in AGREEMENT_STATES, state
         old = agreement.state
         if old == state:
             return
@@ -1508,7 +1592,7 @@ class MarketRoutes(HttpHandler):
                                  lambda: market.seconds_to_next_offer(demand))
         if events is True:
             market.get_demand(demand.id)  # raises the 404
-        return self.ok(events)
+        return Response(200, raw=("[" + ",".join(events) + "]").encode())
 
     async def get_proposal(self) -> Response:
         market = self.net.market

@@ -94,6 +94,7 @@ def raw_demand(ln, props=None, constraints="(&(golem.runtime.name=vm))"):
     properties = {"golem.srv.comp.expiration": now_ms + 3600_000, "golem.node.debug.subnet": "public",
                   "golem.com.payment.platform.erc20-local-tglm.address": "0x" + "11" * 20,
                   "golem.com.payment.protocol.version": "3",
+                  "golem.com.payment.debit-notes.accept-timeout?": 240,
                   "golem.com.scheme.payu.debit-note.interval-sec?": 180,
                   "golem.com.scheme.payu.payment-timeout-sec?": 43200}
     properties.update(props or {})
@@ -949,3 +950,88 @@ def test_unsubscribe_ends_the_polls_in_flight_with_yagnas_404(localnet):
     poller.join(10)  # well before the poll's own 15 s
     assert not poller.is_alive()
     assert answers == [(404, {"message": f"Subscription [{demand_id}] not found. Could be unsubscribed."})]
+
+
+def test_offers_reach_the_market_over_time_in_broadcast_order(localnet_factory):
+    """With nothing known at start, offers arrive as the simulated P2P broadcasts reach the
+    node, in the order `population --json` publishes (offer_at_s); x60 makes 5 min 5 s."""
+    ln = localnet_factory(providers=20, seed=3, time_scale=60,
+                          profile={**FAST_PROFILE, "known_at_start": 0.0, "discovery_s": 300, "behaviours": {}})
+    population = ln.population()
+    assert all(p["offer_at_s"] > 0 for p in population)
+    demand_id, _, _ = raw_demand(ln)
+    events = poll_events(ln, demand_id, 20, timeout=5)
+    assert len(events) == 20
+    expected = [p["node_id"] for p in sorted(population, key=lambda p: (p["offer_at_s"], p["index"]))]
+    assert [e["proposal"]["issuerId"] for e in events] == expected
+
+
+def test_time_scale_speeds_up_provider_latency(localnet_factory):
+    """The `slow` provider answers after 30 simulated seconds: at x100 golem-core gets its Draft."""
+    ln = localnet_factory(profile=MARKET_TEST_PROFILE, time_scale=100)
+
+    async def main():
+        async with golem_node(ln) as node:
+            _, _, offers = await market_of_the_test_profile(node)
+            ours = await counter(offers["slow"])
+            draft = await asyncio.wait_for(ours.responses().__anext__(), 30)
+            return draft.data.state
+
+    assert run(main()) == "Draft"
+    assert [p["latency_s"] for p in ln.population() if p["name"] == "slow"] == [30.0]
+
+
+def _counter_raw(ln, props_update, drop=()):
+    """Counter the `ok-1` offer of a fresh demand over REST; return the first answer event."""
+    demand_id, props, constraints = raw_demand(ln)
+    ok = next(e["proposal"] for e in poll_events(ln, demand_id, 8, timeout=2)
+              if e["proposal"]["properties"]["golem.node.id.name"] == "ok-1")
+    body = {**props, "golem.com.payment.chosen-platform": "erc20-local-tglm", **props_update}
+    if body["golem.srv.comp.expiration"] == "just past":
+        started = datetime.fromisoformat(ln.state()["started_at"].replace("Z", "+00:00"))
+        body["golem.srv.comp.expiration"] = int(started.timestamp() * 1000) + 1
+    for key in drop:
+        body.pop(key)
+    status, counter_id = ln.call("POST", f"{M}/demands/{demand_id}/proposals/{ok['proposalId']}",
+                                 {"properties": body, "constraints": constraints})
+    assert status == 200, counter_id
+    return poll_events(ln, demand_id, 1, timeout=5)[0]
+
+
+@pytest.mark.parametrize("update, drop, message", [
+    ({"golem.com.scheme.payu.debit-note.interval-sec?": 100000}, (),
+     "Demand DebitNote interval 1day 3h 46m 40s not in acceptable range of [1s; 1day]"),
+    ({"golem.srv.comp.expiration": 2_000_000_000_000}, ("golem.com.payment.debit-notes.accept-timeout?",),
+     "Proposal expires at: 2033-05-18 03:33:20 UTC which is less than 5m or more than 30m from now"),
+    ({"golem.com.payment.debit-notes.accept-timeout?": 300}, (),
+     "DebitNote acceptance deadline should be less than 4m."),
+    ({"golem.com.payment.debit-notes.accept-timeout?": 3}, (), "To low DebitNotes timeout: 3s"),
+    ({"golem.com.scheme.payu.payment-timeout-sec?": 0}, (),
+     "Demand DebitNote payment timeout 0s not in acceptable range of [1s; 1day]"),
+    # after the offers were made (so the match holds) but before now
+    ({"golem.srv.comp.expiration": "just past"}, (), "Proposal expires at: {expiration} which is less than 5m or "
+     "more than 100years from now"),
+    ({"golem.srv.comp.expiration": 2_000_000_000_000}, ("golem.com.scheme.payu.payment-timeout-sec?",),
+     "Expiration time 2033-05-18T03:33:20+00:00 exceeds the 10h threshold of enforcing mid-agreement payments "
+     "but the required property 'golem.com.scheme.payu.payment-timeout-sec?' was not present in the Demand"),
+])
+def test_mid_agreement_terms_are_checked_like_the_provider_agent(localnet, update, drop, message):
+    event = _counter_raw(localnet, update, drop)
+    assert event["eventType"] == "ProposalRejectedEvent"
+    if "{expiration}" in message:
+        ms = event["reason"]["message"].split("at: ")[1].split(" which")[0]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{3})? UTC", ms)
+        message = message.format(expiration=ms)
+    # only "too far in the future" may be retried later (expiration.rs)
+    final = "30m from now" not in message
+    assert event["reason"] == {"message": message, "golem.proposal.rejection.is-final": final}
+
+
+def test_draft_echoes_or_drops_the_mid_agreement_terms(localnet):
+    echoed = _counter_raw(localnet, {"golem.com.scheme.payu.debit-note.interval-sec?": 600})["proposal"]
+    assert echoed["properties"]["golem.com.scheme.payu.debit-note.interval-sec?"] == 600
+    assert echoed["properties"]["golem.com.scheme.payu.payment-timeout-sec?"] == 43200
+    dropped = _counter_raw(localnet, {}, drop=("golem.com.scheme.payu.debit-note.interval-sec?",
+                                               "golem.com.scheme.payu.payment-timeout-sec?"))["proposal"]
+    assert "golem.com.scheme.payu.debit-note.interval-sec?" not in dropped["properties"]
+    assert "golem.com.scheme.payu.payment-timeout-sec?" not in dropped["properties"]
