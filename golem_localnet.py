@@ -1802,6 +1802,125 @@ class LoopbackPool:
             self._lock_file = None
 
 
+# --- cgroup v2 (when the machine lets us) ----------------------------------
+
+
+class CgroupTree:
+    """One cgroup v2 per activity under `<cgroup2 mount>/<our cgroup>/golem-localnet-<pid>/`.
+
+    Where cgroup2 is mounted and writable, a sandbox's processes are put in its cgroup before
+    they exec, so membership survives setsid, double forks and rewritten environments,
+    `cgroup.kill` ends them all at once, and `cpu.stat` counts the CPU of every process that
+    ever ran there. Without it, the sandbox falls back to sessions + descendants + marker.
+    Trees left by a localnet that died without cleaning up (SIGKILL) are killed on start.
+    """
+
+    PREFIX = "golem-localnet-"
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def create(cls) -> "CgroupTree | None":
+        try:
+            mount = next(
+                line.split(" - ")[0].split()[4]
+                for line in open("/proc/self/mountinfo", encoding="utf-8")
+                if " - cgroup2 " in line
+            )
+            own = next(line[3:].strip() for line in open("/proc/self/cgroup", encoding="utf-8") if line.startswith("0::"))
+            base = Path(mount) / own.lstrip("/")
+            cls._clean_stale(base)
+            root = base / f"{cls.PREFIX}{os.getpid()}"
+            root.mkdir(mode=0o755, exist_ok=True)
+            if not (root / "cgroup.procs").exists():
+                raise OSError("not a cgroup2 directory")
+            return cls(root)
+        except (OSError, StopIteration):
+            return None
+
+    @classmethod
+    def _clean_stale(cls, base: Path) -> None:
+        for tree in base.glob(f"{cls.PREFIX}*"):
+            pid = tree.name[len(cls.PREFIX):]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                for group in tree.iterdir():
+                    if group.is_dir():
+                        cls._kill(group)
+                        cls._wait_empty(group)
+                        cls._remove(group)
+                cls._remove(tree)
+
+    def group(self, activity_id: str) -> Path | None:
+        path = self.root / activity_id
+        try:
+            path.mkdir(mode=0o755)
+            return path
+        except OSError:
+            return None
+
+    @staticmethod
+    def members(group: Path) -> set[int]:
+        try:
+            return {int(pid) for pid in (group / "cgroup.procs").read_text().split()}
+        except OSError:
+            return set()
+
+    @staticmethod
+    def cpu_seconds(group: Path) -> Decimal:
+        """CPU of everything that ever ran in the group, exited processes included."""
+        try:
+            for line in (group / "cpu.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "usage_usec":
+                    return Decimal(int(value)) / 1_000_000
+        except OSError:
+            pass
+        return Decimal(0)
+
+    @staticmethod
+    def _kill(group: Path) -> None:
+        try:
+            (group / "cgroup.kill").write_text("1")  # Linux >= 5.14: SIGKILL to all, no fork race
+        except OSError:
+            for pid in CgroupTree.members(group):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    kill = _kill
+
+    @staticmethod
+    def _wait_empty(group: Path, seconds: float = 2.0) -> None:
+        """Killed members take a moment to leave; rmdir fails until they have (cgroup.events)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if "populated 0" in (group / "cgroup.events").read_text():
+                    return
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    @staticmethod
+    def _remove(group: Path) -> None:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+    remove = _remove
+
+    def close(self) -> None:
+        for group in self.root.glob("*"):
+            if group.is_dir():
+                self._kill(group)
+                self._wait_empty(group)
+                self._remove(group)
+        self._remove(self.root)
+
+
 # --- the sandbox ------------------------------------------------------------
 
 
@@ -1815,19 +1934,17 @@ class Sandbox:
     setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
     """
 
-    def __init__(self, root: Path, activity_id: str):
+    def __init__(self, root: Path, activity_id: str, cgroup: Path | None = None):
         self.activity_id = activity_id
+        self.cgroup = cgroup
         self.home = root / activity_id
         self.tmp = self.home / "tmp"
-        self.exe_dir = self.home / ".exe"
-        for d in (self.home, self.tmp, self.exe_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(self.tmp, mode=0o700)  # HOME and TMPDIR; mkdir is the costly part of a create
         self.loopback_ip: str | None = None
         self.vpn_ip: str | None = None
         self.sessions: set[int] = set()
         self.known: set[tuple[int, int]] = set()  # (pid, start) of processes seen as ours
         self.finished_seconds = Decimal(0)  # CPU of processes reaped by the localnet itself
-        self._captures = 0
         self._cpu_reported = Decimal(0)
         self._marker = f"{ACTIVITY_MARKER_ENV}={activity_id}".encode()
 
@@ -1851,10 +1968,11 @@ class Sandbox:
     def owned(self, table: dict[int, ProcInfo]) -> dict[int, ProcInfo]:
         """The sandbox's processes in `table`; remembers them so their orphans stay ours."""
         me = os.getpid()
+        members = CgroupTree.members(self.cgroup) if self.cgroup else set()
         owned = {
             pid: info
             for pid, info in table.items()
-            if info.sid in self.sessions or (pid, info.start) in self.known
+            if info.sid in self.sessions or (pid, info.start) in self.known or pid in members
         }
         # Descendants of owned processes, to a fixed point (setsid'd children of a daemon).
         children: dict[int, list[ProcInfo]] = {}
@@ -1877,6 +1995,8 @@ class Sandbox:
         """CPU seconds of the whole process tree, dead and alive; never decreases."""
         live = sum(info.ticks for info in self.owned(table).values())
         total = self.finished_seconds + Decimal(live) / _CLK_TCK
+        if self.cgroup:
+            total = max(total, CgroupTree.cpu_seconds(self.cgroup))
         self._cpu_reported = max(self._cpu_reported, total)
         return self._cpu_reported
 
@@ -1953,8 +2073,11 @@ class Activity:
         self.error_message: str | None = None
         self.created_monotonic = time.monotonic()
         self.created_at = iso(utcnow())
-        self.sandbox = Sandbox(engine.sandbox_root, activity_id)
+        self.sandbox = Sandbox(engine.sandbox_root, activity_id, engine.cgroups and engine.cgroups.group(activity_id))
         self.deploy_net: list = []
+        # set once the activity's processes are gone (what the invoice bills)
+        self.final_cpu_seconds: Decimal | None = None
+        self.final_wall_seconds: Decimal | None = None
         self.batches: dict[str, Batch] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._current: Batch | None = None
@@ -2150,6 +2273,7 @@ class ActivityEngine:
         self.activities: dict[str, Activity] = {}
         self.loopback = LoopbackPool()
         self.subreaper = become_subreaper()
+        self.cgroups = CgroupTree.create()
         self.time_scale = time_scale
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
@@ -2193,10 +2317,8 @@ class ActivityEngine:
         inherited descriptors open, and the command must still return when its own process ends.
         """
         sandbox = activity.sandbox
-        sandbox._captures += 1
-        out_path = sandbox.exe_dir / f"{sandbox._captures}.stdout"
-        err_path = sandbox.exe_dir / f"{sandbox._captures}.stderr"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        # Anonymous files (O_TMPFILE): nothing to clean up, nothing for the command to trip over.
+        with tempfile.TemporaryFile(dir=sandbox.home) as out, tempfile.TemporaryFile(dir=sandbox.home) as err:
             proc = subprocess.Popen(
                 argv,
                 cwd=sandbox.home,
@@ -2205,16 +2327,17 @@ class ActivityEngine:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=_join_cgroup(sandbox.cgroup) if sandbox.cgroup else None,
             )
-        sandbox.sessions.add(proc.pid)
-        self._children[proc.pid] = activity
-        try:
-            status, rusage = await self._wait_child(proc.pid)
-        finally:
-            self._children.pop(proc.pid, None)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
-        sandbox.add_rusage(rusage)
-        return proc.returncode, _read_capture(out_path), _read_capture(err_path)
+            sandbox.sessions.add(proc.pid)
+            self._children[proc.pid] = activity
+            try:
+                status, rusage = await self._wait_child(proc.pid)
+            finally:
+                self._children.pop(proc.pid, None)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must never waitpid a reused pid
+            sandbox.add_rusage(rusage)
+            return proc.returncode, _read_capture(out), _read_capture(err)
 
     async def _wait_child(self, pid: int):
         loop = asyncio.get_running_loop()
@@ -2274,6 +2397,9 @@ class ActivityEngine:
         until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
         me = os.getpid()
+        if sandbox.cgroup:
+            sandbox.cpu_seconds(read_proc_table())  # last look at their CPU before they go
+            CgroupTree.kill(sandbox.cgroup)
         for _ in range(50):
             table = read_proc_table()
             if not sandbox.signal_all(table, signal.SIGSTOP):
@@ -2298,6 +2424,8 @@ class ActivityEngine:
             if not left:
                 break
             await asyncio.sleep(0.01)
+        if sandbox.cgroup:
+            CgroupTree.remove(sandbox.cgroup)  # fails while members linger; close() retries
         return table
 
     # -- ending --
@@ -2335,9 +2463,11 @@ class ActivityEngine:
         await self.terminate(activity_id, "destroyed by requestor")
 
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
-        for activity in list(self.activities.values()):
-            if activity.agreement_id == agreement_id and activity.alive:
-                await self.terminate(activity.activity_id, reason)
+        """End the agreement's activities; returns once all of them are gone (also those already
+        ending), so that what they used is final."""
+        await asyncio.gather(*(
+            self.terminate(a.activity_id, reason) for a in list(self.activities.values()) if a.agreement_id == agreement_id
+        ))
 
     def inspect(self) -> dict:
         by_state: dict[str, int] = {}
@@ -2356,6 +2486,7 @@ class ActivityEngine:
                         "nodeIp": a.sandbox.loopback_ip,
                         "vpnIp": a.sandbox.vpn_ip,
                         "sessions": sorted(a.sandbox.sessions),
+                        "cgroup": str(a.sandbox.cgroup) if a.sandbox.cgroup else None,
                     }
                     for a in self.activities.values()
                 ],
@@ -2368,6 +2499,23 @@ class ActivityEngine:
             *(self.terminate(a.activity_id, "local network shut down") for a in list(self.activities.values()) if a.alive)
         )
         self.loopback.close()
+        if self.cgroups:
+            self.cgroups.close()
+
+
+def _join_cgroup(group: Path):
+    """A preexec_fn: the child enters the activity's cgroup before exec, so even its first fork
+    is inside. Only os calls run there (no locks, no imports) between fork and exec."""
+    procs = str(group / "cgroup.procs")
+
+    def join() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    return join
 
 
 class _ZeroUsage:
@@ -2375,12 +2523,10 @@ class _ZeroUsage:
     ru_stime = 0.0
 
 
-def _read_capture(path: Path) -> str:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
-        return f.read().decode("utf-8", errors="replace")
+def _read_capture(f) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - CAPTURE_LIMIT_BYTES))
+    return f.read().decode("utf-8", errors="replace")
 
 
 
@@ -2410,12 +2556,6 @@ class ActivityRoutes(HttpHandler):
 
     async def get_activity_state(self) -> Response:
         return self.ok(self._activity().state_json())
-
-    async def get_activity_usage(self) -> Response:
-        activity = self._activity()
-        usage = self.net.billing.usage(activity)
-        vector = self.net.billing.billing(activity.agreement).usage_vector
-        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
 
     async def post_activity_exec(self) -> Response:
         activity = self._activity()
@@ -3093,7 +3233,7 @@ class ProviderBilling:
         return billing
 
     def usage(self, activity: "Activity") -> dict[str, Decimal]:
-        if activity.alive:
+        if activity.final_cpu_seconds is None:
             cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
         else:
             cpu, wall = activity.final_cpu_seconds, activity.final_wall_seconds
@@ -3174,10 +3314,10 @@ class ProviderBilling:
         """What a provider agent does to a requestor that does not accept debit notes: kill the
         activities and terminate the agreement. golem-core sees it only as the Terminated activity
         state and failing exec calls (yagna-api.md §5.1)."""
-        await self.activities.terminate_agreement(agreement.id, reason)
         if agreement.state == "Approved":
-            agreement.terminate_reason = {"message": reason, "golem.requestor.code": "DebitNotesDeadline"}
+            agreement.terminate_reason = {"message": reason, "golem.provider.code": "DebitNotesDeadline"}
             self.market.set_state(agreement, "Terminated")  # -> _agreement_changed -> invoice
+        await self.activities.terminate_agreement(agreement.id, reason)
 
     def activity_ended(self, activity: "Activity") -> None:
         for timer in self._timers.pop(activity.activity_id, []):
@@ -3194,7 +3334,12 @@ class ProviderBilling:
         if agreement.id in self._invoiced:
             return None
         self._invoiced.add(agreement.id)
-        await self.activities.terminate_agreement(agreement.id, "agreement terminated")
+        why = agreement.terminate_reason if isinstance(agreement.terminate_reason, dict) else {}
+        if "golem.provider.code" in why:  # the provider broke it (break_agreement)
+            reason = str(why.get("message"))
+        else:
+            reason = "agreement terminated by the requestor"
+        await self.activities.terminate_agreement(agreement.id, reason)
         acts = [a for a in self.activities.activities.values() if a.agreement.id == agreement.id]
         if not acts:
             return None  # nothing ran: nothing to bill (yagna sends no invoice either)
@@ -3282,6 +3427,14 @@ class ProviderBilling:
 
 
 class BillingRoutes(HttpHandler):
+    async def get_activity_usage(self) -> Response:
+        """GET /activity/{id}/usage: the counters of the usage vector right now."""
+        activity = self.net.activities.get(self.params["activity_id"])
+        activity.check_answering()
+        usage = self.net.billing.usage(activity)
+        vector = self.net.billing.billing(activity.agreement).usage_vector
+        return self.ok({"currentUsage": [float(usage.get(n, 0)) for n in vector], "timestamp": int(time.time())})
+
     async def post_debit_note_accept(self) -> Response:
         self.net.billing.accept_debit_note(self.params["debit_note_id"], self.request.json())
         return self.ok(None)

@@ -131,6 +131,8 @@ async def main(args) -> list[tuple[str, str]]:
                     ("same chain, 7 raw keep-alive HTTP calls, median / p90", f"{rm * 1000:.1f} / {rp90 * 1000:.1f} ms"),
                     ("  baseline: one keep-alive HTTP round trip (median)", f"{hm * 1000:.2f} ms"),
                     ("  baseline: bare /bin/sh -c true (median)", f"{sm * 1000:.2f} ms"),
+                    ("  ratio golem-core chain / (7 round trips + 1 bare spawn)", f"{m / (7 * hm + sm):.1f}x"),
+                    ("  ratio raw chain / (7 round trips + 1 bare spawn)", f"{rm / (7 * hm + sm):.1f}x"),
                 ]
 
                 t0 = time.perf_counter()
