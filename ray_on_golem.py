@@ -1441,32 +1441,37 @@ def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str,
 class HTTPConnection:
     """A keep-alive HTTP/1.1 client connection to a loopback `http://` service (yagna, the webserver).
 
-    Not `http.client`: it imports `email` and `ssl`, ~50 ms (100 ms on a busy machine) of
-    a `status` whose whole budget is 60 ms. Plain http only; every service here is on 127.0.0.1.
+    Not `http.client` (it imports `email` and `ssl`: ~50 ms) nor even `socket` (its enum
+    conversions: ~10 ms), out of a `status` whose whole budget is 60 ms: the C `_socket`
+    and a small buffer. Plain http only; every service here is on 127.0.0.1.
     """
 
     def __init__(self, host: str, port: int, timeout: float = 10.0):
         self.host, self.port, self.timeout = host, port, timeout
         self._sock = None
-        self._stream = None
+        self._buffer = b""
 
     def close(self) -> None:
         if self._sock is not None:
-            self._stream.close()
             self._sock.close()
-            self._sock = self._stream = None
+            self._sock, self._buffer = None, b""
 
     def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, bytes]:
         """Send one request, return (status, body). OSError/ValueError when the exchange fails."""
-        import socket
+        import _socket
 
         # A reused keep-alive connection the server closed meanwhile fails on first use: retry once, fresh.
         for attempt in (0, 1):
             fresh = self._sock is None
             if fresh:
-                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._stream = self._sock.makefile("rb")
+                self._sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+                self._sock.settimeout(self.timeout)
+                try:
+                    self._sock.connect((self.host, self.port))
+                except OSError:
+                    self.close()
+                    raise
+                self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             self._sock.settimeout(self.timeout)
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(body or b'')}"]
             head += [f"{k}: {v}" for k, v in headers.items()]
@@ -1479,31 +1484,48 @@ class HTTPConnection:
                     raise
         raise AssertionError("unreachable")
 
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buffer += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if len(self._buffer) > 65536:
+                raise ValueError("response line too long")
+            self._fill()
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
     def _read_response(self) -> tuple[int, bytes]:
-        stream = self._stream
-        status_line = stream.readline(65537)
-        if not status_line:
-            raise ConnectionResetError("connection closed before a response")
-        status = int(status_line.split()[1])
+        status = int(self._line().split()[1])
         headers = {}
-        while True:
-            line = stream.readline(65537)
-            if line in (b"\r\n", b"\n", b""):
-                break
+        while line := self._line():
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body = b""
-            while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
-                body += stream.read(size)
-                stream.readline(3)
-            while stream.readline(65537) not in (b"\r\n", b"\n", b""):
+            while (size := int(self._line().split(b";")[0], 16)) > 0:
+                body += self._exactly(size)
+                self._line()
+            while self._line():
                 pass  # trailers
         elif "content-length" in headers:
-            body = stream.read(int(headers["content-length"]))
-        else:
-            body = stream.read()  # until the server closes
-            headers["connection"] = "close"
+            body = self._exactly(int(headers["content-length"]))
+        else:  # until the server closes
+            try:
+                while True:
+                    self._fill()
+            except ConnectionResetError:
+                pass
+            body, headers["connection"] = self._buffer, "close"
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, body
@@ -4894,8 +4916,10 @@ class Webserver:
             return {"shutdown": "already_shutting_down", "live_nodes": self.live_nodes()}
         live = self.live_nodes()
         if live and not force:
-            names = ", ".join(sorted(self.clusters()))
-            raise Conflict(f"the webserver has {live} live node(s) in cluster(s) {names}; force the shutdown to terminate them")
+            per_cluster = {name: sum(n for state, n in counts.items() if state != "terminated")
+                           for name, counts in sorted(self.clusters().items())}  # fmt: skip
+            where = ", ".join(f"{name} ({n})" for name, n in per_cluster.items() if n)
+            raise Conflict(f"{live} live node(s) in cluster(s) {where}; a forced shutdown terminates them")
         self._log.info("shutdown requested%s (live nodes: %d)", " with force" if force else "", live)
         asyncio.get_running_loop().create_task(self.shutdown(force))
         return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}
@@ -4982,6 +5006,7 @@ class Webserver:
                 self._serve_connection, WEBSERVER_HOST, self.port, limit=MAX_REQUEST_HEAD, backlog=512
             )
         except OSError as e:
+            self._remove_runtime_files()  # the pidfile `start` wrote for us: no stale pointer left
             raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
@@ -4991,6 +5016,8 @@ class Webserver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.shutdown(force=True)))
         self._log.info("listening on http://%s:%d (pid %d, data dir %s)", WEBSERVER_HOST, self.port, os.getpid(), self.datadir)
+        print(f"Ray on Golem webserver {__version__} listening on http://{WEBSERVER_HOST}:{self.port} (pid {os.getpid()}); "
+              f"log: {os.path.join(self.datadir, WEBSERVER_LOG_FILE)}", flush=True)  # fmt: skip
         self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self._server.wait_closed()
@@ -5019,6 +5046,11 @@ class Webserver:
             self.state = "running"
             self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            import gc
+
+            # What start-up allocated lives as long as the process: out of the collector's sight,
+            # a full collection no longer walks it (tens of ms of stall at the p99 otherwise).
+            gc.freeze()
 
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
@@ -5248,7 +5280,9 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
                 out(f"Warning: its data directory is {status['datadir']}, not {datadir}.")
             if status["yagna"]["payment_network"] != network:
                 out(f"Warning: it uses payment network `{status['yagna']['payment_network']}`, not `{network}`.")
-            return _wait_running(client, None, datadir, timeout, out) if status["state"] == "starting" else EXIT_OK
+            if status["state"] == "starting":  # another `start` spawned it: wait for it like that one does
+                return _wait_running(client, None, datadir, timeout, out, pid=status["pid"])
+            return EXIT_OK
         elsewhere = read_runtime(datadir).get("port")
         if elsewhere not in (None, port):
             other = WebserverClient(datadir, elsewhere).status()
@@ -5281,15 +5315,22 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
         return code
 
 
-def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out) -> int:
-    """Poll the status route until `running`; report the log tail if the process dies or time runs out."""
+def _wait_running(client: WebserverClient, process, datadir: str, timeout: float, out, pid: int | None = None) -> int:
+    """Poll the status route until `running`; report the log tail if the process dies or time runs out.
+
+    `process` is the child we spawned; else `pid` is a webserver someone else spawned.
+    """
     import signal
     import time
 
     deadline = time.monotonic() + timeout
+    start_time = proc_start_time(pid) if pid else None
     while True:
         if process is not None and process.poll() is not None:
             out(_failure_report(datadir, f"the webserver exited with code {process.returncode}"))
+            return EXIT_FAILED
+        if pid is not None and not process_alive(pid, start_time):
+            out(_failure_report(datadir, f"the webserver (pid {pid}) exited while starting"))
             return EXIT_FAILED
         status = client.status()
         if status and status["state"] == "running":

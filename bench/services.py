@@ -28,7 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-CLI = [sys.executable, "-m", "ray_on_golem"]  # cached bytecode, as the console script runs it
+# What pip's `ray-on-golem` console script runs (no runpy, unlike `-m`), with the bytecode of install_modules.
+CLI = [sys.executable, "-c", "import sys; from ray_on_golem import main; sys.exit(main())"]
 
 import ray_on_golem as rog  # noqa: E402
 
@@ -39,23 +40,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env(home: str) -> dict[str, str]:
+def install_modules(tmp: str) -> str:
+    """Copy both modules with their bytecode into `tmp/lib`, as pip installs them.
+
+    A checkout run with PYTHONDONTWRITEBYTECODE (set on this machine) compiles the
+    3,000-line module on every start (~80 ms): not what a user's install does.
+    """
+    import py_compile
+    import shutil
+
+    lib = os.path.join(tmp, "lib")
+    os.makedirs(lib)
+    for name in ("ray_on_golem.py", "golem_localnet.py"):
+        py_compile.compile(shutil.copy(os.path.join(ROOT, name), lib), doraise=True)
+    return lib
+
+
+def clean_env(home: str, lib: str = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ON_GOLEM_", "YAGNA_", "XDG_"))}
     env["HOME"] = home
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = lib
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+CPU: dict[str, list[float]] = {}  # row name -> CPU seconds (user + sys) of the command, per run
+
+
+def timed(cmd: list[str], env: dict[str, str], row: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall time of one run; its CPU time goes to CPU[row] (robust on a busy machine, unlike wall time)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return time.perf_counter() - t0, done
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if row:
+        CPU.setdefault(row, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return elapsed, done
 
 
 def localnet_alone(tmp: str, env: dict[str, str]) -> float:
     """Spawn the local network, time until its ready line (internals.md), stop it by PID."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "golem_localnet.py"), "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "golem_localnet", "serve", "--port", "0",
                              "--datadir", tmp], stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - t0
@@ -83,10 +111,12 @@ def bench_start(runs: int, tmp: str, env: dict[str, str]) -> dict[str, list[floa
 
 def bench_status(runs: int, datadir: str, env: dict[str, str]) -> dict[str, list[float]]:
     out = {"python -c pass": [], "status (webserver running)": [], "status --json": []}
+    commands = {"python -c pass": [sys.executable, "-c", "pass"],
+                "status (webserver running)": [*CLI, "status", "--datadir", datadir],
+                "status --json": [*CLI, "status", "--json", "--datadir", datadir]}  # fmt: skip
     for _ in range(runs):
-        out["python -c pass"].append(timed([sys.executable, "-c", "pass"], env)[0])
-        out["status (webserver running)"].append(timed([*CLI, "status", "--datadir", datadir], env)[0])
-        out["status --json"].append(timed([*CLI, "status", "--json", "--datadir", datadir], env)[0])
+        for name, cmd in commands.items():
+            out[name].append(timed(cmd, env, name)[0])
     return out
 
 
@@ -155,22 +185,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bench_route(port: int, token: str, clients: int, duration: float, runs: int, rate: float | None
-                ) -> list[tuple[str, float, float, float]]:  # fmt: skip
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a process has used: /proc/PID/stat fields 14 and 15."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_route(port: int, pid: int, token: str, clients: int, duration: float, runs: int, rate: float | None
+                ) -> list[tuple[str, float, float, float, float]]:  # fmt: skip
+    """Rows (server, p50, p99, requests/s, server CPU per request): the CPU figure holds on a busy machine."""
     rows = []
     floor_port = free_port()
     floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)], stdout=subprocess.PIPE, text=True)
     try:
         assert floor.stdout.readline().strip() == "ready"
-        for name, target, tok in (("floor: constant-answer asyncio server", floor_port, None),
-                                  ("webserver GET /status (bearer token)", port, token)):  # fmt: skip
-            p50s, p99s, rates = [], [], []
+        for name, target, server_pid, tok in (("floor: constant-answer asyncio server", floor_port, floor.pid, None),
+                                              ("webserver GET /status (bearer token)", port, pid, token)):  # fmt: skip
+            p50s, p99s, rates, cpus = [], [], [], []
             for _ in range(runs):
+                cpu0 = process_cpu(server_pid)
                 latencies, wall = asyncio.run(load(target, tok, clients, duration, rate))
+                cpus.append((process_cpu(server_pid) - cpu0) / len(latencies))
                 p50s.append(percentile(latencies, 0.50))
                 p99s.append(percentile(latencies, 0.99))
                 rates.append(len(latencies) / wall)
-            rows.append((name, statistics.median(p50s), statistics.median(p99s), statistics.median(rates)))
+            rows.append((name, statistics.median(p50s), statistics.median(p99s), statistics.median(rates),
+                         statistics.median(cpus)))  # fmt: skip
     finally:
         floor.terminate()
         floor.wait(10)
@@ -187,8 +228,10 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rog-bench-") as tmp:
-        env = clean_env(tmp)
-        print(f"# services bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, median of {args.runs} runs")
+        os.chdir(tmp)  # `-m ray_on_golem` looks in the cwd first: never pick up a stray checkout
+        env = clean_env(tmp, install_modules(tmp))
+        print(f"# services bench: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+              f"Python {sys.version.split()[0]}, median of {args.runs} runs (min = best run)")
         print(f"\n{'wall time':<42} {'median':>9} {'min':>9} {'max':>9}")
         for name, values in bench_start(args.runs, tmp, env).items():
             print(f"{name:<42} {statistics.median(values) * 1000:>7.0f}ms {min(values) * 1000:>7.0f}ms "
@@ -199,18 +242,21 @@ def main() -> int:
                               capture_output=True, text=True, env=env)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         try:
+            print(f"\n{'wall time (CPU = user + sys of the command)':<42} {'median':>9} {'min':>9} {'max':>9} "
+                  f"{'CPU med':>9}")  # fmt: skip
             for name, values in bench_status(args.status_runs, datadir, env).items():
                 print(f"{name:<42} {statistics.median(values) * 1000:>7.1f}ms {min(values) * 1000:>7.1f}ms "
-                      f"{max(values) * 1000:>7.1f}ms")  # fmt: skip
+                      f"{max(values) * 1000:>7.1f}ms {statistics.median(CPU[name]) * 1000:>7.1f}ms")  # fmt: skip
             token = rog.read_token(datadir)
             pid = rog.read_runtime(datadir)["pid"]
             for rate in (None, args.rate):
                 mode = f"open loop, {rate:.0f} req/s offered" if rate else "closed loop, back to back"
                 print(f"\n{args.clients} keep-alive clients, {mode}, {args.duration:.0f} s per run, "
                       f"median of {args.runs} runs")  # fmt: skip
-                print(f"{'server':<42} {'p50':>9} {'p99':>9} {'req/s':>9}")
-                for name, p50, p99, done_rate in bench_route(port, token, args.clients, args.duration, args.runs, rate):
-                    print(f"{name:<42} {p50 * 1000:>7.2f}ms {p99 * 1000:>7.2f}ms {done_rate:>9.0f}")
+                print(f"{'server':<42} {'p50':>9} {'p99':>9} {'req/s':>9} {'CPU/req':>9}")
+                for name, p50, p99, done_rate, cpu in bench_route(port, pid, token, args.clients, args.duration,
+                                                                  args.runs, rate):  # fmt: skip
+                    print(f"{name:<42} {p50 * 1000:>7.2f}ms {p99 * 1000:>7.2f}ms {done_rate:>9.0f} {cpu * 1e6:>7.0f}us")
             with open(f"/proc/{pid}/status") as f:
                 rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
             print(f"\nwebserver RSS after the load: {int(rss) / 1024:.1f} MiB")

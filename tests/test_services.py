@@ -82,6 +82,15 @@ class Services:
         self.remember()
         return done
 
+    def cli_python(self, code: str) -> subprocess.CompletedProcess:
+        """Run Python code where the CLI runs (inside the namespace for the real yagna)."""
+        cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); {code}"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
     def start(self, *extra: str) -> subprocess.CompletedProcess:
         return self.cli("start", "--datadir", self.datadir, "-p", str(self.port), "--network", self.network, *extra)
 
@@ -241,6 +250,18 @@ def test_start_status_stop(any_services):
     assert report["webserver"]["datadir"] == svc.datadir
     if kind == "yagna":
         assert report["webserver"]["yagna"]["version"] == "0.17.6"
+        # The wallet route, asked from inside the namespace as the node provider would.
+        asked = svc.cli_python(
+            "import json, ray_on_golem as r; "
+            f"print(json.dumps(r.WebserverClient({svc.datadir!r}, {svc.port}).request('GET', '/wallet')))"
+        )
+        wallet = json.loads(asked.stdout)
+        assert wallet["wallet_address"] == report["webserver"]["yagna"]["identity"].lower()
+        assert wallet["payment_platform"] == "erc20-holesky-tglm"
+        # `payment init --sender` registered the account offline (yagna-offline.md §3) ...
+        assert any(a["platform"] == "erc20-holesky-tglm" and a["send"] for a in wallet["accounts"])
+        # ... but a balance needs the chain: said, not hidden.
+        assert wallet["balance"] is None and any("Server is unreachable" in e for e in wallet["errors"])
 
     again = svc.start()
     assert again.returncode == 0
@@ -369,6 +390,8 @@ def test_port_in_use_fails_cleanly(services):
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{services.port}" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    assert rog.read_pidfile(services.datadir) is None  # the failed webserver removed what `start` wrote
+    assert "stale" not in services.status().stdout
 
 
 @pytest.mark.parametrize(
@@ -537,7 +560,7 @@ def test_stop_refuses_while_clusters_have_live_nodes(running):
 
     refused = running.stop()
     assert refused.returncode == 1
-    assert "Cannot stop the webserver: the webserver has 2 live node(s)" in refused.stdout
+    assert "Cannot stop the webserver: 2 live node(s) in cluster(s) golem-cluster (2); " in refused.stdout
     assert "ray-on-golem stop --force" in refused.stdout
     assert rog.process_alive(running.runtime()["pid"])
 
@@ -727,6 +750,8 @@ def test_sigterm_is_a_graceful_shutdown(services, when):
         services.remember()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read()
+        assert proc.stdout.readline().startswith(f"Ray on Golem webserver {rog.__version__} listening on "
+                                                 f"http://127.0.0.1:{services.port} (pid {proc.pid})")  # fmt: skip
         assert processes_mentioning(services.datadir) == []
         assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_PID_FILE))
         assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_RUNTIME_FILE))
@@ -748,3 +773,68 @@ def test_daemon_dying_becomes_a_status_warning(running):
     assert "Server warnings:" in running.status().stdout
     assert running.stop().returncode == 0
     assert processes_mentioning(running.datadir) == []
+
+
+def test_listens_on_loopback_only(shared):
+    """The listening socket is bound to 127.0.0.1, not 0.0.0.0 (/proc/net/tcp: state 0A = LISTEN)."""
+    with open("/proc/net/tcp") as f:
+        listening = [line.split()[1] for line in f.readlines()[1:] if line.split()[3] == "0A"]
+    ours = [addr for addr in listening if int(addr.split(":")[1], 16) == shared.port]
+    assert ours == ["0100007F:%04X" % shared.port]
+
+
+def test_external_daemon_is_used_and_left_running(services):
+    """A local network that already runs for this data dir is used; stop leaves it to whoever started it."""
+    netdir = os.path.join(_mk(services.datadir), "localnet")
+    external = subprocess.Popen([sys.executable, os.path.join(ROOT, "golem_localnet.py"), "serve", "--port", "0",
+                                 "--datadir", netdir], stdout=subprocess.PIPE, text=True, env=services.env)  # fmt: skip
+    try:
+        assert external.stdout.readline().startswith("golem-localnet listening on http://127.0.0.1:")
+        started = services.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        yagna = services.runtime()["yagna"]
+        assert yagna["pid"] == external.pid and yagna["started_by_us"] is False
+        assert "started externally" in services.status().stdout
+        stopped = services.stop()
+        assert stopped.returncode == 0
+        assert "localnet at http://127.0.0.1:" in stopped.stdout and "left running (started externally)" in stopped.stdout
+        assert external.poll() is None  # still running: not ours to stop
+        services.seen.pop(external.pid, None)
+    finally:
+        external.terminate()
+        assert external.wait(30) == 0
+
+
+def test_stop_kill_ends_a_frozen_webserver_and_its_daemon(running):
+    """A webserver that cannot answer (SIGSTOP): stop refuses without --kill; --kill ends it and its local network."""
+    runtime = running.runtime()
+    os.kill(runtime["pid"], signal.SIGSTOP)
+    refused = running.stop("--timeout", "1")
+    assert refused.returncode == 1 and "Use `ray-on-golem stop --kill` to end it." in refused.stdout
+    killed = running.stop("--kill", "--timeout", "1")
+    assert killed.returncode == 0, killed.stdout
+    assert f"Process {runtime['pid']} terminated." in killed.stdout
+    assert f"Stopped the localnet it had started (pid {runtime['yagna']['pid']})." in killed.stdout
+    assert not running.alive() and processes_mentioning(running.datadir) == []
+    assert rog.read_pidfile(running.datadir) is None
+
+
+def test_start_waits_for_a_webserver_that_is_still_starting(services):
+    proc = _foreground_webserver(services)
+    try:
+        client = rog.WebserverClient(services.datadir, services.port)
+        for _ in range(3000):
+            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
+            if status:
+                break
+            time.sleep(0.005)
+        assert status["state"] == "starting"
+        started = services.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "already running" in started.stdout and "Webserver is running on" in started.stdout
+        assert client.request("GET", "/status")["state"] == "running"
+        assert services.stop().returncode == 0
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
