@@ -1954,6 +1954,9 @@ DEFAULT_PROPOSAL_RESPONSE_TIMEOUT = 30.0  # seconds; the original's value (golem
 DEBIT_NOTE_INTERVAL_S = 180  # what the original asks for; providers accept [1 s, 24 h]
 DEBIT_NOTE_ACCEPT_TIMEOUT_S = 240  # a real provider rejects a larger one (reference/yagna-api.md §2.6)
 DEMAND_LIFETIME_DAYS = 365
+# yagna drops a demand subscription after an hour (golem-core's Demand DEFAULT_TTL, which its
+# RefreshingDemandManager follows): a long-lived pipeline subscribes a fresh one before that.
+DEMAND_REFRESH_S = 50 * 60
 # Scoring without a `per_cpu_expected_usage` block still prefers cheap providers: price
 # them for one fully used CPU-hour.
 DEFAULT_EXPECTED_USAGE = (1.0, 1.0)  # (cpu_load, duration_hours)
@@ -2331,7 +2334,8 @@ class MarketPipeline:
                  total_budget: float = 5.0, payment_driver: str = "erc20",
                  concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
                  response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, seed: int | None = None,
-                 max_drafts: int | None = None, allocation=None):
+                 max_drafts: int | None = None, demand_refresh_s: float = DEMAND_REFRESH_S,
+                 allocation=None):
         import asyncio
         from datetime import timedelta
 
@@ -2351,6 +2355,7 @@ class MarketPipeline:
         self.concurrency = concurrency
         self.max_drafts = max_drafts  # node starts hold a few drafts; a scan negotiates everything
         self.response_timeout = response_timeout
+        self.demand_refresh_s = demand_refresh_s
         self.pricing = Pricing(budget)
         self.filters = budget_filters(budget, self.pricing)
         # cost scores are relative to the user's own limit, else to 1 GLM per expected usage
@@ -2372,13 +2377,14 @@ class MarketPipeline:
         # A given allocation (a cluster's, shared by its pipelines) is the giver's to release.
         self.allocation = allocation
         self._owns_allocation = allocation is None
-        self.demand = None
+        self.demand = None  # the newest subscription; older ones stay until stop (their drafts)
+        self.demands: list = []
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()  # (-score, seq, Candidate)
         self._drafts: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self._room = asyncio.Condition()  # signalled when a draft slot frees (max_drafts)
         self._reserved = 0  # negotiator slots holding or about to hold a draft
         self._seq = 0
-        self._demand_data = None
+        self._demand_data: dict = {}  # demand id -> DemandData, parsed once
         self._answers: dict = {}  # our counter-proposal id -> future of the provider's answer
         self._answer_handler = None
         self._tasks: list = []
@@ -2390,7 +2396,7 @@ class MarketPipeline:
         """Allocate, subscribe the demand and start the collector and the negotiators."""
         import asyncio
 
-        from golem.resources import Allocation, Demand
+        from golem.resources import Allocation
         from golem.resources.proposal.events import NewProposal
 
         try:
@@ -2404,13 +2410,7 @@ class MarketPipeline:
                 hint += f" and top it up with `yagna payment fund --network {network}`"
             raise ServiceUnavailable(
                 f"could not allocate {self.total_budget} GLM on {network}: {_api_error_text(e)}{hint}") from None
-        builder = await self.spec.build(self.allocation)
-        self.demand = await Demand.create_from_properties_constraints(
-            self.node, builder.properties, builder.constraints)
-        self.demand.start_collecting_events()
-        # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
-        # every call (its cache is never filled): read it once for all negotiations.
-        self._demand_data = await self.demand.get_demand_data()
+        await self._subscribe()
         self._answer_handler = await self.node.event_bus.on(NewProposal, self._on_new_proposal)
         self._tasks.append(asyncio.create_task(self._collect()))
         self._tasks += [asyncio.create_task(self._negotiate_forever())
@@ -2434,8 +2434,8 @@ class MarketPipeline:
                 drafts.append(self._drafts.get_nowait()[2])
             await asyncio.gather(*(self._reject(c.draft, REASON_NO_MORE_NEEDED) for c in drafts),
                                  return_exceptions=True)
-        if self.demand is not None:
-            await _quietly(self.demand.unsubscribe())
+        for demand in self.demands:
+            await _quietly(demand.unsubscribe())
         if self.allocation is not None and self._owns_allocation:
             await _quietly(self.allocation.release())
 
@@ -2470,6 +2470,8 @@ class MarketPipeline:
         import asyncio
         import time
 
+        if stop_event is not None and stop_event.is_set():
+            return False  # interrupted while connecting: allocate and subscribe nothing
         started = time.monotonic()
         full = True
         await self.start()
@@ -2533,8 +2535,32 @@ class MarketPipeline:
     # -- stages ----------------------------------------------------------------
 
     async def _collect(self) -> None:
-        async for proposal in self.demand.initial_proposals():
+        import asyncio
+
+        while True:
+            try:
+                await asyncio.wait_for(self._collect_from(self.demand), self.demand_refresh_s)
+            except asyncio.TimeoutError:
+                pass
+            await self._subscribe()
+
+    async def _collect_from(self, demand) -> None:
+        async for proposal in demand.initial_proposals():
             self.classify(proposal)
+
+    async def _subscribe(self) -> None:
+        """Subscribe a demand (the allocation's platform in it) and start collecting its events."""
+        from golem.resources import Demand
+
+        builder = await self.spec.build(self.allocation)
+        demand = await Demand.create_from_properties_constraints(
+            self.node, builder.properties, builder.constraints)
+        demand.start_collecting_events()
+        self.demand = demand
+        self.demands.append(demand)
+        # golem-core's Demand.get_demand_data() re-parses the constraints with textX on
+        # every call (its cache is never filled): read it once for all negotiations.
+        self._demand_data[demand.id] = await demand.get_demand_data()
 
     def classify(self, proposal) -> Candidate | None:
         """Filter chain and scoring for one initial proposal; queue it when it passes."""
@@ -2614,7 +2640,7 @@ class MarketPipeline:
         from golem.managers.base import ManagerPluginException
         from golem.payload import Properties
 
-        demand_data = self._demand_data or await offer.demand.get_demand_data()
+        demand_data = self._demand_data.get(offer.demand.id) or await offer.demand.get_demand_data()
         while True:
             # negotiators change properties only: copy those, share the parsed constraints
             negotiated = dataclasses.replace(demand_data, properties=Properties(demand_data.properties))
@@ -2672,8 +2698,11 @@ class MarketPipeline:
         raise ManagerPluginException(REASON_NO_RESPONSE)
 
     async def _on_new_proposal(self, event) -> None:
-        data = event.resource.data
-        answered = self._answers.get(data.prev_proposal_id) if data is not None else None
+        try:
+            data = event.resource.data
+        except RuntimeError:  # our own counter-proposals carry no data until fetched
+            return
+        answered = self._answers.get(data.prev_proposal_id)
         if answered is not None and not answered.done():
             answered.set_result(event.resource)
 

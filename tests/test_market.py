@@ -281,3 +281,33 @@ def test_max_drafts_holds_negotiation_until_a_draft_is_taken(localnet_factory):
     assert held == (1, 1)
     assert initialized_after == 2
     assert net.state()["agreements"]["count"] == 0
+
+
+def test_a_long_lived_pipeline_subscribes_a_fresh_demand_before_yagna_drops_it(localnet_factory):
+    """yagna forgets a demand after an hour; node starts go on for longer (here: every 1 s)."""
+    from golem.node import GolemNode
+
+    net = localnet_factory(profile={**AGREEMENT_PROFILE, "explicit": [
+        {**p, "behaviour": "ok"} for p in AGREEMENT_PROFILE["explicit"]]})
+
+    async def scenario():
+        node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
+        await node.start()
+        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local"), rog.BudgetControl(), demand_refresh_s=1)
+        try:
+            await pipeline.start()
+            while len(pipeline.demands) < 2 or pipeline.funnel.counts[rog.STAGE_NEGOTIATED] < 6:
+                await asyncio.sleep(0.05)
+            # drafts negotiated on any of its demands still become agreements
+            agreement, candidate = await asyncio.wait_for(pipeline.agreement(), 60)
+            await agreement.terminate("test done")
+            return len(pipeline.demands), pipeline.funnel.counts[rog.STAGE_INITIAL]
+        finally:
+            await pipeline.stop()
+            await node.aclose()
+
+    demands, initial = asyncio.run(scenario())
+    assert demands >= 2 and initial >= 6  # every demand is offered the whole market again
+    state = net.state()
+    assert state["demands"]["unsubscribed"] == demands
+    assert state["agreements"]["by_state"] == {"Terminated": 1}

@@ -174,7 +174,7 @@ def test_funnel_counts_and_error_groups_match_the_population(localnet, run_cli, 
     assert state["demands"]["unsubscribed"] == 1
 
 
-def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, tmp_path, population):
+def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, datadir, tmp_path, population):
     budget = BUDGETS["sample budget"][0]
     cluster = write_cluster(tmp_path / "cluster.yaml", {"budget_control": budget})
     done = scan(run_cli, cluster)
@@ -187,6 +187,9 @@ def test_text_output_has_the_exact_shape_of_the_issue(localnet, run_cli, tmp_pat
         *report_of(stages, errors),
     ]
     assert "elapsed" not in done.stderr  # no progress line without a terminal
+    # golem-core's own complaints go to the log, and a clean scan leaves none there
+    log = (datadir / "network-stats.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log
 
 
 def test_providers_table_lists_every_provider_with_its_outcome(localnet, run_cli, tmp_path, population):
@@ -428,3 +431,56 @@ def test_real_yagna_without_funds_exits_1_and_stops_what_it_started(netns, offli
     assert "could not allocate 5.0 GLM on holesky" in done.stderr and "Traceback" not in done.stderr
     assert "Server is unreachable" in done.stderr  # yagna's own reason, then what to do
     assert "`yagna payment status --network holesky`" in done.stderr
+
+
+@pytest.mark.yagna
+@pytest.mark.parametrize("network, asks_the_faucet", [("holesky", True), ("polygon", False)])
+def test_only_testnet_wallets_are_topped_up(netns, offline_yagna_env, tmp_path, network, asks_the_faucet):
+    """With no daemon the real `yagna payment fund` fails at once: a warning proves it ran."""
+    snippet = ("import sys, ray_on_golem as rog; service = rog.YagnaService(sys.argv[1], sys.argv[2]); "
+               "print(repr(rog.top_up_testnet_wallet(service, sys.argv[1])))")
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", snippet, network, str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO),
+                          env=cli_env(None, tmp_path, offline_yagna_env))
+    assert done.returncode == 0, done.stderr
+    if asks_the_faucet:
+        assert done.stdout.startswith("'could not top up the holesky wallet: `yagna payment fund --network holesky")
+    else:
+        assert done.stdout.strip() == "None"
+
+
+def test_ctrl_c_also_stops_the_local_network_it_started(datadir, tmp_path):
+    import urllib.request
+
+    (tmp_path / "market.json").write_text(json.dumps({"known_at_start": 1.0}))
+    cluster = write_cluster(tmp_path / "cluster.yaml", {}, local_network={
+        "providers": 5, "time_scale": TIME_SCALE, "profile": "market.json"})
+    process = subprocess.Popen([sys.executable, str(ROG), "network-stats", str(cluster), "--duration", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cli_env(datadir, tmp_path))
+    try:
+        assert process.stdout.readline() == "Gathering stats data for 5 minutes...\n"
+        record = datadir / "localnet" / "localnet.json"
+        demands = 0
+        while not demands:  # the local network it started has our demand: the scan runs
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+            if record.exists() and (datadir / "localnet" / "appkey").exists():
+                url = json.loads(record.read_text())["url"]
+                key = (datadir / "localnet" / "appkey").read_text().strip()
+                request = urllib.request.Request(f"{url}/localnet/v1/state",
+                                                 headers={"Authorization": f"Bearer {key}"})
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        demands = json.loads(response.read())["demands"]["count"]
+                except OSError:
+                    pass
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "Proposals count:" in out.splitlines()
+    assert not pid_alive(json.loads(record.read_text())["pid"])
