@@ -3364,7 +3364,7 @@ class ClusterService:
             raise Conflict(f"this webserver pays on `{self.network}`, the cluster asks for `{network}`; "
                            f"stop it (`ray-on-golem stop`) or use webserver_port of another one")
         await self.connect()
-        self.payments.check_can_start(cluster_name, tags)
+        self.payments.check_can_start(cluster_name, tags, parameters)
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
@@ -4190,6 +4190,7 @@ class ClusterPayments:
         self.spending: dict[str, Spending] = {}  # cluster name -> spending of its allocation
         self.accounts: dict[str, AgreementAccount] = {}  # agreement id -> account
         self.exhausted: dict[str, str] = {}  # cluster name -> why the budget stopped it
+        self.requested_budget: dict = {}  # cluster name -> total_budget of its latest node request
         self.warned: set[str] = set()
         self._lock = None
         self._watcher = None
@@ -4197,8 +4198,12 @@ class ClusterPayments:
     # -- allocations ----------------------------------------------------------------
 
     def budget_of(self, parameters: dict):
-        # The YAML number as written (PyYAML gives a float; its repr is the shortest exact text).
-        return parse_amount(parameters.get("total_budget") or 5.0, "total_budget")
+        """`total_budget` as an exact Decimal: the YAML number as written (PyYAML gives a float;
+        its repr is the shortest text that reads back the same)."""
+        value = parameters.get("total_budget")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+            raise ValueError(f"total_budget: {value!r} is not an amount")
+        return parse_amount(5.0 if value is None else value, "total_budget")
 
     async def allocation(self, cluster: "Cluster"):
         """The cluster's one allocation of `total_budget`, made on first use."""
@@ -4207,7 +4212,7 @@ class ClusterPayments:
         async with self.lock:
             allocation = self.allocations.get(cluster.name)
             if allocation is None:
-                budget = self.budget_of(cluster.parameters)
+                budget = self.requested_budget.get(cluster.name) or self.budget_of(cluster.parameters)
                 try:
                     allocation = await Allocation.create_any_account(
                         self.service.golem, budget, cluster.network, cluster.parameters.get("payment_driver") or "erc20")
@@ -4420,15 +4425,20 @@ class ClusterPayments:
             asyncio.create_task(self.service._stop(node))
         return victims
 
-    def check_can_start(self, cluster_name: str, tags: dict) -> None:
+    def check_can_start(self, cluster_name: str, tags: dict, parameters: dict) -> None:
         """Nodes of a cluster the budget stopped are refused (the autoscaler would rent again and again);
-        a new head (`ray up` again) after the old allocation is released gets a new budget."""
+        a new head (`ray up` again) after the old allocation is released gets a new budget: the
+        `total_budget` of the latest request, which the next allocation takes."""
+        try:
+            budget = self.budget_of(parameters)
+        except ValueError as e:  # names the field: "total_budget: ..."
+            raise UsageError(f"provider_parameters.{e}") from None
+        if budget <= 0:
+            raise UsageError(f"provider_parameters.total_budget: expected an amount > 0, got {glm(budget)}")
         why = self.exhausted.get(cluster_name)
-        if why is None:
-            return
-        if tags.get("ray-node-kind") == "head" and cluster_name not in self.allocations:
-            return
-        raise Conflict(f"cluster {cluster_name!r} was {why}; raise total_budget and run `ray up` again")
+        if why is not None and (tags.get("ray-node-kind") != "head" or cluster_name in self.allocations):
+            raise Conflict(f"cluster {cluster_name!r} was {why}; raise total_budget and run `ray up` again")
+        self.requested_budget[cluster_name] = budget
 
     def report(self, cluster: "Cluster", now: float | None = None) -> dict:
         """What `status` shows for one cluster: spent, reserved, remaining, burn rate, warning."""

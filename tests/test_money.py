@@ -326,13 +326,25 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     assert f"{rog.glm(spent)} GLM of total_budget 1.4" in table.stdout
     assert all(n["node_id"] in table.stdout for n in (head, older, newer)) and "p-1" in table.stdout
 
+    assert money.call("GET", "/costs?cluster=nope")[0] == 404
+
+    # `ray up` again with a raised total_budget: a new head gets a new allocation and budget.
+    again = money.request_node("c1", "head", 2.5)
+    assert again["state"] == "pending"
+    deadline = time.monotonic() + 60
+    while money.call("GET", "/status")[1]["budgets"]["c1"]["total_budget"] != "2.5":
+        assert time.monotonic() < deadline, money.call("GET", "/status")[1]["budgets"]
+        time.sleep(0.3)
+
     # The ledger outlives the webserver: `costs` reads the same figures from the Store alone.
     assert money.call("POST", "/shutdown", {"force": True})[0] == 200
     money.proc.wait(timeout=90)
     after = money.cli("costs", "c1", "--json")
     assert after.returncode == 0, after.stderr
     (cluster,) = json.loads(after.stdout)["clusters"]
-    assert Decimal(cluster["cost"]) == spent and "budget" not in cluster
+    rows = money.ledger("c1")
+    assert Decimal(cluster["cost"]) == sum((Decimal(r["spent"]) for r in rows), Decimal(0)) >= spent
+    assert "budget" not in cluster and len(cluster["nodes"]) == 4
 
 
 @pytest.mark.slow
@@ -354,6 +366,12 @@ def test_an_inflated_debit_note_is_rejected_recorded_and_its_provider_blocked(mo
     assert block["source"] == "auto" and block["reason"].startswith("billed more than agreed: debit note ")
     assert "billing_breach" in kinds
     assert localnet_paid(money, [agreement_id]) == 0  # not a wei went to the greedy provider
+
+    for bad, why in (("lots", "'lots' is not a decimal amount"), (-1, "-1 is not a non-negative amount"),
+                     (0, "expected an amount > 0, got 0"), (True, "True is not an amount")):
+        status, body = money.call("POST", "/clusters/c2/nodes", {
+            "provider_parameters": {"payment_network": "local", "total_budget": bad}, "count": 1})
+        assert status == 400 and body["error"] == f"provider_parameters.total_budget: {why}", body
 
 
 def test_costs_reads_the_ledger_when_no_webserver_runs(tmp_path, run_cli, datadir):
