@@ -2851,7 +2851,7 @@ PROVISIONING_STEPS = (
     "Ready on {provider}",
 )
 
-CLUSTER_VPN_PREFIX = 24  # one VPN per cluster (the original shared one /16 between all)
+CLUSTER_VPN_PREFIX = 16  # one VPN per cluster (the original shared one /16 between all)
 PROVIDER_FAILURES_BEFORE_BLACKLIST = 2  # failed node starts within the window...
 PROVIDER_FAILURE_WINDOW_S = 3600.0
 PROVIDER_BLACKLIST_S = 3600.0  # ...block the provider for an hour (reason recorded)
@@ -3221,6 +3221,7 @@ class Cluster:
         self.gcs_port = _free_port() if self.local else 6379
         self.client_port = _free_port() if self.local else 10001
         self.lock = asyncio.Lock()
+        self.number = len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in NodeState}
@@ -3231,10 +3232,9 @@ class Cluster:
     async def ensure_vpn(self):
         async with self.lock:
             if self.vpn is None:
-                # 10.N.M.0/24 per cluster: addresses never collide between clusters.
-                number = abs(hash(self.name)) % 65000 + 1
-                self.vpn = await self.service.golem.create_network(
-                    f"10.{number // 256}.{number % 256}.0/{CLUSTER_VPN_PREFIX}")
+                # One network per cluster (the original shared one /16 between all clusters
+                # and never released addresses): golem-core hands out the next free host.
+                self.vpn = await self.service.golem.create_network(f"10.{self.number}.0.0/{CLUSTER_VPN_PREFIX}")
         return self.vpn
 
     async def pipeline(self, node_config: dict):
@@ -3469,8 +3469,8 @@ class ClusterService:
             await self._end_node(node, f"Failed: {node.error}")
             return
         if node.state == NodeState.PENDING:
-            self._set_state(node, NodeState.RUNNING)
-            node.step(len(PROVISIONING_STEPS))
+            node.state = NodeState.RUNNING
+            node.step(len(PROVISIONING_STEPS))  # logs and persists the state change at once
             node.monitor = asyncio.create_task(self._monitor(node))
 
     async def _start_on(self, node: ClusterNode, pipeline, agreement, candidate) -> None:
@@ -3590,8 +3590,15 @@ class ClusterService:
             node.ray_tmpdir = None
 
     async def _end_node(self, node: ClusterNode, message: str) -> None:
+        import asyncio
+
         await self._release(node, message)
         self._set_state(node, NodeState.TERMINATED, message)
+        cluster = node.cluster
+        if node.provisioning is asyncio.current_task() and not any(n.alive for n in cluster.nodes.values()):
+            # It never ran (deadline, failure): nothing else will end the cluster's
+            # pipelines (allocation, demand) and VPN.
+            asyncio.create_task(self._end_cluster(cluster))
 
     async def _stop(self, node: ClusterNode, end_cluster: bool = True) -> None:
         import asyncio
