@@ -2796,7 +2796,8 @@ async def _quietly(awaitable) -> None:
 def market_store_callbacks(store: "Store", network: str) -> dict:
     """`is_blacklisted` and `reputation` for a MarketPipeline, read from the Store.
 
-    The blacklist is read once: a scan is short, and a node start builds a new pipeline.
+    The blacklist is read once, which suits a scan; a pipeline that lives as long as a
+    cluster should ask `store.is_blocked` per proposal, so a block applies at once.
     """
     blocked = store.blocked_node_ids(network)
 
