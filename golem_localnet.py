@@ -2915,6 +2915,8 @@ def decimal_str(value: Decimal) -> str:
 
 
 class Allocation:
+    """Funds reserved for agreements; `spent` grows as invoices and debit notes are accepted."""
+
     def __init__(self, address: str, platform: str, total: Decimal, timeout: datetime | None,
                  make_deposit: bool) -> None:
         self.id = str(uuid.uuid4())
@@ -3009,7 +3011,7 @@ class Payments:
         if not total.is_finite() or total < 0:
             raise HttpError(400, f"totalAmount: must be a non-negative amount, got {total_raw!r}")
         address = body.get("address") or self.identity.node_id
-        if address.lower() != self.identity.node_id:
+        if not isinstance(address, str) or address.lower() != self.identity.node_id:
             raise HttpError(400, f"address: {address} is not an identity of this node")
         timeout_raw = body.get("timeout")
         timeout = parse_iso(timeout_raw, "timeout") if timeout_raw else None

@@ -1740,9 +1740,10 @@ class YagnaService:
         try:
             # Own session: a Ctrl-C on a foreground webserver must not reach the daemon
             # before the webserver has closed its agreements.
+            # cwd: `-m golem_localnet` looks in the cwd first; never a stray copy where the user stands.
             self._process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True, cwd=self.datadir,
             )  # fmt: skip
         finally:
             log.close()
@@ -4582,6 +4583,8 @@ def setup_webserver_logging(datadir: str, redactor: _SecretRedactor | None = Non
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # Python warnings (aiohttp, golem-core) into the rotated log, not the unrotated webserver.out.
+    logging.captureWarnings(True)
     return logging.getLogger("ray_on_golem")
 
 

@@ -1,19 +1,13 @@
-"""Shared fixtures: a private data dir, the CLI run as a user runs it (a real subprocess), the local network.
+"""Shared fixtures: a private data dir and the CLI run as a user runs it (a real subprocess).
 
 Every fixture that starts a process stops it by PID and checks nothing is left (see docs/internals.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -80,13 +74,24 @@ def spawn_cli(datadir: Path, tmp_path: Path):
     assert all(p.returncode is not None for p in started)
 
 
+# ---- localnet: a real `golem_localnet.py serve` process ---------------------
+# (self-contained block: its own imports, so it can sit below any other fixtures)
+
+import json  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+
 def pytest_configure(config):
-    for marker, text in (
-        ("slow", "takes more than a few seconds"),
-        ("yagna", "needs the real yagna binary (golem-node)"),
-        ("ray", "starts Ray clusters"),
-    ):
-        config.addinivalue_line("markers", f"{marker}: {text}")
+    """The markers these tests use, unless pyproject.toml already registers them."""
+    known = " ".join(config.getini("markers"))
+    for marker, text in (("slow", "takes more than a few seconds"),
+                         ("yagna", "needs the real yagna binary (golem-node)")):
+        if f"{marker}:" not in known:
+            config.addinivalue_line("markers", f"{marker}: {text}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -101,8 +106,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
 
-
-# ---- localnet: a real `golem_localnet.py serve` process ---------------------
 
 # A small, fully predictable population: one provider per behaviour, all offers on the
 # market from the start, quick answers. Tests that need a bigger or slower market pass

@@ -299,6 +299,9 @@ def test_every_route_but_version_needs_the_bearer_key(localnet):
     ("DELETE", f"{P}/allocations/nope", None, 404),
     ("POST", f"{P}/allocations", b'{"totalAmount": "lots"}', 400),
     ("POST", f"{P}/allocations", b'{"totalAmount": "-1"}', 400),
+    ("POST", f"{P}/allocations", b'{"totalAmount": "1", "address": 7}', 400),
+    ("POST", f"{P}/allocations", b'{"totalAmount": "1", "address": "0x0000000000000000000000000000000000000001"}', 400),
+    ("POST", f"{P}/allocations", b'{"totalAmount": "1", "timeout": 12}', 400),
     ("POST", f"{P}/allocations", b'{"totalAmount": "1", "paymentPlatform": "erc20-moon-tglm"}', 400),
     ("GET", f"{P}/demandDecorations?allocationIds=nope", None, 404),
     ("GET", f"{P}/demandDecorations", None, 400),
@@ -1035,3 +1038,24 @@ def test_draft_echoes_or_drops_the_mid_agreement_terms(localnet):
                                                "golem.com.scheme.payu.payment-timeout-sec?"))["proposal"]
     assert "golem.com.scheme.payu.debit-note.interval-sec?" not in dropped["properties"]
     assert "golem.com.scheme.payu.payment-timeout-sec?" not in dropped["properties"]
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"POST /market-api/v1/demands HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", 413),
+    (b"POST /market-api/v1/demands HTTP/1.1\r\nContent-Length: many\r\n\r\n", 400),
+])
+def test_malformed_http_gets_a_json_error_and_the_server_lives_on(localnet, raw, status):
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(localnet.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert json.loads(body)["message"]
+    assert localnet.call("GET", "/me")[0] == 200

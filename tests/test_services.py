@@ -728,9 +728,9 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def _foreground_webserver(svc: Services) -> subprocess.Popen:
+def _foreground_webserver(svc: Services, cwd: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, MODULE, "webserver", "--datadir", svc.datadir, "-p", str(svc.port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=svc.env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=svc.env, cwd=cwd)  # fmt: skip
 
 
 @pytest.mark.parametrize("when", ["starting", "running"])
@@ -819,8 +819,12 @@ def test_stop_kill_ends_a_frozen_webserver_and_its_daemon(running):
     assert rog.read_pidfile(running.datadir) is None
 
 
-def test_start_waits_for_a_webserver_that_is_still_starting(services):
-    proc = _foreground_webserver(services)
+def test_start_waits_for_a_webserver_that_is_still_starting(services, tmp_path):
+    # Run from a directory holding a stray golem_localnet.py: `-m` must not pick it up.
+    stray = tmp_path / "elsewhere"
+    stray.mkdir()
+    (stray / "golem_localnet.py").write_text("raise SystemExit('stray copy')\n")
+    proc = _foreground_webserver(services, cwd=str(stray))
     try:
         client = rog.WebserverClient(services.datadir, services.port)
         for _ in range(3000):
@@ -838,3 +842,18 @@ def test_start_waits_for_a_webserver_that_is_still_starting(services):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_daemon_log_rolls_over_by_size_at_open(tmp_path):
+    path = str(tmp_path / "yagna.log")
+    for generation in range(4):
+        with open(path, "ab") as f:
+            f.write(b"x" * 2048 + str(generation).encode())
+        rog.open_rotated_log(path, max_bytes=1024, backups=2).close()
+    assert os.path.getsize(path) == 0  # a fresh file for the next run
+    with open(path + ".1", "rb") as f:
+        assert f.read().endswith(b"3")  # the newest run's log
+    with open(path + ".2", "rb") as f:
+        assert f.read().endswith(b"2")
+    assert not os.path.exists(path + ".3")  # no more than `backups` old logs
+    assert os.stat(path).st_mode & 0o777 == 0o600
