@@ -180,8 +180,8 @@ def test_deploy_start_run_returns_exit_code_stdout_and_stderr(localnet):
     ("POST", f"{A}/activity", "nope", 404, "Agreement [nope] not found."),
     ("POST", f"{A}/activity", {"x": 1}, 400, "request body: expected the agreement id as a JSON string"),
     ("GET", f"{A}/activity/nope/state", None, 404, "Activity nope not found"),
-    ("POST", f"{N}/net", {"ip": "300.1.1.1/16"}, 400, "`ip`/`mask`:"),
-    ("POST", f"{N}/net", {}, 400, "`ip` is required"),
+    ("POST", f"{N}/net", {"ip": "300.1.1.1/16"}, 400, "ip/mask:"),
+    ("POST", f"{N}/net", {}, 400, "ip: required"),
     ("POST", f"{P}/debitNotes/nope/accept", {"totalAmountAccepted": "1", "allocationId": "a"}, 404,
      "DebitNote [nope] not found"),
 ])
@@ -196,7 +196,7 @@ def test_exec_rejects_malformed_scripts(localnet):
             _, agreement, _ = await rent(node, "ok-1")
             activity = await agreement.create_activity()
             for body, message in [({"text": "[{"}, "text: malformed ExeScript JSON"),
-                                  ({"text": "{}"}, "exe script `text` must be a non-empty JSON list"),
+                                  ({"text": "{}"}, "text: the ExeScript must be a non-empty JSON list"),
                                   ({"nope": 1}, "text: expected the ExeScript as a JSON string")]:
                 status, got = localnet.call("POST", f"{A}/activity/{activity.id}/exec", body)
                 assert status == 400 and got["message"].startswith(message)
@@ -442,7 +442,8 @@ def test_provider_terminates_when_a_debit_note_is_not_accepted_in_time(localnet)
     async def main():
         # a requestor that never looks at its debit notes
         async with golem_node(localnet, collect_payment_events=False) as node:
-            _, agreement, _ = await rent(node, "ok-1", interval=1, accept_timeout=1)
+            # 5 s: the shortest acceptance deadline a provider agrees to (yagna expiration.rs)
+            _, agreement, _ = await rent(node, "ok-1", interval=1, accept_timeout=5)
             activity = await agreement.create_activity()
             home = home_of(localnet, activity.id)
             try:

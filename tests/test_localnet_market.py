@@ -394,7 +394,6 @@ def test_negotiation_agreement_approved_and_terminated(localnet):
             ours = await counter(offers["ok-1"])
             draft = await asyncio.wait_for(ours.responses().__anext__(), 10)
             assert draft.data.state == "Draft" and draft.data.prev_proposal_id == ours.id
-            mine = (await demand.get_demand_data()).properties
             for key in ("golem.com.scheme.payu.debit-note.interval-sec?",
                         "golem.com.scheme.payu.payment-timeout-sec?"):
                 assert draft.data.properties[key] == (await ours.get_data()).properties[key]
@@ -418,7 +417,6 @@ def test_negotiation_agreement_approved_and_terminated(localnet):
             status, body = localnet.call("POST", f"{M}/agreements/{agreement.id}/terminate", {"message": "x"})
             assert status == 410 and body["message"] == "Can't update Agreement state from Terminated to Terminated."
             assert (await agreement.get_data(force=True)).state == "Terminated"
-            assert "message" not in mine
             return agreement.id
 
     agreement_id = run(main())
@@ -471,7 +469,9 @@ def test_silent_provider_never_answers(localnet):
             return ours.id
 
     counter_id = run(main())
-    assert localnet.state()["proposals"] == 8 + 1  # the offers and our counter, no answer
+    state = localnet.state()
+    assert state["proposals"] == 8 + 1  # the offers and our counter, no answer
+    assert counter_id.startswith("R-")
 
 
 def test_unreachable_provider_fails_the_counter_with_a_gsb_500(localnet):
@@ -570,18 +570,24 @@ def test_rog_like_manager_stack_gets_an_approved_agreement(localnet):
             await payment.start()
             await demand.start()
             await proposals.start()
+            got = []
             try:
-                agreement = await asyncio.wait_for(agreements.get_agreement(), 60)
-                data = await agreement.get_data(force=True)
-                return data.state, data.offer.properties["golem.node.id.name"]
+                # golem-core hands out a rejected agreement too (yagna-api.md §2.7): ask until approved
+                while not got or got[-1][0] != "Approved":
+                    agreement = await asyncio.wait_for(agreements.get_agreement(), 60)
+                    data = await agreement.get_data(force=True)
+                    got.append((data.state, data.offer.properties["golem.node.id.name"]))
+                    assert len(got) <= 3, got
+                return got
             finally:
                 await proposals.stop()
                 await demand.stop()
                 await agreements.stop()
 
-    state, name = run(main())
-    assert state in ("Approved", "Terminated")
-    assert name in ("ok-1", "ok-2", "outbound", "busy") or name
+    got = run(main())
+    # only these can sign: ok-1/ok-2, outbound (no manifest asked); rejecter signs nothing
+    assert got[-1][0] == "Approved" and got[-1][1] in ("ok-1", "ok-2", "outbound")
+    assert all(outcome == ("Rejected", "rejecter") for outcome in got[:-1])
     assert localnet.state()["agreements"]["by_state"].get("Approved", 0) == 0  # all closed on exit
 
 
@@ -1059,3 +1065,10 @@ def test_malformed_http_gets_a_json_error_and_the_server_lives_on(localnet, raw,
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert json.loads(body)["message"]
     assert localnet.call("GET", "/me")[0] == 200
+
+
+def test_population_table_piped_into_head_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} {REPO / 'golem_localnet.py'} population --providers 2000 | head -1",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split()[:2] == ["#", "name"]
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
