@@ -492,6 +492,11 @@ class HttpServer:
 #     stops_answering_after_s: [600, 7200]
 #   explicit:                  # exact providers placed first (any Provider field)
 #     - {name: my-provider, cpu_threads: 8, behaviour: ok}
+#     # billing misbehaviour, explicit providers only: usage counters (hence debit notes and
+#     # the invoice) multiplied by inflate_billing; debit notes every debit_note_interval_s
+#     # real seconds instead of the agreed interval (tests get notes without waiting minutes)
+#     - {name: greedy, inflate_billing: 10, debit_note_interval_s: 2}
+#   wallet_tglm: 1000          # the requestor's local wallet starts funded with this much tGLM
 #
 # The same seed and profile always give the same population (`population --json`).
 
@@ -521,6 +526,7 @@ DEFAULT_PROFILE: dict[str, Any] = {
     },
     "activity_faults": {},
     "explicit": [],
+    "wallet_tglm": 1000,
 }
 
 RUNTIME_CAPABILITIES = ["inet", "vpn", "manifest-support", "start-entrypoint"]
@@ -595,6 +601,9 @@ class Provider:
     deploy_fails: float = 0.0
     dies_after_s: float | None = None
     stops_answering_after_s: float | None = None
+    # billing (section 8): usage counters multiplied by this; debit notes on this interval
+    inflate_billing: float = 1.0
+    debit_note_interval_s: float | None = None
     _properties: dict | None = None
 
     def offer_properties(self, created_ms: int) -> dict:
@@ -647,6 +656,7 @@ class Provider:
             "offer_at_s": self.offer_at_s, "payment_platforms": list(self.payment_platforms),
             "deploy_fails": self.deploy_fails, "dies_after_s": self.dies_after_s,
             "stops_answering_after_s": self.stops_answering_after_s,
+            "inflate_billing": self.inflate_billing, "debit_note_interval_s": self.debit_note_interval_s,
         }
 
 
@@ -683,6 +693,18 @@ def load_profile(path: str | None) -> dict:
         raise ProfileError(f"profile {path}: unknown field(s): {', '.join(sorted(unknown))}")
     profile.update(data)
     return profile
+
+
+def wallet_funds(profile: dict) -> Decimal:
+    """`wallet_tglm` of the profile: the local wallet starts funded (no faucet to wait for)."""
+    value = profile.get("wallet_tglm", DEFAULT_PROFILE["wallet_tglm"])
+    try:
+        funds = Decimal(str(value))
+    except InvalidOperation:
+        funds = Decimal(-1)
+    if isinstance(value, bool) or not funds.is_finite() or funds < 0:
+        raise ProfileError("profile field wallet_tglm: expected an amount >= 0")
+    return funds
 
 
 def _range(profile: dict, key: str) -> tuple[float, float]:
@@ -810,8 +832,12 @@ class Population:
                     if key not in ("name", "cpu_threads", "cpu_cores", "mem_gib", "storage_gib", "subnet",
                                    "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
                                    "latency_s", "agreement_limit", "offer_at_s", "node_id",
-                                   "deploy_fails", "dies_after_s", "stops_answering_after_s"):
+                                   "deploy_fails", "dies_after_s", "stops_answering_after_s",
+                                   "inflate_billing", "debit_note_interval_s"):
                         raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
+                    if key in ("inflate_billing", "debit_note_interval_s") and not (
+                            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                        raise ProfileError(f"profile field explicit[{i}].{key}: expected a number > 0")
                     if key == "behaviour" and value not in BEHAVIOURS:
                         raise ProfileError(f"profile field explicit[{i}].behaviour: must be one of {', '.join(BEHAVIOURS)}")
                     setattr(p, key, value)
@@ -2954,9 +2980,10 @@ class Payments:
     """Allocations, and the debit-note/invoice documents and event logs that the
     provider side (section 8's generators) fills in."""
 
-    def __init__(self, clock: Clock, identity: Identity) -> None:
+    def __init__(self, clock: Clock, identity: Identity, wallet: Decimal = Decimal(1000)) -> None:
         self.clock = clock
         self.identity = identity
+        self.wallet = wallet  # the requestor's tGLM: what allocations can reserve and spend
         self.allocations: dict[str, Allocation] = {}
         self.debit_notes: dict[str, dict] = {}
         self.invoices: dict[str, dict] = {}
@@ -2995,9 +3022,19 @@ class Payments:
         make_deposit = body.get("makeDeposit", False)
         if not isinstance(make_deposit, bool):
             raise HttpError(400, "makeDeposit: expected a boolean")
+        available = self.wallet - self.spent() - sum(
+            (a.total - a.spent for a in self.allocations.values() if not a.released), Decimal(0))
+        if total > available:
+            # yagna's answer when the funds are reserved or spent (core/payment allocations)
+            raise HttpError(400, "Insufficient funds to make allocation. Top up your account or release all "
+                                 "existing allocations to unlock the funds via `yagna payment release-allocations`")
         allocation = Allocation(address.lower(), platform, total, timeout, make_deposit)
         self.allocations[allocation.id] = allocation
         return allocation
+
+    def spent(self) -> Decimal:
+        """What every allocation, released or not, has paid out of the wallet."""
+        return sum((a.spent for a in self.allocations.values()), Decimal(0))
 
     def get_allocation(self, allocation_id: str) -> Allocation:
         allocation = self.allocations.get(allocation_id)
@@ -3021,8 +3058,12 @@ class Payments:
 
     def inspect(self) -> dict:
         live = [a for a in self.allocations.values() if not a.released]
+        spent = self.spent()
         return {"allocations": {"count": len(live), "released": len(self.allocations) - len(live),
                                 "items": [a.to_json() for a in live]},
+                "wallet": {"funds": decimal_str(self.wallet), "spent": decimal_str(spent),
+                           "balance": decimal_str(self.wallet - spent),
+                           "spent_by_allocation": {a.id: decimal_str(a.spent) for a in self.allocations.values()}},
                 "debit_notes": len(self.debit_notes), "invoices": len(self.invoices),
                 "debit_note_events": len(self.debit_note_events.events),
                 "invoice_events": len(self.invoice_events.events)}
@@ -3185,7 +3226,8 @@ class ProviderBilling:
                 agreement=agreement,
                 usage_vector=usage_vector,
                 coeffs=coeffs,
-                interval=float(interval or DEFAULT_DEBIT_NOTE_INTERVAL),
+                # a profile's `debit_note_interval_s` overrides the agreed interval (tests)
+                interval=float(agreement.provider.debit_note_interval_s or interval or DEFAULT_DEBIT_NOTE_INTERVAL),
                 accept_timeout=float(min(accept or ACCEPT_TIMEOUT_S, ACCEPT_TIMEOUT_S)),
                 payment_timeout=float(payment_timeout) if payment_timeout else None,
             )
@@ -3197,6 +3239,9 @@ class ProviderBilling:
             cpu, wall = self.activities.cpu_seconds(activity), activity.wall_seconds()
         else:
             cpu, wall = activity.final_cpu_seconds, activity.final_wall_seconds
+        inflate = Decimal(str(activity.agreement.provider.inflate_billing))
+        if inflate != 1:  # a misbehaving provider (profile `inflate_billing`) claims more than ran
+            cpu, wall = cpu * inflate, wall * inflate
         return {
             "golem.usage.cpu_sec": cpu,
             "golem.usage.cpu-sec": cpu,
@@ -3504,7 +3549,7 @@ class Localnet:
         self.population = population
         self.identity = Identity(app_key, population.seed)
         self.market = Market(clock, population, self.identity)
-        self.payments = Payments(clock, self.identity)
+        self.payments = Payments(clock, self.identity, wallet_funds(population.profile))
         self.activities = ActivityEngine(datadir or tempfile.mkdtemp(prefix="golem-localnet-"), population.seed,
                                          clock.time_scale)
         self.vpn = NetRegistry()

@@ -1258,6 +1258,21 @@ class Store:
         return counts
 
 
+# Payments (section 7): a ledger row also names its node and allocation, the amount accepting
+# it added to the cluster's spending (`spent`, an exact decimal string) and why it was
+# rejected; an agreement keeps the exact linear prices its bills are checked against.
+MIGRATIONS.append([
+    "ALTER TABLE ledger ADD COLUMN node_id TEXT",
+    "ALTER TABLE ledger ADD COLUMN allocation_id TEXT",
+    "ALTER TABLE ledger ADD COLUMN spent TEXT NOT NULL DEFAULT '0'",
+    "ALTER TABLE ledger ADD COLUMN reason TEXT",
+    "ALTER TABLE agreements ADD COLUMN pricing TEXT",
+    "CREATE INDEX ledger_agreement ON ledger (agreement_id)",
+])
+# A provider that bills more than its agreed prices allow (section 7, Payments).
+PROVIDER_EVENT_KINDS["billing_breach"] = False
+
+
 ###############################################################################
 # 5. Yagna ####################################################################
 ###############################################################################
@@ -2320,7 +2335,8 @@ class MarketPipeline:
                  total_budget: float = 5.0, payment_driver: str = "erc20",
                  concurrency: int = DEFAULT_NEGOTIATION_CONCURRENCY,
                  response_timeout: float = DEFAULT_PROPOSAL_RESPONSE_TIMEOUT, seed: int | None = None,
-                 max_drafts: int | None = None, demand_refresh_s: float = DEMAND_REFRESH_S):
+                 max_drafts: int | None = None, demand_refresh_s: float = DEMAND_REFRESH_S,
+                 allocation=None):
         import asyncio
         from datetime import timedelta
 
@@ -2359,7 +2375,9 @@ class MarketPipeline:
             + [f"Passed {f.label}" for f in self.filters]
             + [STAGE_NEGOTIATION_INITIALIZED, STAGE_NEGOTIATED])
         self.negotiating = 0
-        self.allocation = None
+        # A given allocation (a cluster's, shared by its pipelines) is the giver's to release.
+        self.allocation = allocation
+        self._owns_allocation = allocation is None
         self.demand = None  # the newest subscription; older ones stay until stop (their drafts)
         self.demands: list = []
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()  # (-score, seq, Candidate)
@@ -2383,8 +2401,9 @@ class MarketPipeline:
         from golem.resources.proposal.events import NewProposal
 
         try:
-            self.allocation = await Allocation.create_any_account(
-                self.node, _decimal(self.total_budget), self.spec.payment_network, self.payment_driver)
+            if self.allocation is None:
+                self.allocation = await Allocation.create_any_account(
+                    self.node, _decimal(self.total_budget), self.spec.payment_network, self.payment_driver)
         except Exception as e:
             network = self.spec.payment_network
             hint = f"; check the wallet with `yagna payment status --network {network}`"
@@ -2418,7 +2437,7 @@ class MarketPipeline:
                                  return_exceptions=True)
         for demand in self.demands:
             await _quietly(demand.unsubscribe())
-        if self.allocation is not None:
+        if self.allocation is not None and self._owns_allocation:
             await _quietly(self.allocation.release())
 
     async def settle(self, stop_event=None) -> None:
@@ -3244,12 +3263,9 @@ class Cluster:
                     reputation=lambda provider_id: store.score(provider_id, self.network),
                     total_budget=float(self.parameters.get("total_budget") or 5.0),
                     payment_driver=self.parameters.get("payment_driver") or "erc20",
-                    max_drafts=4)
+                    max_drafts=4, allocation=await service.payments.allocation(self))
                 self.pipelines[key] = pipeline
                 await pipeline.start()
-                allocation = pipeline.allocation
-                service.records.allocation(allocation.id, self.name, spec.payment_network,
-                                           str(self.parameters.get("total_budget")))
         return pipeline
 
 
@@ -3276,6 +3292,7 @@ class ClusterService:
         self._agreement_node: dict[str, ClusterNode] = {}
         self._payment_tasks: set = set()
         self._start_lock = None
+        self.payments = ClusterPayments(self)
         webserver.cluster_sources.append(self.counts)
         webserver.shutdown_hooks.append(self.shutdown)
 
@@ -3301,6 +3318,7 @@ class ClusterService:
                 await golem.event_bus.on(NewInvoice, self._on_invoice)
                 self.golem = golem
                 await self._release_orphans()
+                self.payments.start()
         return self.golem
 
     async def _release_orphans(self) -> None:
@@ -3315,43 +3333,10 @@ class ClusterService:
     # -- payments -------------------------------------------------------------------
 
     async def _on_debit_note(self, event) -> None:
-        await self._settle(event.resource, "debit_note")
+        await self.payments.settle(event.resource, "debit_note")
 
     async def _on_invoice(self, event) -> None:
-        await self._settle(event.resource, "invoice")
-
-    async def _settle(self, document, kind: str) -> None:
-        """Accept a debit note or invoice of our agreements against the node's allocation."""
-        from decimal import Decimal
-
-        try:
-            data = await document.get_data()
-        except Exception as e:  # noqa: BLE001
-            self.log.warning("cannot read %s %s: %s", kind, document.id, e)
-            return
-        allocation = self._agreement_allocation.get(data.agreement_id)
-        node = self._agreement_node.get(data.agreement_id)
-        if allocation is None or node is None:
-            return  # not ours (another requestor of this yagna)
-        amount = data.total_amount_due if kind == "debit_note" else data.amount
-        activity_id = getattr(data, "activity_id", None)
-        self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
-                              str(amount), "received")
-        try:
-            await document.validate_and_accept(allocation)
-        except Exception as e:  # noqa: BLE001 - recorded; golem-core logs why
-            self.log.warning("%s %s of node %s not accepted: %s", kind, document.id, node.node_id, e)
-            self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
-                                  str(amount), "rejected")
-            return
-        self.records.document(document.id, kind, data.agreement_id, activity_id, node.cluster.name,
-                              str(amount), "accepted")
-        key = data.agreement_id if kind == "invoice" else f"{data.agreement_id}/{activity_id}"
-        if kind == "invoice":
-            node.amounts = {k: v for k, v in node.amounts.items() if not k.startswith(data.agreement_id)}
-        node.amounts[key] = Decimal(str(amount))
-        if kind == "invoice":
-            self._agreement_allocation.pop(data.agreement_id, None)
+        await self.payments.settle(event.resource, "invoice")
 
     # -- what the routes call -----------------------------------------------------------
 
@@ -3389,6 +3374,7 @@ class ClusterService:
             raise Conflict(f"this webserver pays on `{self.network}`, the cluster asks for `{network}`; "
                            f"stop it (`ray-on-golem stop`) or use webserver_port of another one")
         await self.connect()
+        self.payments.check_can_start(cluster_name, tags, parameters)
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
@@ -3433,6 +3419,7 @@ class ClusterService:
                     stops.append(self._stop(node, end_cluster=False))
         await asyncio.gather(*stops, return_exceptions=True)
         await asyncio.gather(*(self._end_cluster(c) for c in list(self.clusters.values())), return_exceptions=True)
+        await self.payments.stop()
         if self.golem is not None:
             await _quietly(self.golem.aclose())
             self.golem = None
@@ -3511,6 +3498,7 @@ class ClusterService:
         self.records.agreement(agreement.id, node, candidate.provider_id, node.price)
         self._agreement_allocation[agreement.id] = pipeline.allocation
         self._agreement_node[agreement.id] = node
+        await self.payments.agreement_signed(node, agreement)
         self.store.record_event(candidate.provider_id, cluster.network, "agreement_ok", cluster_name=cluster.name)
         node.step(2)
         try:
@@ -3603,6 +3591,7 @@ class ClusterService:
         if agreement is not None:
             await _quietly(agreement.terminate(reason[:200]))
             self.records.agreement_ended(agreement.id, reason[:500])
+            self.payments.agreement_ended(agreement.id, billed=activity is not None)
         if node.ray_tmpdir and node.cluster.local and node.ray_tmpdir.startswith("/tmp/rog-"):
             import shutil
 
@@ -3647,10 +3636,8 @@ class ClusterService:
             return
         pipelines, cluster.pipelines = list(cluster.pipelines.values()), {}
         for pipeline in pipelines:
-            allocation = pipeline.allocation
             await _quietly(pipeline.stop())
-            if allocation is not None:
-                self.records.allocation_released(allocation.id)
+        await self.payments.release_allocation(cluster)
         if cluster.vpn is not None:
             await _quietly(cluster.vpn.remove())
             cluster.vpn = None
@@ -3827,6 +3814,690 @@ def cluster_service(webserver) -> ClusterService:
     if service is None:
         service = webserver.cluster_service = ClusterService(webserver)
     return service
+
+
+# --- Payments -------------------------------------------------------------------
+# One allocation of `total_budget` per cluster, shared by its market pipelines. Instead
+# of golem-core's DefaultPaymentManager (which accepts whatever passes golem-core's
+# lenient checks, 5 minutes of grace, and only logs a failure), a debit note or invoice
+# is accepted only when
+#   1. its agreement is one our clusters signed (others belong to another requestor),
+#   2. its amount follows the agreed linear prices: it matches its usage counters and
+#      the counters fit the time that passed on our clock (an inflated one is rejected,
+#      recorded and its provider blocked; the node is replaced),
+#   3. the cluster's spending stays within `total_budget` after it.
+# Each document is written to the ledger before it is accepted, with the amount
+# accepting it adds to the spending (debit notes carry the running total of their
+# activity, an invoice the final total of its agreement). Amounts are exact decimals.
+#
+# The budget policy watches every cluster each second: the spending plus what the
+# running nodes may bill until their next payment (their next debit note, at most
+# BUDGET_LOOKAHEAD_S ahead) must fit the budget; when it does not, workers are
+# stopped newest first, then the head, each of them billed only up to the stop.
+
+# `decimal` is imported inside the functions and the value classes are namedtuples, not
+# dataclasses: `import ray_on_golem` stays fast for the CLI (decimal ~6 ms, dataclasses ~20 ms).
+import collections
+
+BILLING_GRACE_S = 5  # seconds a provider's counters may run ahead of our clock
+# golem-core's tolerance between an amount and its usage counters (100 wei):
+# providers round counters and amounts (validate_payment_calculated_cost).
+AMOUNT_TOLERANCE = "1e-16"
+BUDGET_STOP_MARGIN_S = 15.0  # a node being stopped is billed at most this much longer
+# A node kept running must stay covered until its next payment (its next debit note), at
+# least BUDGET_KEEP_MIN_S and at most BUDGET_LOOKAHEAD_S ahead, plus the stop margin.
+BUDGET_KEEP_MIN_S = 10.0
+BUDGET_LOOKAHEAD_S = 20.0
+BUDGET_CHECK_INTERVAL_S = 1.0
+BUDGET_WARNING_PERCENT = 80  # warn once this share of total_budget is committed
+BILLING_BREACH_BLOCK_S = 30 * 86400.0  # a provider that overbills is blocked for 30 days
+_WEI = "1e-18"
+# The counters of a linear price (golem-core's USAGE_VECTOR_TO_PRICE_MAPPING names): time
+# counters grow at most `threads` (CPU) or 1 (wall time) per second; size counters are
+# capped by the offered size.
+_TIME_COUNTERS = {"golem.usage.cpu_sec": "threads", "golem.usage.cpu-sec": "threads",
+                  "golem.usage.duration_sec": 1, "golem.usage.duration-sec": 1}
+_SIZE_COUNTERS = {"golem.usage.storage_gib": "golem.inf.storage.gib", "golem.usage.storage-gib": "golem.inf.storage.gib",
+                  "golem.usage.gib": "golem.inf.mem.gib"}
+
+
+_EXACT_CONTEXT = None
+
+
+def _exactly():
+    """`with _exactly():` enough digits that sums and products of 18-decimal amounts never round."""
+    import decimal
+
+    global _EXACT_CONTEXT
+    if _EXACT_CONTEXT is None:
+        _EXACT_CONTEXT = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
+    return decimal.localcontext(_EXACT_CONTEXT)
+
+
+def glm(amount) -> str:
+    """An amount for people and JSON: plain decimal notation, trailing zeros dropped."""
+    text = format(amount, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def parse_amount(text, what: str):
+    """A document's amount (a decimal string, yagna-api.md §3.5) as an exact Decimal."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        amount = Decimal(str(text))
+    except InvalidOperation:
+        raise ValueError(f"{what}: {text!r} is not a decimal amount") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{what}: {text!r} is not a non-negative amount")
+    return amount
+
+
+class PriceTerms(collections.namedtuple(
+        "PriceTerms", "usage_vector prices start cpu_threads sizes debit_note_interval_s", defaults=((), None))):
+    """The agreed linear price of one agreement: amount = start + Σ price_i · counter_i.
+
+    `prices` per usage-vector entry, `start` the initial price (Decimals); `sizes` the offered size
+    per size counter, in usage-vector order; `debit_note_interval_s` the agreed interval.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_properties(cls, props: dict) -> "PriceTerms":
+        """From the agreement's offer properties (yagna-api.md §4.1); ValueError if not checkable."""
+        from golem.payload import defaults
+
+        if props.get(defaults.PROP_PRICING_MODEL) != "linear":
+            raise ValueError("the pricing model is not linear")
+        vector = list(props.get(defaults.PROP_USAGE_VECTOR) or [])
+        coeffs = list(props.get(defaults.PROP_PRICING_LINEAR_COEFFS) or [])
+        if not vector or len(coeffs) != len(vector) + 1:
+            raise ValueError("the linear coefficients do not match the usage vector")
+        unknown = [c for c in vector if c not in _TIME_COUNTERS and c not in _SIZE_COUNTERS]
+        if unknown:
+            raise ValueError(f"usage counter(s) we cannot bound: {', '.join(unknown)}")
+        # JSON numbers: str() gives back the offer's digits (Decimal(float) would not).
+        prices = [parse_amount(c, "price") for c in coeffs]
+        threads = int(props.get("golem.inf.cpu.threads") or 0)
+        if threads < 1 and any(_TIME_COUNTERS.get(c) == "threads" for c in vector):
+            raise ValueError("a CPU price without golem.inf.cpu.threads")
+        sizes = tuple(parse_amount(props.get(_SIZE_COUNTERS[c]) or 0, _SIZE_COUNTERS[c])
+                      for c in vector if c in _SIZE_COUNTERS)
+        interval = props.get(defaults.PROP_DEBIT_NOTES_INTERVAL)
+        return cls(tuple(vector), tuple(prices[:-1]), prices[-1], threads, sizes,
+                   float(interval) if interval else None)
+
+    def counter_caps(self, seconds):
+        """The most each counter can read after `seconds` of an activity."""
+        caps, sizes = [], iter(self.sizes)
+        for counter in self.usage_vector:
+            per_second = _TIME_COUNTERS.get(counter)
+            if per_second is None:
+                caps.append(next(sizes))
+            else:
+                caps.append(seconds * (self.cpu_threads if per_second == "threads" else 1))
+        return caps
+
+    def cost(self, counters):
+        from decimal import Decimal
+
+        with _exactly():
+            return self.start + sum((p * c for p, c in zip(self.prices, counters)), Decimal(0))
+
+    def max_cost(self, seconds):
+        """The most the agreement can bill after `seconds` (every counter at its cap)."""
+        from decimal import Decimal
+
+        seconds = Decimal(str(max(0.0, float(seconds)))) if not isinstance(seconds, Decimal) else max(seconds, Decimal(0))
+        with _exactly():
+            return self.cost(self.counter_caps(seconds))
+
+    @property
+    def rate_per_hour(self):
+        """The most it can bill per hour of running (the burn rate of a node)."""
+        with _exactly():
+            return self.max_cost(3600.0) - self.max_cost(0.0)
+
+    def per_hour(self, counter_kind: str):
+        """The agreed price per hour of one counter kind (`cpu` per thread, `duration`)."""
+        from decimal import Decimal
+
+        for counter, price in zip(self.usage_vector, self.prices):
+            if counter.startswith(f"golem.usage.{counter_kind}"):
+                return price * 3600
+        return Decimal(0)
+
+    def to_json(self) -> dict:
+        return {"usage_vector": list(self.usage_vector), "prices": [str(p) for p in self.prices],
+                "start": str(self.start), "cpu_threads": self.cpu_threads, "sizes": [str(s) for s in self.sizes],
+                "debit_note_interval_s": self.debit_note_interval_s}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PriceTerms":
+        from decimal import Decimal
+
+        return cls(tuple(data["usage_vector"]), tuple(Decimal(p) for p in data["prices"]), Decimal(data["start"]),
+                   int(data["cpu_threads"]), tuple(Decimal(s) for s in data.get("sizes") or ()),
+                   data.get("debit_note_interval_s"))
+
+
+class Verdict(collections.namedtuple("Verdict", "accept spend reason breach previous", defaults=(0, None, False, 0))):
+    """What to do with one debit note or invoice: `accept`; `spend`, what accepting adds to the
+    cluster's spending; `reason`, why not; `breach`, the provider billed more than the agreement
+    allows; `previous`, what its activity (debit note) or agreement (invoice) had accepted before."""
+
+    __slots__ = ()
+
+
+class Spending:
+    """The spending of one allocation (one cluster run) and the acceptance rules, pure.
+
+    `decide` is the whole acceptance logic: no I/O, no clock (the caller measures the
+    elapsed time), so it can be property-tested; an accepted verdict is already counted.
+    """
+
+    def __init__(self, budget, spent=None):
+        from decimal import Decimal
+
+        self.budget = budget
+        self.spent = Decimal(0) if spent is None else spent
+        self._accepted: dict[str, dict[str | None, Decimal]] = {}  # agreement -> activity (None: invoice) -> amount
+        self._invoiced: set[str] = set()
+
+    def accepted(self, agreement_id: str):
+        """What the agreement's accepted documents add up to (its latest totals)."""
+        from decimal import Decimal
+
+        return sum(self._accepted.get(agreement_id, {}).values(), Decimal(0))
+
+    def decide(self, terms: PriceTerms, kind: str, agreement_id: str, activity_id: str | None, amount,
+               counters: list | None, elapsed_s: float) -> Verdict:
+        with _exactly():
+            verdict = self._judge(terms, kind, agreement_id, activity_id, amount, counters, elapsed_s)
+            if verdict.accept:
+                self.spent += verdict.spend
+                scope = self._accepted.setdefault(agreement_id, {})
+                if kind == "invoice":
+                    scope.clear()
+                    self._invoiced.add(agreement_id)
+                scope[activity_id if kind == "debit_note" else None] = amount
+        return verdict
+
+    def undo(self, agreement_id: str, activity_id: str | None, kind: str, verdict: Verdict) -> None:
+        """Take back an accepted debit note whose acceptance failed at yagna (an invoice's is not
+        undone: the activities' totals it replaced are gone, so its spending stays counted)."""
+        if kind != "debit_note":
+            return
+        self.spent -= verdict.spend
+        scope = self._accepted.setdefault(agreement_id, {})
+        if verdict.previous:
+            scope[activity_id] = verdict.previous
+        else:
+            scope.pop(activity_id, None)
+
+    def _judge(self, terms, kind, agreement_id, activity_id, amount, counters, elapsed_s) -> Verdict:
+        from decimal import Decimal
+
+        tolerance = Decimal(AMOUNT_TOLERANCE)
+        if agreement_id in self._invoiced:
+            return Verdict(False, reason="the agreement was invoiced already")
+        limit_s = Decimal(str(max(0.0, float(elapsed_s)))) + BILLING_GRACE_S
+        if counters is not None:
+            if len(counters) != len(terms.usage_vector):
+                return Verdict(False, reason=f"{len(counters)} usage counters for a usage vector of "
+                                             f"{len(terms.usage_vector)}", breach=True)
+            used = [Decimal(str(c)) for c in counters]
+            for name, value, cap in zip(terms.usage_vector, used, terms.counter_caps(limit_s)):
+                if value < 0 or value > cap:
+                    return Verdict(False, breach=True, reason=f"counter {name} = {glm(value)} is impossible "
+                                   f"{elapsed_s:.0f} s into the agreement (at most {glm(cap)})")
+            expected = terms.cost(used)
+            if amount > expected + tolerance:
+                return Verdict(False, breach=True, reason=f"{glm(amount)} GLM due, the agreed prices give "
+                                                          f"{glm(expected)} for its usage counters")
+        ceiling = terms.max_cost(limit_s)
+        if amount > ceiling + tolerance:
+            return Verdict(False, breach=True, reason=f"{glm(amount)} GLM due {elapsed_s:.0f} s into the agreement, "
+                                                      f"the agreed prices allow at most {glm(ceiling)}")
+        scope = self._accepted.get(agreement_id, {})
+        before = self.accepted(agreement_id) if kind == "invoice" else scope.get(activity_id, Decimal(0))
+        if amount < before:
+            return Verdict(False, reason=f"{glm(amount)} GLM due is less than the {glm(before)} accepted before")
+        spend = amount - before
+        if self.spent + spend > self.budget:
+            return Verdict(False, reason=f"accepting {glm(spend)} GLM more would spend {glm(self.spent + spend)} "
+                                         f"of total_budget {glm(self.budget)}", previous=before)
+        return Verdict(True, spend, previous=before)
+
+
+class Ledger:
+    """The ledger rows of the Store (section 4): every debit note and invoice, and agreement prices."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def known(self, document_id: str) -> str | None:
+        row = self.store.conn.execute("SELECT status FROM ledger WHERE document_id = ?", (document_id,)).fetchone()
+        return row[0] if row else None
+
+    def received(self, document_id: str, kind: str, agreement_id: str, activity_id: str | None, node_id: str,
+                 cluster_name: str, allocation_id: str | None, amount: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO ledger (document_id, kind, agreement_id, activity_id, node_id, cluster_name, "
+                "allocation_id, amount, status, created_at) VALUES (?,?,?,?,?,?,?,?, 'received', ?)",
+                (document_id, kind, agreement_id, activity_id, node_id, cluster_name, allocation_id, amount,
+                 self.store.clock()))
+
+    def update(self, document_id: str, status: str, *, spent=0, reason: str | None = None) -> None:
+        settled = self.store.clock() if status in ("accepted", "rejected", "failed") else None
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE ledger SET status = ?, spent = ?, reason = ?, settled_at = ? WHERE document_id = ?",
+                         (status, str(spent), reason, settled, document_id))
+
+    def spent(self, allocation_id: str):
+        """What an allocation has spent: the sum of its accepted rows (exact: summed here, not in SQL)."""
+        from decimal import Decimal
+
+        rows = self.store.conn.execute(
+            "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
+        return sum((Decimal(r[0]) for r in rows), Decimal(0))
+
+    def pricing(self, agreement_id: str, terms: PriceTerms) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE agreements SET pricing = ? WHERE agreement_id = ?",
+                         (json.dumps(terms.to_json()), agreement_id))
+
+    def rows(self, cluster_name: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM ledger" + (" WHERE cluster_name = ?" if cluster_name else "") + " ORDER BY created_at"
+        return [dict(r) for r in self.store.conn.execute(sql, (cluster_name,) if cluster_name else ())]
+
+    def costs(self, cluster_name: str | None = None, now: float | None = None) -> list[dict]:
+        """Per cluster, its nodes with provider, prices, runtime and cost (accepted GLM), from the Store."""
+        from decimal import Decimal
+
+        now = self.store.clock() if now is None else now
+        where, args = (" WHERE c.name = ?", (cluster_name,)) if cluster_name else ("", ())
+        clusters = [dict(r) for r in self.store.conn.execute(
+            "SELECT name, network, state, total_budget FROM clusters c" + where + " ORDER BY created_at", args)]
+        spent: dict[str, Decimal] = {}
+        for row in self.store.conn.execute(
+                "SELECT agreement_id, spent FROM ledger WHERE status IN ('accepting', 'accepted')"
+                + (" AND cluster_name = ?" if cluster_name else ""), args):
+            spent[row[0]] = spent.get(row[0], Decimal(0)) + Decimal(row[1])
+        out = []
+        for cluster in clusters:
+            nodes: dict[str, dict] = {}
+            for row in self.store.conn.execute(
+                    "SELECT n.node_id, n.node_type, n.state, n.created_at AS node_created_at, a.agreement_id, "
+                    "a.provider_id, a.pricing, a.created_at, a.terminated_at, p.name AS provider_name "
+                    "FROM nodes n LEFT JOIN agreements a ON a.node_id = n.node_id "
+                    "LEFT JOIN providers p ON p.node_id = a.provider_id "
+                    "WHERE n.cluster_name = ? ORDER BY n.created_at, a.created_at", (cluster["name"],)):
+                node = nodes.setdefault(row["node_id"], {
+                    "node_id": row["node_id"], "node_type": row["node_type"], "state": row["state"],
+                    "provider_id": None, "provider_name": None, "prices": None, "runtime_s": 0.0,
+                    "cost": Decimal(0), "agreements": 0})
+                if row["agreement_id"] is None:
+                    continue
+                node["agreements"] += 1
+                node["provider_id"], node["provider_name"] = row["provider_id"], row["provider_name"]
+                if row["pricing"]:
+                    terms = PriceTerms.from_json(json.loads(row["pricing"]))
+                    node["prices"] = {"start": glm(terms.start), "cpu_per_hour": glm(terms.per_hour("cpu")),
+                                      "env_per_hour": glm(terms.per_hour("duration")),
+                                      "cpu_threads": terms.cpu_threads}
+                node["runtime_s"] += max(0.0, (row["terminated_at"] or now) - row["created_at"])
+                node["cost"] += spent.get(row["agreement_id"], Decimal(0))
+            total = sum((n["cost"] for n in nodes.values()), Decimal(0))
+            for node in nodes.values():
+                node["cost"] = glm(node["cost"])
+                node["runtime_s"] = round(node["runtime_s"], 1)
+            out.append({"cluster_name": cluster["name"], "network": cluster["network"], "state": cluster["state"],
+                        "total_budget": cluster["total_budget"], "cost": glm(total), "nodes": list(nodes.values())})
+        return out
+
+
+class AgreementAccount:
+    """One agreement of a cluster node, as payments see it: prices and billable time."""
+
+    def __init__(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: PriceTerms,
+                 started_at: float):
+        self.agreement_id = agreement_id
+        self.node = node
+        self.provider_id = provider_id
+        self.terms = terms
+        self.started_at = started_at  # taken before the activity is created: never after the provider's start
+        self.ended_at: float | None = None
+        self.billed = True  # False once it ended without an activity: nothing will be invoiced
+        self.settled = False  # its invoice was accepted or rejected
+        self.breached = False  # it billed more than agreed (penalised once)
+
+    def elapsed(self, now: float) -> float:
+        return max(0.0, (self.ended_at if self.ended_at is not None else now) - self.started_at)
+
+    def exposure(self, spending: Spending, until: float):
+        """The most it may still bill beyond what was accepted, if it runs until `until`."""
+        from decimal import Decimal
+
+        if self.settled or not self.billed:
+            return Decimal(0)
+        end = self.ended_at if self.ended_at is not None else until
+        with _exactly():
+            bound = self.terms.max_cost(Decimal(str(max(0.0, end - self.started_at))) + BILLING_GRACE_S)
+            return max(Decimal(0), bound - spending.accepted(self.agreement_id))
+
+    def covered_until(self, now: float) -> float:
+        """How far ahead a node kept running must be covered: until its next payment (the next
+        debit note, within [BUDGET_KEEP_MIN_S, BUDGET_LOOKAHEAD_S]), then the time a stop takes."""
+        ahead = BUDGET_LOOKAHEAD_S
+        interval = self.terms.debit_note_interval_s
+        if interval:
+            ran = max(0.0, now - self.started_at)
+            ahead = (int(ran // interval) + 1) * interval - ran
+        return now + min(max(ahead, BUDGET_KEEP_MIN_S), BUDGET_LOOKAHEAD_S) + BUDGET_STOP_MARGIN_S
+
+
+class ClusterPayments:
+    """Allocations, the acceptance of debit notes and invoices, and the budget policy of all clusters."""
+
+    def __init__(self, service: "ClusterService"):
+        self.service = service
+        self.ledger = Ledger(service.store)
+        self.allocations: dict[str, object] = {}  # cluster name -> golem-core Allocation
+        self.spending: dict[str, Spending] = {}  # cluster name -> spending of its allocation
+        self.accounts: dict[str, AgreementAccount] = {}  # agreement id -> account
+        self.exhausted: dict[str, str] = {}  # cluster name -> why the budget stopped it
+        self.requested_budget: dict = {}  # cluster name -> total_budget of its latest node request
+        self.warned: set[str] = set()
+        self._lock = None
+        self._watcher = None
+
+    # -- allocations ----------------------------------------------------------------
+
+    def budget_of(self, parameters: dict):
+        """`total_budget` as an exact Decimal: the YAML number as written (PyYAML gives a float;
+        its repr is the shortest text that reads back the same)."""
+        value = parameters.get("total_budget")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+            raise ValueError(f"total_budget: {value!r} is not an amount")
+        return parse_amount(5.0 if value is None else value, "total_budget")
+
+    async def allocation(self, cluster: "Cluster"):
+        """The cluster's one allocation of `total_budget`, made on first use."""
+        from golem.resources import Allocation
+
+        async with self.lock:
+            allocation = self.allocations.get(cluster.name)
+            if allocation is None:
+                budget = self.requested_budget.get(cluster.name) or self.budget_of(cluster.parameters)
+                try:
+                    allocation = await Allocation.create_any_account(
+                        self.service.golem, budget, cluster.network, cluster.parameters.get("payment_driver") or "erc20")
+                except Exception as e:  # noqa: BLE001
+                    raise ServiceUnavailable(f"could not allocate {glm(budget)} GLM on {cluster.network}: "
+                                             f"{_describe_error(e)}") from None
+                self.allocations[cluster.name] = allocation
+                self.spending[cluster.name] = Spending(budget, self.ledger.spent(allocation.id))
+                self.exhausted.pop(cluster.name, None)
+                self.warned.discard(cluster.name)
+                self.service.records.allocation(allocation.id, cluster.name, payment_platform(cluster.network),
+                                                str(budget))
+        return allocation
+
+    async def release_allocation(self, cluster: "Cluster") -> None:
+        allocation = self.allocations.pop(cluster.name, None)
+        for agreement_id in [a for a, account in self.accounts.items() if account.node.cluster is cluster]:
+            del self.accounts[agreement_id]  # settled or given up: the next run has a budget of its own
+        if allocation is not None:
+            await _quietly(allocation.release())
+            self.service.records.allocation_released(allocation.id)
+
+    @property
+    def lock(self):
+        import asyncio
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    # -- agreements -----------------------------------------------------------------------
+
+    async def agreement_signed(self, node: "ClusterNode", agreement) -> None:
+        """Read the agreed prices before anything can be billed; NodeStartFailed if they cannot be checked."""
+        try:
+            data = await agreement.get_agreement_data()
+            terms = PriceTerms.from_properties(dict(data.properties))
+        except ValueError as e:
+            raise NodeStartFailed("agreement_failed", f"its bills could not be checked: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise NodeStartFailed("agreement_failed", f"reading the agreement failed: {_describe_error(e)}") from None
+        self.accounts[agreement.id] = AgreementAccount(agreement.id, node, node.provider_id, terms, time.time())
+        self.ledger.pricing(agreement.id, terms)
+        self.service.store.record_provider(node.provider_id, node.provider_name)
+
+    def agreement_ended(self, agreement_id: str, billed: bool) -> None:
+        """Its activity is gone: the provider's counters have stopped (an invoice follows if it billed)."""
+        account = self.accounts.get(agreement_id)
+        if account is not None and account.ended_at is None:
+            account.ended_at = time.time()
+            account.billed = billed
+        if not billed:
+            self.service._agreement_allocation.pop(agreement_id, None)  # no invoice to wait for
+
+    # -- debit notes and invoices -----------------------------------------------------------
+
+    async def settle(self, document, kind: str) -> None:
+        """Accept one debit note or invoice of our agreements, or reject it (recorded, with why)."""
+        try:
+            data = await document.get_data(force=True)
+        except Exception as e:  # noqa: BLE001
+            self.service.log.warning("cannot read %s %s: %s", kind, document.id, _describe_error(e))
+            return
+        account = self.accounts.get(data.agreement_id)
+        if account is None or str(data.status).upper() != "RECEIVED":
+            return  # another requestor's, or handled already (events come again after a restart)
+        node = account.node
+        cluster = node.cluster
+        spending = self.spending.get(cluster.name)
+        allocation = self.allocations.get(cluster.name)
+        activity_id = getattr(data, "activity_id", None) if kind == "debit_note" else None
+        amount_text = data.total_amount_due if kind == "debit_note" else data.amount
+        counters = getattr(data, "usage_counter_vector", None) if kind == "debit_note" else None
+        async with self.lock:
+            if self.ledger.known(document.id) is not None:
+                return
+            self.ledger.received(document.id, kind, data.agreement_id, activity_id, node.node_id, cluster.name,
+                                 allocation.id if allocation is not None else None, str(amount_text))
+            if spending is None or allocation is None:
+                self.ledger.update(document.id, "rejected", reason="the cluster's allocation is released")
+                return
+            try:
+                amount = parse_amount(amount_text, "amount")
+                verdict = spending.decide(account.terms, kind, data.agreement_id, activity_id, amount,
+                                          counters, account.elapsed(time.time()))
+            except ArithmeticError as e:  # decimal.InvalidOperation: a malformed counter
+                verdict = Verdict(False, reason=f"malformed: {e}", breach=True)
+            except ValueError as e:
+                verdict = Verdict(False, reason=str(e), breach=True)
+            if not verdict.accept:
+                self.ledger.update(document.id, "rejected", reason=verdict.reason)
+                self.service.log.warning("%s %s of %s/%s rejected: %s", kind, document.id, cluster.name,
+                                         node.node_id, verdict.reason)
+                if kind == "invoice":
+                    account.settled = True
+                    self.service._agreement_allocation.pop(data.agreement_id, None)
+                if verdict.breach:
+                    self._penalise(account, f"{kind.replace('_', ' ')} {document.id}: {verdict.reason}")
+                return
+            # Written before yagna hears of it: a crash from here on counts it as spent.
+            self.ledger.update(document.id, "accepting", spent=verdict.spend)
+            try:
+                await document.accept(allocation, amount)
+            except Exception as e:  # noqa: BLE001 - e.g. yagna refuses: the allocation is short
+                spending.undo(data.agreement_id, activity_id, kind, verdict)
+                self.ledger.update(document.id, "failed", reason=_describe_error(e)[:500])
+                self.service.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
+                return
+            self.ledger.update(document.id, "accepted", spent=verdict.spend)
+        key = f"{data.agreement_id}/{activity_id}" if kind == "debit_note" else data.agreement_id
+        if kind == "invoice":
+            account.settled = True
+            node.amounts = {k: v for k, v in node.amounts.items() if not k.startswith(data.agreement_id)}
+            self.service._agreement_allocation.pop(data.agreement_id, None)
+        node.amounts[key] = amount
+
+    def _penalise(self, account: AgreementAccount, reason: str) -> None:
+        """A provider billed more than agreed: record it, block it, replace the node."""
+        import asyncio
+
+        if account.breached:
+            return
+        account.breached = True
+        node, service, provider_id = account.node, self.service, account.provider_id
+        network = node.cluster.network
+        service.store.record_event(provider_id, network, "billing_breach", detail=reason[:500],
+                                   cluster_name=node.cluster.name)
+        service.store.block(provider_id, [network], duration=BILLING_BREACH_BLOCK_S, source="auto",
+                            reason=f"billed more than agreed: {reason[:300]}")
+        if node.alive and node.agreement is not None and node.agreement.id == account.agreement_id:
+            node.error = f"provider {node.provider} billed more than agreed: {reason}"
+            service._set_state(node, NodeState.TERMINATING, f"Stopping: {node.error}")
+            asyncio.create_task(service._stop(node))
+
+    # -- budget policy ------------------------------------------------------------------
+
+    def start(self) -> None:
+        import asyncio
+
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+
+    async def _watch(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(BUDGET_CHECK_INTERVAL_S)
+            for cluster in list(self.service.clusters.values()):
+                try:
+                    self.enforce(cluster, time.time())
+                except Exception:  # noqa: BLE001 - the watcher must survive one bad cluster
+                    self.service.log.exception("budget check of %s failed", cluster.name)
+
+    def _commitment(self, cluster: "Cluster", now: float, stopping: set[str]):
+        """(spent, reserved): accepted so far, and the most the cluster's agreements may still bill
+        if the nodes in `stopping` end within BUDGET_STOP_MARGIN_S and the others run until their next payment."""
+        from decimal import Decimal
+
+        spending = self.spending[cluster.name]
+        reserved = Decimal(0)
+        for account in self.accounts.values():
+            node = account.node
+            if node.cluster is not cluster:
+                continue
+            if account.ended_at is not None or node.node_id in stopping or not node.alive:
+                until = now + BUDGET_STOP_MARGIN_S
+            else:
+                until = account.covered_until(now)
+            reserved += account.exposure(spending, until)
+        return spending.spent, reserved
+
+    def enforce(self, cluster: "Cluster", now: float) -> list["ClusterNode"]:
+        """Stop workers (newest first), then the head, until the budget covers what stays; return them."""
+        import asyncio
+
+        spending = self.spending.get(cluster.name)
+        if spending is None:
+            return []
+        alive = [n for n in cluster.nodes.values() if n.alive]
+        heads = [n for n in alive if n.tags.get("ray-node-kind") == "head"]
+        order = sorted((n for n in alive if n not in heads), key=lambda n: n.created_at, reverse=True)
+        order += sorted(heads, key=lambda n: n.created_at, reverse=True)
+        stopping: set[str] = set()
+        spent, reserved = self._commitment(cluster, now, stopping)
+        if (spent + reserved) * 100 >= spending.budget * BUDGET_WARNING_PERCENT and cluster.name not in self.warned:
+            self.warned.add(cluster.name)
+            message = (f"Budget warning: {glm(spent + reserved)} of total_budget {glm(spending.budget)} GLM "
+                       f"committed ({glm(spent)} spent)")
+            for node in alive:
+                node.log(message)
+        victims = []
+        while spent + reserved > spending.budget and order:
+            victim = order.pop(0)
+            stopping.add(victim.node_id)
+            victims.append(victim)
+            spent, reserved = self._commitment(cluster, now, stopping)
+        for node in victims:
+            node.error = (f"stopped by the budget: total_budget {glm(spending.budget)} GLM cannot cover the running "
+                          f"nodes until their next payment ({glm(spent)} spent, {glm(reserved)} reserved)")
+            self.exhausted[cluster.name] = node.error
+            self.service._set_state(node, NodeState.TERMINATING, f"Stopping: {node.error}")
+            asyncio.create_task(self.service._stop(node))
+        return victims
+
+    def check_can_start(self, cluster_name: str, tags: dict, parameters: dict) -> None:
+        """Nodes of a cluster the budget stopped are refused (the autoscaler would rent again and again);
+        a new head (`ray up` again) after the old allocation is released gets a new budget: the
+        `total_budget` of the latest request, which the next allocation takes."""
+        try:
+            budget = self.budget_of(parameters)
+        except ValueError as e:  # names the field: "total_budget: ..."
+            raise UsageError(f"provider_parameters.{e}") from None
+        if budget <= 0:
+            raise UsageError(f"provider_parameters.total_budget: expected an amount > 0, got {glm(budget)}")
+        why = self.exhausted.get(cluster_name)
+        if why is not None and (tags.get("ray-node-kind") != "head" or cluster_name in self.allocations):
+            raise Conflict(f"cluster {cluster_name!r} was {why}; raise total_budget and run `ray up` again")
+        self.requested_budget[cluster_name] = budget
+
+    def report(self, cluster: "Cluster", now: float | None = None) -> dict:
+        """What `status` shows for one cluster: spent, reserved, remaining, burn rate, warning."""
+        from decimal import ROUND_DOWN, ROUND_UP, Decimal
+
+        wei = Decimal(_WEI)
+        now = time.time() if now is None else now
+        spending = self.spending.get(cluster.name)
+        budget = spending.budget if spending else self.budget_of(cluster.parameters)
+        if spending is None:
+            spent = reserved = Decimal(0)
+        else:
+            spent, reserved = self._commitment(cluster, now, set())
+        burn = sum((a.terms.rate_per_hour for a in self.accounts.values()
+                    if a.node.cluster is cluster and a.ended_at is None and a.node.alive), Decimal(0))
+        committed = spent + reserved
+        warning = None
+        if committed * 100 >= budget * BUDGET_WARNING_PERCENT:
+            warning = (f"{glm((committed * 100 / budget).quantize(Decimal('0.1')))}% of total_budget "
+                       f"{glm(budget)} GLM committed")
+        if cluster.name in self.exhausted:
+            warning = self.exhausted[cluster.name]
+        return {"total_budget": glm(budget), "spent": glm(spent), "reserved": glm(reserved.quantize(wei, ROUND_UP)),
+                "remaining": glm(max(Decimal(0), budget - committed).quantize(wei, ROUND_DOWN)),
+                "burn_rate_per_hour": glm(burn.quantize(wei, ROUND_UP)), "warning": warning}
+
+    def budgets(self) -> dict[str, dict]:
+        return {name: self.report(cluster) for name, cluster in self.service.clusters.items()}
+
+    def costs(self, cluster_name: str | None = None) -> dict:
+        """The `costs` route: the Store's per-node costs, plus the live budget of running clusters."""
+        if cluster_name is not None and not self.service.store.conn.execute(
+                "SELECT 1 FROM clusters WHERE name = ?", (cluster_name,)).fetchone():
+            raise NotFound(f"no cluster named {cluster_name!r}")
+        clusters = self.ledger.costs(cluster_name)
+        for entry in clusters:
+            cluster = self.service.clusters.get(entry["cluster_name"])
+            if cluster is not None:
+                entry["budget"] = self.report(cluster)
+        return {"clusters": clusters}
 
 
 ###############################################################################
@@ -4084,6 +4755,8 @@ class WebserverHandler:
         ("GET", "/clusters/{cluster}/nodes/{node}/runs/{run}", "run_result"),
         ("POST", "/clusters/{cluster}/nodes/{node}/upload", "upload"),
         ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
+        # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
+        ("GET", "/costs", "costs"),
     )
 
     def __init__(self, server: "Webserver"):
@@ -4169,6 +4842,9 @@ class WebserverHandler:
         if not body["path"]:
             raise UsageError("path: required")
         return await self._clusters().download(self._node(request), body["path"])
+
+    async def costs(self, request: Request) -> dict:
+        return self._clusters().payments.costs(request.query_params().get("cluster") or None)
 
 
 class Webserver:
@@ -4256,6 +4932,8 @@ class Webserver:
             "uptime": self.uptime(),
             "yagna": self.yagna.info(),
             "clusters": self.clusters(),
+            # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
+            "budgets": self.cluster_service.payments.budgets() if getattr(self, "cluster_service", None) else {},
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -4897,6 +5575,13 @@ def format_status(report: dict) -> str:
         for name, counts in sorted(clusters.items()):
             summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n) or "no nodes"
             lines.append(f"\t{name}: {summary}")
+            budget = (status.get("budgets") or {}).get(name)
+            if budget:
+                lines.append(f"\t  budget {budget['total_budget']} GLM: {budget['spent']} spent, "
+                             f"{budget['reserved']} reserved, {budget['remaining']} remaining; "
+                             f"burn rate up to {budget['burn_rate_per_hour']} GLM/h")
+                if budget.get("warning"):
+                    lines.append(f"\t  warning: {budget['warning']}")
     else:
         lines.append("   Clusters:         none")
     if status["warnings"]:
@@ -6181,6 +6866,64 @@ def _quiet_golem_logging(datadir: str) -> None:
         logger.propagate = False
 
 
+# --- costs --------------------------------------------------------------------------
+
+
+def _add_costs(commands, common) -> None:
+    parser = commands.add_parser(
+        "costs", parents=[common], help="what each node of a cluster cost: provider, prices, runtime, GLM",
+        description="List the nodes of a cluster (or of every cluster) with their provider, agreed prices, "
+                    "runtime and the GLM accepted for them, from the spending ledger. A running "
+                    "webserver adds each live cluster's budget.")
+    parser.add_argument("cluster", nargs="?", metavar="CLUSTER", help="cluster name (default: every cluster)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=cmd_costs)
+
+
+def cmd_costs(args) -> int:
+    import urllib.parse
+
+    datadir = _datadir(args)
+    client = WebserverClient(datadir)
+    report = None
+    if client.status() is not None:
+        query = f"?cluster={urllib.parse.quote(args.cluster)}" if args.cluster else ""
+        try:
+            report = client.request("GET", f"/costs{query}")
+        finally:
+            client.close()
+    else:  # the ledger survives the webserver: read it directly
+        with Store(datadir) as store:
+            if args.cluster and not store.conn.execute("SELECT 1 FROM clusters WHERE name = ?",
+                                                       (args.cluster,)).fetchone():
+                raise NotFound(f"no cluster named {args.cluster!r}")
+            report = {"clusters": Ledger(store).costs(args.cluster)}
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    if not report["clusters"]:
+        print("No clusters found.")
+        return EXIT_OK
+    for entry in report["clusters"]:
+        print(_paint(f"Cluster {entry['cluster_name']} ({entry['network']}, {entry['state']}): "
+                     f"{entry['cost']} GLM of total_budget {entry['total_budget']}", "cyan"))
+        budget = entry.get("budget")
+        if budget:
+            print(f"  {budget['spent']} spent, {budget['reserved']} reserved, {budget['remaining']} remaining; "
+                  f"burn rate up to {budget['burn_rate_per_hour']} GLM/h")
+            if budget.get("warning"):
+                _warn(f"cluster {entry['cluster_name']}: {budget['warning']}")
+        rows = []
+        for node in entry["nodes"]:
+            prices = node["prices"] or {}
+            provider = node["provider_name"] or node["provider_id"] or ""
+            rows.append([node["node_id"], node["node_type"], node["state"], provider,
+                         prices.get("start", ""), prices.get("cpu_per_hour", ""), prices.get("env_per_hour", ""),
+                         format_duration(node["runtime_s"]), node["cost"]])
+        _print_table(["NODE", "TYPE", "STATE", "PROVIDER", "START", "CPU/H", "ENV/H", "RUNTIME", "COST (GLM)"], rows)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
     import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
@@ -6199,6 +6942,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stop(commands, common)
     _add_status(commands, common)
     _add_network_stats(commands, common)
+    _add_costs(commands, common)
     return parser
 
 
