@@ -5602,12 +5602,6 @@ def format_status(report: dict) -> str:
 # cluster state (ray-provider.md §5). Ray is imported only inside the builders
 # below; the module-level `__getattr__` (PEP 562) builds the classes on first use.
 
-import base64 as _base64
-import io as _io
-import tarfile as _tarfile
-import threading as _threading
-import time as _time
-import urllib.parse as _urlparse
 
 # Base64 characters per upload request: under the webserver's 1 MiB body limit.
 UPLOAD_REQUEST_CHARS = 768 * 1024
@@ -5627,6 +5621,7 @@ class _ThreadClients:
     keep-alive connection must not be shared between them."""
 
     def __init__(self, datadir: str, port: int):
+        import threading as _threading
         self.datadir = datadir
         self.port = port
         self.url = f"http://{WEBSERVER_HOST}:{port}"
@@ -5652,6 +5647,7 @@ class _ThreadClients:
 
 def _node_path(cluster_name: str, node_id: str | None = None, action: str = "") -> str:
     """Path of a node route: `/clusters/{cluster}/nodes[/{node}[/{action}]]`."""
+    import urllib.parse as _urlparse
     path = f"/clusters/{_urlparse.quote(cluster_name, safe='')}/nodes"
     if node_id is not None:
         path += f"/{_urlparse.quote(node_id, safe='')}"
@@ -5683,6 +5679,8 @@ def pack_for_upload(source: str, target: str, exclude: list | None = None) -> tu
     `target`; a file source becomes the file `target` (or `target/<name>` when
     `target` ends with `/`).
     """
+    import io as _io
+    import tarfile as _tarfile
     exclude = list(exclude or [])
     buf = _io.BytesIO()
     with _tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -5715,6 +5713,8 @@ def pack_for_upload(source: str, target: str, exclude: list | None = None) -> tu
 
 def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> None:
     """Write what `download` returned to `target` with rsync's semantics (see pack_for_upload)."""
+    import io as _io
+    import tarfile as _tarfile
     with _tarfile.open(fileobj=_io.BytesIO(archive), mode="r:gz") as tar:
         if is_dir:
             os.makedirs(target, exist_ok=True)
@@ -5885,6 +5885,7 @@ def _build_node_provider_class():
         """
 
         def __init__(self, provider_config: dict, cluster_name: str):
+            import threading as _threading
             super().__init__(provider_config, cluster_name)
             self._client = webserver_client_for(provider_config)
             self._lock = _threading.Lock()
@@ -5914,6 +5915,7 @@ def _build_node_provider_class():
 
         # -- NodeProvider -----------------------------------------------------
         def non_terminated_nodes(self, tag_filters: dict) -> list:
+            import urllib.parse as _urlparse
             query = _urlparse.urlencode({f"tag.{k}": v for k, v in (tag_filters or {}).items()})
             path = _node_path(self.cluster_name) + (f"?{query}" if query else "")
             nodes = self._call("GET", path)["nodes"]
@@ -5996,7 +5998,7 @@ def _build_node_provider_class():
                 if states & {"terminating", "terminated"}:
                     reason = "; ".join(n.get("error") or "terminated" for n in nodes)
                     raise ProviderError(RayOnGolemError(f"head node failed to start: {reason}"))
-                _time.sleep(0.2)
+                time.sleep(0.2)
 
         def terminate_node(self, node_id: str):
             node = self._call("DELETE", _node_path(self.cluster_name, node_id))
@@ -6117,6 +6119,7 @@ def _build_command_runner_class():
             return "".join(stdout).encode() if with_output else ""
 
         def run_rsync_up(self, source, target, options=None):
+            import base64 as _base64
             options = options or {}
             try:
                 directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
@@ -6131,6 +6134,7 @@ def _build_command_runner_class():
                 raise click.ClickException(f"upload {source} -> {self.node_id}:{target}: {exc}") from None
 
         def run_rsync_down(self, source, target, options=None):
+            import base64 as _base64
             try:
                 answer = self._client.request("POST", self._path("download"), {"path": source})
                 unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
