@@ -4419,7 +4419,7 @@ class ClusterPayments:
         if spending is None:
             return []
         alive = [n for n in cluster.nodes.values() if n.alive]
-        heads = [n for n in alive if n.tags.get("ray-node-kind") == "head"]
+        heads = [n for n in alive if n.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD]
         order = sorted((n for n in alive if n not in heads), key=lambda n: n.created_at, reverse=True)
         order += sorted(heads, key=lambda n: n.created_at, reverse=True)
         stopping: set[str] = set()
@@ -4455,7 +4455,7 @@ class ClusterPayments:
         if budget <= 0:
             raise UsageError(f"provider_parameters.total_budget: expected an amount > 0, got {glm(budget)}")
         why = self.exhausted.get(cluster_name)
-        if why is not None and (tags.get("ray-node-kind") != "head" or cluster_name in self.allocations):
+        if why is not None and (tags.get(RAY_TAG_NODE_KIND) != RAY_NODE_KIND_HEAD or cluster_name in self.allocations):
             raise Conflict(f"cluster {cluster_name!r} was {why}; raise total_budget and run `ray up` again")
         self.requested_budget[cluster_name] = budget
 

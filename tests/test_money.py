@@ -169,7 +169,7 @@ class Money:
     def request_node(self, cluster: str, kind: str, budget: float) -> dict:
         status, body = self.call("POST", f"/clusters/{cluster}/nodes", {
             "provider_parameters": {"payment_network": "local", "total_budget": budget, "node_start_timeout": 90},
-            "tags": {"ray-node-kind": kind, "ray-user-node-type": kind}, "count": 1})
+            "tags": {"ray-node-type": kind, "ray-user-node-type": kind}, "count": 1})
         assert status == 200, body
         return body["nodes"][0]
 
@@ -291,7 +291,7 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     # The autoscaler asking for more is refused: the budget is used up.
     status, body = money.call("POST", "/clusters/c1/nodes", {
         "provider_parameters": {"payment_network": "local", "total_budget": budget},
-        "tags": {"ray-node-kind": "worker"}, "count": 1})
+        "tags": {"ray-node-type": "worker"}, "count": 1})
     assert status == 409 and "stopped by the budget" in body["error"], body
 
     # Every agreement's invoice settles; the ledger equals what the providers were paid.
