@@ -3101,6 +3101,20 @@ class ClusterRecords:
                 (document_id, kind, agreement_id, activity_id, cluster_name, amount, status, now,
                  now if status == "accepted" else None))
 
+    def open_allocations(self) -> list[str]:
+        return [r[0] for r in self.store.conn.execute(
+            "SELECT allocation_id FROM allocations WHERE released_at IS NULL")]
+
+    def end_stale_nodes(self, live: set[str], reason: str) -> int:
+        """Rows of nodes a previous webserver left pending/running/terminating: they ended with it."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT node_id, state_log FROM nodes WHERE state != 'terminated'").fetchall()
+            stale = [(node_id, log) for node_id, log in rows if node_id not in live]
+            for node_id, log in stale:
+                conn.execute("UPDATE nodes SET state = 'terminated', state_log = ?, updated_at = ? WHERE node_id = ?",
+                             (json.dumps([*json.loads(log or "[]"), reason]), self.store.clock(), node_id))
+        return len(stale)
+
     def open_agreements(self) -> list[dict]:
         return [dict(r) for r in self.store.conn.execute(
             "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements WHERE terminated_at IS NULL")]
@@ -3321,14 +3335,34 @@ class ClusterService:
                 self.payments.start()
         return self.golem
 
+    async def recover(self) -> None:
+        """Once the webserver's yagna is ready: end what a previous webserver left (crash, kill -9).
+
+        Its nodes rows end at once (they would count as live: phantom nodes, `stop` refused);
+        its agreements and allocations are released through yagna (an allocation's funds stay
+        reserved until it is released or its 10-year timeout passes).
+        """
+        live = {node_id for cluster in self.clusters.values() for node_id in cluster.nodes}
+        ended = self.records.end_stale_nodes(live, "Terminated: the webserver running it stopped (crash or kill)")
+        if ended:
+            self.log.info("%d node(s) of a previous webserver marked terminated", ended)
+        if self.records.open_agreements() or self.records.open_allocations():
+            await self.connect()  # releases them (_release_orphans)
+
     async def _release_orphans(self) -> None:
-        """Agreements a previous webserver left open (crash, kill -9): terminate them."""
+        """Agreements and allocations a previous webserver left open (crash, kill -9): end them."""
         for row in self.records.open_agreements():
             try:
                 await self.golem.agreement(row["agreement_id"]).terminate("Ray on Golem restarted")
             except Exception as e:  # noqa: BLE001 - gone already is fine
                 self.log.info("orphan agreement %s: %s", row["agreement_id"], e)
             self.records.agreement_ended(row["agreement_id"], "orphaned by a previous webserver")
+        for allocation_id in self.records.open_allocations():
+            try:
+                await self.golem.allocation(allocation_id).release()
+            except Exception as e:  # noqa: BLE001 - released or expired already is fine
+                self.log.info("orphan allocation %s: %s", allocation_id, e)
+            self.records.allocation_released(allocation_id)
 
     # -- payments -------------------------------------------------------------------
 
@@ -4914,7 +4948,9 @@ class Webserver:
         version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
         if self._counts_cache is None or self._counts_cache[0] != version:
             self._counts_cache = (version, cluster_node_counts(self.store))
-        return self._counts_cache[1]
+        # The clusters the ClusterService holds in memory it counts itself: never twice.
+        known = getattr(getattr(self, "cluster_service", None), "clusters", {})
+        return {name: counts for name, counts in self._counts_cache[1].items() if name not in known}
 
     def live_nodes(self) -> int:
         """Nodes that still hold an agreement: everything not `terminated`."""
@@ -5110,6 +5146,10 @@ class Webserver:
             self.state = "running"
             self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            try:
+                await cluster_service(self).recover()
+            except Exception as e:  # noqa: BLE001 - the webserver serves; the next node request retries
+                self._log.warning("releasing what a previous webserver left failed: %s", _describe_error(e))
             import gc
 
             # What start-up allocated lives as long as the process: out of the collector's sight,

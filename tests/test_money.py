@@ -220,9 +220,10 @@ def money_factory(tmp_path):
     """Start a local network with a profile and a webserver that adopts it; both stopped by PID."""
     started: list[Money] = []
 
-    def start(net_profile: dict) -> Money:
-        datadir = tmp_path / f"datadir{len(started)}"
-        localnet = start_localnet(datadir / "localnet", profile=net_profile)
+    def start(net_profile: dict | None, after: Money | None = None) -> Money:
+        """A webserver on a new local network, or (`after`) on the data dir and network of a dead one."""
+        datadir = after.datadir if after else tmp_path / f"datadir{len(started)}"
+        localnet = after.localnet if after else start_localnet(datadir / "localnet", profile=net_profile)
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
         log = open(tmp_path / f"webserver{len(started)}.out", "w")
@@ -255,7 +256,8 @@ def money_factory(tmp_path):
                 money.proc.kill()
                 money.proc.wait()
         assert not pid_alive(money.proc.pid)
-        assert stop_localnet(money.localnet) == 0
+    for localnet in {id(m.localnet): m.localnet for m in started}.values():
+        assert stop_localnet(localnet) == 0
 
 
 def localnet_paid(money: Money, agreement_ids) -> Decimal:
@@ -372,6 +374,32 @@ def test_an_inflated_debit_note_is_rejected_recorded_and_its_provider_blocked(mo
         status, body = money.call("POST", "/clusters/c2/nodes", {
             "provider_parameters": {"payment_network": "local", "total_budget": bad}, "count": 1})
         assert status == 400 and body["error"] == f"provider_parameters.total_budget: {why}", body
+
+
+@pytest.mark.slow
+def test_a_restart_after_kill_9_ends_what_the_dead_webserver_left(money_factory):
+    money = money_factory(profile(provider("p-1")))
+    head = money.request_node("c4", "head", 5.0)
+    money.wait_node("c4", head["node_id"], ("running",))
+    assert money.localnet.state()["allocations"]["count"] == 1
+    money.proc.kill()  # kill -9: no shutdown hook ran
+    money.proc.wait()
+
+    again = money_factory(None, after=money)
+    with again.db() as conn:  # ended once yagna is there, before any node request
+        deadline = time.monotonic() + 60
+        while conn.execute("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL").fetchone()[0]:
+            assert time.monotonic() < deadline, [dict(r) for r in conn.execute("SELECT * FROM allocations")]
+            time.sleep(0.3)
+        (state, log), = conn.execute("SELECT state, state_log FROM nodes WHERE node_id = ?", (head["node_id"],))
+        assert conn.execute("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL").fetchone()[0] == 0
+    assert state == "terminated" and "the webserver running it stopped" in json.loads(log)[-1]
+    assert again.localnet.state()["allocations"]["count"] == 0  # the wallet is no longer reserved
+    status = again.call("GET", "/status")[1]
+    assert status["clusters"]["c4"].get("running", 0) == 0 and status["clusters"]["c4"].get("pending", 0) == 0
+    stopped = again.cli("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr  # no phantom node holds it up
+    again.proc.wait(timeout=90)
 
 
 def test_costs_reads_the_ledger_when_no_webserver_runs(tmp_path, run_cli, datadir):
