@@ -2322,6 +2322,9 @@ class Candidate:
         self.draft = None  # the provider's Draft once negotiated
 
 
+AGREEMENT_ABANDON_WAIT_S = 30.0  # how long an abandoned Pending agreement is watched for an approval to end
+
+
 class MarketPipeline:
     """Demand → filters → scoring → bounded negotiation → drafts, counted in a Funnel.
 
@@ -2389,6 +2392,7 @@ class MarketPipeline:
         self._answers: dict = {}  # our counter-proposal id -> future of the provider's answer
         self._answer_handler = None
         self._tasks: list = []
+        self._abandoning: set = set()  # tasks ending agreements the caller gave up on (_abandon)
         self._stopping = False
 
     # -- life cycle ----------------------------------------------------------------
@@ -2426,6 +2430,7 @@ class MarketPipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await asyncio.gather(*self._abandoning, return_exceptions=True)
         if self._answer_handler is not None:
             await _quietly(self.node.event_bus.off(self._answer_handler))
             self._answer_handler = None
@@ -2526,7 +2531,35 @@ class MarketPipeline:
                 reason = f"Agreement failed: {_describe_error(e)}"
                 if agreement is not None:
                     await _quietly(agreement.terminate("Agreement failed"))
+            except BaseException:  # the caller's deadline or cancellation: never leave it signed
+                if agreement is not None:
+                    self._abandon(agreement)
+                raise
             candidate.row["outcome"] = self.funnel.failed(reason)
+
+    def _abandon(self, agreement) -> None:
+        """End, in the background, an agreement whose signing the caller gave up on.
+
+        yagna terminates only an Approved agreement, and golem-core 0.7.8 has no `cancel`: one
+        still Pending is terminated once its provider approves it (or not at all if it rejects).
+        """
+        import asyncio
+
+        async def abandon() -> None:
+            try:
+                await agreement.terminate("No longer needed")
+                return
+            except Exception:  # noqa: BLE001 - still Pending: wait for the provider's decision
+                pass
+            try:
+                if await asyncio.wait_for(agreement.wait_for_approval(), AGREEMENT_ABANDON_WAIT_S):
+                    await agreement.terminate("No longer needed")
+            except Exception:  # noqa: BLE001 - expired, rejected or gone: nothing is signed
+                pass
+
+        task = asyncio.create_task(abandon())
+        self._abandoning.add(task)
+        task.add_done_callback(self._abandoning.discard)
 
     async def agreements(self, exclude=frozenset()):
         """Agreements best score first, for as long as the caller keeps asking."""
@@ -3483,9 +3516,11 @@ class ClusterService:
                 node.step(1)
                 agreement, candidate = await asyncio.wait_for(pipeline.agreement(frozenset(node.excluded)),
                                                               remaining)
+                # On the node before any further await: a deadline or cancellation from here on releases it.
+                self._adopt(node, pipeline, agreement, candidate)
                 node.attempts += 1
                 try:
-                    await asyncio.wait_for(self._start_on(node, pipeline, agreement, candidate),
+                    await asyncio.wait_for(self._start_on(node, agreement, candidate),
                                            node.deadline_at - time.time())
                     break
                 except NodeStartFailed as failure:
@@ -3517,11 +3552,8 @@ class ClusterService:
             node.step(len(PROVISIONING_STEPS))  # logs and persists the state change at once
             node.monitor = asyncio.create_task(self._monitor(node))
 
-    async def _start_on(self, node: ClusterNode, pipeline, agreement, candidate) -> None:
-        """Steps 2-6 on one provider; NodeStartFailed names what the provider did wrong."""
-        from golem.resources.activity.commands import Deploy, Start
-
-        cluster = node.cluster
+    def _adopt(self, node: ClusterNode, pipeline, agreement, candidate) -> None:
+        """The node holds a signed agreement: in memory and in the Store, without an await."""
         row = candidate.row
         node.agreement = agreement
         node.provider_id = candidate.provider_id
@@ -3532,6 +3564,12 @@ class ClusterService:
         self.records.agreement(agreement.id, node, candidate.provider_id, node.price)
         self._agreement_allocation[agreement.id] = pipeline.allocation
         self._agreement_node[agreement.id] = node
+
+    async def _start_on(self, node: ClusterNode, agreement, candidate) -> None:
+        """Steps 2-6 on one provider; NodeStartFailed names what the provider did wrong."""
+        from golem.resources.activity.commands import Deploy, Start
+
+        cluster = node.cluster
         await self.payments.agreement_signed(node, agreement)
         self.store.record_event(candidate.provider_id, cluster.network, "agreement_ok", cluster_name=cluster.name)
         node.step(2)

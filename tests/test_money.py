@@ -402,6 +402,24 @@ def test_a_restart_after_kill_9_ends_what_the_dead_webserver_left(money_factory)
     again.proc.wait(timeout=90)
 
 
+@pytest.mark.slow
+def test_a_deadline_while_the_provider_approves_leaves_no_agreement_signed(money_factory):
+    # The provider answers the counter-proposal after 8 s and the agreement 8 s after its
+    # confirmation: the 12 s node_start_timeout passes while the agreement awaits approval.
+    money = money_factory(profile(provider("slow-1", latency_s=8)))
+    status, body = money.call("POST", "/clusters/c5/nodes", {
+        "provider_parameters": {"payment_network": "local", "total_budget": 1, "node_start_timeout": 12},
+        "tags": {"ray-node-type": "head"}, "count": 1})
+    assert status == 200, body
+    node = money.wait_node("c5", body["nodes"][0]["node_id"], ("terminated",))
+    assert "node_start_timeout of 12s reached" in node["error"], node
+    deadline = time.monotonic() + 60  # the provider approves later: the agreement is ended then
+    while {"Pending", "Approved"} & set((agreements := money.localnet.state()["agreements"])["by_state"]):
+        assert time.monotonic() < deadline, agreements
+        time.sleep(0.5)
+    assert agreements["count"] == 1 and agreements["by_state"] == {"Terminated": 1}, agreements
+
+
 def test_costs_reads_the_ledger_when_no_webserver_runs(tmp_path, run_cli, datadir):
     """`costs` after the webserver is gone: the Store alone answers (the ledger survives restarts)."""
     with rog.Store(str(datadir)) as store:
