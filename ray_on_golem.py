@@ -3304,15 +3304,18 @@ class Cluster:
                 store = service.store
                 spec = DemandSpec.from_node_config(node_config, self.network)
                 budget = BudgetControl.from_node_config(node_config)
+                # The cluster's allocation (ClusterPayments): the pipeline allocates nothing itself.
                 pipeline = MarketPipeline(
                     service.golem, spec, budget,
                     is_blacklisted=lambda provider_id: store.is_blocked(provider_id, self.network),
                     reputation=lambda provider_id: store.score(provider_id, self.network),
-                    total_budget=float(self.parameters.get("total_budget") or 5.0),
-                    payment_driver=self.parameters.get("payment_driver") or "erc20",
                     max_drafts=4, allocation=await service.payments.allocation(self))
-                self.pipelines[key] = pipeline
-                await pipeline.start()
+                try:
+                    await pipeline.start()
+                except BaseException:
+                    await _quietly(pipeline.stop())  # a demand subscribed before the failure
+                    raise
+                self.pipelines[key] = pipeline  # only a started one: the next node retries a failed start
         return pipeline
 
 
