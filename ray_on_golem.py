@@ -3707,16 +3707,19 @@ class ClusterService:
             if any(n.alive for n in cluster.nodes.values()):
                 return  # a new node came: the cluster lives on
             await asyncio.sleep(0.2)
-        if any(n.alive for n in cluster.nodes.values()):
-            return
-        pipelines, cluster.pipelines = list(cluster.pipelines.values()), {}
-        for pipeline in pipelines:
-            await _quietly(pipeline.stop())
-        await self.payments.release_allocation(cluster)
-        if cluster.vpn is not None:
-            await _quietly(cluster.vpn.remove())
-            cluster.vpn = None
-        self.records.cluster_state(cluster.name, "stopped")
+        # Under the lock Cluster.pipeline and ensure_vpn take: a node that comes while this
+        # tears down waits, then gets a new pipeline, allocation and VPN, never the released ones.
+        async with cluster.lock:
+            if any(n.alive for n in cluster.nodes.values()):
+                return
+            pipelines, cluster.pipelines = list(cluster.pipelines.values()), {}
+            for pipeline in pipelines:
+                await _quietly(pipeline.stop())
+            await self.payments.release_allocation(cluster)
+            if cluster.vpn is not None:
+                await _quietly(cluster.vpn.remove())
+                cluster.vpn = None
+            self.records.cluster_state(cluster.name, "stopped")
 
     # -- commands on nodes ----------------------------------------------------------------
 
@@ -4323,7 +4326,9 @@ class ClusterPayments:
 
     async def release_allocation(self, cluster: "Cluster") -> None:
         allocation = self.allocations.pop(cluster.name, None)
-        for agreement_id in [a for a, account in self.accounts.items() if account.node.cluster is cluster]:
+        for agreement_id in [a for a, account in self.accounts.items()
+                             if account.node.cluster is cluster and (account.ended_at is not None
+                                                                     or not account.node.alive)]:
             del self.accounts[agreement_id]  # settled or given up: the next run has a budget of its own
         if allocation is not None:
             await _quietly(allocation.release())
