@@ -3123,17 +3123,6 @@ class ClusterRecords:
             conn.execute("UPDATE allocations SET released_at = ? WHERE allocation_id = ? AND released_at IS NULL",
                          (self.store.clock(), allocation_id))
 
-    def document(self, document_id: str, kind: str, agreement_id: str, activity_id: str | None,
-                 cluster_name: str, amount: str, status: str) -> None:
-        now = self.store.clock()
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO ledger (document_id, kind, agreement_id, activity_id, cluster_name, amount, status, "
-                "created_at, settled_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (document_id) DO UPDATE SET "
-                "status = excluded.status, amount = excluded.amount, settled_at = excluded.settled_at",
-                (document_id, kind, agreement_id, activity_id, cluster_name, amount, status, now,
-                 now if status == "accepted" else None))
-
     def open_allocations(self) -> list[str]:
         return [r[0] for r in self.store.conn.execute(
             "SELECT allocation_id FROM allocations WHERE released_at IS NULL")]
@@ -3147,6 +3136,12 @@ class ClusterRecords:
                 conn.execute("UPDATE nodes SET state = 'terminated', state_log = ?, updated_at = ? WHERE node_id = ?",
                              (json.dumps([*json.loads(log or "[]"), reason]), self.store.clock(), node_id))
         return len(stale)
+
+    def agreement_owner(self, agreement_id: str) -> dict | None:
+        """The cluster and node an agreement of ours was signed for; None if it is not ours."""
+        row = self.store.conn.execute("SELECT cluster_name, node_id FROM agreements WHERE agreement_id = ?",
+                                      (agreement_id,)).fetchone()
+        return dict(row) if row else None
 
     def open_agreements(self) -> list[dict]:
         return [dict(r) for r in self.store.conn.execute(
@@ -3201,7 +3196,6 @@ class ClusterNode:
         self.excluded: set[str] = set()
         self.agreement = None
         self.activity = None
-        self.amounts: dict[str, object] = {}  # document key -> Decimal amount due
         self.provisioning = None  # asyncio.Task
         self.monitor = None  # asyncio.Task
         self.changed = asyncio.Event()
@@ -3234,10 +3228,8 @@ class ClusterNode:
         self.changed = asyncio.Event()
 
     def cost_so_far(self) -> str:
-        """GLM due so far: the latest debit note of each activity, or the invoice (exact decimal)."""
-        from decimal import Decimal
-
-        return str(sum(self.amounts.values(), Decimal(0)))
+        """GLM accepted so far for this node, from the Ledger (exact decimal)."""
+        return str(self.cluster.service.payments.ledger.accepted_for_node(self.node_id))
 
     def as_dict(self) -> dict:
         return {
@@ -3338,9 +3330,8 @@ class ClusterService:
         self.golem = None
         self.log = logging.getLogger("ray_on_golem.clusters")
         self.runs: dict[str, dict] = {}
-        self._agreement_allocation: dict[str, object] = {}  # agreement id -> allocation
+        self._invoice_due: set[str] = set()  # agreements that billed: _end_cluster waits for their invoices
         self._agreement_node: dict[str, ClusterNode] = {}
-        self._payment_tasks: set = set()
         self._start_lock = None
         self.payments = ClusterPayments(self)
         webserver.cluster_sources.append(self.counts)
@@ -3520,7 +3511,7 @@ class ClusterService:
                 agreement, candidate = await asyncio.wait_for(pipeline.agreement(frozenset(node.excluded)),
                                                               remaining)
                 # On the node before any further await: a deadline or cancellation from here on releases it.
-                self._adopt(node, pipeline, agreement, candidate)
+                self._adopt(node, agreement, candidate)
                 node.attempts += 1
                 try:
                     await asyncio.wait_for(self._start_on(node, agreement, candidate),
@@ -3555,7 +3546,7 @@ class ClusterService:
             node.step(len(PROVISIONING_STEPS))  # logs and persists the state change at once
             node.monitor = asyncio.create_task(self._monitor(node))
 
-    def _adopt(self, node: ClusterNode, pipeline, agreement, candidate) -> None:
+    def _adopt(self, node: ClusterNode, agreement, candidate) -> None:
         """The node holds a signed agreement: in memory and in the Store, without an await."""
         row = candidate.row
         node.agreement = agreement
@@ -3565,7 +3556,7 @@ class ClusterService:
                       "env_per_hour": row.get("env_per_hour"), "expected_cost": row.get("expected_cost")}
         # Recorded before use: a crash from here on leaves a row to release.
         self.records.agreement(agreement.id, node, candidate.provider_id, node.price)
-        self._agreement_allocation[agreement.id] = pipeline.allocation
+        self._invoice_due.add(agreement.id)
         self._agreement_node[agreement.id] = node
 
     async def _start_on(self, node: ClusterNode, agreement, candidate) -> None:
@@ -3703,7 +3694,7 @@ class ClusterService:
 
         ours = [a for a, n in self._agreement_node.items() if n.cluster is cluster]
         deadline = time.monotonic() + INVOICE_WAIT_S
-        while any(a in self._agreement_allocation for a in ours) and time.monotonic() < deadline:
+        while any(a in self._invoice_due for a in ours) and time.monotonic() < deadline:
             if any(n.alive for n in cluster.nodes.values()):
                 return  # a new node came: the cluster lives on
             await asyncio.sleep(0.2)
@@ -4182,6 +4173,13 @@ class Ledger:
             "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
         return sum((Decimal(r[0]) for r in rows), Decimal(0))
 
+    def accepted_for_node(self, node_id: str):
+        """What one node's debit notes and invoices were accepted for (each row spends its increase)."""
+        from decimal import Decimal
+
+        rows = self.store.conn.execute("SELECT spent FROM ledger WHERE node_id = ? AND status = 'accepted'", (node_id,))
+        return sum((Decimal(r[0]) for r in rows), Decimal(0))
+
     def pricing(self, agreement_id: str, terms: PriceTerms) -> None:
         with self.store.transaction() as conn:
             conn.execute("UPDATE agreements SET pricing = ? WHERE agreement_id = ?",
@@ -4330,6 +4328,9 @@ class ClusterPayments:
                              if account.node.cluster is cluster and (account.ended_at is not None
                                                                      or not account.node.alive)]:
             del self.accounts[agreement_id]  # settled or given up: the next run has a budget of its own
+            # A later _end_cluster must not wait for an invoice that comes late (recorded by _late) or never.
+            self.service._invoice_due.discard(agreement_id)
+            self.service._agreement_node.pop(agreement_id, None)
         if allocation is not None:
             await _quietly(allocation.release())
             self.service.records.allocation_released(allocation.id)
@@ -4364,7 +4365,7 @@ class ClusterPayments:
             account.ended_at = time.time()
             account.billed = billed
         if not billed:
-            self.service._agreement_allocation.pop(agreement_id, None)  # no invoice to wait for
+            self.service._invoice_due.discard(agreement_id)  # no invoice to wait for
 
     # -- debit notes and invoices -----------------------------------------------------------
 
@@ -4375,9 +4376,12 @@ class ClusterPayments:
         except Exception as e:  # noqa: BLE001
             self.service.log.warning("cannot read %s %s: %s", kind, document.id, _describe_error(e))
             return
+        if str(data.status).upper() != "RECEIVED":
+            return  # handled already (events come again after a restart)
         account = self.accounts.get(data.agreement_id)
-        if account is None or str(data.status).upper() != "RECEIVED":
-            return  # another requestor's, or handled already (events come again after a restart)
+        if account is None:
+            self._late(document.id, kind, data)
+            return
         node = account.node
         cluster = node.cluster
         spending = self.spending.get(cluster.name)
@@ -4407,7 +4411,7 @@ class ClusterPayments:
                                          node.node_id, verdict.reason)
                 if kind == "invoice":
                     account.settled = True
-                    self.service._agreement_allocation.pop(data.agreement_id, None)
+                    self.service._invoice_due.discard(data.agreement_id)
                 if verdict.breach:
                     self._penalise(account, f"{kind.replace('_', ' ')} {document.id}: {verdict.reason}")
                 return
@@ -4421,12 +4425,22 @@ class ClusterPayments:
                 self.service.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
                 return
             self.ledger.update(document.id, "accepted", spent=verdict.spend)
-        key = f"{data.agreement_id}/{activity_id}" if kind == "debit_note" else data.agreement_id
         if kind == "invoice":
             account.settled = True
-            node.amounts = {k: v for k, v in node.amounts.items() if not k.startswith(data.agreement_id)}
-            self.service._agreement_allocation.pop(data.agreement_id, None)
-        node.amounts[key] = amount
+            self.service._invoice_due.discard(data.agreement_id)
+
+    def _late(self, document_id: str, kind: str, data) -> None:
+        """A document of one of our agreements whose cluster's allocation is released (or of a previous
+        webserver's): nothing can pay it now; recorded with why, never silently dropped."""
+        owner = self.service.records.agreement_owner(data.agreement_id)
+        if owner is None or self.ledger.known(document_id) is not None:
+            return  # another requestor's (a shared yagna), or recorded already
+        amount = data.total_amount_due if kind == "debit_note" else data.amount
+        self.ledger.received(document_id, kind, data.agreement_id, getattr(data, "activity_id", None),
+                             owner["node_id"], owner["cluster_name"], None, str(amount))
+        why = "arrived after its cluster's allocation was released (nothing left to pay it from)"
+        self.ledger.update(document_id, "late", reason=why)
+        self.service.log.warning("%s %s of %s/%s %s", kind, document_id, owner["cluster_name"], owner["node_id"], why)
 
     def _penalise(self, account: AgreementAccount, reason: str) -> None:
         """A provider billed more than agreed: record it, block it, replace the node."""
