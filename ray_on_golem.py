@@ -4666,12 +4666,25 @@ class _SecretRedactor:
         self.secrets: set[str] = set()
 
     def filter(self, record) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "[***]")
-            record.msg, record.args = message, None
+        import logging
+
+        secrets = [secret for secret in self.secrets if secret]  # "" would match between every character
+        if secrets:
+            record.msg, record.args = self._redact(record.getMessage(), secrets), None
+            if record.exc_info and not record.exc_text:
+                # What Formatter.format would render: it uses exc_text as given once set.
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self._redact(record.exc_text, secrets)
+            if record.stack_info:
+                record.stack_info = self._redact(record.stack_info, secrets)
         return True
+
+    @staticmethod
+    def _redact(text: str, secrets: list[str]) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "[***]")
+        return text
 
 
 def setup_webserver_logging(datadir: str, redactor: _SecretRedactor | None = None):

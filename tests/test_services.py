@@ -601,6 +601,22 @@ def test_log_redactor_blanks_secrets():
     assert record.getMessage() == "key=[***] here"
 
 
+def test_log_redactor_blanks_secrets_in_tracebacks_and_ignores_empty_ones():
+    import logging
+
+    redactor = rog._SecretRedactor()
+    redactor.secrets.update({"s3cr3t", ""})  # an app key not known yet is empty
+    try:
+        raise ValueError("bad key s3cr3t")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    record.stack_info = "Stack (most recent call last):\n  token s3cr3t"
+    assert redactor.filter(record)
+    text = logging.Formatter("%(message)s").format(record)
+    assert "s3cr3t" not in text and "ValueError: bad key [***]" in text and "token [***]" in text
+    assert text.startswith("failed\nTraceback")  # the empty secret blanked nothing
+
+
 def test_many_concurrent_clients(shared):
     """100 keep-alive clients at once all get answers (the bench measures how fast)."""
     token = shared.token()
