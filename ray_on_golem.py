@@ -3434,8 +3434,9 @@ class ClusterService:
         if network != self.network:
             raise Conflict(f"this webserver pays on `{self.network}`, the cluster asks for `{network}`; "
                            f"stop it (`ray-on-golem stop`) or use webserver_port of another one")
-        await self.connect()
+        # Bad input is a 400 whatever the daemon's state (connect() answers 503 while it starts).
         self.payments.check_can_start(cluster_name, tags, parameters)
+        await self.connect()
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
