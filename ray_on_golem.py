@@ -7042,7 +7042,7 @@ def cmd_costs(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> "argparse.ArgumentParser":
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
     import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
 

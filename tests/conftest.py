@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,20 @@ def cli_env(datadir: Path | None, home: Path, extra: dict | None = None) -> dict
         env["RAY_ON_GOLEM_DATADIR"] = str(datadir)
     env.update(extra or {})
     return env
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """A network namespace with only `lo` up: the real yagna there cannot reach anything else (yagna-offline.md §1)."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("the loopback-only network namespace needs root and iproute2")
+    name = f"rogsvc{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture

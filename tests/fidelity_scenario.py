@@ -26,7 +26,6 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
-from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 

@@ -726,8 +726,6 @@ def test_killer_09_error_bodies_parse_where_golem_core_parses_them(localnet):
 
     async def main():
         async with golem_node(localnet) as node:
-            from golem.resources import Allocation
-
             with pytest.raises(ApiException) as info:
                 await node.create_allocation(-1, network="local")
             return info.value
@@ -779,8 +777,6 @@ def test_killer_11_agreement_wait_answers_before_golem_core_gives_up(localnet):
 
 
 def test_killer_12_offers_carry_linear_pricing_and_mid_agreement_terms(localnet_factory):
-    from golem.resources.utils.payment import LinearCoeffs  # noqa: F401  (golem-core's reader)
-
     ln = localnet_factory(providers=40, profile={**FAST_PROFILE, "known_at_start": 1.0})
     demand_id, _, _ = raw_demand(ln)
     events = poll_events(ln, demand_id, 40, timeout=2)

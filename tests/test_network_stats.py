@@ -355,8 +355,6 @@ def test_wrong_app_key_exits_1_with_what_to_do(localnet, run_cli, tmp_path):
 
 # --- the real yagna, offline (loopback-only network namespace, yagna-offline.md §1) -----
 
-from test_services import netns  # noqa: E402,F401  the namespace fixture: one recipe, one place
-
 
 def _processes_with_env(marker: str) -> list[int]:
     """PIDs whose environment mentions `marker` (our private yagna data dir): a check, never a kill list."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,20 +49,6 @@ def yagna_binary() -> str | None:
 ###############################################################################
 # Fixtures ####################################################################
 ###############################################################################
-
-
-@pytest.fixture(scope="module")
-def netns():
-    """A network namespace with only `lo` up: the real yagna there cannot reach anything else (yagna-offline.md §1)."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("the loopback-only network namespace needs root and iproute2")
-    name = f"rogsvc{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 class Services:
