@@ -761,6 +761,40 @@ def test_sigterm_is_a_graceful_shutdown(services, when):
         proc.wait()
 
 
+def test_a_bad_total_budget_is_a_400_while_the_daemon_starts(services):
+    """Input is checked before the daemon is needed: a bad request is 400, not 503, during start-up."""
+    import urllib.error
+    import urllib.request
+
+    proc = _foreground_webserver(services)
+    try:
+        client = rog.WebserverClient(services.datadir, services.port)
+        state = None
+        for _ in range(3000):
+            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
+            state = status and status["state"]
+            if state == "starting":
+                break
+            time.sleep(0.005)
+        assert state == "starting"
+        token = rog.read_token(services.datadir)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{services.port}/clusters/c1/nodes", method="POST",
+            data=json.dumps({"provider_parameters": {"total_budget": "lots"}}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(req, timeout=30)
+        body = json.loads(answer.value.read())
+        assert answer.value.code == 400 and body["error"] == "provider_parameters.total_budget: 'lots' is not a decimal amount"
+        services.remember()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert processes_mentioning(services.datadir) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_daemon_dying_becomes_a_status_warning(running):
     daemon = running.runtime()["yagna"]["pid"]
     os.kill(daemon, signal.SIGKILL)
