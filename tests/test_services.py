@@ -734,19 +734,25 @@ def _foreground_webserver(svc: Services, cwd: str | None = None) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=svc.env, cwd=cwd)  # fmt: skip
 
 
+def _wait_state(svc: Services, want: str) -> str | None:
+    """Poll `status` until the webserver is in state `want` (or give up); the last state seen."""
+    client = rog.WebserverClient(svc.datadir, svc.port)
+    state = None
+    for _ in range(3000):
+        status = client.status() if os.path.exists(os.path.join(svc.datadir, "webserver.token")) else None
+        state = status and status["state"]
+        if state == want:
+            break
+        time.sleep(0.005)
+    return state
+
+
 @pytest.mark.parametrize("when", ["starting", "running"])
 def test_sigterm_is_a_graceful_shutdown(services, when):
     """SIGTERM while the daemon is still starting or once running: exit 0, the daemon stopped, files removed."""
     proc = _foreground_webserver(services)
     try:
-        client = rog.WebserverClient(services.datadir, services.port)
-        state = None
-        for _ in range(3000):
-            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
-            state = status and status["state"]
-            if state == when:
-                break
-            time.sleep(0.005)
+        state = _wait_state(services, when)
         assert state == when  # starting: the local network needs far more than one poll to come up
         services.remember()
         proc.send_signal(signal.SIGTERM)
@@ -768,14 +774,7 @@ def test_a_bad_total_budget_is_a_400_while_the_daemon_starts(services):
 
     proc = _foreground_webserver(services)
     try:
-        client = rog.WebserverClient(services.datadir, services.port)
-        state = None
-        for _ in range(3000):
-            status = client.status() if os.path.exists(os.path.join(services.datadir, "webserver.token")) else None
-            state = status and status["state"]
-            if state == "starting":
-                break
-            time.sleep(0.005)
+        state = _wait_state(services, "starting")
         assert state == "starting"
         token = rog.read_token(services.datadir)
         req = urllib.request.Request(
