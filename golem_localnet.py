@@ -3,7 +3,7 @@
 
 Runs as its own process (`python golem_localnet.py serve ...`). The unmodified
 golem-core must not be able to tell it from yagna; see
-../shared/reference/yagna-api.md. `ray_on_golem.py` never imports this file, it
+docs/yagna-behaviour.md. `ray_on_golem.py` never imports this file, it
 only starts it. Standard library only on the server side.
 
 Sections, in dependency order:
@@ -54,25 +54,25 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 ###############################################################################
 
 VERSION = "0.1.0"
-YAGNA_VERSION = "0.17.6"  # the version whose behaviour we copy (yagna-api.md, yagna-offline.md)
+YAGNA_VERSION = "0.17.6"  # the version whose behaviour we copy (docs/yagna-behaviour.md)
 DEFAULT_HOST = "127.0.0.1"
 READY_LINE = "golem-localnet listening on {url}"
 APPKEY_ENV = "YAGNA_APPKEY"
 APPKEY_FILE = "appkey"
 STATE_FILE = "localnet.json"
 
-# yagna's long-poll defaults: payment events 5 s (DEFAULT_EVENT_TIMEOUT, yagna-api.md §2.0);
+# yagna's long-poll defaults: payment events 5 s (DEFAULT_EVENT_TIMEOUT, docs/yagna-behaviour.md §2);
 # market events take `timeout` from the query; agreement wait is capped below golem-core's
 # 16 s client timeout (§2.7, checklist item 11).
 PAYMENT_EVENT_TIMEOUT_S = 5.0
 MARKET_EVENT_TIMEOUT_S = 5.0
 MAX_LONG_POLL_S = 15.0
-MARKET_MAX_EVENTS_DEFAULT = 20  # yagna MARKET_MAX_EVENTS_DEFAULT (yagna-offline.md §1)
+MARKET_MAX_EVENTS_DEFAULT = 20  # yagna MARKET_MAX_EVENTS_DEFAULT (docs/yagna-behaviour.md §2)
 MARKET_MAX_EVENTS_MAX = 100
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 # platform -> (driver, network, token): the local platform plus the real names yagna
-# 0.17.6 lists (yagna-offline.md §1), so golem-core's defaults (holesky) work unchanged.
+# 0.17.6 lists (docs/yagna-behaviour.md §5), so golem-core's defaults (holesky) work unchanged.
 PAYMENT_PLATFORMS: dict[str, tuple[str, str, str]] = {
     "erc20-local-tglm": ("erc20", "local", "tGLM"),
     "erc20-holesky-tglm": ("erc20", "holesky", "tGLM"),
@@ -165,20 +165,23 @@ def node_id_from(seed_text: str) -> str:
 
 class HttpError(Exception):
     """An error answered as JSON `{"message": ...}`: golem-core does
-    `json.loads(e.body)["message"]` on errors (yagna-api.md §1.2, checklist item 9)."""
+    `json.loads(e.body)["message"]` on errors (docs/yagna-behaviour.md §1)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # e.g. `Allow` of a 405
 
 
 _REASONS = {
     200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
-    501: "Not Implemented",
+    410: "Gone", 413: "Payload Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
 }
+MAX_REQUEST_LINE = 64 * 1024  # the request line (414 beyond), one header line (431) or chunk-size line (400)
+MAX_REQUEST_HEADERS = 100  # header lines (431 beyond), as http.server
 
 
 @dataclasses.dataclass
@@ -237,6 +240,7 @@ class Response:
     content_type: str = "application/json"
     raw: bytes | None = None
     upgraded: bool = False  # the handler took the connection over (WebSocket): write nothing
+    headers: dict[str, str] | None = None  # extra response headers (`Allow` of a 405)
 
     def encode(self) -> bytes:
         if self.raw is not None:
@@ -274,7 +278,7 @@ async def long_poll(
 ) -> Any:
     """Block until `take()` returns something truthy or `timeout` seconds pass.
 
-    golem-core's event loops call again with no sleep (yagna-api.md §2.0): answering
+    golem-core's event loops call again with no sleep (docs/yagna-behaviour.md §2): answering
     `[]` at once would make it spin, so an empty answer only ever comes at the deadline.
     `next_due()` (seconds until some scheduled state change) shortens a wait that
     would otherwise sleep past it.
@@ -313,7 +317,7 @@ class HttpHandler:
         return Response(204)
 
     def not_implemented(self) -> Response:
-        """Spec endpoints golem-core 0.7.8 never calls (yagna-api.md §6.1)."""
+        """Spec endpoints golem-core 0.7.8 never calls (docs/yagna-behaviour.md §1)."""
         raise HttpError(501, f"{self.request.method} {self.request.path} is not implemented by golem-localnet")
 
 
@@ -337,13 +341,18 @@ class Router:
                     return name, {k: unquote(v) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
         if allowed:
-            raise HttpError(405, f"method {method} not allowed on {path}; allowed: {', '.join(sorted(set(allowed)))}")
+            methods = ", ".join(sorted(set(allowed)))
+            raise HttpError(405, f"method {method} not allowed on {path}; allowed: {methods}", {"Allow": methods})
         raise HttpError(404, f"no such endpoint: {method} {path}")
 
 
 class HttpServer:
     """A small asyncio HTTP/1.1 server with keep-alive (golem-core's aiohttp pool reuses
-    connections). It parses each request once and hands it to `dispatch`."""
+    connections). It parses each request once and hands it to `dispatch`.
+
+    ray_on_golem.py's HttpTransport keeps a copy of this parser (the two files never import
+    each other); tests/test_http_core.py runs one table of requests against both.
+    """
 
     def __init__(self, dispatch: Callable[[Request], Any]) -> None:
         self.dispatch = dispatch
@@ -369,21 +378,23 @@ class HttpServer:
         self._connections.add(task)
         try:
             while True:
-                request, keep_alive, error = await self._read_request(reader)
-                if request is None and error is None:
+                try:
+                    parsed = await self._read_request(reader)
+                except HttpError as error:
+                    await self.send_error(writer, error)
                     break
-                if error is not None:
-                    response, keep_alive = Response(error.status, {"message": error.message}), False
-                else:
-                    request.connection = (reader, writer)
-                    response = await self.dispatch(request)
-                    if response.upgraded:
-                        break
+                if parsed is None:
+                    break
+                request, keep_alive = parsed
+                request.connection = (reader, writer)
+                response = await self.dispatch(request)
+                if response.upgraded:
+                    break
                 self._write_response(writer, response, keep_alive)
                 await writer.drain()
                 if not keep_alive:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
             pass
@@ -394,52 +405,91 @@ class HttpServer:
             except Exception:
                 pass
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Request | None, bool, HttpError | None]:
-        line = await reader.readline()
-        if not line:
-            return None, False, None
+    @staticmethod
+    async def _read_line(reader: asyncio.StreamReader, too_long: HttpError) -> bytes:
+        """One CRLF line (b"" at EOF); `too_long` beyond MAX_REQUEST_LINE bytes."""
         try:
-            method, target, version = line.decode("latin-1").strip().split(" ", 2)
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise too_long from None
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise
+            return b""
+        if len(line) > MAX_REQUEST_LINE:
+            raise too_long
+        return line
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Request, bool] | None:
+        """Parse one request (None: the client closed between requests); HttpError for a bad one.
+
+        The checks, in order: request line (414, 400, version), header lines (431, 400), the body's
+        framing (Content-Length or chunked) and size (413, before any body byte is read).
+        """
+        line = await self._read_line(reader, HttpError(414, "request line too long"))
+        if not line:
+            return None
+        try:
+            method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
         except ValueError:
-            return None, False, HttpError(400, "malformed request line")
+            raise HttpError(400, "malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method:
+            raise HttpError(400, "malformed request line")
         headers: dict[str, str] = {}
         while True:
-            hline = await reader.readline()
-            if hline in (b"\r\n", b"\n", b""):
+            hline = await self._read_line(reader, HttpError(431, "request head too large"))
+            if not hline:
+                raise ConnectionResetError("the client closed the connection within the request head")
+            if hline in (b"\r\n", b"\n"):
                 break
-            if len(headers) > 100:
-                return None, False, HttpError(400, "too many headers")
-            name, _, value = hline.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
+            if len(headers) >= MAX_REQUEST_HEADERS:
+                raise HttpError(431, "request head too large")
+            name, sep, value = hline.decode("latin-1").rstrip("\r\n").partition(":")
+            if not sep or not name or name != name.strip() or " " in name:
+                raise HttpError(400, "malformed header line")
+            headers[name.lower()] = value.strip()
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        if "transfer-encoding" in headers:
+            if headers["transfer-encoding"].lower() != "chunked" or "content-length" in headers:
+                raise HttpError(400, "unsupported Transfer-Encoding (chunked alone is)")
             body = await self._read_chunked(reader)
         else:
-            try:
-                length = int(headers.get("content-length", "0") or 0)
-            except ValueError:
-                return None, False, HttpError(400, "bad Content-Length")
-            if length > MAX_BODY_BYTES or length < 0:
-                return None, False, HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            length_text = headers.get("content-length", "0")
+            if not length_text.isdigit() or not length_text.isascii():
+                raise HttpError(400, "malformed Content-Length")
+            length = int(length_text)
+            if length > MAX_BODY_BYTES:
+                raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
             body = await reader.readexactly(length) if length else b""
         split = urlsplit(target)
         query = dict(parse_qsl(split.query, keep_blank_values=True))
-        return Request(method.upper(), split.path, query, headers, body), keep_alive, None
+        return Request(method.upper(), split.path, query, headers, body), keep_alive
 
-    @staticmethod
-    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    @classmethod
+    async def _read_chunked(cls, reader: asyncio.StreamReader) -> bytes:
         chunks = []
         total = 0
         while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            line = await cls._read_line(reader, HttpError(400, "malformed chunk size: line too long"))
+            size_text = line.split(b";")[0].strip()
+            if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+                raise HttpError(400, f"malformed chunk size: {size_text[:20].decode('latin-1')!r}")
+            size = int(size_text, 16)
             if size == 0:
-                await reader.readline()
+                while (await cls._read_line(reader, HttpError(400, "malformed chunk trailer"))) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
                 return b"".join(chunks)
             total += size
             if total > MAX_BODY_BYTES:
-                raise ConnectionError("chunked body too large")
+                raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
             chunks.append(await reader.readexactly(size))
-            await reader.readline()
+            if (await reader.readexactly(2)) != b"\r\n":
+                raise HttpError(400, "malformed chunk: no CRLF after its data")
+
+    async def send_error(self, writer: asyncio.StreamWriter, error: HttpError) -> None:
+        """The one error exit of the parser: JSON `{"message": ...}` (what golem-core reads), connection closed."""
+        self._write_response(writer, Response(error.status, {"message": error.message}, headers=error.headers), False)
+        await writer.drain()
 
     @staticmethod
     def _write_response(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
@@ -452,6 +502,7 @@ class HttpServer:
         ]
         if response.status != 204:
             head.append(f"Content-Type: {response.content_type}")
+        head += [f"{name}: {value}" for name, value in (response.headers or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
 
 
@@ -868,7 +919,7 @@ class Identity:
         self.name = "golem-localnet"
 
     def check(self, request: Request) -> None:
-        """yagna's auth middleware: Bearer header or `?authToken=` (yagna-api.md §1.2)."""
+        """yagna's auth middleware: Bearer header or `?authToken=` (docs/yagna-behaviour.md §1)."""
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("authToken")
         if not token:
@@ -1135,7 +1186,7 @@ class Demand:
 
 
 class Agreement:
-    """An agreement and its state machine (yagna-api.md §2.7). Other sections read
+    """An agreement and its state machine (docs/yagna-behaviour.md §3). Other sections read
     `state`, `provider`, `app_session_id`, `offer_properties`, `demand_properties` and
     `approved_at`, and can watch transitions through `Market.agreement_observers`."""
 
@@ -1519,7 +1570,7 @@ class Market:
         self.set_state(agreement, "Terminated")
         demand = self.demands.get(agreement.demand_id)
         if demand is not None:
-            # the provider's offer matches the demand again (yagna-offline.md §4c)
+            # the provider's offer matches the demand again (docs/yagna-behaviour.md §3)
             self._later(agreement.provider.latency_s, self._rematch, demand, agreement.provider)
 
     def _rematch(self, demand: Demand, provider: Provider) -> None:
@@ -1625,7 +1676,7 @@ class MarketRoutes(HttpHandler):
         if not isinstance(valid_to_raw, str):
             raise HttpError(400, "validTo: expected an RFC 3339 timestamp")
         agreement = self.net.market.create_agreement(proposal_id, parse_iso(valid_to_raw, "validTo"))
-        return self.ok(agreement.id)  # yagna answers 200 with the id (yagna-offline.md §4c)
+        return self.ok(agreement.id)  # yagna answers 200 with the id (docs/yagna-behaviour.md §3)
 
     async def get_agreement(self) -> Response:
         market = self.net.market
@@ -2944,7 +2995,7 @@ class Allocation:
 
 class EventLog:
     """A persistent payment event log: not consumed on delivery, filtered by a strict
-    `eventDate > afterTimestamp` and by `appSessionId` (yagna-api.md §2.0)."""
+    `eventDate > afterTimestamp` and by `appSessionId` (docs/yagna-behaviour.md §2)."""
 
     def __init__(self, clock: Clock, id_key: str, event_types: tuple[str, ...]) -> None:
         self.clock = clock
@@ -3154,7 +3205,7 @@ DEBIT_NOTE_DEADLINE_REASON = "Requestor isn't accepting DebitNotes in time"
 
 
 def usage_price(coeffs: list, usage_vector: list, counters: dict) -> tuple[list[Decimal], Decimal]:
-    """Linear pricing (yagna-api.md §2.11): amount = initial + sum(price_i * usage_i), prices in
+    """Linear pricing (docs/yagna-behaviour.md §4): amount = initial + sum(price_i * usage_i), prices in
     usage-vector order and the initial price last. Exact decimals; usage counters rounded down
     to the microsecond first so the requestor recomputes the same amount from the vector."""
     usage = [counters.get(name, Decimal(0)).quantize(_MICRO, ROUND_DOWN) for name in usage_vector]
@@ -3218,7 +3269,7 @@ class ProviderBilling:
             offer, demand = agreement.offer_properties, agreement.demand_properties
             usage_vector = list(offer.get(PROP_USAGE_VECTOR) or USAGE_VECTOR)
             coeffs = list(offer.get(PROP_LINEAR_COEFFS) or [0] * (len(usage_vector) + 1))
-            # The provider echoes the requestor's terms (yagna-api.md §2.6).
+            # The provider echoes the requestor's terms (docs/yagna-behaviour.md §3).
             interval = demand.get(DEBIT_NOTE_INTERVAL_KEY) or offer.get(DEBIT_NOTE_INTERVAL_KEY)
             accept = demand.get(ACCEPT_TIMEOUT_KEY) or offer.get(ACCEPT_TIMEOUT_KEY)
             payment_timeout = demand.get(PAYMENT_TIMEOUT_KEY)
@@ -3263,7 +3314,7 @@ class ProviderBilling:
 
     def activity_created(self, activity: "Activity") -> None:
         """Schedule the activity's debit notes in real seconds: golem-core checks their pace
-        against its own clock (yagna-api.md §2.11), so the time scale must not speed them up."""
+        against its own clock (docs/yagna-behaviour.md §4), so the time scale must not speed them up."""
         billing = self.billing(activity.agreement)
         loop = asyncio.get_running_loop()
         self._timers[activity.activity_id] = [loop.call_later(billing.interval, self._tick, activity)]
@@ -3295,7 +3346,7 @@ class ProviderBilling:
         last_payable = self._last_payable.get(activity.activity_id)
         if billing.payment_timeout and (last_payable is None or time.monotonic() - last_payable >= billing.payment_timeout):
             # Payable only under mid-agreement payments, and at most one per payment timeout:
-            # golem-core rejects more (validate_mid_agreement_payment, yagna-api.md §2.11).
+            # golem-core rejects more (validate_mid_agreement_payment, docs/yagna-behaviour.md §4).
             note["paymentDueDate"] = iso(utcnow() + timedelta(seconds=billing.payment_timeout))
             self._last_payable[activity.activity_id] = time.monotonic()
         self.payments.debit_notes[note_id] = note
@@ -3315,7 +3366,7 @@ class ProviderBilling:
     async def break_agreement(self, agreement, reason: str) -> None:
         """What a provider agent does to a requestor that does not accept debit notes: kill the
         activities and terminate the agreement. golem-core sees it only as the Terminated activity
-        state and failing exec calls (yagna-api.md §5.1)."""
+        state and failing exec calls (docs/yagna-behaviour.md §3)."""
         if agreement.state == "Approved":
             agreement.terminate_reason = {"message": reason, "golem.provider.code": "DebitNotesDeadline"}
             self.market.set_state(agreement, "Terminated")  # -> _agreement_changed -> invoice
@@ -3569,7 +3620,7 @@ class Localnet:
             handler = self.handler_class(self, request, params)
             return await getattr(handler, name)()
         except HttpError as e:
-            return Response(e.status, {"message": e.message})
+            return Response(e.status, {"message": e.message}, headers=e.headers)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug of ours: say so without leaking internals

@@ -89,12 +89,12 @@ def cache_dir() -> str:
 
 
 DB_FILENAME = "ray_on_golem.sqlite3"
-# Ray resolves `provider.module` with importlib + getattr (ray-provider.md), so this is the module path.
+# Ray resolves `provider.module` with importlib + getattr (ray/autoscaler/_private/loader.py), so this is the module path.
 PROVIDER_MODULE = "ray_on_golem.GolemNodeProvider"
 DEFAULT_HEAD_NODE_TYPE = "ray.head.default"  # Ray's own default for `head_node_type`
-HEAD_PRIORITY_SUBNET = "ray-on-golem-heads"  # anchor §4.2: head nodes try this subnet first
+HEAD_PRIORITY_SUBNET = "ray-on-golem-heads"  # head nodes try this subnet first (docs/yagna-behaviour.md §7)
 DEFAULT_PAYMENT_NETWORK = "holesky"  # as the original: real use defaults to the testnet
-DEFAULT_NODE_START_TIMEOUT = 600.0  # seconds; `ray up` must never hang forever (anchor §11.7)
+DEFAULT_NODE_START_TIMEOUT = 600.0  # seconds; `ray up` must never hang forever (docs/yagna-behaviour.md §7)
 ALL_NETWORKS = "all"
 
 # A Golem node id: an Ethereum address (yagna identity), always stored lower-case.
@@ -220,6 +220,38 @@ class ServiceUnavailable(RayOnGolemError):
     """yagna, the local network or the webserver cannot be reached (exit 1, HTTP 503)."""
 
     http_status = 503
+
+
+class MethodNotAllowed(RayOnGolemError):
+    """A route exists for the path, not for the method (HTTP 405 with `Allow`)."""
+
+    http_status = 405
+
+    def __init__(self, message: str, allowed=()):
+        super().__init__(message)
+        self.allowed = tuple(allowed)  # the methods the path takes: the `Allow` header
+
+
+class BadRequestHead(RayOnGolemError):
+    """A request the HTTP parser cannot take: 400, or 414/431/505 for what the status names."""
+
+    def __init__(self, message: str, http_status: int = 400):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class PayloadTooLarge(RayOnGolemError):
+    """A request body over the webserver's limit (HTTP 413)."""
+
+    http_status = 413
+
+
+class NodeStartFailed(RayOnGolemError):
+    """One provider could not start the node; the node tries the next one."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind  # a provider event kind of the Store
+        super().__init__(message)
 
 
 ###############################################################################
@@ -407,7 +439,7 @@ class _Block:
 
 
 # Schemas are data: key -> (default, check) for a leaf, or a _Block. Keys and defaults follow the
-# original's pydantic models (anchor §4.1-4.2, all `extra="forbid"`), plus our own additions.
+# original's pydantic models (docs/yagna-behaviour.md §7, all `extra="forbid"`), plus our own additions.
 NODE_CONFIG_SCHEMA = {
     "subnet_tag": ("public", _string()),
     "priority_subnet_tag": (None, _string(nullable=True)),
@@ -486,7 +518,7 @@ RAY_CONFIG_SCHEMA = {  # top level keys of Ray's ray/autoscaler/ray-schema.json 
     "docker": ({}, _mapping()),
     "metadata": ({}, _mapping()),
     "no_restart": (False, _boolean),
-    # Legacy keys the original's YAMLs carry "to satisfy checks" (anchor §4).
+    # Legacy keys the original's YAMLs carry "to satisfy checks" (docs/yagna-behaviour.md §7).
     "head_node": (None, lambda v: v),
     "worker_nodes": (None, lambda v: v),
 }
@@ -556,7 +588,7 @@ def _walk(schema: dict, raw, path: str, issues: list, *, defaults: bool) -> dict
 def merge_node_config(base: dict, override: dict) -> dict:
     """Per node type override: dicts merge key by key, lists and scalars replace.
 
-    The original appended lists (dpath ADDITIVE, anchor §4.3/§11.14), so a node type could never
+    The original appended lists (dpath ADDITIVE, docs/yagna-behaviour.md §7), so a node type could never
     drop `outbound_urls` given at the provider level; replacing is what users expect.
     """
     out = dict(base)
@@ -848,7 +880,7 @@ PROVIDER_EVENT_KINDS = {
     "connection_failed": False,
 }
 
-# Weights of the original's ReputationScorer (anchor §7): (uptime*1.0 + success_rate*0.5) / 1.5,
+# Weights of the original's ReputationScorer (docs/yagna-behaviour.md §7): (uptime*1.0 + success_rate*0.5) / 1.5,
 # a missing value counted as 0.
 SCORE_WEIGHTS = {"uptime": 1.0, "success_rate": 0.5}
 
@@ -969,7 +1001,10 @@ MIGRATIONS: list[list[str]] = [
 
 
 class Store:
-    """The one sqlite3 database in the data dir; owns the connection and every query.
+    """The one sqlite3 database in the data dir: its connection, and the queries of reputation and blacklist.
+
+    The other tables' queries live in this section too, in ClusterRecords and Ledger over the same
+    Store: no SQL outside section 4.
 
     WAL + a busy timeout let the webserver and any number of CLI processes write at once; writes use
     `BEGIN IMMEDIATE` so two writers queue instead of failing on a lock upgrade. `clock` is injectable
@@ -1273,6 +1308,217 @@ MIGRATIONS.append([
 PROVIDER_EVENT_KINDS["billing_breach"] = False
 
 
+# The rows of clusters and payments (written by section 7): their queries live here, with the Store's.
+import json  # noqa: E402
+
+
+class ClusterRecords:
+    """The clusters, nodes, agreements, activities and allocations rows (section 7 writes them through this).
+
+    Everything rented is written here before it is used, so a crash leaves a record
+    of what must be released.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self._counts_cache: tuple[tuple[int, int], dict] | None = None
+
+    def cluster(self, name: str, network: str, parameters: dict) -> None:
+        now = self.store.clock()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO clusters (name, network, state, config, total_budget, created_at, updated_at) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = 'running', "
+                "network = excluded.network, config = excluded.config, total_budget = excluded.total_budget, "
+                "updated_at = excluded.updated_at",
+                (name, network, json.dumps(parameters), str(parameters.get("total_budget", "")), now, now))
+
+    def cluster_state(self, name: str, state: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE clusters SET state = ?, updated_at = ? WHERE name = ?",
+                         (state, self.store.clock(), name))
+
+    def next_node_number(self) -> int:
+        row = self.store.conn.execute(
+            "SELECT MAX(CAST(SUBSTR(node_id, 5) AS INTEGER)) FROM nodes WHERE node_id LIKE 'node%'").fetchone()
+        return (row[0] or 0) + 1
+
+    def node(self, node: "ClusterNode") -> None:
+        now = self.store.clock()
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO nodes (node_id, cluster_name, node_type, state, tags, provider_id, internal_ip, "
+                "state_log, attempts, deadline, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, tags = excluded.tags, "
+                "provider_id = excluded.provider_id, internal_ip = excluded.internal_ip, "
+                "state_log = excluded.state_log, attempts = excluded.attempts, updated_at = excluded.updated_at",
+                (node.node_id, node.cluster.name, node.node_type, node.state.value, json.dumps(node.tags),
+                 node.provider_id, node.internal_ip, json.dumps(node.state_log), node.attempts,
+                 node.deadline_at, node.created_at, now))
+
+    def agreement(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: dict) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO agreements (agreement_id, cluster_name, node_id, provider_id, network, state, terms, "
+                "created_at) VALUES (?, ?, ?, ?, ?, 'approved', ?, ?)",
+                (agreement_id, node.cluster.name, node.node_id, provider_id, node.cluster.network,
+                 json.dumps(terms), self.store.clock()))
+
+    def agreement_ended(self, agreement_id: str, reason: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE agreements SET state = 'terminated', terminated_at = ?, reason = ? "
+                         "WHERE agreement_id = ? AND terminated_at IS NULL",
+                         (self.store.clock(), reason, agreement_id))
+
+    def activity(self, activity_id: str, agreement_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO activities (activity_id, agreement_id, state, created_at) "
+                         "VALUES (?, ?, 'created', ?)", (activity_id, agreement_id, self.store.clock()))
+
+    def activity_ended(self, activity_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE activities SET state = 'destroyed', destroyed_at = ? "
+                         "WHERE activity_id = ? AND destroyed_at IS NULL", (self.store.clock(), activity_id))
+
+    def allocation(self, allocation_id: str, cluster_name: str, platform: str, amount: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO allocations (allocation_id, cluster_name, platform, amount, "
+                         "created_at) VALUES (?, ?, ?, ?, ?)",
+                         (allocation_id, cluster_name, platform, amount, self.store.clock()))
+
+    def allocation_released(self, allocation_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE allocations SET released_at = ? WHERE allocation_id = ? AND released_at IS NULL",
+                         (self.store.clock(), allocation_id))
+
+    def open_allocations(self) -> list[str]:
+        return [r[0] for r in self.store.conn.execute(
+            "SELECT allocation_id FROM allocations WHERE released_at IS NULL")]
+
+    def end_stale_nodes(self, live: set[str], reason: str) -> int:
+        """Rows of nodes a previous webserver left pending/running/terminating: they ended with it."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT node_id, state_log FROM nodes WHERE state != 'terminated'").fetchall()
+            stale = [(node_id, log) for node_id, log in rows if node_id not in live]
+            for node_id, log in stale:
+                conn.execute("UPDATE nodes SET state = 'terminated', state_log = ?, updated_at = ? WHERE node_id = ?",
+                             (json.dumps([*json.loads(log or "[]"), reason]), self.store.clock(), node_id))
+        return len(stale)
+
+    def agreement_owner(self, agreement_id: str) -> dict | None:
+        """The cluster and node an agreement of ours was signed for; None if it is not ours."""
+        row = self.store.conn.execute("SELECT cluster_name, node_id FROM agreements WHERE agreement_id = ?",
+                                      (agreement_id,)).fetchone()
+        return dict(row) if row else None
+
+    def open_agreements(self) -> list[dict]:
+        return [dict(r) for r in self.store.conn.execute(
+            "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements WHERE terminated_at IS NULL")]
+
+    def recent_failures(self, provider_id: str, network: str, window_s: float) -> int:
+        failing = [k for k, good in PROVIDER_EVENT_KINDS.items() if not good]
+        marks = ",".join("?" * len(failing))
+        row = self.store.conn.execute(
+            f"SELECT COUNT(*) FROM provider_events WHERE node_id = ? AND network = ? AND kind IN ({marks}) "
+            "AND created_at > ?", (provider_id, network, *failing, self.store.clock() - window_s)).fetchone()
+        return row[0]
+
+    def has_cluster(self, name: str) -> bool:
+        return self.store.conn.execute("SELECT 1 FROM clusters WHERE name = ?", (name,)).fetchone() is not None
+
+    def node_counts(self) -> dict[str, dict[str, int]]:
+        """`{cluster: {node_state: count}}` from the clusters and nodes tables.
+
+        Recomputed only after a commit (`PRAGMA data_version` moves on other connections' commits,
+        `total_changes` on ours): status polls stay cheap.
+        """
+        conn = self.store.conn
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        if self._counts_cache is None or self._counts_cache[0] != version:
+            self._counts_cache = (version, self._node_counts())
+        return self._counts_cache[1]
+
+    def _node_counts(self) -> dict[str, dict[str, int]]:
+        rows = self.store.conn.execute(
+            "SELECT c.name, n.state, COUNT(n.node_id) FROM clusters c LEFT JOIN nodes n ON n.cluster_name = c.name "
+            "GROUP BY c.name, n.state"
+        ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for name, state, n in rows:
+            counts.setdefault(name, {})
+            if state is not None:
+                counts[name][state] = n
+        return counts
+
+
+class Ledger:
+    """The ledger rows: every debit note and invoice, and the prices of our agreements."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def known(self, document_id: str) -> str | None:
+        row = self.store.conn.execute("SELECT status FROM ledger WHERE document_id = ?", (document_id,)).fetchone()
+        return row[0] if row else None
+
+    def received(self, document_id: str, kind: str, agreement_id: str, activity_id: str | None, node_id: str,
+                 cluster_name: str, allocation_id: str | None, amount: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO ledger (document_id, kind, agreement_id, activity_id, node_id, cluster_name, "
+                "allocation_id, amount, status, created_at) VALUES (?,?,?,?,?,?,?,?, 'received', ?)",
+                (document_id, kind, agreement_id, activity_id, node_id, cluster_name, allocation_id, amount,
+                 self.store.clock()))
+
+    def update(self, document_id: str, status: str, *, spent=0, reason: str | None = None) -> None:
+        settled = self.store.clock() if status in ("accepted", "rejected", "failed") else None
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE ledger SET status = ?, spent = ?, reason = ?, settled_at = ? WHERE document_id = ?",
+                         (status, str(spent), reason, settled, document_id))
+
+    def spent(self, allocation_id: str):
+        """What an allocation has spent: the sum of its accepted rows (exact: summed here, not in SQL)."""
+        from decimal import Decimal
+
+        rows = self.store.conn.execute(
+            "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
+        return sum((Decimal(r[0]) for r in rows), Decimal(0))
+
+    def accepted_for_node(self, node_id: str):
+        """What one node's debit notes and invoices were accepted for (each row spends its increase)."""
+        from decimal import Decimal
+
+        rows = self.store.conn.execute("SELECT spent FROM ledger WHERE node_id = ? AND status = 'accepted'", (node_id,))
+        return sum((Decimal(r[0]) for r in rows), Decimal(0))
+
+    def pricing(self, agreement_id: str, terms: dict) -> None:
+        """The agreed linear prices (`PriceTerms.to_json()`) its bills are checked against."""
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE agreements SET pricing = ? WHERE agreement_id = ?", (json.dumps(terms), agreement_id))
+
+    def rows(self, cluster_name: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM ledger" + (" WHERE cluster_name = ?" if cluster_name else "") + " ORDER BY created_at"
+        return [dict(r) for r in self.store.conn.execute(sql, (cluster_name,) if cluster_name else ())]
+
+    def cost_rows(self, cluster_name: str | None = None) -> tuple[list[dict], list[tuple[str, str]], dict[str, list]]:
+        """What `costs` reports, as rows: the clusters, `(agreement_id, spent)` of every accepting or
+        accepted document, and per cluster its nodes joined with their agreements and providers."""
+        where, args = (" WHERE c.name = ?", (cluster_name,)) if cluster_name else ("", ())
+        clusters = [dict(r) for r in self.store.conn.execute(
+            "SELECT name, network, state, total_budget FROM clusters c" + where + " ORDER BY created_at", args)]
+        spent = [(r[0], r[1]) for r in self.store.conn.execute(
+            "SELECT agreement_id, spent FROM ledger WHERE status IN ('accepting', 'accepted')"
+            + (" AND cluster_name = ?" if cluster_name else ""), args)]
+        nodes = {cluster["name"]: self.store.conn.execute(
+            "SELECT n.node_id, n.node_type, n.state, n.created_at AS node_created_at, a.agreement_id, "
+            "a.provider_id, a.pricing, a.created_at, a.terminated_at, p.name AS provider_name "
+            "FROM nodes n LEFT JOIN agreements a ON a.node_id = n.node_id "
+            "LEFT JOIN providers p ON p.node_id = a.provider_id "
+            "WHERE n.cluster_name = ? ORDER BY n.created_at, a.created_at", (cluster["name"],)).fetchall()
+            for cluster in clusters}
+        return clusters, spent, nodes
+
+
 ###############################################################################
 # 5. Yagna ####################################################################
 ###############################################################################
@@ -1280,10 +1526,10 @@ PROVIDER_EVENT_KINDS["billing_breach"] = False
 # Payment tokens: mainnets pay in GLM, every test network (and the local one) in tGLM.
 MAINNET_PAYMENT_NETWORKS = ("polygon", "mainnet")
 DEFAULT_SERVICE_NETWORK = "local"  # what `start` runs when no cluster asks: works with no wallet and no internet
-YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): yagna-offline.md §1
+YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): docs/yagna-behaviour.md §5
 YAGNA_STOP_TIMEOUT = 10.0
 YAGNA_LOG_MAX_BYTES = 10 * 1024 * 1024
-# Chains whose RPC endpoint yagna resolves at run time as `{CHAIN}_GETH_ADDR` (yagna-offline.md §1).
+# Chains whose RPC endpoint yagna resolves at run time as `{CHAIN}_GETH_ADDR` (docs/yagna-behaviour.md §5).
 YAGNA_CHAINS = ("MAINNET", "GOERLI", "HOLESKY", "MUMBAI", "POLYGON", "AMOY", "SEPOLIA", "HOODI", "RINKEBY")
 
 
@@ -1307,7 +1553,7 @@ def require_yagna() -> str:
 
 
 def yagna_loopback_env(yagna_datadir: str, port_base: int) -> dict[str, str]:
-    """Environment that keeps a real yagna on 127.0.0.1: yagna-offline.md §1, used verbatim.
+    """Environment that keeps a real yagna on 127.0.0.1: the recipe of docs/yagna-behaviour.md §5.
 
     Without `YA_NET_RELAY_HOST` yagna asks 8.8.8.8 for relay SRV records and never
     serves REST (§8); the proxies make the GitHub release check fail at once.
@@ -1646,7 +1892,7 @@ class YagnaService:
         )
 
     def _reachable(self, url: str) -> bool:
-        """Any HTTP answer (even 401) means a daemon listens: the anchor's check (§2.5)."""
+        """Any HTTP answer (even 401) means a daemon listens, as the original checked (docs/yagna-behaviour.md §1)."""
         try:
             http_request("GET", f"{url}/me", timeout=2.0)
         except ServiceUnavailable:
@@ -1722,10 +1968,30 @@ class YagnaService:
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._yagna_app_key()
         try:
             # Registers the requestor account for this platform; works offline and is
-            # idempotent (yagna-offline.md §3). Funding needs the chain, so it is not done here.
+            # idempotent (docs/yagna-behaviour.md §5). Funding needs the chain, so it is not done here.
             self.yagna_cli("payment", "init", "--sender", "--network", self.network)
         except ServiceUnavailable as e:
             self._warn(f"payment account not initialised: {e}")
+
+    def adopt_orphan(self, runtime: dict) -> None:
+        """`runtime`: the webserver.json a killed webserver left; the daemon it had started is ours now."""
+        yagna = runtime.get("yagna") or {}
+        if yagna.get("started_by_us"):
+            self.orphan = {"url": yagna.get("url"), "pid": yagna.get("pid"),
+                           "pid_start_time": runtime.get("yagna_pid_start_time")}  # fmt: skip
+
+    def cancel_start(self) -> None:
+        """A shutdown came: a daemon still starting is stopped, not left behind."""
+        self.cancelled.set()
+
+    def check_exited(self) -> bool:
+        """Whether the daemon we started has exited on its own (said once, as a status warning)."""
+        if self.started_by_us and not self.stopped and not process_alive(self.pid, self.pid_start_time):
+            self.stopped = True
+            self._warn(f"{self.kind} (pid {self.pid}) exited unexpectedly; "
+                       "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
+            return True
+        return False
 
     def _warn(self, message: str) -> None:
         import datetime
@@ -1809,7 +2075,7 @@ class YagnaService:
         return out
 
     def _fetch_version(self) -> str | None:
-        """yagna answers `/version/get` with `{"current": {"version": ...}}` (yagna-offline.md §2)."""
+        """yagna answers `/version/get` with `{"current": {"version": ...}}` (docs/yagna-behaviour.md §1)."""
         try:
             data = self.get("/version/get")
             return data["current"]["version"]
@@ -1843,7 +2109,7 @@ class YagnaService:
                 self._log.info("not stopping %s: it was started externally", self.kind)
             return "left running (started externally)"
         # yagna: SIGINT, never SIGTERM alone: a daemon stuck in net init ignores
-        # SIGTERM for minutes (yagna-offline.md §6). The local network exits on either.
+        # SIGTERM for minutes (docs/yagna-behaviour.md §5). The local network exits on either.
         how = stop_process(self.pid, self.pid_start_time, signal.SIGINT, YAGNA_STOP_TIMEOUT)
         if self._process is not None:
             try:
@@ -1856,7 +2122,7 @@ class YagnaService:
 
 
 # --- golem-core connection ----------------------------------------------------
-# golem-core makes no HTTP call when a GolemNode starts (reference/yagna-api.md §1.3):
+# golem-core makes no HTTP call when a GolemNode starts (golem/node/node.py, docs/yagna-behaviour.md §1):
 # a wrong URL or app key would only show up as silently dead event loops, so the
 # daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
 
@@ -1908,12 +2174,12 @@ def top_up_testnet_wallet(service: "YagnaService", network: str, driver: str = "
     """Ask the testnet faucet for tGLM (the original's `prepare_funds`); a warning if it fails.
 
     One attempt, no 5-minute retry loop: offline the CLI fails in well under a second
-    ("Server is unreachable", yagna-offline.md §3) and the allocation then says what is missing.
+    ("Server is unreachable", docs/yagna-behaviour.md §5) and the allocation then says what is missing.
     """
     if network not in AUTO_FUNDED_TESTNETS or service.kind != "yagna":
         return None
     try:
-        # `--network` always: the 0.17.6 CLI defaults to hoodi (yagna-offline.md §3)
+        # `--network` always: the 0.17.6 CLI defaults to hoodi (docs/yagna-behaviour.md §5)
         service.yagna_cli("payment", "fund", "--network", network, "--driver", driver, timeout=120)
     except ServiceUnavailable as e:
         return f"could not top up the {network} wallet: {e}"
@@ -1953,7 +2219,7 @@ DEFAULT_REGISTRY_URL = "https://registry.golem.network"
 DEFAULT_NEGOTIATION_CONCURRENCY = 16
 DEFAULT_PROPOSAL_RESPONSE_TIMEOUT = 30.0  # seconds; the original's value (golem-core's default is 5)
 DEBIT_NOTE_INTERVAL_S = 180  # what the original asks for; providers accept [1 s, 24 h]
-DEBIT_NOTE_ACCEPT_TIMEOUT_S = 240  # a real provider rejects a larger one (reference/yagna-api.md §2.6)
+DEBIT_NOTE_ACCEPT_TIMEOUT_S = 240  # a real provider rejects a larger one (docs/yagna-behaviour.md §3)
 DEMAND_LIFETIME_DAYS = 365
 # yagna drops a demand subscription after an hour (golem-core's Demand DEFAULT_TTL, which its
 # RefreshingDemandManager follows): a long-lived pipeline subscribes a fresh one before that.
@@ -2216,7 +2482,7 @@ class DemandSpec:
     def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
         """(sha3 hash, download URL): fixed on the local network, else the Golem registry.
 
-        Registry contract (anchor §5.1): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
+        Registry contract (docs/yagna-behaviour.md §7): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
         """
         import json
         import urllib.error
@@ -2300,7 +2566,7 @@ class DemandSpec:
             builder.add_constraints(Constraint(defaults.PROP_INF_CPU_THREADS, "<=", self.max_cpu_threads))
         if self.node_descriptor:
             builder.add_properties({"golem.!exp.gap-31.v0.node.descriptor": self.node_descriptor})
-        if allocation is not None:  # its platform address and protocol version (yagna-api.md §2.3)
+        if allocation is not None:  # its platform address and protocol version (docs/yagna-behaviour.md §3)
             await builder.add(await allocation.get_demand_spec())
         return builder
 
@@ -2522,7 +2788,7 @@ class MarketPipeline:
             try:
                 agreement = await candidate.draft.create_agreement(autoclose=True)
                 await agreement.confirm()
-                # `wait` answers 410 on a rejection: golem-core returns False (yagna-api.md §2.7)
+                # `wait` answers 410 on a rejection: golem-core returns False (docs/yagna-behaviour.md §3)
                 if await agreement.wait_for_approval():
                     candidate.row["outcome"] = "agreement"
                     return agreement, candidate
@@ -2664,7 +2930,7 @@ class MarketPipeline:
         """Counter-propose until the provider's Draft needs no change; return that Draft.
 
         The loop of golem-core's `NegotiatingPlugin._negotiate_proposal` with our own
-        timeouts and error reasons (reference/yagna-api.md §2.6): one round trip is
+        timeouts and error reasons (docs/yagna-behaviour.md §3): one round trip is
         enough with a real provider, who echoes our payment terms.
         """
         import asyncio
@@ -2776,7 +3042,7 @@ def _negotiation_failure(e: Exception) -> str:
     from golem.resources.proposal.exceptions import ProposalRejected
 
     if isinstance(e, ProposalRejected):
-        return e.reason  # the provider's own text (reference/yagna-api.md §5.1)
+        return e.reason  # the provider's own text (docs/yagna-behaviour.md §3)
     return _describe_error(e)
 
 
@@ -2917,7 +3183,7 @@ NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.sto
 
 def tags_match(tags: dict, tag_filter: dict) -> bool:
     """A node matches only if it has every filter key with that value (the original
-    compared only keys present on both sides, anchor §3.3)."""
+    compared only keys present on both sides, docs/yagna-behaviour.md §7)."""
     return all(key in tags and tags[key] == value for key, value in tag_filter.items())
 
 
@@ -2948,7 +3214,7 @@ def diagnose_funnel(funnel) -> str:
 
 def _result_exit_code(result) -> int:
     """Exit code of an ExeScript `run` result: yagna reports a failure as the message
-    "ExeScript command exited with code N" (yagna-api.md §2.9.3)."""
+    "ExeScript command exited with code N" (docs/yagna-behaviour.md §4)."""
     if result.result == "Ok":
         return 0
     match = re.search(r"exited with code (-?\d+)", result.message or "")
@@ -3043,125 +3309,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((WEBSERVER_HOST, 0))
         return s.getsockname()[1]
-
-
-class ClusterRecords:
-    """The clusters/nodes/agreements/activities/ledger rows of the Store.
-
-    Everything rented is written here before it is used, so a crash leaves a record
-    of what must be released (clusters, nodes and agreements tables: section 4).
-    """
-
-    def __init__(self, store):
-        self.store = store
-
-    def cluster(self, name: str, network: str, parameters: dict) -> None:
-        now = self.store.clock()
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO clusters (name, network, state, config, total_budget, created_at, updated_at) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = 'running', "
-                "network = excluded.network, config = excluded.config, total_budget = excluded.total_budget, "
-                "updated_at = excluded.updated_at",
-                (name, network, json.dumps(parameters), str(parameters.get("total_budget", "")), now, now))
-
-    def cluster_state(self, name: str, state: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE clusters SET state = ?, updated_at = ? WHERE name = ?",
-                         (state, self.store.clock(), name))
-
-    def next_node_number(self) -> int:
-        row = self.store.conn.execute(
-            "SELECT MAX(CAST(SUBSTR(node_id, 5) AS INTEGER)) FROM nodes WHERE node_id LIKE 'node%'").fetchone()
-        return (row[0] or 0) + 1
-
-    def node(self, node: "ClusterNode") -> None:
-        now = self.store.clock()
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO nodes (node_id, cluster_name, node_type, state, tags, provider_id, internal_ip, "
-                "state_log, attempts, deadline, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, tags = excluded.tags, "
-                "provider_id = excluded.provider_id, internal_ip = excluded.internal_ip, "
-                "state_log = excluded.state_log, attempts = excluded.attempts, updated_at = excluded.updated_at",
-                (node.node_id, node.cluster.name, node.node_type, node.state.value, json.dumps(node.tags),
-                 node.provider_id, node.internal_ip, json.dumps(node.state_log), node.attempts,
-                 node.deadline_at, node.created_at, now))
-
-    def agreement(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: dict) -> None:
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO agreements (agreement_id, cluster_name, node_id, provider_id, network, state, terms, "
-                "created_at) VALUES (?, ?, ?, ?, ?, 'approved', ?, ?)",
-                (agreement_id, node.cluster.name, node.node_id, provider_id, node.cluster.network,
-                 json.dumps(terms), self.store.clock()))
-
-    def agreement_ended(self, agreement_id: str, reason: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE agreements SET state = 'terminated', terminated_at = ?, reason = ? "
-                         "WHERE agreement_id = ? AND terminated_at IS NULL",
-                         (self.store.clock(), reason, agreement_id))
-
-    def activity(self, activity_id: str, agreement_id: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("INSERT INTO activities (activity_id, agreement_id, state, created_at) "
-                         "VALUES (?, ?, 'created', ?)", (activity_id, agreement_id, self.store.clock()))
-
-    def activity_ended(self, activity_id: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE activities SET state = 'destroyed', destroyed_at = ? "
-                         "WHERE activity_id = ? AND destroyed_at IS NULL", (self.store.clock(), activity_id))
-
-    def allocation(self, allocation_id: str, cluster_name: str, platform: str, amount: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO allocations (allocation_id, cluster_name, platform, amount, "
-                         "created_at) VALUES (?, ?, ?, ?, ?)",
-                         (allocation_id, cluster_name, platform, amount, self.store.clock()))
-
-    def allocation_released(self, allocation_id: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE allocations SET released_at = ? WHERE allocation_id = ? AND released_at IS NULL",
-                         (self.store.clock(), allocation_id))
-
-    def open_allocations(self) -> list[str]:
-        return [r[0] for r in self.store.conn.execute(
-            "SELECT allocation_id FROM allocations WHERE released_at IS NULL")]
-
-    def end_stale_nodes(self, live: set[str], reason: str) -> int:
-        """Rows of nodes a previous webserver left pending/running/terminating: they ended with it."""
-        with self.store.transaction() as conn:
-            rows = conn.execute("SELECT node_id, state_log FROM nodes WHERE state != 'terminated'").fetchall()
-            stale = [(node_id, log) for node_id, log in rows if node_id not in live]
-            for node_id, log in stale:
-                conn.execute("UPDATE nodes SET state = 'terminated', state_log = ?, updated_at = ? WHERE node_id = ?",
-                             (json.dumps([*json.loads(log or "[]"), reason]), self.store.clock(), node_id))
-        return len(stale)
-
-    def agreement_owner(self, agreement_id: str) -> dict | None:
-        """The cluster and node an agreement of ours was signed for; None if it is not ours."""
-        row = self.store.conn.execute("SELECT cluster_name, node_id FROM agreements WHERE agreement_id = ?",
-                                      (agreement_id,)).fetchone()
-        return dict(row) if row else None
-
-    def open_agreements(self) -> list[dict]:
-        return [dict(r) for r in self.store.conn.execute(
-            "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements WHERE terminated_at IS NULL")]
-
-    def recent_failures(self, provider_id: str, network: str, window_s: float) -> int:
-        failing = [k for k, good in PROVIDER_EVENT_KINDS.items() if not good]
-        marks = ",".join("?" * len(failing))
-        row = self.store.conn.execute(
-            f"SELECT COUNT(*) FROM provider_events WHERE node_id = ? AND network = ? AND kind IN ({marks}) "
-            "AND created_at > ?", (provider_id, network, *failing, self.store.clock() - window_s)).fetchone()
-        return row[0]
-
-
-class NodeStartFailed(RayOnGolemError):
-    """One provider could not start the node; the node tries the next one."""
-
-    def __init__(self, kind: str, message: str):
-        self.kind = kind  # a provider event kind of the Store
-        super().__init__(message)
 
 
 class ClusterNode:
@@ -3301,7 +3448,7 @@ class Cluster:
                     service.golem, spec, budget,
                     is_blacklisted=lambda provider_id: store.is_blocked(provider_id, self.network),
                     reputation=lambda provider_id: store.score(provider_id, self.network),
-                    max_drafts=4, allocation=await service.payments.allocation(self))
+                    max_drafts=4, allocation=await service.payments.allocation(self, service.golem))
                 try:
                     await pipeline.start()
                 except BaseException:
@@ -3312,30 +3459,29 @@ class Cluster:
 
 
 class ClusterService:
-    """All clusters of the webserver: node routes call it; it runs in the webserver's loop.
+    """All clusters of the webserver, the route façade of the node routes; it runs in the webserver's loop.
 
-    It connects golem-core to the webserver's yagna (or local network) on first use,
-    accepts the debit notes and invoices of the agreements it signed, and on
-    shutdown terminates every node and settles payments.
+    It connects golem-core to the webserver's yagna (or local network) on first use and
+    releases what a previous webserver left. Its parts own one concern each:
+    `provisioner` (renting, monitoring and ending nodes), `commands` (commands and file
+    transfers on running nodes) and `payments` (allocations, debit notes, invoices, budgets).
     """
 
-    def __init__(self, webserver):
+    def __init__(self, network: str, store: "Store", yagna: "YagnaService", state):
         import logging
 
-        self.webserver = webserver
-        self.network = webserver.network
-        self.store = Store(webserver.datadir)
-        self.records = ClusterRecords(self.store)
+        self.network = network
+        self.store = store  # the webserver's: one sqlite connection per process
+        self.yagna = yagna
+        self._state = state  # () -> the webserver's state: starting, running or shutting_down
+        self.records = ClusterRecords(store)
         self.clusters: dict[str, Cluster] = {}
         self.golem = None
         self.log = logging.getLogger("ray_on_golem.clusters")
-        self.runs: dict[str, dict] = {}
-        self._invoice_due: set[str] = set()  # agreements that billed: _end_cluster waits for their invoices
-        self._agreement_node: dict[str, ClusterNode] = {}
         self._start_lock = None
-        self.payments = ClusterPayments(self)
-        webserver.cluster_sources.append(self.counts)
-        webserver.shutdown_hooks.append(self.shutdown)
+        self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
+        self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
+        self.commands = NodeCommands(self.log)
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -3350,8 +3496,8 @@ class ClusterService:
                 from golem.node import GolemNode
                 from golem.resources import NewDebitNote, NewInvoice
 
-                yagna = self.webserver.yagna
-                if self.webserver.state != "running" or not yagna.api_url:
+                yagna = self.yagna
+                if self._state() != "running" or not yagna.api_url:
                     raise ServiceUnavailable(f"{yagna.kind} is not ready yet; retry in a moment")
                 golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url)
                 await golem.start()
@@ -3428,7 +3574,7 @@ class ClusterService:
         """Create `count` pending nodes at once; each is provisioned in the background."""
         import asyncio
 
-        if self.webserver.state == "shutting_down":
+        if self._state() == "shutting_down":
             raise ServiceUnavailable("the webserver is shutting down")
         network = parameters.get("payment_network") or self.network
         if network != self.network:
@@ -3449,7 +3595,7 @@ class ClusterService:
                                local if cluster.local else None)
             cluster.nodes[node_id] = node
             node.touch()
-            node.provisioning = asyncio.create_task(self._provision(node))
+            node.provisioning = asyncio.create_task(self.provisioner.provision(node))
             nodes.append(node)
         return nodes
 
@@ -3461,42 +3607,71 @@ class ClusterService:
 
     async def terminate(self, cluster_name: str, node_id: str) -> ClusterNode:
         """Leave `non_terminated_nodes` at once; release what it rents in the background."""
-        import asyncio
-
         node = self.node(cluster_name, node_id)
         if node.alive:
-            self._set_state(node, NodeState.TERMINATING, "Terminating: requested by Ray")
-            asyncio.create_task(self._stop(node))
+            self.stop_node(node, "Terminating: requested by Ray")
         return node
 
+    def stop_node(self, node: ClusterNode, message: str) -> None:
+        """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
+        self.provisioner.stop_node(node, message)
+
+    def node_counts(self) -> dict[str, dict[str, int]]:
+        """`{cluster: {node_state: count}}` of every cluster: the stored ones and those held in memory.
+
+        The clusters held in memory are counted from memory: never twice.
+        """
+        merged = {name: counts for name, counts in self.records.node_counts().items() if name not in self.clusters}
+        merged.update(self.counts())
+        return merged
+
     async def shutdown(self, force: bool = True) -> None:
-        """Webserver shutdown hook: end every node, settle payments, stop pipelines."""
+        """On the webserver's shutdown: end every node, settle payments, stop pipelines."""
         import asyncio
 
         stops = []
         for cluster in self.clusters.values():
             for node in cluster.nodes.values():
                 if node.alive:
-                    self._set_state(node, NodeState.TERMINATING, "Terminating: the webserver shuts down")
-                    stops.append(self._stop(node, end_cluster=False))
+                    self.provisioner.set_state(node, NodeState.TERMINATING, "Terminating: the webserver shuts down")
+                    stops.append(self.provisioner.stop(node, end_cluster=False))
         await asyncio.gather(*stops, return_exceptions=True)
-        await asyncio.gather(*(self._end_cluster(c) for c in list(self.clusters.values())), return_exceptions=True)
+        await asyncio.gather(*(self.provisioner.end_cluster(c) for c in list(self.clusters.values())), return_exceptions=True)
         await self.payments.stop()
         if self.golem is not None:
             await _quietly(self.golem.aclose())
             self.golem = None
-        self.store.close()
 
-    # -- provisioning -------------------------------------------------------------------
 
-    def _set_state(self, node: ClusterNode, state: NodeState, message: str | None = None) -> None:
+class NodeProvisioner:
+    """Rents and prepares nodes provider after provider, watches the running ones, and ends them.
+
+    Whatever a node rents is recorded (ClusterRecords) before it is used and released on
+    every path out; the agreements it signs are announced to ClusterPayments, which checks
+    their bills.
+    """
+
+    def __init__(self, store: "Store", records: "ClusterRecords", payments: "ClusterPayments", log):
+        self.store = store
+        self.records = records
+        self.payments = payments
+        self.log = log
+
+    def stop_node(self, node: ClusterNode, message: str) -> None:
+        """`terminating` at once (Ray counts it gone); its release runs in the background."""
+        import asyncio
+
+        self.set_state(node, NodeState.TERMINATING, message)
+        asyncio.create_task(self.stop(node))
+
+    def set_state(self, node: ClusterNode, state: NodeState, message: str | None = None) -> None:
         node.state = state
         if message:
             node.log(message)
         else:
             node.touch()
 
-    async def _provision(self, node: ClusterNode) -> None:
+    async def provision(self, node: ClusterNode) -> None:
         """Rent and prepare the node, provider after provider, until it runs or its deadline passes."""
         import asyncio
 
@@ -3557,8 +3732,7 @@ class ClusterService:
                       "env_per_hour": row.get("env_per_hour"), "expected_cost": row.get("expected_cost")}
         # Recorded before use: a crash from here on leaves a row to release.
         self.records.agreement(agreement.id, node, candidate.provider_id, node.price)
-        self._invoice_due.add(agreement.id)
-        self._agreement_node[agreement.id] = node
+        self.payments.agreement_adopted(agreement.id, node)
 
     async def _start_on(self, node: ClusterNode, agreement, candidate) -> None:
         """Steps 2-6 on one provider; NodeStartFailed names what the provider did wrong."""
@@ -3642,8 +3816,7 @@ class ClusterService:
                 node.error = f"provider {node.provider}: {reason}"
                 self.store.record_event(node.provider_id, node.cluster.network, "activity_died",
                                         detail=reason[:500], cluster_name=node.cluster.name)
-                self._set_state(node, NodeState.TERMINATING, f"Activity ended on {node.provider}: {reason}")
-                asyncio.create_task(self._stop(node))
+                self.stop_node(node, f"Activity ended on {node.provider}: {reason}")
                 return
 
     # -- ending -------------------------------------------------------------------------
@@ -3670,14 +3843,14 @@ class ClusterService:
         import asyncio
 
         await self._release(node, message)
-        self._set_state(node, NodeState.TERMINATED, message)
+        self.set_state(node, NodeState.TERMINATED, message)
         cluster = node.cluster
         if node.provisioning is asyncio.current_task() and not any(n.alive for n in cluster.nodes.values()):
             # It never ran (deadline, failure): nothing else will end the cluster's
             # pipelines (allocation, demand) and VPN.
-            asyncio.create_task(self._end_cluster(cluster))
+            asyncio.create_task(self.end_cluster(cluster))
 
-    async def _stop(self, node: ClusterNode, end_cluster: bool = True) -> None:
+    async def stop(self, node: ClusterNode, end_cluster: bool = True) -> None:
         import asyncio
 
         for task in (node.provisioning, node.monitor):
@@ -3687,15 +3860,14 @@ class ClusterService:
         await self._end_node(node, "Terminated")
         cluster = node.cluster
         if end_cluster and not any(n.alive for n in cluster.nodes.values()):
-            await self._end_cluster(cluster)
+            await self.end_cluster(cluster)
 
-    async def _end_cluster(self, cluster: Cluster) -> None:
+    async def end_cluster(self, cluster: Cluster) -> None:
         """Last node gone: wait a little for invoices, then stop pipelines and the VPN."""
         import asyncio
 
-        ours = [a for a, n in self._agreement_node.items() if n.cluster is cluster]
         deadline = time.monotonic() + INVOICE_WAIT_S
-        while any(a in self._invoice_due for a in ours) and time.monotonic() < deadline:
+        while self.payments.awaiting_invoice(cluster) and time.monotonic() < deadline:
             if any(n.alive for n in cluster.nodes.values()):
                 return  # a new node came: the cluster lives on
             await asyncio.sleep(0.2)
@@ -3713,7 +3885,13 @@ class ClusterService:
                 cluster.vpn = None
             self.records.cluster_state(cluster.name, "stopped")
 
-    # -- commands on nodes ----------------------------------------------------------------
+
+class NodeCommands:
+    """Commands and file transfers on running nodes, through their activities (ExeScript `run`s)."""
+
+    def __init__(self, log):
+        self.log = log
+        self.runs: dict[str, dict] = {}  # run id -> output so far, done, exit code (see start_run)
 
     async def wait_running(self, node: ClusterNode, timeout: float) -> None:
         """Until the node runs; Conflict if it ends or does not run within `timeout`."""
@@ -3757,7 +3935,7 @@ class ClusterService:
         The command runs in the background on the node with its output in files, and
         short ExeScript `run`s read what is new: output streams back while a long job
         runs, and the node's activity stays free for other commands meanwhile
-        (golem-core 0.7.8 returns a `run`'s output only when it ends, yagna-api.md §2.9.3).
+        (golem-core 0.7.8 returns a `run`'s output only when it ends, docs/yagna-behaviour.md §4).
         """
         import asyncio
         import secrets
@@ -3878,14 +4056,6 @@ def _run_command(script: str):
     return Run(script)
 
 
-def cluster_service(webserver) -> ClusterService:
-    """The webserver's ClusterService, made on first use (its node routes need it)."""
-    service = getattr(webserver, "cluster_service", None)
-    if service is None:
-        service = webserver.cluster_service = ClusterService(webserver)
-    return service
-
-
 # --- Payments -------------------------------------------------------------------
 # One allocation of `total_budget` per cluster, shared by its market pipelines. Instead
 # of golem-core's DefaultPaymentManager (which accepts whatever passes golem-core's
@@ -3951,7 +4121,7 @@ def glm(amount) -> str:
 
 
 def parse_amount(text, what: str):
-    """A document's amount (a decimal string, yagna-api.md §3.5) as an exact Decimal."""
+    """A document's amount (a decimal string, docs/yagna-behaviour.md §3) as an exact Decimal."""
     from decimal import Decimal, InvalidOperation
 
     try:
@@ -3975,7 +4145,7 @@ class PriceTerms(collections.namedtuple(
 
     @classmethod
     def from_properties(cls, props: dict) -> "PriceTerms":
-        """From the agreement's offer properties (yagna-api.md §4.1); ValueError if not checkable."""
+        """From the agreement's offer properties (docs/yagna-behaviour.md §3); ValueError if not checkable."""
         from golem.payload import defaults
 
         if props.get(defaults.PROP_PRICING_MODEL) != "linear":
@@ -4141,99 +4311,41 @@ class Spending:
         return Verdict(True, spend, previous=before)
 
 
-class Ledger:
-    """The ledger rows of the Store (section 4): every debit note and invoice, and agreement prices."""
+def cluster_costs(ledger: "Ledger", cluster_name: str | None = None, now: float | None = None) -> list[dict]:
+    """Per cluster, its nodes with provider, prices, runtime and cost (accepted GLM), from the Store."""
+    from decimal import Decimal
 
-    def __init__(self, store):
-        self.store = store
-
-    def known(self, document_id: str) -> str | None:
-        row = self.store.conn.execute("SELECT status FROM ledger WHERE document_id = ?", (document_id,)).fetchone()
-        return row[0] if row else None
-
-    def received(self, document_id: str, kind: str, agreement_id: str, activity_id: str | None, node_id: str,
-                 cluster_name: str, allocation_id: str | None, amount: str) -> None:
-        with self.store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO ledger (document_id, kind, agreement_id, activity_id, node_id, cluster_name, "
-                "allocation_id, amount, status, created_at) VALUES (?,?,?,?,?,?,?,?, 'received', ?)",
-                (document_id, kind, agreement_id, activity_id, node_id, cluster_name, allocation_id, amount,
-                 self.store.clock()))
-
-    def update(self, document_id: str, status: str, *, spent=0, reason: str | None = None) -> None:
-        settled = self.store.clock() if status in ("accepted", "rejected", "failed") else None
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE ledger SET status = ?, spent = ?, reason = ?, settled_at = ? WHERE document_id = ?",
-                         (status, str(spent), reason, settled, document_id))
-
-    def spent(self, allocation_id: str):
-        """What an allocation has spent: the sum of its accepted rows (exact: summed here, not in SQL)."""
-        from decimal import Decimal
-
-        rows = self.store.conn.execute(
-            "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
-        return sum((Decimal(r[0]) for r in rows), Decimal(0))
-
-    def accepted_for_node(self, node_id: str):
-        """What one node's debit notes and invoices were accepted for (each row spends its increase)."""
-        from decimal import Decimal
-
-        rows = self.store.conn.execute("SELECT spent FROM ledger WHERE node_id = ? AND status = 'accepted'", (node_id,))
-        return sum((Decimal(r[0]) for r in rows), Decimal(0))
-
-    def pricing(self, agreement_id: str, terms: PriceTerms) -> None:
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE agreements SET pricing = ? WHERE agreement_id = ?",
-                         (json.dumps(terms.to_json()), agreement_id))
-
-    def rows(self, cluster_name: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM ledger" + (" WHERE cluster_name = ?" if cluster_name else "") + " ORDER BY created_at"
-        return [dict(r) for r in self.store.conn.execute(sql, (cluster_name,) if cluster_name else ())]
-
-    def costs(self, cluster_name: str | None = None, now: float | None = None) -> list[dict]:
-        """Per cluster, its nodes with provider, prices, runtime and cost (accepted GLM), from the Store."""
-        from decimal import Decimal
-
-        now = self.store.clock() if now is None else now
-        where, args = (" WHERE c.name = ?", (cluster_name,)) if cluster_name else ("", ())
-        clusters = [dict(r) for r in self.store.conn.execute(
-            "SELECT name, network, state, total_budget FROM clusters c" + where + " ORDER BY created_at", args)]
-        spent: dict[str, Decimal] = {}
-        for row in self.store.conn.execute(
-                "SELECT agreement_id, spent FROM ledger WHERE status IN ('accepting', 'accepted')"
-                + (" AND cluster_name = ?" if cluster_name else ""), args):
-            spent[row[0]] = spent.get(row[0], Decimal(0)) + Decimal(row[1])
-        out = []
-        for cluster in clusters:
-            nodes: dict[str, dict] = {}
-            for row in self.store.conn.execute(
-                    "SELECT n.node_id, n.node_type, n.state, n.created_at AS node_created_at, a.agreement_id, "
-                    "a.provider_id, a.pricing, a.created_at, a.terminated_at, p.name AS provider_name "
-                    "FROM nodes n LEFT JOIN agreements a ON a.node_id = n.node_id "
-                    "LEFT JOIN providers p ON p.node_id = a.provider_id "
-                    "WHERE n.cluster_name = ? ORDER BY n.created_at, a.created_at", (cluster["name"],)):
-                node = nodes.setdefault(row["node_id"], {
-                    "node_id": row["node_id"], "node_type": row["node_type"], "state": row["state"],
-                    "provider_id": None, "provider_name": None, "prices": None, "runtime_s": 0.0,
-                    "cost": Decimal(0), "agreements": 0})
-                if row["agreement_id"] is None:
-                    continue
-                node["agreements"] += 1
-                node["provider_id"], node["provider_name"] = row["provider_id"], row["provider_name"]
-                if row["pricing"]:
-                    terms = PriceTerms.from_json(json.loads(row["pricing"]))
-                    node["prices"] = {"start": glm(terms.start), "cpu_per_hour": glm(terms.per_hour("cpu")),
-                                      "env_per_hour": glm(terms.per_hour("duration")),
-                                      "cpu_threads": terms.cpu_threads}
-                node["runtime_s"] += max(0.0, (row["terminated_at"] or now) - row["created_at"])
-                node["cost"] += spent.get(row["agreement_id"], Decimal(0))
-            total = sum((n["cost"] for n in nodes.values()), Decimal(0))
-            for node in nodes.values():
-                node["cost"] = glm(node["cost"])
-                node["runtime_s"] = round(node["runtime_s"], 1)
-            out.append({"cluster_name": cluster["name"], "network": cluster["network"], "state": cluster["state"],
-                        "total_budget": cluster["total_budget"], "cost": glm(total), "nodes": list(nodes.values())})
-        return out
+    now = ledger.store.clock() if now is None else now
+    clusters, spent_rows, node_rows = ledger.cost_rows(cluster_name)
+    spent: dict[str, Decimal] = {}
+    for agreement_id, amount in spent_rows:
+        spent[agreement_id] = spent.get(agreement_id, Decimal(0)) + Decimal(amount)
+    out = []
+    for cluster in clusters:
+        nodes: dict[str, dict] = {}
+        for row in node_rows[cluster["name"]]:
+            node = nodes.setdefault(row["node_id"], {
+                "node_id": row["node_id"], "node_type": row["node_type"], "state": row["state"],
+                "provider_id": None, "provider_name": None, "prices": None, "runtime_s": 0.0,
+                "cost": Decimal(0), "agreements": 0})
+            if row["agreement_id"] is None:
+                continue
+            node["agreements"] += 1
+            node["provider_id"], node["provider_name"] = row["provider_id"], row["provider_name"]
+            if row["pricing"]:
+                terms = PriceTerms.from_json(json.loads(row["pricing"]))
+                node["prices"] = {"start": glm(terms.start), "cpu_per_hour": glm(terms.per_hour("cpu")),
+                                  "env_per_hour": glm(terms.per_hour("duration")),
+                                  "cpu_threads": terms.cpu_threads}
+            node["runtime_s"] += max(0.0, (row["terminated_at"] or now) - row["created_at"])
+            node["cost"] += spent.get(row["agreement_id"], Decimal(0))
+        total = sum((n["cost"] for n in nodes.values()), Decimal(0))
+        for node in nodes.values():
+            node["cost"] = glm(node["cost"])
+            node["runtime_s"] = round(node["runtime_s"], 1)
+        out.append({"cluster_name": cluster["name"], "network": cluster["network"], "state": cluster["state"],
+                    "total_budget": cluster["total_budget"], "cost": glm(total), "nodes": list(nodes.values())})
+    return out
 
 
 class AgreementAccount:
@@ -4279,15 +4391,21 @@ class AgreementAccount:
 class ClusterPayments:
     """Allocations, the acceptance of debit notes and invoices, and the budget policy of all clusters."""
 
-    def __init__(self, service: "ClusterService"):
-        self.service = service
-        self.ledger = Ledger(service.store)
+    def __init__(self, store: "Store", records: "ClusterRecords", clusters: dict, log, stop_node):
+        self.store = store
+        self.records = records
+        self.clusters = clusters  # the ClusterService's clusters by name (read only here)
+        self.log = log
+        self._stop_node = stop_node  # (node, message): a node the budget or a breach ends
+        self.ledger = Ledger(store)
         self.allocations: dict[str, object] = {}  # cluster name -> golem-core Allocation
         self.spending: dict[str, Spending] = {}  # cluster name -> spending of its allocation
         self.accounts: dict[str, AgreementAccount] = {}  # agreement id -> account
         self.exhausted: dict[str, str] = {}  # cluster name -> why the budget stopped it
         self.requested_budget: dict = {}  # cluster name -> total_budget of its latest node request
         self.warned: set[str] = set()
+        self.invoice_due: set[str] = set()  # agreements that billed: end_cluster waits for their invoices
+        self.agreement_node: dict[str, "ClusterNode"] = {}  # agreement id -> the node it was signed for
         self._lock = None
         self._watcher = None
 
@@ -4301,8 +4419,8 @@ class ClusterPayments:
             raise ValueError(f"total_budget: {value!r} is not an amount")
         return parse_amount(5.0 if value is None else value, "total_budget")
 
-    async def allocation(self, cluster: "Cluster"):
-        """The cluster's one allocation of `total_budget`, made on first use."""
+    async def allocation(self, cluster: "Cluster", golem):
+        """The cluster's one allocation of `total_budget` (on the GolemNode `golem`), made on first use."""
         from golem.resources import Allocation
 
         async with self.lock:
@@ -4311,7 +4429,7 @@ class ClusterPayments:
                 budget = self.requested_budget.get(cluster.name) or self.budget_of(cluster.parameters)
                 try:
                     allocation = await Allocation.create_any_account(
-                        self.service.golem, budget, cluster.network, cluster.parameters.get("payment_driver") or "erc20")
+                        golem, budget, cluster.network, cluster.parameters.get("payment_driver") or "erc20")
                 except Exception as e:  # noqa: BLE001
                     raise ServiceUnavailable(f"could not allocate {glm(budget)} GLM on {cluster.network}: "
                                              f"{_describe_error(e)}") from None
@@ -4319,7 +4437,7 @@ class ClusterPayments:
                 self.spending[cluster.name] = Spending(budget, self.ledger.spent(allocation.id))
                 self.exhausted.pop(cluster.name, None)
                 self.warned.discard(cluster.name)
-                self.service.records.allocation(allocation.id, cluster.name, payment_platform(cluster.network),
+                self.records.allocation(allocation.id, cluster.name, payment_platform(cluster.network),
                                                 str(budget))
         return allocation
 
@@ -4329,12 +4447,12 @@ class ClusterPayments:
                              if account.node.cluster is cluster and (account.ended_at is not None
                                                                      or not account.node.alive)]:
             del self.accounts[agreement_id]  # settled or given up: the next run has a budget of its own
-            # A later _end_cluster must not wait for an invoice that comes late (recorded by _late) or never.
-            self.service._invoice_due.discard(agreement_id)
-            self.service._agreement_node.pop(agreement_id, None)
+            # A later end_cluster must not wait for an invoice that comes late (recorded by _late) or never.
+            self.invoice_due.discard(agreement_id)
+            self.agreement_node.pop(agreement_id, None)
         if allocation is not None:
             await _quietly(allocation.release())
-            self.service.records.allocation_released(allocation.id)
+            self.records.allocation_released(allocation.id)
 
     @property
     def lock(self):
@@ -4346,6 +4464,16 @@ class ClusterPayments:
 
     # -- agreements -----------------------------------------------------------------------
 
+    def agreement_adopted(self, agreement_id: str, node: "ClusterNode") -> None:
+        """A node holds a signed agreement: its invoice is due once it ends (unless it never billed)."""
+        self.invoice_due.add(agreement_id)
+        self.agreement_node[agreement_id] = node
+
+    def awaiting_invoice(self, cluster: "Cluster") -> bool:
+        """Whether an agreement of the cluster that billed has not been invoiced yet."""
+        return any(agreement_id in self.invoice_due for agreement_id, node in self.agreement_node.items()
+                   if node.cluster is cluster)
+
     async def agreement_signed(self, node: "ClusterNode", agreement) -> None:
         """Read the agreed prices before anything can be billed; NodeStartFailed if they cannot be checked."""
         try:
@@ -4356,8 +4484,8 @@ class ClusterPayments:
         except Exception as e:  # noqa: BLE001
             raise NodeStartFailed("agreement_failed", f"reading the agreement failed: {_describe_error(e)}") from None
         self.accounts[agreement.id] = AgreementAccount(agreement.id, node, node.provider_id, terms, time.time())
-        self.ledger.pricing(agreement.id, terms)
-        self.service.store.record_provider(node.provider_id, node.provider_name)
+        self.ledger.pricing(agreement.id, terms.to_json())
+        self.store.record_provider(node.provider_id, node.provider_name)
 
     def agreement_ended(self, agreement_id: str, billed: bool) -> None:
         """Its activity is gone: the provider's counters have stopped (an invoice follows if it billed)."""
@@ -4366,7 +4494,7 @@ class ClusterPayments:
             account.ended_at = time.time()
             account.billed = billed
         if not billed:
-            self.service._invoice_due.discard(agreement_id)  # no invoice to wait for
+            self.invoice_due.discard(agreement_id)  # no invoice to wait for
 
     # -- debit notes and invoices -----------------------------------------------------------
 
@@ -4375,7 +4503,7 @@ class ClusterPayments:
         try:
             data = await document.get_data(force=True)
         except Exception as e:  # noqa: BLE001
-            self.service.log.warning("cannot read %s %s: %s", kind, document.id, _describe_error(e))
+            self.log.warning("cannot read %s %s: %s", kind, document.id, _describe_error(e))
             return
         if str(data.status).upper() != "RECEIVED":
             return  # handled already (events come again after a restart)
@@ -4408,11 +4536,11 @@ class ClusterPayments:
                 verdict = Verdict(False, reason=str(e), breach=True)
             if not verdict.accept:
                 self.ledger.update(document.id, "rejected", reason=verdict.reason)
-                self.service.log.warning("%s %s of %s/%s rejected: %s", kind, document.id, cluster.name,
+                self.log.warning("%s %s of %s/%s rejected: %s", kind, document.id, cluster.name,
                                          node.node_id, verdict.reason)
                 if kind == "invoice":
                     account.settled = True
-                    self.service._invoice_due.discard(data.agreement_id)
+                    self.invoice_due.discard(data.agreement_id)
                 if verdict.breach:
                     self._penalise(account, f"{kind.replace('_', ' ')} {document.id}: {verdict.reason}")
                 return
@@ -4423,17 +4551,17 @@ class ClusterPayments:
             except Exception as e:  # noqa: BLE001 - e.g. yagna refuses: the allocation is short
                 spending.undo(data.agreement_id, activity_id, kind, verdict)
                 self.ledger.update(document.id, "failed", reason=_describe_error(e)[:500])
-                self.service.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
+                self.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
                 return
             self.ledger.update(document.id, "accepted", spent=verdict.spend)
         if kind == "invoice":
             account.settled = True
-            self.service._invoice_due.discard(data.agreement_id)
+            self.invoice_due.discard(data.agreement_id)
 
     def _late(self, document_id: str, kind: str, data) -> None:
         """A document of one of our agreements whose cluster's allocation is released (or of a previous
         webserver's): nothing can pay it now; recorded with why, never silently dropped."""
-        owner = self.service.records.agreement_owner(data.agreement_id)
+        owner = self.records.agreement_owner(data.agreement_id)
         if owner is None or self.ledger.known(document_id) is not None:
             return  # another requestor's (a shared yagna), or recorded already
         amount = data.total_amount_due if kind == "debit_note" else data.amount
@@ -4441,25 +4569,22 @@ class ClusterPayments:
                              owner["node_id"], owner["cluster_name"], None, str(amount))
         why = "arrived after its cluster's allocation was released (nothing left to pay it from)"
         self.ledger.update(document_id, "late", reason=why)
-        self.service.log.warning("%s %s of %s/%s %s", kind, document_id, owner["cluster_name"], owner["node_id"], why)
+        self.log.warning("%s %s of %s/%s %s", kind, document_id, owner["cluster_name"], owner["node_id"], why)
 
     def _penalise(self, account: AgreementAccount, reason: str) -> None:
         """A provider billed more than agreed: record it, block it, replace the node."""
-        import asyncio
-
         if account.breached:
             return
         account.breached = True
-        node, service, provider_id = account.node, self.service, account.provider_id
+        node, store, provider_id = account.node, self.store, account.provider_id
         network = node.cluster.network
-        service.store.record_event(provider_id, network, "billing_breach", detail=reason[:500],
-                                   cluster_name=node.cluster.name)
-        service.store.block(provider_id, [network], duration=BILLING_BREACH_BLOCK_S, source="auto",
-                            reason=f"billed more than agreed: {reason[:300]}")
+        store.record_event(provider_id, network, "billing_breach", detail=reason[:500],
+                           cluster_name=node.cluster.name)
+        store.block(provider_id, [network], duration=BILLING_BREACH_BLOCK_S, source="auto",
+                    reason=f"billed more than agreed: {reason[:300]}")
         if node.alive and node.agreement is not None and node.agreement.id == account.agreement_id:
             node.error = f"provider {node.provider} billed more than agreed: {reason}"
-            service._set_state(node, NodeState.TERMINATING, f"Stopping: {node.error}")
-            asyncio.create_task(service._stop(node))
+            self._stop_node(node, f"Stopping: {node.error}")
 
     # -- budget policy ------------------------------------------------------------------
 
@@ -4482,11 +4607,11 @@ class ClusterPayments:
 
         while True:
             await asyncio.sleep(BUDGET_CHECK_INTERVAL_S)
-            for cluster in list(self.service.clusters.values()):
+            for cluster in list(self.clusters.values()):
                 try:
                     self.enforce(cluster, time.time())
                 except Exception:  # noqa: BLE001 - the watcher must survive one bad cluster
-                    self.service.log.exception("budget check of %s failed", cluster.name)
+                    self.log.exception("budget check of %s failed", cluster.name)
 
     def _commitment(self, cluster: "Cluster", now: float, stopping: set[str]):
         """(spent, reserved): accepted so far, and the most the cluster's agreements may still bill
@@ -4508,8 +4633,6 @@ class ClusterPayments:
 
     def enforce(self, cluster: "Cluster", now: float) -> list["ClusterNode"]:
         """Stop workers (newest first), then the head, until the budget covers what stays; return them."""
-        import asyncio
-
         spending = self.spending.get(cluster.name)
         if spending is None:
             return []
@@ -4535,8 +4658,7 @@ class ClusterPayments:
             node.error = (f"stopped by the budget: total_budget {glm(spending.budget)} GLM cannot cover the running "
                           f"nodes until their next payment ({glm(spent)} spent, {glm(reserved)} reserved)")
             self.exhausted[cluster.name] = node.error
-            self.service._set_state(node, NodeState.TERMINATING, f"Stopping: {node.error}")
-            asyncio.create_task(self.service._stop(node))
+            self._stop_node(node, f"Stopping: {node.error}")
         return victims
 
     def check_can_start(self, cluster_name: str, tags: dict, parameters: dict) -> None:
@@ -4580,16 +4702,15 @@ class ClusterPayments:
                 "burn_rate_per_hour": glm(burn.quantize(wei, ROUND_UP)), "warning": warning}
 
     def budgets(self) -> dict[str, dict]:
-        return {name: self.report(cluster) for name, cluster in self.service.clusters.items()}
+        return {name: self.report(cluster) for name, cluster in self.clusters.items()}
 
     def costs(self, cluster_name: str | None = None) -> dict:
         """The `costs` route: the Store's per-node costs, plus the live budget of running clusters."""
-        if cluster_name is not None and not self.service.store.conn.execute(
-                "SELECT 1 FROM clusters WHERE name = ?", (cluster_name,)).fetchone():
+        if cluster_name is not None and not self.records.has_cluster(cluster_name):
             raise NotFound(f"no cluster named {cluster_name!r}")
-        clusters = self.ledger.costs(cluster_name)
+        clusters = cluster_costs(self.ledger, cluster_name)
         for entry in clusters:
-            cluster = self.service.clusters.get(entry["cluster_name"])
+            cluster = self.clusters.get(entry["cluster_name"])
             if cluster is not None:
                 entry["budget"] = self.report(cluster)
         return {"clusters": clusters}
@@ -4606,7 +4727,9 @@ WEBSERVER_RUN_LOCK = "webserver.run.lock"  # held by the running webserver: one 
 WEBSERVER_LOG_FILE = "webserver.log"
 WEBSERVER_LOG_MAX_BYTES = 5 * 1024 * 1024
 WEBSERVER_LOG_BACKUPS = 3
-MAX_REQUEST_HEAD = 16 * 1024  # request line + headers
+MAX_REQUEST_HEAD = 16 * 1024  # request line + headers (431 beyond)
+MAX_REQUEST_LINE = 8 * 1024  # the request line (414 beyond) or one header line (431 beyond)
+MAX_REQUEST_HEADERS = 100  # header lines (431 beyond), as http.server
 MAX_REQUEST_BODY = 1024 * 1024
 KEEPALIVE_IDLE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this
 REQUEST_READ_TIMEOUT = 30.0  # a started request must arrive whole within this
@@ -4646,18 +4769,11 @@ def read_runtime(datadir: str) -> dict:
         return {}
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 413: "Payload Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
 
 
 RUN_LOCK_TAKEN = "another webserver already runs with data dir"  # `start` looks for it in webserver.out
-
-
-class MethodNotAllowed(RayOnGolemError):
-    http_status = 405
-
-
-class PayloadTooLarge(RayOnGolemError):
-    http_status = 413
 
 
 class _SecretRedactor:
@@ -4819,25 +4935,9 @@ class Router:
                 raise NotFound(f"no route {path}")
         name = methods.get(method)
         if name is None:
-            raise MethodNotAllowed(f"{method} not allowed on {path} (allowed: {', '.join(sorted(methods))})")
+            raise MethodNotAllowed(f"{method} not allowed on {path} (allowed: {', '.join(sorted(methods))})",
+                                   sorted(methods))
         return name, params
-
-
-def cluster_node_counts(store) -> dict[str, dict[str, int]]:
-    """`{cluster: {node_state: count}}` from the Store's clusters and nodes tables.
-
-    Kept here until the Store has a query of its own for it (the Clusters section may replace it).
-    """
-    rows = store.conn.execute(
-        "SELECT c.name, n.state, COUNT(n.node_id) FROM clusters c LEFT JOIN nodes n ON n.cluster_name = c.name "
-        "GROUP BY c.name, n.state"
-    ).fetchall()
-    counts: dict[str, dict[str, int]] = {}
-    for name, state, n in rows:
-        counts.setdefault(name, {})
-        if state is not None:
-            counts[name][state] = n
-    return counts
 
 
 class WebserverHandler:
@@ -4867,8 +4967,9 @@ class WebserverHandler:
         ("GET", "/costs", "costs"),
     )
 
-    def __init__(self, server: "Webserver"):
-        self.server = server
+    def __init__(self, server: "Webserver", clusters: "ClusterService"):
+        self.server = server  # status, wallet, shutdown
+        self.clusters = clusters  # node routes (commands: its `commands`) and costs (its `payments`)
 
     async def status(self, request: Request) -> dict:
         return self.server.status()
@@ -4882,14 +4983,11 @@ class WebserverHandler:
 
     # -- node routes (section 7) ------------------------------------------------------
 
-    def _clusters(self) -> "ClusterService":
-        return cluster_service(self.server)
-
     def _node(self, request: Request) -> "ClusterNode":
-        return self._clusters().node(request.params["cluster"], request.params["node"])
+        return self.clusters.node(request.params["cluster"], request.params["node"])
 
     async def list_clusters(self, request: Request) -> dict:
-        return {"clusters": self._clusters().counts()}
+        return {"clusters": self.clusters.counts()}
 
     async def request_nodes(self, request: Request) -> dict:
         body = request.fields({
@@ -4900,7 +4998,7 @@ class WebserverHandler:
             raise UsageError(f"count: expected 1..100 nodes, got {body['count']}")
         if not all(isinstance(v, str) for v in body["tags"].values()):
             raise UsageError("tags: values must be strings")
-        nodes = await self._clusters().request_nodes(
+        nodes = await self.clusters.request_nodes(
             request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
             body["count"], body["resources"], body["labels"], body["local"])
         return {"nodes": [node.as_dict() for node in nodes]}
@@ -4908,51 +5006,227 @@ class WebserverHandler:
     async def list_nodes(self, request: Request) -> dict:
         """Non-terminated nodes; `?tag.KEY=VALUE` filters (a node must have every key with that value)."""
         tag_filter = {k[4:]: v for k, v in request.query_params().items() if k.startswith("tag.")}
-        nodes = self._clusters().list_nodes(request.params["cluster"], tag_filter)
+        nodes = self.clusters.list_nodes(request.params["cluster"], tag_filter)
         return {"nodes": [node.as_dict() for node in nodes]}
 
     async def node_data(self, request: Request) -> dict:
         return self._node(request).as_dict()
 
     async def terminate_node(self, request: Request) -> dict:
-        node = await self._clusters().terminate(request.params["cluster"], request.params["node"])
+        node = await self.clusters.terminate(request.params["cluster"], request.params["node"])
         return node.as_dict()
 
     async def set_node_tags(self, request: Request) -> dict:
         body = request.fields({"tags": (dict, None)})
         if body["tags"] is None or not all(isinstance(v, str) for v in body["tags"].values()):
             raise UsageError("tags: expected an object of string values")
-        return self._clusters().set_tags(request.params["cluster"], request.params["node"], body["tags"]).as_dict()
+        return self.clusters.set_tags(request.params["cluster"], request.params["node"], body["tags"]).as_dict()
 
     async def start_run(self, request: Request) -> dict:
         body = request.fields({"command": (str, None), "wait_running_s": (int, 0)})
         if not body["command"]:
             raise UsageError("command: required")
-        return {"run_id": self._clusters().start_run(self._node(request), body["command"], body["wait_running_s"])}
+        return {"run_id": self.clusters.commands.start_run(self._node(request), body["command"],
+                                                          body["wait_running_s"])}
 
     async def run_result(self, request: Request) -> dict:
         try:
             wait = float(request.query_params().get("wait", "0"))
         except ValueError:
             raise UsageError("wait: expected seconds") from None
-        return await self._clusters().run_result(self._node(request), request.params["run"], wait)
+        return await self.clusters.commands.run_result(self._node(request), request.params["run"], wait)
 
     async def upload(self, request: Request) -> dict:
         body = request.fields({"upload_id": (str, None), "data": (str, ""), "directory": (str, None),
                                "final": (bool, False)})  # fmt: skip
         if not body["upload_id"]:
             raise UsageError("upload_id: required")
-        return await self._clusters().upload_piece(self._node(request), body["upload_id"], body["data"],
-                                                   body["directory"], body["final"])
+        return await self.clusters.commands.upload_piece(self._node(request), body["upload_id"], body["data"],
+                                                         body["directory"], body["final"])
 
     async def download(self, request: Request) -> dict:
         body = request.fields({"path": (str, None)})
         if not body["path"]:
             raise UsageError("path: required")
-        return await self._clusters().download(self._node(request), body["path"])
+        return await self.clusters.commands.download(self._node(request), body["path"])
 
     async def costs(self, request: Request) -> dict:
-        return self._clusters().payments.costs(request.query_params().get("cluster") or None)
+        return self.clusters.payments.costs(request.query_params().get("cluster") or None)
+
+
+class HttpTransport:
+    """The webserver's HTTP/1.1 side, as the local network's HttpServer: keep-alive connections, one
+    request parser, one response writer, one error exit (`send_error`, in the style of http.server),
+    and a reaper for idle or slow clients. Each parsed Request goes to `dispatch`, a coroutine
+    returning `(status, JSON payload, extra headers)`.
+
+    golem_localnet.py keeps a copy of the parser (the two files never import each other);
+    tests/test_http_core.py runs one table of requests against both and keeps them answering alike.
+    """
+
+    def __init__(self, dispatch, host: str, port: int):
+        self.dispatch = dispatch
+        self.host, self.port = host, port
+        self.closing = False  # once set, every answer closes its connection
+        self._server = None
+        # writer -> (timeout, since) while waiting for the client, None while handling a request.
+        self._connections: dict = {}
+        self._reaper = None
+
+    async def start(self) -> int:
+        """Bind and serve; the bound port (`port` 0 picks a free one). ServiceUnavailable if it cannot bind."""
+        import asyncio
+
+        try:
+            self._server = await asyncio.start_server(
+                self._serve_connection, self.host, self.port, limit=MAX_REQUEST_HEAD, backlog=512
+            )
+        except OSError as e:
+            raise ServiceUnavailable(f"cannot listen on {self.host}:{self.port}: {e.strerror}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
+        return self.port
+
+    def close(self) -> None:
+        """Stop taking connections and close the open ones."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):
+            writer.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve_connection(self, reader, writer) -> None:
+        """Serve one keep-alive connection: read a request, dispatch it, answer; repeat."""
+        import asyncio
+
+        connections, clock = self._connections, asyncio.get_running_loop().time
+        try:
+            while True:
+                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
+                connections[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
+                try:
+                    parsed = await self._read_request(reader, writer, lambda: connections.__setitem__(
+                        writer, (REQUEST_READ_TIMEOUT, clock())))
+                except RayOnGolemError as e:
+                    await self.send_error(writer, e.http_status, str(e))
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # client went away or was reaped
+                if parsed is None:
+                    return
+                request, keep_alive = parsed
+                connections[writer] = None  # handling: never reaped
+                status, payload, headers = await self.dispatch(request)
+                keep_alive = keep_alive and not self.closing
+                await self._respond(writer, status, payload, keep_alive, headers)
+                if not keep_alive:
+                    return
+        except ConnectionError:
+            pass
+        finally:
+            connections.pop(writer, None)
+            writer.close()
+
+    async def _reap_connections(self) -> None:
+        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for writer, waiting in list(self._connections.items()):
+                if waiting is not None and now - waiting[1] > waiting[0]:
+                    writer.close()
+
+    @staticmethod
+    async def _read_line(reader, limit: int, too_long: BadRequestHead) -> bytes:
+        """One CRLF line (b"" at EOF); `too_long` beyond `limit` bytes."""
+        import asyncio
+
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise too_long from None
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise
+            return b""
+        if len(line) > limit:
+            raise too_long
+        return line
+
+    async def _read_request(self, reader, writer, started) -> tuple[Request, bool] | None:
+        """Parse one request (None: the client closed between requests); `started()` once its first line came.
+
+        The checks, in order: request line (414, 400, version), header lines (431, 400), the body's
+        framing (Content-Length only: chunked is a 400 here) and size (413, before any body byte is read).
+        """
+        line = await self._read_line(reader, MAX_REQUEST_LINE, BadRequestHead("request line too long", 414))
+        if not line:
+            return None
+        started()
+        try:
+            method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
+        except ValueError:
+            raise BadRequestHead("malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method:
+            raise BadRequestHead("malformed request line")
+        headers: dict[str, str] = {}
+        size = len(line)
+        while True:
+            line = await self._read_line(reader, MAX_REQUEST_LINE, BadRequestHead("request head too large", 431))
+            size += len(line)
+            if not line:
+                raise ConnectionResetError("the client closed the connection within the request head")
+            if line in (b"\r\n", b"\n"):
+                break
+            if size > MAX_REQUEST_HEAD or len(headers) >= MAX_REQUEST_HEADERS:
+                raise BadRequestHead("request head too large", 431)
+            name, sep, value = line.decode("latin-1").rstrip("\r\n").partition(":")
+            if not sep or not name or name != name.strip() or " " in name:
+                raise BadRequestHead("malformed header line")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise BadRequestHead("chunked request bodies are not supported: send Content-Length")
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit() or not length_text.isascii():
+            raise BadRequestHead("malformed Content-Length")
+        length = int(length_text)
+        if length > MAX_REQUEST_BODY:
+            raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
+        body = await reader.readexactly(length) if length else b""
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        return Request(method, target, version, headers, body), keep_alive
+
+    async def send_error(self, writer, status: int, message: str, headers: dict | None = None) -> None:
+        """The one error exit of the parser: a JSON `{"error": message}` and the connection closes."""
+        await self._respond(writer, status, {"error": message}, False, headers)
+
+    @staticmethod
+    async def _respond(writer, status: int, payload: dict, keep_alive: bool, headers: dict | None = None) -> None:
+        import json
+        from http import HTTPStatus
+
+        body = json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}"]  # fmt: skip
+        if not keep_alive:
+            head.append("Connection: close")
+        if status == 401:
+            head.append("WWW-Authenticate: Bearer")
+        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        await writer.drain()
 
 
 class Webserver:
@@ -4961,6 +5235,9 @@ class Webserver:
     Everything long-running (golem-core is asyncio) lives in this event loop:
     `run()` binds 127.0.0.1, then brings yagna up while already answering
     `status` (state `starting`), so `start` can tell a slow yagna from a dead webserver.
+    Its constructor builds its parts (see docs/internals.md, "Object graph"): the yagna
+    service, the Store (this process's one sqlite connection), the cluster service, the
+    route handler and the HTTP transport.
     """
 
     handler_class = WebserverHandler
@@ -4969,35 +5246,29 @@ class Webserver:
         import time
 
         self.datadir = ensure_datadir(datadir)
-        self.port = port
         self.network = network
         self.state = "starting"  # starting -> running -> shutting_down
         self.warnings: list[str] = []
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
-        self.yagna = YagnaService(network, self.datadir)
-        # Coroutines `hook(force)` run on shutdown before yagna stops: the Clusters
-        # section registers one that terminates nodes and settles payments.
-        self.shutdown_hooks: list = []
-        # Callables returning {cluster_name: {node_state: count}}; status and the
-        # live-node check of `shutdown` read them.
-        self.cluster_sources: list = []
         self.redactor = _SecretRedactor()
+        self.yagna = YagnaService(network, self.datadir)
+        self.store = Store(self.datadir)
+        self.cluster_service = ClusterService(network, self.store, self.yagna, lambda: self.state)
         self.router = Router(self.handler_class.ROUTES)
-        self.handler = self.handler_class(self)
+        self.handler = self.handler_class(self, self.cluster_service)
+        self.transport = HttpTransport(self._dispatch, WEBSERVER_HOST, port)
         self.exit_code = 0
         self._token = b""
-        self._server = None
         self._stopped = None  # asyncio.Event, set when shutdown is complete
-        # writer -> (timeout, since) while waiting for the client, None while handling a request.
-        self._connections: dict = {}
         self._run_lock_fd: int | None = None
         self._watcher = None
-        self._reaper = None
         self._bring_up_task = None
-        self._counts_cache: tuple[tuple[int, int], dict] | None = None
-        self.store = None
         self._log = None
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
 
     # -- status and shutdown (used by the route methods) ------------------------
 
@@ -5007,24 +5278,7 @@ class Webserver:
         return round(time.monotonic() - self._started_monotonic, 3)
 
     def clusters(self) -> dict[str, dict[str, int]]:
-        merged: dict[str, dict[str, int]] = {}
-        for source in self.cluster_sources:
-            for name, counts in source().items():
-                merged.setdefault(name, {}).update(counts)
-        return merged
-
-    def _stored_cluster_counts(self) -> dict[str, dict[str, int]]:
-        """cluster_node_counts, recomputed only when the database changed: status polls stay cheap.
-
-        `PRAGMA data_version` moves on commits of other connections, `total_changes` on ours.
-        """
-        conn = self.store.conn
-        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
-        if self._counts_cache is None or self._counts_cache[0] != version:
-            self._counts_cache = (version, cluster_node_counts(self.store))
-        # The clusters the ClusterService holds in memory it counts itself: never twice.
-        known = getattr(getattr(self, "cluster_service", None), "clusters", {})
-        return {name: counts for name, counts in self._counts_cache[1].items() if name not in known}
+        return self.cluster_service.node_counts()
 
     def live_nodes(self) -> int:
         """Nodes that still hold an agreement: everything not `terminated`."""
@@ -5043,7 +5297,7 @@ class Webserver:
             "yagna": self.yagna.info(),
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
-            "budgets": self.cluster_service.payments.budgets() if getattr(self, "cluster_service", None) else {},
+            "budgets": self.cluster_service.payments.budgets(),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -5069,7 +5323,7 @@ class Webserver:
                 result["errors"].append(str(e))
         if self.yagna.kind == "yagna":
             # Balances come only from the chain (`yagna payment status`); offline it
-            # fails with "Server is unreachable" (yagna-offline.md §3) and we say so.
+            # fails with "Server is unreachable" (docs/yagna-behaviour.md §5) and we say so.
             try:
                 import json
 
@@ -5098,23 +5352,20 @@ class Webserver:
         return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}
 
     async def shutdown(self, force: bool = False) -> None:
-        """Run the shutdown hooks, stop taking requests, stop yagna if ours; then `run()` returns."""
+        """End the clusters, stop taking requests, stop yagna if ours; then `run()` returns."""
         import asyncio
 
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
-        self.yagna.cancelled.set()  # a daemon still starting is stopped, not left behind
+        self.transport.closing = True
+        self.yagna.cancel_start()
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
-        for hook in self.shutdown_hooks:
-            try:
-                await hook(force)
-            except Exception:  # noqa: BLE001 - one failing hook must not keep yagna alive
-                self._log.exception("shutdown hook %r failed", hook)
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._connections):
-            writer.close()
+        try:
+            await self.cluster_service.shutdown(force)
+        except Exception:  # noqa: BLE001 - a failure here must not keep yagna alive
+            self._log.exception("ending the clusters failed")
+        self.transport.close()
         starting = self._bring_up_task
         if starting is not None and starting is not asyncio.current_task() and not starting.done():
             await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
@@ -5165,26 +5416,16 @@ class Webserver:
         self._log = setup_webserver_logging(self.datadir, self.redactor)
         self._take_run_lock()
         # Holding the run lock, any runtime file left is a dead webserver's.
-        previous = read_runtime(self.datadir)
-        if (previous.get("yagna") or {}).get("started_by_us"):
-            self.yagna.orphan = {"url": previous["yagna"].get("url"), "pid": previous["yagna"].get("pid"),
-                                 "pid_start_time": previous.get("yagna_pid_start_time")}  # fmt: skip
-        self.store = Store(self.datadir)
-        self.cluster_sources.append(self._stored_cluster_counts)
+        self.yagna.adopt_orphan(read_runtime(self.datadir))
         token = load_or_create_token(self.datadir)
         self.redactor.secrets.add(token)
         self._token = f"Bearer {token}".encode()
         self._stopped = asyncio.Event()
         try:
-            self._server = await asyncio.start_server(
-                self._serve_connection, WEBSERVER_HOST, self.port, limit=MAX_REQUEST_HEAD, backlog=512
-            )
-        except OSError as e:
+            await self.transport.start()
+        except ServiceUnavailable:
             self._remove_runtime_files()  # the pidfile `start` wrote for us: no stale pointer left
-            raise ServiceUnavailable(f"cannot listen on {WEBSERVER_HOST}:{self.port}: {e.strerror}") from None
-        if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
+            raise
         self._write_runtime_files()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -5194,7 +5435,7 @@ class Webserver:
               f"log: {os.path.join(self.datadir, WEBSERVER_LOG_FILE)}", flush=True)  # fmt: skip
         self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
-        await self._server.wait_closed()
+        await self.transport.wait_closed()
         self._remove_runtime_files()
         self.store.close()
         self._log.info("stopped, bye")
@@ -5221,7 +5462,7 @@ class Webserver:
             self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
             try:
-                await cluster_service(self).recover()
+                await self.cluster_service.recover()
             except Exception as e:  # noqa: BLE001 - the webserver serves; the next node request retries
                 self._log.warning("releasing what a previous webserver left failed: %s", _describe_error(e))
             import gc
@@ -5231,130 +5472,34 @@ class Webserver:
             gc.freeze()
 
     async def _watch_yagna(self) -> None:
-        """Turn an early exit of our daemon into a status warning (the anchor only logged it)."""
+        """Turn an early exit of our daemon into a status warning."""
         import asyncio
 
         while self.state == "running" and self.yagna.started_by_us and not self.yagna.stopped:
             await asyncio.sleep(1.0)
-            if self.state == "running" and not process_alive(self.yagna.pid, self.yagna.pid_start_time):
-                self.yagna.stopped = True
-                self.yagna._warn(f"{self.yagna.kind} (pid {self.yagna.pid}) exited unexpectedly; "
-                                 "restart the webserver (`ray-on-golem stop`, then `start`)")  # fmt: skip
+            if self.state == "running":
+                self.yagna.check_exited()
 
-    # -- HTTP/1.1 ----------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------
 
-    async def _serve_connection(self, reader, writer) -> None:
-        """Serve one keep-alive connection: read a request, dispatch it, answer; repeat."""
-        import asyncio
-
-        connections, clock = self._connections, asyncio.get_running_loop().time
-        try:
-            while True:
-                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
-                connections[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # client went away or was reaped
-                except asyncio.LimitOverrunError:
-                    await self._respond(writer, 431, {"error": "request head too large"}, keep_alive=False)
-                    return
-                connections[writer] = (REQUEST_READ_TIMEOUT, clock())
-                try:
-                    request, keep_alive = await self._parse_request(head, reader, writer)
-                except RayOnGolemError as e:
-                    await self._respond(writer, e.http_status, {"error": str(e)}, keep_alive=False)
-                    return
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                connections[writer] = None  # handling: never reaped
-                status, payload = await self._dispatch(request)
-                if self.state == "shutting_down":
-                    keep_alive = False
-                await self._respond(writer, status, payload, keep_alive)
-                if not keep_alive:
-                    return
-        except ConnectionError:
-            pass
-        finally:
-            connections.pop(writer, None)
-            writer.close()
-
-    async def _reap_connections(self) -> None:
-        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(1.0)
-            now = loop.time()
-            for writer, waiting in list(self._connections.items()):
-                if waiting is not None and now - waiting[1] > waiting[0]:
-                    writer.close()
-
-    @staticmethod
-    async def _parse_request(head: bytes, reader, writer) -> tuple[Request, bool]:
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        try:
-            method, target, version = lines[0].split(" ")
-        except ValueError:
-            raise UsageError("malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/"):
-            raise UsageError("malformed request line")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise UsageError("malformed header line")
-            headers[name.lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise UsageError("chunked request bodies are not supported: send Content-Length")
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise UsageError("malformed Content-Length") from None
-        if length < 0:
-            raise UsageError("malformed Content-Length")
-        if length > MAX_REQUEST_BODY:
-            raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
-        if length and headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
-        body = await reader.readexactly(length) if length else b""
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        return Request(method, target, version, headers, body), keep_alive
-
-    async def _dispatch(self, request: Request) -> tuple[int, dict]:
+    async def _dispatch(self, request: Request) -> tuple[int, dict, dict | None]:
         """Authenticate, route, call the handler; every failure becomes a JSON error, never a traceback."""
         import hmac
 
         # Authenticate before routing: without the token nobody learns which routes exist.
         if not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
             return 401, {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>` from "
-                                  f"{os.path.join(self.datadir, WEBSERVER_TOKEN_FILE)}"}  # fmt: skip
+                                  f"{os.path.join(self.datadir, WEBSERVER_TOKEN_FILE)}"}, None  # fmt: skip
         try:
             name, request.params = self.router.match(request.method, request.path)
-            return 200, await getattr(self.handler, name)(request)
+            return 200, await getattr(self.handler, name)(request), None
+        except MethodNotAllowed as e:
+            return e.http_status, {"error": str(e)}, {"Allow": ", ".join(e.allowed)}
         except RayOnGolemError as e:
-            return e.http_status, {"error": str(e)}
+            return e.http_status, {"error": str(e)}, None
         except Exception:  # noqa: BLE001 - the client gets a message, the log gets the traceback
             self._log.exception("%s %s failed", request.method, request.path)
-            return 500, {"error": f"internal error in {request.method} {request.path}; see {WEBSERVER_LOG_FILE}"}
-
-    @staticmethod
-    async def _respond(writer, status: int, payload: dict, keep_alive: bool) -> None:
-        import json
-        from http import HTTPStatus
-
-        body = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}"]  # fmt: skip
-        if not keep_alive:
-            head.append("Connection: close")
-        if status == 401:
-            head.append("WWW-Authenticate: Bearer")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        await writer.drain()
+            return 500, {"error": f"internal error in {request.method} {request.path}; see {WEBSERVER_LOG_FILE}"}, None
 
 
 ###############################################################################
@@ -5366,7 +5511,8 @@ WEBSERVER_OUT_FILE = "webserver.out"  # the webserver's stdout/stderr: what it s
 WEBSERVER_START_TIMEOUT = 180.0  # covers a real yagna's start (~4 s offline, more on a busy machine)
 WEBSERVER_STOP_TIMEOUT = 60.0
 WEBSERVER_BIND_GRACE = 5.0  # a webserver holding its data dir answers within ms; this much before we call it hung
-_HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 409: Conflict, 503: ServiceUnavailable}
+_HTTP_ERRORS = {400: UsageError, 401: Unauthorized, 404: NotFound, 405: MethodNotAllowed, 409: Conflict,
+                413: PayloadTooLarge, 503: ServiceUnavailable}
 
 
 class WebserverClient:
@@ -5573,7 +5719,7 @@ def _kill_leftovers(datadir: str, pid: int, start_time: int | None, out) -> None
     yagna = runtime.get("yagna") or {}
     if runtime.get("pid") == pid and yagna.get("started_by_us") and yagna.get("pid"):
         ypid, ystart = yagna["pid"], runtime.get("yagna_pid_start_time")
-        # SIGINT first: yagna closes its databases cleanly (yagna-offline.md §6).
+        # SIGINT first: yagna closes its databases cleanly (docs/yagna-behaviour.md §5).
         if stop_process(ypid, ystart, signal.SIGINT, YAGNA_STOP_TIMEOUT) != "gone":
             out(f"Stopped the {yagna['kind']} it had started (pid {ypid}).")
     for name in (WEBSERVER_PID_FILE, WEBSERVER_RUNTIME_FILE):
@@ -5660,7 +5806,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def format_status(report: dict) -> str:
-    """The human status text, as in the anchor's `status` (§1.4) plus yagna and clusters."""
+    """The human status text, as in the original's `status` (docs/yagna-behaviour.md §7) plus yagna and clusters."""
     status = report["webserver"]
     if status is None:
         lines = [f"The webserver doesn't seem to be listening on {report['url']}."]
@@ -5713,8 +5859,8 @@ def format_status(report: dict) -> str:
 # with importlib + getattr (ray/autoscaler/_private/loader.py), in the `ray up`
 # process on this machine AND in the autoscaler (monitor) process on the head
 # node. Both instances are thin clients of the one webserver, which owns all
-# cluster state (ray-provider.md §5). Ray is imported only inside the builders
-# below; the module-level `__getattr__` (PEP 562) builds the classes on first use.
+# cluster state. Ray is imported only inside the methods below; the module-level
+# `__getattr__` (PEP 562) combines each mixin with its Ray base class on first use.
 
 
 # Base64 characters per upload request: under the webserver's 1 MiB body limit.
@@ -5746,17 +5892,12 @@ class _ThreadClients:
         if client is None:
             client = self._local.client = WebserverClient(self.datadir, self.port, timeout=timeout)
         try:
+            # A keep-alive connection the webserver closed while idle is retried fresh by HTTPConnection.
             return client.request(method, path, body)
         except ServiceUnavailable:
-            # A keep-alive connection the webserver closed while idle fails on first
-            # use; a fresh one tells whether the webserver is really gone.
-            client.close()
-            try:
-                return client.request(method, path, body)
-            except ServiceUnavailable:
-                raise ServiceUnavailable(
-                    f"the Ray on Golem webserver does not answer on {self.url}; start it with "
-                    f"`ray-on-golem start --datadir {self.datadir}`") from None
+            raise ServiceUnavailable(
+                f"the Ray on Golem webserver does not answer on {self.url}; start it with "
+                f"`ray-on-golem start --datadir {self.datadir}`") from None
 
 
 def _node_path(cluster_name: str, node_id: str | None = None, action: str = "") -> str:
@@ -5849,7 +5990,7 @@ def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> N
 
 
 # What nodes run when the YAML gives no start commands (Ray's external provider
-# has no defaults, ray-provider.md §2.1). $NODE_IP, $RAY_TMPDIR and the ports come
+# has no defaults, docs/yagna-behaviour.md §6). $NODE_IP, $RAY_TMPDIR and the ports come
 # from the node's environment file (section 7): per node and per cluster, so nodes
 # sharing one machine on the local network never collide.
 DEFAULT_HEAD_START_RAY_COMMANDS = [
@@ -5974,309 +6115,321 @@ def _print_node_progress(cli_logger, seen: dict, nodes: list) -> None:
         seen[node["node_id"]] = len(log)
 
 
-def _build_node_provider_class():
-    """Build `GolemNodeProvider`, a subclass of Ray's NodeProvider (imports Ray)."""
-    import copy
+def ray_error(error: RayOnGolemError, *, context: str = "", launch: bool = False) -> Exception:
+    """The one translation of our errors into Ray's: what `ray up/exec/down` print.
 
+    Ray's CLI prints a `click.ClickException` as `Error: <message>` with no traceback (we keep
+    our exit code); with `launch`, a worker that cannot start is Ray's `NodeLaunchException`
+    (ray/autoscaler/node_launch_exception.py), which the autoscaler reports and retries.
+    """
+    message = f"{context}: {error}" if context else str(error)
+    if launch:
+        from ray.autoscaler.node_launch_exception import NodeLaunchException
+
+        return NodeLaunchException("ray-on-golem", message, None)
     import click
-    from ray.autoscaler._private.cli_logger import cli_logger
-    from ray.autoscaler.node_launch_exception import NodeLaunchException
-    from ray.autoscaler.node_provider import NodeProvider
 
-    class ProviderError(click.ClickException):
-        """What `ray up/exec/down` print for our errors: `Error: <message>`, no traceback."""
-
-        def __init__(self, error: RayOnGolemError):
-            super().__init__(str(error))
-            self.exit_code = error.exit_code
-
-    class GolemNodeProvider(NodeProvider):
-        """Ray's external node provider: every call is one request to the webserver.
-
-        Holds no cluster state of its own, only the node data of its latest
-        listing so `is_running`/`node_tags`/IPs called right after
-        `non_terminated_nodes` (v2 adapter, ray up) need no extra request.
-        """
-
-        def __init__(self, provider_config: dict, cluster_name: str):
-            import threading as _threading
-            super().__init__(provider_config, cluster_name)
-            self._client = webserver_client_for(provider_config)
-            self._lock = _threading.Lock()
-            self._cache: dict[str, dict] = {}
-
-        # -- helpers ----------------------------------------------------------
-        def _call(self, method: str, path: str, body: dict | None = None):
-            try:
-                return self._client.request(method, path, body)
-            except RayOnGolemError as exc:
-                raise ProviderError(exc) from None
-
-        def _remember(self, nodes: list) -> None:
-            with self._lock:
-                for node in nodes:
-                    self._cache[node["node_id"]] = node
-
-        def _node(self, node_id: str, fresh: bool = False) -> dict:
-            if not fresh:
-                with self._lock:
-                    cached = self._cache.get(node_id)
-                if cached is not None:
-                    return cached
-            node = self._call("GET", _node_path(self.cluster_name, node_id))
-            self._remember([node])
-            return node
-
-        # -- NodeProvider -----------------------------------------------------
-        def non_terminated_nodes(self, tag_filters: dict) -> list:
-            import urllib.parse as _urlparse
-            query = _urlparse.urlencode({f"tag.{k}": v for k, v in (tag_filters or {}).items()})
-            path = _node_path(self.cluster_name) + (f"?{query}" if query else "")
-            nodes = self._call("GET", path)["nodes"]
-            self._remember(nodes)
-            return [node["node_id"] for node in nodes]
-
-        def is_running(self, node_id: str) -> bool:
-            return self._node(node_id)["state"] == "running"
-
-        def is_terminated(self, node_id: str) -> bool:
-            # Polled by NodeUpdater.wait_ready: always ask, never the cache.
-            return self._node(node_id, fresh=True)["state"] in ("terminating", "terminated")
-
-        def node_tags(self, node_id: str) -> dict:
-            return dict(self._node(node_id)["tags"])
-
-        def internal_ip(self, node_id: str):
-            node = self._node(node_id)
-            if not node.get("internal_ip"):
-                node = self._node(node_id, fresh=True)
-            return node.get("internal_ip")
-
-        def external_ip(self, node_id: str):
-            node = self._node(node_id)
-            if not node.get("external_ip"):
-                node = self._node(node_id, fresh=True)
-            return node.get("external_ip")
-
-        def set_node_tags(self, node_id: str, tags: dict) -> None:
-            node = self._call("POST", _node_path(self.cluster_name, node_id, "tags"), {"tags": tags})
-            self._remember([node])
-
-        def create_node(self, node_config: dict, tags: dict, count: int):
-            return self.create_node_with_resources_and_labels(node_config, tags, count, {}, {})
-
-        def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
-            body = {
-                "provider_parameters": self.provider_config.get("parameters") or {},
-                "node_config": node_config or {},
-                "tags": tags or {},
-                "count": count,
-                "resources": resources or {},
-                "labels": labels or {},
-                # Used on the local network only, where nodes run on this machine:
-                # they run the Python and Ray of this `ray up` (a VM image would
-                # carry the same versions) and import this module.
-                "local": {"python_bin_dir": os.path.dirname(sys.executable),
-                          "module_dir": os.path.dirname(os.path.abspath(__file__))},
-            }
-            try:
-                nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]
-            except RayOnGolemError as exc:
-                if (tags or {}).get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
-                    raise ProviderError(exc) from None
-                raise NodeLaunchException("ray-on-golem", str(exc), None) from None
-            self._remember(nodes)
-            if (tags or {}).get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD and not os.environ.get(
-                ON_GOLEM_NETWORK_ENV
-            ):
-                nodes = self._wait_for_head(nodes)
-            return {node["node_id"]: node for node in nodes}
-
-        def _wait_for_head(self, nodes: list) -> list:
-            """`ray up` only: follow the head's state log until it runs or ends.
-
-            The head is visible (pending) at once, so Ray's 50 s fetch window
-            is never at risk; waiting here lets the user see the provisioning
-            steps and, if the node ends, the webserver's diagnosis instead of
-            Ray's generic "wait_ready aborting".
-            """
-            seen: dict = {}
-            cli_logger.print("Ray on Golem {}: requested {} node(s)", __version__, len(nodes))
-            ids = [node["node_id"] for node in nodes]
-            while True:
-                nodes = [self._node(node_id, fresh=True) for node_id in ids]
-                _print_node_progress(cli_logger, seen, nodes)
-                states = {node["state"] for node in nodes}
-                if states <= {"running"}:
-                    return nodes
-                if states & {"terminating", "terminated"}:
-                    reason = "; ".join(n.get("error") or "terminated" for n in nodes)
-                    raise ProviderError(RayOnGolemError(f"head node failed to start: {reason}"))
-                time.sleep(0.2)
-
-        def terminate_node(self, node_id: str):
-            node = self._call("DELETE", _node_path(self.cluster_name, node_id))
-            self._remember([node])
-            return {node_id: node}
-
-        def terminate_nodes(self, node_ids: list):
-            # One request per node, but without waiting for the activities to end:
-            # the webserver releases them in the background (ray down polls).
-            result = {}
-            for node_id in node_ids:
-                result.update(self.terminate_node(node_id))
-            return result
-
-        def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner,
-                               use_internal_ip, docker_config=None):
-            if docker_config and docker_config.get("container_name"):
-                raise ProviderError(UsageError("docker: Ray on Golem nodes run no docker; remove the `docker` section"))
-            runner_cls = globals().get("GolemCommandRunner") or __getattr__("GolemCommandRunner")
-            return runner_cls(log_prefix, node_id, self, cluster_name)
-
-        @staticmethod
-        def bootstrap_config(cluster_config: dict) -> dict:
-            try:
-                return bootstrap_cluster_config(cluster_config)
-            except RayOnGolemError as exc:
-                raise ProviderError(exc) from None
-
-        def prepare_for_head_node(self, cluster_config: dict) -> dict:
-            # The head's autoscaler must reach the same webserver with the token.
-            # On the local network the head runs on this machine: the port and the
-            # absolute data dir (its 0600 token file) work as they are, and the
-            # token itself never goes into the config. (The real network needs a
-            # tunnel from the head to this port: not built yet.)
-            config = copy.deepcopy(cluster_config)
-            config["provider"]["_webserver_datadir"] = self._client.datadir
-            config["provider"]["_webserver_port"] = self._client.port
-            return config
-
-        @staticmethod
-        def fillout_available_node_types_resources(cluster_config: dict) -> dict:
-            return cluster_config
-
-    GolemNodeProvider.__module__ = __name__
-    return GolemNodeProvider
+    exception = click.ClickException(message)
+    exception.exit_code = error.exit_code
+    return exception
 
 
-def _build_command_runner_class():
-    """Build `GolemCommandRunner`, Ray's CommandRunnerInterface over the webserver."""
-    import click
-    from ray.autoscaler._private.command_runner import _with_environment_variables
+def ray_command_failed(node_id: str, cmd: str, message: str, exit_code: int | None, exit_on_fail: bool) -> Exception:
+    """A command that failed on a node, as Ray's runners report it: `ProcessRunnerError`
+    (ray/autoscaler/_private/subprocess_output_util.py), or a CLI error with `exit_on_fail`."""
+    if exit_on_fail:
+        import click
+
+        return click.ClickException(f"Command failed on node {node_id} ({message}):\n\n  {cmd}\n")
     from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
-    from ray.autoscaler.command_runner import CommandRunnerInterface
 
-    class GolemCommandRunner(CommandRunnerInterface):
-        """Runs Ray's commands on a node through its activity (ExeScript `run` of
-        `/bin/sh -c`), via the webserver; files travel as gzip tar archives."""
-
-        def __init__(self, log_prefix: str, node_id: str, provider, cluster_name: str):
-            self.log_prefix = log_prefix
-            self.node_id = node_id
-            self.provider = provider
-            self.cluster_name = cluster_name
-            self._client: _ThreadClients = provider._client
-
-        def _path(self, action: str) -> str:
-            return _node_path(self.cluster_name, self.node_id, action)
-
-        def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
-                environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
-                shutdown_after_run=False, silent=False):
-            if cmd is None or port_forward:
-                raise click.ClickException(
-                    "port forwarding (`ray dashboard`, `--port-forward`) is not supported by "
-                    "Ray on Golem's command runner yet"
-                )
-            if cmd.strip() in _INTERACTIVE_COMMANDS:
-                raise click.ClickException(
-                    "`ray attach` needs an interactive terminal, which Golem activities do not "
-                    "offer; use `ray exec CLUSTER.yaml 'COMMAND'` instead"
-                )
-            if environment_variables:
-                cmd = _with_environment_variables(cmd, environment_variables)
-            body = {"command": cmd, "wait_running_s": int(timeout or 0)}
-            result: dict = {}
-            stdout: list[str] = []
-            try:
-                # Ray gives the command itself no deadline (the ssh runner uses
-                # `timeout` only to connect): it bounds the wait for a pending node.
-                run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
-                while not result.get("done"):
-                    result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
-                    # Output is streamed: printed as the webserver gets it from the node.
-                    if result.get("stdout"):
-                        if with_output:
-                            stdout.append(result["stdout"])
-                        elif not silent:
-                            sys.stdout.write(result["stdout"])
-                            sys.stdout.flush()
-                    if result.get("stderr") and not silent:
-                        sys.stderr.write(result["stderr"])
-                        sys.stderr.flush()
-            except RayOnGolemError as exc:
-                result = {"error": str(exc), "exit_code": None}
-            error, exit_code = result.get("error"), result.get("exit_code")
-            if shutdown_after_run:
-                self.provider.terminate_node(self.node_id)
-            if error is not None or exit_code != 0:
-                message = error or f"exit code {exit_code}"
-                if exit_on_fail:
-                    raise click.ClickException(f"Command failed on node {self.node_id} ({message}):\n\n  {cmd}\n")
-                raise ProcessRunnerError(
-                    f"Command failed on node {self.node_id}: {message}",
-                    "ssh_command_failed",
-                    code=exit_code,
-                    command=cmd,
-                )
-            return "".join(stdout).encode() if with_output else ""
-
-        def run_rsync_up(self, source, target, options=None):
-            import base64 as _base64
-            options = options or {}
-            try:
-                directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
-                text = _base64.b64encode(archive).decode()
-                upload_id = os.urandom(8).hex()
-                pieces = [text[i:i + UPLOAD_REQUEST_CHARS] for i in range(0, len(text), UPLOAD_REQUEST_CHARS)] or [""]
-                for number, piece in enumerate(pieces, 1):
-                    self._client.request("POST", self._path("upload"), {
-                        "upload_id": upload_id, "data": piece, "directory": directory,
-                        "final": number == len(pieces)})
-            except RayOnGolemError as exc:
-                raise click.ClickException(f"upload {source} -> {self.node_id}:{target}: {exc}") from None
-
-        def run_rsync_down(self, source, target, options=None):
-            import base64 as _base64
-            try:
-                answer = self._client.request("POST", self._path("download"), {"path": source})
-                unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
-            except RayOnGolemError as exc:
-                raise click.ClickException(f"download {self.node_id}:{source} -> {target}: {exc}") from None
-
-        def remote_shell_command_str(self) -> str:
-            return f"ray exec <cluster.yaml> 'COMMAND'  # node {self.node_id}: no interactive shell on Golem"
-
-    GolemCommandRunner.__module__ = __name__
-    return GolemCommandRunner
+    return ProcessRunnerError(f"Command failed on node {node_id}: {message}", "ssh_command_failed",
+                              code=exit_code, command=cmd)
 
 
-_LAZY_ATTRIBUTES = {
-    "GolemNodeProvider": _build_node_provider_class,
-    "GolemCommandRunner": _build_command_runner_class,
+class GolemNodeProviderMixin:
+    """Ray's external node provider: every call is one request to the webserver.
+
+    `GolemNodeProvider` is this mixin over Ray's `NodeProvider`
+    (ray/autoscaler/node_provider.py), combined on first use (see `__getattr__`).
+
+    Holds no cluster state of its own, only the node data of its latest
+    listing so `is_running`/`node_tags`/IPs called right after
+    `non_terminated_nodes` (v2 adapter, ray up) need no extra request.
+    """
+
+    def __init__(self, provider_config: dict, cluster_name: str):
+        import threading as _threading
+        super().__init__(provider_config, cluster_name)
+        self._client = webserver_client_for(provider_config)
+        self._lock = _threading.Lock()
+        self._cache: dict[str, dict] = {}
+
+    # -- helpers ----------------------------------------------------------
+    def _call(self, method: str, path: str, body: dict | None = None):
+        try:
+            return self._client.request(method, path, body)
+        except RayOnGolemError as exc:
+            raise ray_error(exc) from None
+
+    def _remember(self, nodes: list) -> None:
+        with self._lock:
+            for node in nodes:
+                self._cache[node["node_id"]] = node
+
+    def _node(self, node_id: str, fresh: bool = False) -> dict:
+        if not fresh:
+            with self._lock:
+                cached = self._cache.get(node_id)
+            if cached is not None:
+                return cached
+        node = self._call("GET", _node_path(self.cluster_name, node_id))
+        self._remember([node])
+        return node
+
+    # -- NodeProvider -----------------------------------------------------
+    def non_terminated_nodes(self, tag_filters: dict) -> list:
+        import urllib.parse as _urlparse
+        query = _urlparse.urlencode({f"tag.{k}": v for k, v in (tag_filters or {}).items()})
+        path = _node_path(self.cluster_name) + (f"?{query}" if query else "")
+        nodes = self._call("GET", path)["nodes"]
+        self._remember(nodes)
+        return [node["node_id"] for node in nodes]
+
+    def is_running(self, node_id: str) -> bool:
+        return self._node(node_id)["state"] == "running"
+
+    def is_terminated(self, node_id: str) -> bool:
+        # Polled by NodeUpdater.wait_ready: always ask, never the cache.
+        return self._node(node_id, fresh=True)["state"] in ("terminating", "terminated")
+
+    def node_tags(self, node_id: str) -> dict:
+        return dict(self._node(node_id)["tags"])
+
+    def internal_ip(self, node_id: str):
+        node = self._node(node_id)
+        if not node.get("internal_ip"):
+            node = self._node(node_id, fresh=True)
+        return node.get("internal_ip")
+
+    def external_ip(self, node_id: str):
+        node = self._node(node_id)
+        if not node.get("external_ip"):
+            node = self._node(node_id, fresh=True)
+        return node.get("external_ip")
+
+    def set_node_tags(self, node_id: str, tags: dict) -> None:
+        node = self._call("POST", _node_path(self.cluster_name, node_id, "tags"), {"tags": tags})
+        self._remember([node])
+
+    def create_node(self, node_config: dict, tags: dict, count: int):
+        return self.create_node_with_resources_and_labels(node_config, tags, count, {}, {})
+
+    def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        body = {
+            "provider_parameters": self.provider_config.get("parameters") or {},
+            "node_config": node_config or {},
+            "tags": tags or {},
+            "count": count,
+            "resources": resources or {},
+            "labels": labels or {},
+            # Used on the local network only, where nodes run on this machine:
+            # they run the Python and Ray of this `ray up` (a VM image would
+            # carry the same versions) and import this module.
+            "local": {"python_bin_dir": os.path.dirname(sys.executable),
+                      "module_dir": os.path.dirname(os.path.abspath(__file__))},
+        }
+        try:
+            nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]
+        except RayOnGolemError as exc:
+            # A worker that cannot start is Ray's NodeLaunchException (it retries); the head is fatal.
+            raise ray_error(exc, launch=(tags or {}).get(RAY_TAG_NODE_KIND) != RAY_NODE_KIND_HEAD) from None
+        self._remember(nodes)
+        if (tags or {}).get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD and not os.environ.get(
+            ON_GOLEM_NETWORK_ENV
+        ):
+            nodes = self._wait_for_head(nodes)
+        return {node["node_id"]: node for node in nodes}
+
+    def _wait_for_head(self, nodes: list) -> list:
+        """`ray up` only: follow the head's state log until it runs or ends.
+
+        The head is visible (pending) at once, so Ray's 50 s fetch window
+        is never at risk; waiting here lets the user see the provisioning
+        steps and, if the node ends, the webserver's diagnosis instead of
+        Ray's generic "wait_ready aborting".
+        """
+        from ray.autoscaler._private.cli_logger import cli_logger
+
+        seen: dict = {}
+        cli_logger.print("Ray on Golem {}: requested {} node(s)", __version__, len(nodes))
+        ids = [node["node_id"] for node in nodes]
+        while True:
+            nodes = [self._node(node_id, fresh=True) for node_id in ids]
+            _print_node_progress(cli_logger, seen, nodes)
+            states = {node["state"] for node in nodes}
+            if states <= {"running"}:
+                return nodes
+            if states & {"terminating", "terminated"}:
+                reason = "; ".join(n.get("error") or "terminated" for n in nodes)
+                raise ray_error(RayOnGolemError(f"head node failed to start: {reason}"))
+            time.sleep(0.2)
+
+    def terminate_node(self, node_id: str):
+        node = self._call("DELETE", _node_path(self.cluster_name, node_id))
+        self._remember([node])
+        return {node_id: node}
+
+    def terminate_nodes(self, node_ids: list):
+        # One request per node, but without waiting for the activities to end:
+        # the webserver releases them in the background (ray down polls).
+        result = {}
+        for node_id in node_ids:
+            result.update(self.terminate_node(node_id))
+        return result
+
+    def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner,
+                           use_internal_ip, docker_config=None):
+        if docker_config and docker_config.get("container_name"):
+            raise ray_error(UsageError("docker: Ray on Golem nodes run no docker; remove the `docker` section"))
+        runner_cls = globals().get("GolemCommandRunner") or __getattr__("GolemCommandRunner")
+        return runner_cls(log_prefix, node_id, self, cluster_name)
+
+    @staticmethod
+    def bootstrap_config(cluster_config: dict) -> dict:
+        try:
+            return bootstrap_cluster_config(cluster_config)
+        except RayOnGolemError as exc:
+            raise ray_error(exc) from None
+
+    def prepare_for_head_node(self, cluster_config: dict) -> dict:
+        # The head's autoscaler must reach the same webserver with the token.
+        # On the local network the head runs on this machine: the port and the
+        # absolute data dir (its 0600 token file) work as they are, and the
+        # token itself never goes into the config. (The real network needs a
+        # tunnel from the head to this port: not built yet.)
+        import copy
+
+        config = copy.deepcopy(cluster_config)
+        config["provider"]["_webserver_datadir"] = self._client.datadir
+        config["provider"]["_webserver_port"] = self._client.port
+        return config
+
+    @staticmethod
+    def fillout_available_node_types_resources(cluster_config: dict) -> dict:
+        return cluster_config
+
+
+class GolemCommandRunnerMixin:
+    """Runs Ray's commands on a node through its activity (ExeScript `run` of
+    `/bin/sh -c`), via the webserver; files travel as gzip tar archives.
+
+    `GolemCommandRunner` is this mixin over Ray's `CommandRunnerInterface`
+    (ray/autoscaler/command_runner.py), combined on first use (see `__getattr__`).
+    """
+
+    def __init__(self, log_prefix: str, node_id: str, provider, cluster_name: str):
+        self.log_prefix = log_prefix
+        self.node_id = node_id
+        self.provider = provider
+        self.cluster_name = cluster_name
+        self._client: _ThreadClients = provider._client
+
+    def _path(self, action: str) -> str:
+        return _node_path(self.cluster_name, self.node_id, action)
+
+    def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
+            environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
+            shutdown_after_run=False, silent=False):
+        from ray.autoscaler._private.command_runner import _with_environment_variables
+
+        if cmd is None or port_forward:
+            raise ray_error(UsageError(
+                "port forwarding (`ray dashboard`, `--port-forward`) is not supported by "
+                "Ray on Golem's command runner yet"
+            ))
+        if cmd.strip() in _INTERACTIVE_COMMANDS:
+            raise ray_error(UsageError(
+                "`ray attach` needs an interactive terminal, which Golem activities do not "
+                "offer; use `ray exec CLUSTER.yaml 'COMMAND'` instead"
+            ))
+        if environment_variables:
+            cmd = _with_environment_variables(cmd, environment_variables)
+        body = {"command": cmd, "wait_running_s": int(timeout or 0)}
+        result: dict = {}
+        stdout: list[str] = []
+        try:
+            # Ray gives the command itself no deadline (the ssh runner uses
+            # `timeout` only to connect): it bounds the wait for a pending node.
+            run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
+            while not result.get("done"):
+                result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
+                # Output is streamed: printed as the webserver gets it from the node.
+                if result.get("stdout"):
+                    if with_output:
+                        stdout.append(result["stdout"])
+                    elif not silent:
+                        sys.stdout.write(result["stdout"])
+                        sys.stdout.flush()
+                if result.get("stderr") and not silent:
+                    sys.stderr.write(result["stderr"])
+                    sys.stderr.flush()
+        except RayOnGolemError as exc:
+            result = {"error": str(exc), "exit_code": None}
+        error, exit_code = result.get("error"), result.get("exit_code")
+        if shutdown_after_run:
+            self.provider.terminate_node(self.node_id)
+        if error is not None or exit_code != 0:
+            raise ray_command_failed(self.node_id, cmd, error or f"exit code {exit_code}", exit_code, exit_on_fail)
+        return "".join(stdout).encode() if with_output else ""
+
+    def run_rsync_up(self, source, target, options=None):
+        import base64 as _base64
+        options = options or {}
+        try:
+            directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
+            text = _base64.b64encode(archive).decode()
+            upload_id = os.urandom(8).hex()
+            pieces = [text[i:i + UPLOAD_REQUEST_CHARS] for i in range(0, len(text), UPLOAD_REQUEST_CHARS)] or [""]
+            for number, piece in enumerate(pieces, 1):
+                self._client.request("POST", self._path("upload"), {
+                    "upload_id": upload_id, "data": piece, "directory": directory,
+                    "final": number == len(pieces)})
+        except RayOnGolemError as exc:
+            raise ray_error(exc, context=f"upload {source} -> {self.node_id}:{target}") from None
+
+    def run_rsync_down(self, source, target, options=None):
+        import base64 as _base64
+        try:
+            answer = self._client.request("POST", self._path("download"), {"path": source})
+            unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
+        except RayOnGolemError as exc:
+            raise ray_error(exc, context=f"download {self.node_id}:{source} -> {target}") from None
+
+    def remote_shell_command_str(self) -> str:
+        return f"ray exec <cluster.yaml> 'COMMAND'  # node {self.node_id}: no interactive shell on Golem"
+
+
+# The Ray base class each mixin is combined with on first use: importing it imports Ray.
+_RAY_BASES = {
+    "GolemNodeProvider": (GolemNodeProviderMixin, "ray.autoscaler.node_provider", "NodeProvider"),
+    "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler.command_runner", "CommandRunnerInterface"),
 }
 
 
 def __getattr__(name: str):
-    """PEP 562: build the Ray-dependent classes on first access, then cache them."""
+    """PEP 562: combine a mixin with its Ray base class on first access, then cache the class."""
     if name in globals():
         return globals()[name]
-    builder = _LAZY_ATTRIBUTES.get(name)
-    if builder is None:
+    if name not in _RAY_BASES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = builder()
-    return value
+    import importlib
+
+    mixin, module, base = _RAY_BASES[name]
+    cls = type(name, (mixin, getattr(importlib.import_module(module), base)),
+               {"__module__": __name__, "__doc__": mixin.__doc__, "__qualname__": name})
+    globals()[name] = cls
+    return cls
 
 
 ###############################################################################
@@ -7012,10 +7165,9 @@ def cmd_costs(args) -> int:
             client.close()
     else:  # the ledger survives the webserver: read it directly
         with Store(datadir) as store:
-            if args.cluster and not store.conn.execute("SELECT 1 FROM clusters WHERE name = ?",
-                                                       (args.cluster,)).fetchone():
+            if args.cluster and not ClusterRecords(store).has_cluster(args.cluster):
                 raise NotFound(f"no cluster named {args.cluster!r}")
-            report = {"clusters": Ledger(store).costs(args.cluster)}
+            report = {"clusters": cluster_costs(Ledger(store), args.cluster)}
     if args.json:
         _print_json(report)
         return EXIT_OK

@@ -1,6 +1,6 @@
 """Baseline for bench/ray_up.py: the same Ray nodes started locally, without any market.
 
-A minimal external NodeProvider (ray-provider.md §3.3): nodes are process groups on
+A minimal external NodeProvider (as Ray's own `local` provider, ray/autoscaler/_private/local/node_provider.py): nodes are process groups on
 this machine with their own HOME, loopback IP, temp dir and the same environment
 file and start commands as Ray on Golem nodes (ray_on_golem.node_environment_script,
 localize_command), but created at once: no webserver, no agreement, no activity.

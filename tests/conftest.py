@@ -38,7 +38,7 @@ def cli_env(datadir: Path | None, home: Path, extra: dict | None = None) -> dict
 
 @pytest.fixture(scope="module")
 def netns():
-    """A network namespace with only `lo` up: the real yagna there cannot reach anything else (yagna-offline.md §1)."""
+    """A network namespace with only `lo` up: the real yagna there cannot reach anything else (docs/yagna-behaviour.md §5)."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("the loopback-only network namespace needs root and iproute2")
     name = f"rogsvc{os.getpid()}"

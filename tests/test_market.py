@@ -20,7 +20,7 @@ EXAMPLE_BUDGET = {
 
 
 def offer(cpu_sec=0.0001, duration_sec=0.00005, start=0.2, threads=4, **extra):
-    """Offer properties as a VM provider advertises them (reference/yagna-api.md §4.1)."""
+    """Offer properties as a VM provider advertises them (docs/yagna-behaviour.md §3)."""
     props = {
         "golem.com.pricing.model": "linear",
         "golem.com.pricing.model.linear.coeffs": [cpu_sec, duration_sec, start],

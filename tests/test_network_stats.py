@@ -36,7 +36,7 @@ PROFILE = {
                    "reject_agreement": 0.1, "slow": 0.1},
 }
 
-# The exact strings of the issue / real providers (reference/yagna-api.md §5.1), not our code's.
+# The exact strings of the issue / real providers (docs/yagna-behaviour.md §3), not our code's.
 BUSY = "No capacity available. Reached Agreements limit: 1"
 NO_ANSWER = "Failed to receive proposal response!"
 UNREACHABLE = ('Failed to send proposal response! 500: {"message":"Failed to send response for Proposal '
@@ -353,7 +353,7 @@ def test_wrong_app_key_exits_1_with_what_to_do(localnet, run_cli, tmp_path):
     assert localnet.state()["demands"]["count"] == 0
 
 
-# --- the real yagna, offline (loopback-only network namespace, yagna-offline.md §1) -----
+# --- the real yagna, offline (loopback-only network namespace, docs/yagna-behaviour.md §5) -----
 
 
 def _processes_with_env(marker: str) -> list[int]:
@@ -408,7 +408,7 @@ def run_in_netns(netns, datadir, tmp_path, env, *args):
 
 @pytest.mark.yagna
 def test_scan_on_the_real_yagna_subscribes_and_releases(netns, offline_yagna_env, datadir, tmp_path):
-    # 0.17.6 only: allocate without the on-chain balance check (yagna-offline.md §3)
+    # 0.17.6 only: allocate without the on-chain balance check (docs/yagna-behaviour.md §5)
     env = {**offline_yagna_env, "YAGNA_DEV_SKIP_ALLOCATION_VALIDATION": "1"}
     cluster = write_cluster(tmp_path / "cluster.yaml", {}, payment_network="holesky")
     done = run_in_netns(netns, datadir, tmp_path, env, "network-stats", cluster, "--duration", "0.05")

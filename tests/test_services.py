@@ -243,7 +243,7 @@ def test_start_status_stop(any_services):
         wallet = json.loads(asked.stdout)
         assert wallet["wallet_address"] == report["webserver"]["yagna"]["identity"].lower()
         assert wallet["payment_platform"] == "erc20-holesky-tglm"
-        # `payment init --sender` registered the account offline (yagna-offline.md §3) ...
+        # `payment init --sender` registered the account offline (docs/yagna-behaviour.md §5) ...
         assert any(a["platform"] == "erc20-holesky-tglm" and a["send"] for a in wallet["accounts"])
         # ... but a balance needs the chain: said, not hidden.
         assert wallet["balance"] is None and any("Server is unreachable" in e for e in wallet["errors"])
@@ -876,7 +876,7 @@ def test_daemon_spawn_ignores_a_stray_module_in_the_cwd(services, tmp_path):
 
 @pytest.mark.yagna
 def test_start_waits_for_a_webserver_that_is_still_starting(tmp_path, netns):
-    """The real yagna needs >3 s to serve REST (relay timeout, yagna-offline.md §1): a `start` in that window
+    """The real yagna needs >3 s to serve REST (relay timeout, docs/yagna-behaviour.md §5): a `start` in that window
     finds the webserver `starting` and waits for it like the `start` that spawned it."""
     svc = _make_services(tmp_path, "holesky", netns)
     proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, MODULE, "webserver", "--datadir",
