@@ -182,6 +182,13 @@ _REASONS = {
 }
 MAX_REQUEST_LINE = 64 * 1024  # the request line (414 beyond), one header line (431) or chunk-size line (400)
 MAX_REQUEST_HEADERS = 100  # header lines (431 beyond), as http.server
+MAX_CONNECTIONS = 512  # open client connections; one more is answered 503 and closed
+KEEPALIVE_IDLE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this
+REQUEST_READ_TIMEOUT = 30.0  # a started request must arrive whole within this
+# Request headers: no control characters but tab (NUL, CR, ...); these may come once (a repeat with
+# another value is a 400: two parsers could read different bodies or identities).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SINGLE_HEADERS = ("content-length", "transfer-encoding", "host")
 
 
 @dataclasses.dataclass
@@ -201,6 +208,8 @@ class Request:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as e:
             raise HttpError(400, f"request body: malformed JSON: {e}") from None
+        except RecursionError:
+            raise HttpError(400, "request body: malformed JSON: nested too deeply") from None
 
     def json_object(self) -> dict:
         data = self.json()
@@ -354,16 +363,24 @@ class HttpServer:
     each other); tests/test_http_core.py runs one table of requests against both.
     """
 
-    def __init__(self, dispatch: Callable[[Request], Any]) -> None:
+    def __init__(self, dispatch: Callable[[Request], Any], authorize: Callable[[Request], None] | None = None) -> None:
         self.dispatch = dispatch
+        # Raises HttpError(401) before any body byte is read: a stranger's body is never read.
+        self.authorize = authorize
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        # writer -> (timeout, since) while waiting for the client, None while handling a request.
+        self._waiting: dict = {}
+        self._reaper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve_connection, host, port, limit=256 * 1024)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self._server is not None:
             self._server.close()
         for task in list(self._connections):
@@ -375,11 +392,22 @@ class HttpServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._connections) >= MAX_CONNECTIONS:
+            try:
+                await self.send_error(writer, HttpError(503, f"too many connections (at most {MAX_CONNECTIONS})"))
+            except ConnectionError:
+                pass
+            writer.close()
+            return
         self._connections.add(task)
+        waiting, clock = self._waiting, asyncio.get_running_loop().time
         try:
             while True:
+                # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
+                waiting[writer] = (KEEPALIVE_IDLE_TIMEOUT, clock())
                 try:
-                    parsed = await self._read_request(reader)
+                    parsed = await self._read_request(reader, lambda: waiting.__setitem__(
+                        writer, (REQUEST_READ_TIMEOUT, clock())))
                 except HttpError as error:
                     await self.send_error(writer, error)
                     break
@@ -387,6 +415,7 @@ class HttpServer:
                     break
                 request, keep_alive = parsed
                 request.connection = (reader, writer)
+                waiting[writer] = None  # handling (long-polls, WebSocket bridges): never reaped
                 response = await self.dispatch(request)
                 if response.upgraded:
                     break
@@ -400,10 +429,21 @@ class HttpServer:
             pass
         finally:
             self._connections.discard(task)
+            waiting.pop(writer, None)
             try:
                 writer.close()
             except Exception:
                 pass
+
+    async def _reap_connections(self) -> None:
+        """Close connections idle past KEEPALIVE_IDLE_TIMEOUT or slower than REQUEST_READ_TIMEOUT to send a request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for writer, since in list(self._waiting.items()):
+                if since is not None and now - since[1] > since[0]:
+                    writer.close()
 
     @staticmethod
     async def _read_line(reader: asyncio.StreamReader, too_long: HttpError) -> bytes:
@@ -420,20 +460,25 @@ class HttpServer:
             raise too_long
         return line
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Request, bool] | None:
+    async def _read_request(self, reader: asyncio.StreamReader, started: Callable[[], None]) -> tuple[Request, bool] | None:
         """Parse one request (None: the client closed between requests); HttpError for a bad one.
+        `started()` once its first line came.
 
-        The checks, in order: request line (414, 400, version), header lines (431, 400), the body's
-        framing (Content-Length or chunked) and size (413, before any body byte is read).
+        The checks, in order: request line (414, 400, version), header lines (431, 400: control
+        characters, a repeated Content-Length that differs or a second Authorization), the body's framing
+        (Content-Length or chunked), the size (413) and the key (401, `authorize`), both before any body
+        byte is read.
         """
         line = await self._read_line(reader, HttpError(414, "request line too long"))
         if not line:
             return None
+        started()
         try:
             method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
         except ValueError:
             raise HttpError(400, "malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method:
+        if (version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method
+                or _CONTROL_CHARACTERS.search(target)):
             raise HttpError(400, "malformed request line")
         headers: dict[str, str] = {}
         while True:
@@ -445,25 +490,37 @@ class HttpServer:
             if len(headers) >= MAX_REQUEST_HEADERS:
                 raise HttpError(431, "request head too large")
             name, sep, value = hline.decode("latin-1").rstrip("\r\n").partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
+            if not sep or not name or name != name.strip() or " " in name or _CONTROL_CHARACTERS.search(name + value):
                 raise HttpError(400, "malformed header line")
-            headers[name.lower()] = value.strip()
+            name, value = name.lower(), value.strip()
+            if name in headers:
+                if name in _SINGLE_HEADERS and headers[name] != value or name == "authorization":
+                    raise HttpError(400, f"conflicting {name} headers")
+                value = headers[name] if name in _SINGLE_HEADERS else f"{headers[name]}, {value}"
+            headers[name] = value
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if "transfer-encoding" in headers:
+        chunked = "transfer-encoding" in headers
+        if chunked:
             if headers["transfer-encoding"].lower() != "chunked" or "content-length" in headers:
                 raise HttpError(400, "unsupported Transfer-Encoding (chunked alone is)")
-            body = await self._read_chunked(reader)
+            length = 0
         else:
             length_text = headers.get("content-length", "0")
             if not length_text.isdigit() or not length_text.isascii():
                 raise HttpError(400, "malformed Content-Length")
             length = int(length_text)
-            if length > MAX_BODY_BYTES:
-                raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
-            body = await reader.readexactly(length) if length else b""
         split = urlsplit(target)
         query = dict(parse_qsl(split.query, keep_blank_values=True))
-        return Request(method.upper(), split.path, query, headers, body), keep_alive
+        request = Request(method.upper(), split.path, query, headers, b"")
+        if length > MAX_BODY_BYTES:
+            raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if self.authorize is not None:
+            self.authorize(request)
+        if chunked:
+            request.body = await self._read_chunked(reader)
+        elif length:
+            request.body = await reader.readexactly(length)
+        return request, keep_alive
 
     @classmethod
     async def _read_chunked(cls, reader: asyncio.StreamReader) -> bytes:
@@ -3607,20 +3664,30 @@ class Localnet:
         self.billing = ProviderBilling(self.activities, self.payments, self.market)
         self.parts: list[Any] = [self.market, self.payments, self.activities, self.vpn, self.billing]
         self.router = Router(ROUTES)
-        self.http = HttpServer(self.dispatch)
+        self.http = HttpServer(self.dispatch, self.authorize)
         self.handler_class = LocalnetHandler
+
+    def authorize(self, request: Request) -> None:
+        """The app key, before routing or reading a body (HttpError 401): without it nobody learns
+        which paths exist. yagna skips it for its public routes (docs/yagna-behaviour.md §1)."""
+        try:
+            name, _ = self.router.match(request.method, request.path)
+        except HttpError:
+            name = None
+        if name not in PUBLIC_ROUTES:
+            self.identity.check(request)
 
     async def dispatch(self, request: Request) -> Response:
         """One error path: HttpError -> its status; anything else -> 500, both as
-        JSON {"message": ...} and never a traceback to the client."""
+        JSON {"message": ...} and never a traceback to the client. The key was checked (`authorize`)."""
         try:
             name, params = self.router.match(request.method, request.path)
-            if name not in PUBLIC_ROUTES:
-                self.identity.check(request)
             handler = self.handler_class(self, request, params)
             return await getattr(handler, name)()
         except HttpError as e:
             return Response(e.status, {"message": e.message}, headers=e.headers)
+        except RecursionError:  # json: a body nested deeper than the interpreter's recursion limit
+            return Response(400, {"message": "request body: malformed JSON: nested too deeply"})
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug of ours: say so without leaking internals

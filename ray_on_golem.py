@@ -1021,6 +1021,12 @@ class Store:
         import sqlite3
 
         self._sqlite3 = sqlite3
+        # 0600 before sqlite opens it: its -wal and -shm files take the database's mode when created.
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+        except OSError:
+            pass
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
             self.conn = sqlite3.connect(path, timeout=self.BUSY_TIMEOUT_S, isolation_level=None)
@@ -1032,10 +1038,12 @@ class Store:
             self.migrate()
         except sqlite3.Error as err:
             raise RayOnGolemError(f"database {path}: {err}") from None
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
+        for side in (f"{path}-wal", f"{path}-shm"):  # made by an older version with the default mode
+            try:
+                if os.stat(side).st_mode & 0o077:
+                    os.chmod(side, 0o600)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.conn.close()
@@ -3581,13 +3589,16 @@ class ClusterService:
             raise Conflict(f"this webserver pays on `{self.network}`, the cluster asks for `{network}`; "
                            f"stop it (`ray-on-golem stop`) or use webserver_port of another one")
         # Bad input is a 400 whatever the daemon's state (connect() answers 503 while it starts).
+        try:
+            timeout_s = parse_duration(parameters.get("node_start_timeout") or DEFAULT_NODE_START_TIMEOUT)
+        except UsageError as e:
+            raise UsageError(f"provider_parameters.node_start_timeout: {e}") from None
         self.payments.check_can_start(cluster_name, tags, parameters)
         await self.connect()
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
         self.records.cluster(cluster_name, network, parameters)  # (again) running
-        timeout_s = float(parameters.get("node_start_timeout") or DEFAULT_NODE_START_TIMEOUT)
         nodes = []
         for _ in range(count):
             node_id = f"node{self.records.next_node_number()}"
@@ -3612,9 +3623,9 @@ class ClusterService:
             self.stop_node(node, "Terminating: requested by Ray")
         return node
 
-    def stop_node(self, node: ClusterNode, message: str) -> None:
+    def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:
         """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
-        self.provisioner.stop_node(node, message)
+        self.provisioner.stop_node(node, message, error)
 
     def node_counts(self) -> dict[str, dict[str, int]]:
         """`{cluster: {node_state: count}}` of every cluster: the stored ones and those held in memory.
@@ -3657,10 +3668,13 @@ class NodeProvisioner:
         self.payments = payments
         self.log = log
 
-    def stop_node(self, node: ClusterNode, message: str) -> None:
-        """`terminating` at once (Ray counts it gone); its release runs in the background."""
+    def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:
+        """`terminating` at once (Ray counts it gone); its release runs in the background.
+        `error`: why it was stopped, shown to Ray as the node's error."""
         import asyncio
 
+        if error is not None:
+            node.error = error
         self.set_state(node, NodeState.TERMINATING, message)
         asyncio.create_task(self.stop(node))
 
@@ -4396,7 +4410,7 @@ class ClusterPayments:
         self.records = records
         self.clusters = clusters  # the ClusterService's clusters by name (read only here)
         self.log = log
-        self._stop_node = stop_node  # (node, message): a node the budget or a breach ends
+        self._stop_node = stop_node  # (node, message, error): a node the budget or a breach ends
         self.ledger = Ledger(store)
         self.allocations: dict[str, object] = {}  # cluster name -> golem-core Allocation
         self.spending: dict[str, Spending] = {}  # cluster name -> spending of its allocation
@@ -4583,8 +4597,8 @@ class ClusterPayments:
         store.block(provider_id, [network], duration=BILLING_BREACH_BLOCK_S, source="auto",
                     reason=f"billed more than agreed: {reason[:300]}")
         if node.alive and node.agreement is not None and node.agreement.id == account.agreement_id:
-            node.error = f"provider {node.provider} billed more than agreed: {reason}"
-            self._stop_node(node, f"Stopping: {node.error}")
+            error = f"provider {node.provider} billed more than agreed: {reason}"
+            self._stop_node(node, f"Stopping: {error}", error)
 
     # -- budget policy ------------------------------------------------------------------
 
@@ -4655,10 +4669,10 @@ class ClusterPayments:
             victims.append(victim)
             spent, reserved = self._commitment(cluster, now, stopping)
         for node in victims:
-            node.error = (f"stopped by the budget: total_budget {glm(spending.budget)} GLM cannot cover the running "
-                          f"nodes until their next payment ({glm(spent)} spent, {glm(reserved)} reserved)")
-            self.exhausted[cluster.name] = node.error
-            self._stop_node(node, f"Stopping: {node.error}")
+            error = (f"stopped by the budget: total_budget {glm(spending.budget)} GLM cannot cover the running "
+                     f"nodes until their next payment ({glm(spent)} spent, {glm(reserved)} reserved)")
+            self.exhausted[cluster.name] = error
+            self._stop_node(node, f"Stopping: {error}", error)
         return victims
 
     def check_can_start(self, cluster_name: str, tags: dict, parameters: dict) -> None:
@@ -4733,6 +4747,7 @@ MAX_REQUEST_HEADERS = 100  # header lines (431 beyond), as http.server
 MAX_REQUEST_BODY = 1024 * 1024
 KEEPALIVE_IDLE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this
 REQUEST_READ_TIMEOUT = 30.0  # a started request must arrive whole within this
+MAX_CONNECTIONS = 256  # open client connections; one more is answered 503 and closed
 
 
 def read_pidfile(datadir: str) -> tuple[int, int | None] | None:
@@ -4879,6 +4894,8 @@ class Request:
             data = json.loads(self.body)
         except ValueError as e:
             raise UsageError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise UsageError("request body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise UsageError("request body must be a JSON object")
         return data
@@ -4891,6 +4908,8 @@ class Request:
             raise UsageError(f"unknown field {unknown[0]!r} (expected: {', '.join(sorted(spec))})")
         out = {}
         for name, (kind, default) in spec.items():
+            if name in data and data[name] is None:  # an explicit null is never a default
+                raise UsageError(f"field {name!r} must be {kind.__name__}, got null")
             value = data.get(name, default)
             # bool is an int in Python; a JSON `1` is not a valid `force`.
             if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
@@ -5054,6 +5073,14 @@ class WebserverHandler:
         return self.clusters.payments.costs(request.query_params().get("cluster") or None)
 
 
+# Request headers: no control characters but tab (NUL, CR, ...); these may come once (a repeat with
+# another value is a 400: two parsers could read different bodies or identities).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SINGLE_HEADERS = ("content-length", "transfer-encoding", "host")
+UNAUTHORIZED_MESSAGE = ("missing or wrong bearer token: send `Authorization: Bearer <token>` with the token "
+                        f"in the webserver's data dir ({WEBSERVER_TOKEN_FILE})")
+
+
 class HttpTransport:
     """The webserver's HTTP/1.1 side, as the local network's HttpServer: keep-alive connections, one
     request parser, one response writer, one error exit (`send_error`, in the style of http.server),
@@ -5064,8 +5091,10 @@ class HttpTransport:
     tests/test_http_core.py runs one table of requests against both and keeps them answering alike.
     """
 
-    def __init__(self, dispatch, host: str, port: int):
+    def __init__(self, dispatch, host: str, port: int, authorized=None):
         self.dispatch = dispatch
+        # (headers) -> bool, asked before any body byte is read: a stranger's body is never read.
+        self.authorized = authorized
         self.host, self.port = host, port
         self.closing = False  # once set, every answer closes its connection
         self._server = None
@@ -5087,6 +5116,10 @@ class HttpTransport:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_connections())
         return self.port
 
+    def begin_close(self) -> None:
+        """From now on every answer closes its connection (a shutdown has begun)."""
+        self.closing = True
+
     def close(self) -> None:
         """Stop taking connections and close the open ones."""
         self.closing = True
@@ -5106,6 +5139,13 @@ class HttpTransport:
         import asyncio
 
         connections, clock = self._connections, asyncio.get_running_loop().time
+        if len(connections) >= MAX_CONNECTIONS:
+            try:
+                await self.send_error(writer, 503, f"too many connections (at most {MAX_CONNECTIONS})")
+            except ConnectionError:
+                pass
+            writer.close()
+            return
         try:
             while True:
                 # Timeouts are the reaper's job (one task, not a timer per request): see _reap_connections.
@@ -5165,8 +5205,10 @@ class HttpTransport:
     async def _read_request(self, reader, writer, started) -> tuple[Request, bool] | None:
         """Parse one request (None: the client closed between requests); `started()` once its first line came.
 
-        The checks, in order: request line (414, 400, version), header lines (431, 400), the body's
-        framing (Content-Length only: chunked is a 400 here) and size (413, before any body byte is read).
+        The checks, in order: request line (414, 400, version), header lines (431, 400: control
+        characters, a repeated Content-Length that differs or a second Authorization), the body's framing
+        (Content-Length only: chunked is a 400 here), the size (413) and the token (401), both before
+        any body byte is read.
         """
         line = await self._read_line(reader, MAX_REQUEST_LINE, BadRequestHead("request line too long", 414))
         if not line:
@@ -5176,7 +5218,8 @@ class HttpTransport:
             method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
         except ValueError:
             raise BadRequestHead("malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method:
+        if (version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method
+                or _CONTROL_CHARACTERS.search(target)):
             raise BadRequestHead("malformed request line")
         headers: dict[str, str] = {}
         size = len(line)
@@ -5190,9 +5233,14 @@ class HttpTransport:
             if size > MAX_REQUEST_HEAD or len(headers) >= MAX_REQUEST_HEADERS:
                 raise BadRequestHead("request head too large", 431)
             name, sep, value = line.decode("latin-1").rstrip("\r\n").partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
+            if not sep or not name or name != name.strip() or " " in name or _CONTROL_CHARACTERS.search(name + value):
                 raise BadRequestHead("malformed header line")
-            headers[name.lower()] = value.strip()
+            name, value = name.lower(), value.strip()
+            if name in headers:
+                if name in _SINGLE_HEADERS and headers[name] != value or name == "authorization":
+                    raise BadRequestHead(f"conflicting {name} headers")
+                value = headers[name] if name in _SINGLE_HEADERS else f"{headers[name]}, {value}"
+            headers[name] = value
         if "transfer-encoding" in headers:
             raise BadRequestHead("chunked request bodies are not supported: send Content-Length")
         length_text = headers.get("content-length", "0")
@@ -5201,6 +5249,8 @@ class HttpTransport:
         length = int(length_text)
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
+        if self.authorized is not None and not self.authorized(headers):
+            raise Unauthorized(UNAUTHORIZED_MESSAGE)
         if length and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
         body = await reader.readexactly(length) if length else b""
@@ -5257,7 +5307,7 @@ class Webserver:
         self.cluster_service = ClusterService(network, self.store, self.yagna, lambda: self.state)
         self.router = Router(self.handler_class.ROUTES)
         self.handler = self.handler_class(self, self.cluster_service)
-        self.transport = HttpTransport(self._dispatch, WEBSERVER_HOST, port)
+        self.transport = HttpTransport(self._dispatch, WEBSERVER_HOST, port, self._authorized)
         self.exit_code = 0
         self._token = b""
         self._stopped = None  # asyncio.Event, set when shutdown is complete
@@ -5358,7 +5408,7 @@ class Webserver:
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
-        self.transport.closing = True
+        self.transport.begin_close()
         self.yagna.cancel_start()
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         try:
@@ -5482,14 +5532,15 @@ class Webserver:
 
     # -- requests ----------------------------------------------------------------
 
-    async def _dispatch(self, request: Request) -> tuple[int, dict, dict | None]:
-        """Authenticate, route, call the handler; every failure becomes a JSON error, never a traceback."""
+    def _authorized(self, headers: dict) -> bool:
+        """The bearer token, checked before routing or reading a body: a stranger learns nothing."""
         import hmac
 
-        # Authenticate before routing: without the token nobody learns which routes exist.
-        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
-            return 401, {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>` from "
-                                  f"{os.path.join(self.datadir, WEBSERVER_TOKEN_FILE)}"}, None  # fmt: skip
+        return bool(self._token) and hmac.compare_digest(headers.get("authorization", "").encode(), self._token)
+
+    async def _dispatch(self, request: Request) -> tuple[int, dict, dict | None]:
+        """Route and call the handler (the transport checked the token); every failure becomes a
+        JSON error, never a traceback."""
         try:
             name, request.params = self.router.match(request.method, request.path)
             return 200, await getattr(self.handler, name)(request), None
@@ -5497,6 +5548,8 @@ class Webserver:
             return e.http_status, {"error": str(e)}, {"Allow": ", ".join(e.allowed)}
         except RayOnGolemError as e:
             return e.http_status, {"error": str(e)}, None
+        except RecursionError:  # json: a body nested deeper than the interpreter's recursion limit
+            return 400, {"error": "request body is not valid JSON: nested too deeply"}, None
         except Exception:  # noqa: BLE001 - the client gets a message, the log gets the traceback
             self._log.exception("%s %s failed", request.method, request.path)
             return 500, {"error": f"internal error in {request.method} {request.path}; see {WEBSERVER_LOG_FILE}"}, None

@@ -22,15 +22,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import golem_localnet as gl  # noqa: E402  (its constants only: the server runs as its own process)
 import ray_on_golem as rog  # noqa: E402
 from conftest import cli_env, pid_alive, start_localnet, stop_localnet  # noqa: E402
 
 
 class Server:
-    """A running server: where it listens, the header that authenticates, a GET route, its error key."""
+    """A running server: where it listens, the header that authenticates, a GET route, a route that
+    reads a JSON body, its error key, its connection cap and its read timeout."""
 
-    def __init__(self, name: str, port: int, auth: str, get_path: str, error_key: str):
-        self.name, self.port, self.auth, self.get_path, self.error_key = name, port, auth, get_path, error_key
+    def __init__(self, name: str, port: int, auth: str, get_path: str, json_path: str, error_key: str,
+                 max_connections: int, read_timeout: float, datadir: Path):
+        self.name, self.port, self.auth, self.get_path = name, port, auth, get_path
+        self.json_path, self.error_key = json_path, error_key
+        self.max_connections, self.read_timeout, self.datadir = max_connections, read_timeout, datadir
 
 
 def _free_port() -> int:
@@ -42,7 +47,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def localnet_server(tmp_path_factory):
     ln = start_localnet(tmp_path_factory.mktemp("http-localnet") / "net")
-    yield Server("localnet", int(ln.url.rsplit(":", 1)[1]), f"Authorization: Bearer {ln.app_key}", "/me", "message")
+    yield Server("localnet", int(ln.url.rsplit(":", 1)[1]), f"Authorization: Bearer {ln.app_key}", "/me",
+                 "/market-api/v1/demands", "message", gl.MAX_CONNECTIONS, gl.REQUEST_READ_TIMEOUT, ln.datadir)
     assert stop_localnet(ln) == 0
 
 
@@ -59,7 +65,8 @@ def webserver_server(tmp_path_factory):
     assert started.returncode == 0, started.stdout + started.stderr
     pid = rog.read_runtime(str(datadir))["pid"]
     token = rog.read_token(str(datadir))
-    yield Server("webserver", port, f"Authorization: Bearer {token}", "/status", "error")
+    yield Server("webserver", port, f"Authorization: Bearer {token}", "/status", "/shutdown", "error",
+                 rog.MAX_CONNECTIONS, rog.REQUEST_READ_TIMEOUT, datadir)
     stopped = subprocess.run([*cli, "stop", "--kill"], capture_output=True, text=True, env=env, timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert rog.wait_process_exit(pid, None, 30) and not pid_alive(pid)
@@ -120,6 +127,12 @@ CASES = [
      400, "chunk"),
     ("chunk size line too long",
      "GET {get} HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: chunked\r\n\r\n" + HEX_LONG + "\r\nx\r\n0\r\n\r\n", 400, "chunk"),
+    # issue 16: strict headers
+    ("NUL in a header", "GET {get} HTTP/1.1\r\n{auth}\r\nX-A: a\x00b\r\n\r\n", 400, "malformed header line"),
+    ("NUL in the target", "GET {get}\x00 HTTP/1.1\r\n{auth}\r\n\r\n", 400, "malformed request line"),
+    ("conflicting Content-Length", "POST {get} HTTP/1.1\r\n{auth}\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}",
+     400, "conflicting content-length"),
+    ("two Authorization headers", "GET {get} HTTP/1.1\r\n{auth}\r\n{auth}\r\n\r\n", 400, "conflicting authorization"),
     ("chunked and Content-Length",
      "GET {get} HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n",
      400, "chunk"),
@@ -207,3 +220,105 @@ def test_stale_keep_alive_against_a_closing_server():
         thread.join(5)
     assert len(served) == 2 and not thread.is_alive()
     assert os.getpid()  # nothing started: nothing to stop
+
+
+# ---- issue 16 (HTTP part) ------------------------------------------------------------------
+
+
+def test_token_is_checked_before_the_body_is_read(server):
+    """A stranger announcing a large body is answered 401 at once: the server never waits for (or reads) it."""
+    head = f"POST {server.json_path} HTTP/1.1\r\nContent-Length: 900000\r\n\r\n".encode()
+    ((status, headers, body),) = exchange(server.port, head)  # no body sent: a server that waited would time out
+    assert status == 401 and headers["connection"] == "close"
+    assert headers.get("www-authenticate", "Bearer").startswith("Bearer")
+    message = json.loads(body)[server.error_key]
+    assert str(server.datadir) not in message  # no file path for strangers
+
+
+def test_unknown_path_without_key_is_401_not_404(server):
+    ((status, _, body),) = exchange(server.port, b"GET /no/such/route HTTP/1.1\r\n\r\n")
+    assert status == 401 and json.loads(body)[server.error_key]
+
+
+def test_deeply_nested_json_is_400(server):
+    body = b"[" * 100_000
+    head = f"POST {server.json_path} HTTP/1.1\r\n{server.auth}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    ((status, _, answer),) = exchange(server.port, head + body)
+    assert status == 400
+    assert "nested too deeply" in json.loads(answer)[server.error_key]
+    assert exchange(server.port, f"GET {server.get_path} HTTP/1.1\r\n{server.auth}\r\n\r\n".encode())[0][0] == 200
+
+
+def test_connection_cap(server):
+    """One connection over the cap is answered 503 and closed; the others are served on."""
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(server.max_connections)]
+    try:
+        ((status, headers, body),) = exchange(server.port, f"GET {server.get_path} HTTP/1.1\r\n{server.auth}\r\n\r\n".encode())
+        assert status == 503 and headers["connection"] == "close"
+        assert "too many connections" in json.loads(body)[server.error_key]
+        sockets[0].sendall(f"GET {server.get_path} HTTP/1.1\r\n{server.auth}\r\n\r\n".encode())
+        assert sockets[0].recv(12).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_slow_request_is_closed_after_the_read_timeout(localnet_server, webserver_server):
+    """A request that never completes (a slowloris) does not hold a connection: both servers close it."""
+    def stalled(server: Server) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=server.read_timeout * 3) as s:
+            s.sendall(f"GET {server.get_path} HTTP/1.1\r\nX-Half: ".encode())
+            try:
+                return s.recv(100)  # b"": closed by the server
+            except ConnectionResetError:
+                return b""
+
+    results: dict = {}
+    threads = [threading.Thread(target=lambda srv=srv: results.__setitem__(srv.name, stalled(srv)))
+               for srv in (localnet_server, webserver_server)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {"localnet": b"", "webserver": b""}
+
+
+NODES = "/clusters/c16/nodes"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    (NODES, {"count": None}, "'count'"),
+    (NODES, {"tags": None}, "'tags'"),
+    (NODES, {"provider_parameters": None}, "'provider_parameters'"),
+    (NODES, {"count": "2"}, "'count'"),
+    (NODES, {"count": True}, "'count'"),
+    (NODES, {"provider_parameters": {"node_start_timeout": "abc"}}, "provider_parameters.node_start_timeout"),
+    (NODES, {"provider_parameters": {"node_start_timeout": [1]}}, "provider_parameters.node_start_timeout"),
+    (NODES + "/node1/upload", {"upload_id": "abcdef12", "data": None}, "'data'"),
+    (NODES + "/node1/runs", {"command": "true", "wait_running_s": None}, "'wait_running_s'"),
+    (NODES + "/node1/runs", {"command": None}, "'command'"),
+    (NODES + "/node1/tags", {"tags": None}, "'tags'"),
+    ("/shutdown", {"force": None}, "'force'"),
+])
+def test_body_fields_reject_null_and_wrong_types(webserver_server, path, body, field):
+    """Every body field is checked before anything happens: a 400 naming it, no cluster registered."""
+    client = rog.WebserverClient(str(webserver_server.datadir), webserver_server.port)
+    try:
+        with pytest.raises(rog.UsageError) as error:
+            client.request("POST", path, body)
+        assert field in str(error.value)
+        assert "c16" not in client.request("GET", "/clusters")["clusters"]
+        assert client.request("GET", "/status")["state"] == "running"
+    finally:
+        client.close()
+
+
+def test_database_side_files_are_private(webserver_server, tmp_path):
+    with rog.Store(str(tmp_path / "d")) as store:
+        store.record_provider("0x" + "ab" * 20, "p")
+        names = [n for n in os.listdir(tmp_path / "d") if n.startswith(rog.DB_FILENAME)]
+        assert {f"{rog.DB_FILENAME}-wal", f"{rog.DB_FILENAME}-shm"} <= set(names)
+        assert all(os.stat(tmp_path / "d" / n).st_mode & 0o777 == 0o600 for n in names)
+    side = [webserver_server.datadir / n for n in os.listdir(webserver_server.datadir) if n.startswith(rog.DB_FILENAME)]
+    assert len(side) == 3 and all(p.stat().st_mode & 0o777 == 0o600 for p in side)
