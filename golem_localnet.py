@@ -2075,7 +2075,7 @@ printf '%s\n' "$NODE_MEMINFO" > /run/golem/meminfo
 mount --bind -o ro /run/golem/meminfo /proc/meminfo
 ip link set lo up
 echo ready
-exec 1>/dev/null 2>&1 </dev/null
+exec 1>/dev/null 2>&1
 trap 'exit 0' TERM INT
 while :; do sleep 2147483647 & wait || true; done
 """
@@ -2394,6 +2394,11 @@ class NodeHost:
     def close(self) -> None:
         for net_id in list(self.bridges):
             self.drop_bridge(net_id)
+        for fstype, mount, controllers in NodeCgroups.hierarchies():
+            try:
+                (mount / _own_cgroup(fstype, controllers).lstrip("/") / self.cgroup_parent).rmdir()
+            except OSError:
+                pass
         os.close(self._host_netns)
 
 
@@ -2453,10 +2458,13 @@ class NodeMachine:
 
         self._launcher = subprocess.Popen(
             ["unshare", "--net", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child",
-             "--propagation", "private", "/bin/sh", "-c", NODE_INIT_SCRIPT],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             "--propagation", "private", "/bin/sh", "-s", "golem-node-init"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, preexec_fn=prepare,
         )
+        # The script on stdin (`sh -s`): `ps` on the node shows a short PID 1, not the script.
+        self._launcher.stdin.write(NODE_INIT_SCRIPT.encode())
+        self._launcher.stdin.close()
         out = await _read_until_eof_or_line(self._launcher.stdout, NODE_BOOT_TIMEOUT_S)
         if out.strip() != b"ready":
             err = await _read_until_eof_or_line(self._launcher.stderr, 2.0, whole=True)
@@ -2525,6 +2533,70 @@ class NodeMachine:
                     stream.close()
         self._final_cpu = self.cgroups.cpu_seconds()
         await self.cgroups.remove()
+
+
+# --- the image registry -----------------------------------------------------
+
+# The image a node runs is this host's own files (the Python and Ray of the local network's
+# environment, OpenSSH's sshd, rsync), which is what the original project's image carries
+# (its Dockerfile: Python, Ray, openssh-server, rsync). The registry API answers for it as
+# registry.golem.network does: GET /v1/image/info?tag=|hash=[&count=] -> {"tag", "sha3", "http",
+# ...}; 404 for what it does not know.
+LOCAL_IMAGE_REPOSITORY = "golem/ray-on-golem"
+LOCAL_IMAGE_TAGS = (f"{LOCAL_IMAGE_REPOSITORY}:local",)
+
+
+class ImageRegistry:
+    """The local stand-in for the Golem registry: every `golem/ray-on-golem:*` tag names the
+    host's image, each tag with a hash of its own (sha3-224, as the registry's gvmi hashes)."""
+
+    def __init__(self):
+        self._by_hash: dict[str, str] = {}
+        self.downloads: dict[str, int] = {}
+        for tag in LOCAL_IMAGE_TAGS:
+            self._remember(tag)
+
+    @staticmethod
+    def hash_of(tag: str) -> str:
+        return hashlib.sha3_224(f"golem-localnet image {tag}".encode()).hexdigest()
+
+    def _remember(self, tag: str) -> str:
+        digest = self.hash_of(tag)
+        self._by_hash[digest] = tag
+        return digest
+
+    def lookup(self, tag: str | None, digest: str | None, base_url: str, count: bool) -> dict:
+        if bool(tag) == bool(digest):
+            raise HttpError(400, "give exactly one of `tag` and `hash`")
+        if tag:
+            if not tag.startswith(f"{LOCAL_IMAGE_REPOSITORY}:") or len(tag) <= len(LOCAL_IMAGE_REPOSITORY) + 1:
+                raise HttpError(404, f"image tag {tag} does not exist")
+            digest = self._remember(tag)
+        else:
+            digest = digest.lower().removeprefix("sha3:")
+            tag = self._by_hash.get(digest)
+            if tag is None:
+                raise HttpError(404, f"image hash {digest} does not exist")
+        if count:
+            self.downloads[digest] = self.downloads.get(digest, 0) + 1
+        return {
+            "tag": tag,
+            "sha3": digest,
+            "http": f"{base_url}/download/{digest}",
+            "https": None,
+            "size": 0,
+            "downloads": self.downloads.get(digest, 0),
+        }
+
+
+class RegistryRoutes(HttpHandler):
+    """The Golem registry's image lookup (no authentication, as registry.golem.network)."""
+
+    async def get_image_info(self) -> Response:
+        query = self.request.query
+        host = self.request.headers.get("host") or "127.0.0.1"
+        return self.ok(self.net.registry.lookup(query.get("tag"), query.get("hash"), f"http://{host}",
+                                                (query.get("count") or "").lower() == "true"))
 
 
 # --- ExeScript --------------------------------------------------------------
@@ -4025,18 +4097,19 @@ class InspectionRoutes(HttpHandler):
 
 
 class LocalnetHandler(IdentityRoutes, MarketRoutes, ActivityRoutes, NetRoutes, PaymentRoutes, BillingRoutes,
-                      InspectionRoutes):
+                      InspectionRoutes, RegistryRoutes):
     """The handler class: one method per route, composed from the sections' mixins."""
 
 
 M, A, P, N = "/market-api/v1", "/activity-api/v1", "/payment-api/v1", "/net-api/v1"
-PUBLIC_ROUTES = {"get_version", "get_root"}  # yagna skips auth for /version/get (§1.2)
+PUBLIC_ROUTES = {"get_version", "get_root", "get_image_info"}  # yagna skips auth for /version/get (§1.2)
 
 ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/", "get_root"),
     ("GET", "/me", "get_me"),
     ("GET", "/version/get", "get_version"),
     ("GET", "/localnet/v1/state", "get_localnet_state"),
+    ("GET", "/v1/image/info", "get_image_info"),  # the Golem registry (section 6)
     # market (yagna-api.md §6.1)
     ("POST", f"{M}/demands", "post_demands"),
     ("GET", f"{M}/demands", "get_demands"),
@@ -4122,6 +4195,7 @@ class Localnet:
         self.activities = ActivityEngine(datadir or tempfile.mkdtemp(prefix="golem-localnet-"), population.seed,
                                          clock.time_scale, isolation, isolation_reason, hide)
         self.vpn = NetRegistry()
+        self.registry = ImageRegistry()
         self.billing = ProviderBilling(self.activities, self.payments, self.market)
         self.parts: list[Any] = [self.market, self.payments, self.activities, self.vpn, self.billing]
         self.router = Router(ROUTES)
