@@ -2044,13 +2044,23 @@ NODE_PRIVATE_DIRS = (("/tmp", "1777"), ("/dev/shm", "1777"), ("/root", "700"))
 # PID 1 of a node. Runs in the new namespaces before anything else: private mounts, the node's
 # own view of /proc, /sys and its cgroups (so Ray's autodetection reads the offer's size, see
 # ray/_private/utils.py get_num_cpus and get_cgroup_mem_stats), a /proc/meminfo for `free` (as
-# lxcfs does), then reaps orphans forever (dash's `wait` reaps any child, as an init must).
+# lxcfs does), a copy-on-write /etc (the image's bring-up writes /etc/hostname, /etc/environment)
+# with a host key of its own for sshd and root login by key only, then reaps orphans forever (dash's `wait` reaps any child, as an init must).
 # Arguments come in the environment; nothing of the host's environment is passed.
 NODE_INIT_SCRIPT = r"""
 set -eu
 hostname "$NODE_NAME"
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
-mkdir -p /run/golem/keep
+mkdir -p /run/golem/keep /run/golem/etc/upper /run/golem/etc/work
+mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/golem/etc/upper,workdir=/run/golem/etc/work /etc
+echo "$NODE_NAME" > /etc/hostname
+if [ -d /etc/ssh ]; then
+    rm -f /etc/ssh/ssh_host_*
+    if command -v ssh-keygen >/dev/null; then ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; fi
+    mkdir -p /etc/ssh/sshd_config.d
+    printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n' \
+        > /etc/ssh/sshd_config.d/golem-node.conf
+fi
 i=0
 for keep in $NODE_KEEP; do
     mkdir -p "/run/golem/keep/$i"; mount --bind "$keep" "/run/golem/keep/$i"; i=$((i+1))
