@@ -4252,12 +4252,13 @@ class Localnet:
 ###############################################################################
 
 
-def _write_state_file(datadir: str, url: str, isolation: str = "sandbox") -> None:
+def _write_state_file(datadir: str, url: str, isolation: str = "sandbox", isolation_reason: str | None = None) -> None:
     """DIR/localnet.json: where and who, no secrets (docs/internals.md)."""
     path = os.path.join(datadir, STATE_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow()), "isolation": isolation}, f)
+        json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow()), "isolation": isolation,
+                   "isolation_reason": isolation_reason}, f)
     os.replace(tmp, path)
 
 
@@ -4282,7 +4283,7 @@ async def serve(args: argparse.Namespace, population: Population) -> int:
         print(f"golem-localnet: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
     url = f"http://{args.host}:{port}"
-    _write_state_file(args.datadir, url, isolation)
+    _write_state_file(args.datadir, url, isolation, reason)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

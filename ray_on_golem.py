@@ -1678,6 +1678,9 @@ class YagnaService:
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+        # The local network serves the Golem registry API too: this process's demands look images
+        # up there (DemandSpec reads RAY_ON_GOLEM_REGISTRY_URL), unless the user points elsewhere.
+        os.environ.setdefault("RAY_ON_GOLEM_REGISTRY_URL", self.api_url)
 
     def _adopt_or_leave(self, what: str) -> None:
         """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
@@ -2371,7 +2374,8 @@ class DemandSpec:
         )
 
     def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
-        """(sha3 hash, download URL): fixed on the local network, else the Golem registry.
+        """(sha3 hash, download URL) from the Golem registry; on the local network from its own
+        registry API (same contract) once one is known, else a fixed local image.
 
         Registry contract (anchor §5.1): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
         """
@@ -2380,7 +2384,7 @@ class DemandSpec:
         import urllib.parse
         import urllib.request
 
-        if self.payment_network == "local":
+        if self.payment_network == "local" and self.registry_url == DEFAULT_REGISTRY_URL:
             return self.image_hash or LOCAL_IMAGE_HASH, LOCAL_IMAGE_URL
         if self.image_tag:
             what, query = "tag", {"tag": self.image_tag, "count": "false"}
@@ -5804,7 +5808,22 @@ def webserver_status(datadir: str, port: int | None) -> dict:
         report["stale_pidfile"] = stale[0] if stale and not alive else None
     else:
         report["pid"] = status["pid"]
+        if status.get("yagna", {}).get("kind") == "localnet":
+            report["localnet_isolation"] = localnet_isolation(datadir)
     return report
+
+
+def localnet_isolation(datadir: str) -> dict | None:
+    """How the local network of this data dir makes its nodes (its localnet.json): `namespaces`
+    (VM-like machines) or `sandbox` (shared loopback), and why when it fell back."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {"mode": state.get("isolation") or "sandbox", "reason": state.get("isolation_reason")}
 
 
 def _format_duration(seconds: float) -> str:
@@ -5841,6 +5860,12 @@ def format_status(report: dict) -> str:
         f"{yagna['url'] or '(not yet connected)'}, {origin}",
         f"   Payment network:  {yagna['payment_network']} ({yagna['payment_platform']})",
     ]
+    isolation = report.get("localnet_isolation")
+    if isolation:
+        lines.append("   Local nodes:      " + ("VM-like (own network, mount, PID namespaces; cgroup limits)"
+                                               if isolation["mode"] == "namespaces" else
+                                               "sandbox (shared loopback)" + (f": {isolation['reason']}"
+                                                                              if isolation["reason"] else "")))
     if clusters:
         lines.append("   Clusters:")
         for name, counts in sorted(clusters.items()):

@@ -439,6 +439,13 @@ def test_the_registry_api_answers_like_the_golem_registry(tmp_path):
         assert status == 404 and "does not exist" in body["message"]
         status, body = ln.call("GET", "/v1/image/info", key=None)
         assert status == 400 and "tag" in body["message"]
+        # The requestor's demand building looks its image up there on the local network.
+        import ray_on_golem as rog
+
+        spec = rog.DemandSpec("local", image_tag=info["tag"], registry_url=ln.url)
+        assert spec.resolve_image() == (info["sha3"], info["http"])
+        with pytest.raises(rog.ConfigError, match="image tag `golem/no-such-image:1` does not exist"):
+            rog.DemandSpec("local", image_tag="golem/no-such-image:1", registry_url=ln.url).resolve_image()
     finally:
         assert stop_localnet(ln) == 0
 
