@@ -1674,7 +1674,7 @@ class YagnaService:
                 pass
             # --isolation sandbox: goes once Ray reaches nodes by SSH through the VPN (issue 12).
             cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir,
-                                             "--isolation", "sandbox")
+                                             "--isolation", "sandbox", "--hide", self.datadir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)

@@ -231,25 +231,37 @@ def test_two_nodes_in_one_vpn_are_machines_of_their_own(isolated, tmp_path):
     assert not [pid for pid in node_inits() if pid in {i["initPid"] for i in state["activities"]["items"]}]
 
 
-def test_a_node_sees_its_own_files_not_the_requestors(isolated, tmp_path):
-    ln = isolated
-    secret_dir = tmp_path / "localnet"  # the local network's data dir: its app key is there
+def test_a_node_sees_its_own_files_not_the_requestors(tmp_path):
+    # Data dirs where a node's private /tmp and /root do not cover them: only hiding does.
+    import shutil
+    import tempfile
 
-    async def main():
-        async with golem_node(ln) as node:
-            network = await node.create_network("192.168.0.1/24")
-            a, _ = await rent_node(node, network, "node-a")
-            b, _ = await rent_node(node, network, "node-c")
-            await sh(a, "echo mine > /tmp/file; echo mine > /root/file; echo mine > /dev/shm/file")
-            assert (await sh(b, "cat /tmp/file /root/file /dev/shm/file 2>&1 || true")).count("No such file") == 3
-            assert (await sh(a, f"ls -A {secret_dir} 2>&1; cat {secret_dir}/appkey 2>&1 || true")).count(
-                "No such file") >= 1
-            assert ln.app_key not in await sh(a, f"cat {secret_dir}/appkey 2>&1 || true")
-            assert "ray" in await sh(a, "python -c 'import ray; print(ray.__name__)'")  # the image's Ray
-            for activity in (a, b):
-                await activity.destroy()
+    outside = Path(tempfile.mkdtemp(prefix="rog-i11-", dir="/var/tmp"))
+    requestor = outside / "requestor"
+    requestor.mkdir()
+    (requestor / "webserver.token").write_text("token-of-the-requestor")
+    ln = start_localnet(outside / "requestor" / "localnet", profile=PROFILE, isolation="namespaces",
+                        env={"RAY_ON_GOLEM_DATADIR": str(requestor)})
+    try:
+        async def main():
+            async with golem_node(ln) as node:
+                network = await node.create_network("192.168.0.1/24")
+                a, _ = await rent_node(node, network, "node-a")
+                b, _ = await rent_node(node, network, "node-c")
+                await sh(a, "echo mine > /tmp/file; echo mine > /root/file; echo mine > /dev/shm/file")
+                assert (await sh(b, "cat /tmp/file /root/file /dev/shm/file 2>&1 || true")).count("No such file") == 3
+                seen = await sh(a, f"ls -A {requestor} {requestor}/localnet 2>&1; "
+                                   f"cat {requestor}/webserver.token {requestor}/localnet/appkey 2>&1 || true")
+                assert "token-of-the-requestor" not in seen and ln.app_key not in seen
+                assert seen.count("No such file") == 3, seen
+                assert "ray" in await sh(a, "python -c 'import ray; print(ray.__name__)'")  # the image's Ray
+                for activity in (a, b):
+                    await activity.destroy()
 
-    asyncio.run(main())
+        asyncio.run(main())
+    finally:
+        assert stop_localnet(ln) == 0
+        shutil.rmtree(outside)
 
 
 def test_nodes_of_another_vpn_are_unreachable(isolated):
