@@ -471,3 +471,38 @@ def test_ssh_proxy_needs_an_app_key_and_never_takes_it_from_argv(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), "ssh-proxy", "net", "192.168.0.2", "0"],
                           capture_output=True, text=True, env=env, input="")
     assert done.returncode == 2 and "PORT must be 1..65535" in done.stderr
+
+
+def test_without_root_auto_falls_back_to_the_sandbox_and_says_so_once():
+    """As an unprivileged user (setpriv to nobody) no VM-like node can be made: `auto` runs the
+    shared-loopback sandbox and says why once; `namespaces` refuses to start."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rog-i11-nobody-", dir="/var/tmp"))
+    base.chmod(0o777)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    serve = [sys.executable, str(REPO / "golem_localnet.py"), "serve", "--port", "0", "--providers", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YAGNA_", "RAY_ON_GOLEM_"))}
+    env["TMPDIR"] = str(base)  # the sandbox's loopback locks: root's under /tmp are not nobody's
+    try:
+        refused = subprocess.run([*nobody, *serve, "--datadir", str(base / "strict"), "--isolation", "namespaces"],
+                                 capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode == 2
+        assert "--isolation namespaces: not root" in refused.stderr
+        proc = subprocess.Popen([*nobody, *serve, "--datadir", str(base / "auto"), "--isolation", "auto"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert proc.stdout.readline().startswith("golem-localnet listening on http://127.0.0.1:")
+            state = json.loads((base / "auto" / "localnet.json").read_text())
+            assert state["isolation"] == "sandbox" and state["isolation_reason"].startswith("not root")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        lines = [line for line in proc.stderr.read().splitlines() if "isolation" in line]
+        assert lines == ["golem-localnet: isolation: sandbox (shared loopback), no VM-like nodes: not root "
+                         "(network namespaces with bridges and cgroup limits need root)"]
+        proc.stdout.close()
+        proc.stderr.close()
+    finally:
+        shutil.rmtree(base)
