@@ -2384,7 +2384,7 @@ class DemandSpec:
         import urllib.parse
         import urllib.request
 
-        if self.payment_network == "local" and self.registry_url == DEFAULT_REGISTRY_URL:
+        if self.payment_network == "local" and (self.registry_url == DEFAULT_REGISTRY_URL or not self.image_tag):
             return self.image_hash or LOCAL_IMAGE_HASH, LOCAL_IMAGE_URL
         if self.image_tag:
             what, query = "tag", {"tag": self.image_tag, "count": "false"}
