@@ -2374,8 +2374,8 @@ class DemandSpec:
         )
 
     def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
-        """(sha3 hash, download URL) from the Golem registry; on the local network from its own
-        registry API (same contract) once one is known, else a fixed local image.
+        """(sha3 hash, download URL) from the Golem registry; on the local network an image tag from
+        its own registry API (same contract) once one is known, else a fixed local image.
 
         Registry contract (anchor §5.1): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
         """
