@@ -2044,15 +2044,25 @@ NODE_PRIVATE_DIRS = (("/tmp", "1777"), ("/dev/shm", "1777"), ("/root", "700"))
 # PID 1 of a node. Runs in the new namespaces before anything else: private mounts, the node's
 # own view of /proc, /sys and its cgroups (so Ray's autodetection reads the offer's size, see
 # ray/_private/utils.py get_num_cpus and get_cgroup_mem_stats), a /proc/meminfo for `free` (as
-# lxcfs does), a copy-on-write /etc (the image's bring-up writes /etc/hostname, /etc/environment)
-# with a host key of its own for sshd and root login by key only, then reaps orphans forever (dash's `wait` reaps any child, as an init must).
+# lxcfs does), the image read-only with a copy-on-write layer (overlay, its upper in the node's
+# /run) over the directories software writes to (/etc: the bring-up writes /etc/hostname and
+# /etc/environment; /usr, /var, /opt, the image's Python for `pip install`), a host key of its own
+# for sshd and root login by key only, then reaps orphans forever (dash's `wait` reaps any child, as an init must).
 # Arguments come in the environment; nothing of the host's environment is passed.
 NODE_INIT_SCRIPT = r"""
 set -eu
 hostname "$NODE_NAME"
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
-mkdir -p /run/golem/keep /run/golem/etc/upper /run/golem/etc/work
-mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/golem/etc/upper,workdir=/run/golem/etc/work /etc
+mkdir -p /run/golem/keep
+i=0
+for dir in $NODE_OVERLAY; do
+    if [ -d "$dir" ]; then
+        mkdir -p "/run/golem/overlay/$i/upper" "/run/golem/overlay/$i/work"
+        mount -t overlay overlay \
+            -o "lowerdir=$dir,upperdir=/run/golem/overlay/$i/upper,workdir=/run/golem/overlay/$i/work" "$dir"
+    fi
+    i=$((i+1))
+done
 echo "$NODE_NAME" > /etc/hostname
 if [ -d /etc/ssh ]; then
     rm -f /etc/ssh/ssh_host_*
@@ -2083,6 +2093,7 @@ mkdir -p /run/sshd /root/.ssh
 chmod 700 /root/.ssh
 printf '%s\n' "$NODE_MEMINFO" > /run/golem/meminfo
 mount --bind -o ro /run/golem/meminfo /proc/meminfo
+mount -o remount,bind,ro /
 ip link set lo up
 echo ready
 exec 1>/dev/null 2>&1
@@ -2439,6 +2450,16 @@ class NodeMachine:
                 ("SwapCached", 0), ("Shmem", 0), ("SReclaimable", 0), ("SwapTotal", 0), ("SwapFree", 0)]
         return "\n".join(f"{k + ':':<16}{v:>8} kB" for k, v in rows)
 
+    def _overlay_paths(self) -> list[str]:
+        """Directories of the image a node may write to, each on a copy-on-write layer of its own."""
+        paths = ["/etc", "/usr", "/var", "/opt", "/home", "/srv"]
+        private = [d for d, _ in NODE_PRIVATE_DIRS] + ["/run"]
+        for path in sorted({os.path.realpath(sys.prefix)}):
+            inside = any(path == d or path.startswith(d + "/") for d in paths + private)
+            if not inside and " " not in path:
+                paths.append(path)
+        return paths
+
     def _keep_paths(self) -> list[str]:
         """The image's Python when it lives under a directory the node gets empty (/root, /tmp)."""
         keep = []
@@ -2454,6 +2475,7 @@ class NodeMachine:
             "PATH": NODE_PATH,
             "NODE_NAME": self.name,
             "NODE_KEEP": " ".join(self._keep_paths()),
+            "NODE_OVERLAY": " ".join(self._overlay_paths()),
             "NODE_PRIVATE": " ".join(f"{d}:{mode}" for d, mode in NODE_PRIVATE_DIRS),
             "NODE_HIDE": " ".join(h for h in self.host.hide if " " not in h),
             "NODE_CGROUP_MOUNTS": self.host._cgroup_mounts,

@@ -255,6 +255,15 @@ def test_a_node_sees_its_own_files_not_the_requestors(tmp_path):
                 assert "token-of-the-requestor" not in seen and ln.app_key not in seen
                 assert seen.count("No such file") == 3, seen
                 assert "ray" in await sh(a, "python -c 'import ray; print(ray.__name__)'")  # the image's Ray
+                # The image is the host's files, read-only but for copy-on-write layers: what a node
+                # writes (the bring-up's /etc, a `pip install` into the image's Python) stays on it.
+                probe = f"rog-i11-probe-{os.getpid()}"
+                wrote = await sh(a, f"touch /{probe} 2>&1; touch /usr/local/{probe} {sys.prefix}/{probe} "
+                                    f"/etc/{probe} && echo written")
+                assert "Read-only file system" in wrote and "written" in wrote, wrote
+                assert "written" not in await sh(b, f"ls /usr/local/{probe} 2>/dev/null && echo written || true")
+                assert not [p for p in (f"/{probe}", f"/usr/local/{probe}", f"{sys.prefix}/{probe}", f"/etc/{probe}")
+                            if os.path.exists(p)]
                 for activity in (a, b):
                     await activity.destroy()
 
