@@ -2093,13 +2093,23 @@ mkdir -p /run/sshd /root/.ssh
 chmod 700 /root/.ssh
 printf '%s\n' "$NODE_MEMINFO" > /run/golem/meminfo
 mount --bind -o ro /run/golem/meminfo /proc/meminfo
-mount -o remount,bind,ro /
+for ro in $NODE_READONLY; do
+    mount -o remount,bind,ro "$ro" 2>/dev/null || true
+done
 ip link set lo up
 echo ready
 exec 1>/dev/null 2>&1
 trap 'exit 0' TERM INT
 while :; do sleep 2147483647 & wait || true; done
 """
+
+
+# Filesystems that are no disk of the host's: a node gets its own or none of them.
+_PSEUDO_FILESYSTEMS = {
+    "proc", "sysfs", "cgroup", "cgroup2", "devtmpfs", "devpts", "mqueue", "tmpfs", "securityfs", "debugfs",
+    "tracefs", "pstore", "bpf", "autofs", "hugetlbfs", "fusectl", "configfs", "binfmt_misc", "nsfs", "ramfs",
+    "efivarfs", "rpc_pipefs", "fuse.lxcfs", "overlay",
+}
 
 
 def _libc():
@@ -2460,6 +2470,19 @@ class NodeMachine:
                 paths.append(path)
         return paths
 
+    def _readonly_mounts(self) -> list[str]:
+        """The host's disk mounts (`/` first): read-only in the node, but for the overlaid dirs."""
+        skip = set(self._overlay_paths()) | {d for d, _ in NODE_PRIVATE_DIRS}
+        mounts = ["/"]
+        for line in open("/proc/self/mountinfo", encoding="utf-8"):
+            left, _, right = line.partition(" - ")
+            point, fstype = left.split()[4], right.split()[0]
+            if (fstype in _PSEUDO_FILESYSTEMS or "\\" in point or point in skip or point in mounts
+                    or any(point.startswith(p + "/") for p in ("/proc", "/sys", "/dev", "/run", *skip))):
+                continue
+            mounts.append(point)
+        return mounts
+
     def _keep_paths(self) -> list[str]:
         """The image's Python when it lives under a directory the node gets empty (/root, /tmp)."""
         keep = []
@@ -2476,6 +2499,7 @@ class NodeMachine:
             "NODE_NAME": self.name,
             "NODE_KEEP": " ".join(self._keep_paths()),
             "NODE_OVERLAY": " ".join(self._overlay_paths()),
+            "NODE_READONLY": " ".join(self._readonly_mounts()),
             "NODE_PRIVATE": " ".join(f"{d}:{mode}" for d, mode in NODE_PRIVATE_DIRS),
             "NODE_HIDE": " ".join(h for h in self.host.hide if " " not in h),
             "NODE_CGROUP_MOUNTS": self.host._cgroup_mounts,
