@@ -2364,7 +2364,7 @@ class NodeHost:
         self.hide = sorted({os.path.realpath(p) for p in hide if p})
         self.bridges: dict[str, VpnBridge] = {}
         self._host_netns = os.open("/proc/self/ns/net", os.O_RDONLY)
-        self._cgroup_mounts = self._cgroup_mount_script()
+        self.cgroup_mounts = self._cgroup_mount_script()  # shell lines for a node's init
         self.reap_stale()
 
     @staticmethod
@@ -2502,7 +2502,7 @@ class NodeMachine:
             "NODE_READONLY": " ".join(self._readonly_mounts()),
             "NODE_PRIVATE": " ".join(f"{d}:{mode}" for d, mode in NODE_PRIVATE_DIRS),
             "NODE_HIDE": " ".join(h for h in self.host.hide if " " not in h),
-            "NODE_CGROUP_MOUNTS": self.host._cgroup_mounts,
+            "NODE_CGROUP_MOUNTS": self.host.cgroup_mounts,
             "NODE_MEMINFO": self._meminfo(),
         }
         join_cgroups = self.cgroups.joiner()
