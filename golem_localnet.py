@@ -2489,7 +2489,7 @@ class NodeMachine:
         for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
                      os.path.dirname(os.path.realpath(__file__))}:
             if any(path == d or path.startswith(d + "/") for d, _ in NODE_PRIVATE_DIRS + (("/run", ""),)):
-                if " " not in path:
+                if " " not in path and os.path.isdir(path):  # not a zipapp's file
                     keep.append(path)
         return sorted(keep)
 
