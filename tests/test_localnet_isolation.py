@@ -384,7 +384,11 @@ def test_a_killed_localnet_takes_its_nodes_and_the_next_one_reaps_the_rest(tmp_p
             pass
         return init_pid
 
-    init_pid = asyncio.run(main())
+    try:
+        init_pid = asyncio.run(main())
+    finally:
+        if first.proc.poll() is None:  # the test failed before the kill: never leave it running
+            stop_localnet(first)
     for _ in range(100):  # the node's PID 1 dies with the local network (parent-death signal)
         if not pid_alive(init_pid):
             break
