@@ -2126,6 +2126,643 @@ class Sandbox:
         return pids
 
 
+# --- VM-like nodes: namespaces, cgroups, VPN bridges ------------------------
+#
+# In `namespaces` isolation every activity is a machine of its own, like the VM a Golem provider
+# starts: an init process (PID 1 of a new PID namespace) in new network, mount, UTS, IPC and cgroup
+# namespaces, inside cgroups limited to the offer's CPU threads and memory. Its network has `lo`
+# and, once deployed on a VPN, one veth `eth0` with the address the requestor assigned; the other
+# end sits on a bridge in a namespace of its own per VPN, which has no address and no route, so
+# nodes reach their VPN peers and nothing else (not the host, not another VPN). The requestor
+# reaches a node only through the net API's WebSocket bridge, which connects from inside the
+# node's network namespace. The host namespace never gets a VPN address, route or interface.
+#
+# Everything is named with the local network's prefix `gln<pid>` (netns `gln<pid>-vpn<n>`,
+# cgroups `.../golem-localnet-<pid>/...`), so the next local network reaps what a killed one left.
+
+ISOLATION_MODES = ("auto", "namespaces", "sandbox")
+NODE_PREFIX = "gln"
+CLONE_NEWNET = 0x40000000
+NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NODE_BOOT_TIMEOUT_S = 30.0
+# The image's own directories that a node gets empty (private) copies of (a VM's disk).
+# /run is made first (it holds the node's own files), the others after.
+NODE_PRIVATE_DIRS = (("/tmp", "1777"), ("/dev/shm", "1777"), ("/root", "700"))
+
+# PID 1 of a node. Runs in the new namespaces before anything else: private mounts, the node's
+# own view of /proc, /sys and its cgroups (so Ray's autodetection reads the offer's size, see
+# ray/_private/utils.py get_num_cpus and get_cgroup_mem_stats), a /proc/meminfo for `free` (as
+# lxcfs does), the image read-only with a copy-on-write layer (overlay, its upper in the node's
+# /run) over the directories software writes to (/etc: the bring-up writes /etc/hostname and
+# /etc/environment; /usr, /var, /opt, the image's Python for `pip install`), a host key of its own
+# for sshd and root login by key only, then reaps orphans forever (dash's `wait` reaps any child, as an init must).
+# Arguments come in the environment; nothing of the host's environment is passed.
+NODE_INIT_SCRIPT = r"""
+set -eu
+hostname "$NODE_NAME"
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mkdir -p /run/golem/keep
+i=0
+for dir in $NODE_OVERLAY; do
+    if [ -d "$dir" ]; then
+        mkdir -p "/run/golem/overlay/$i/upper" "/run/golem/overlay/$i/work"
+        mount -t overlay overlay \
+            -o "lowerdir=$dir,upperdir=/run/golem/overlay/$i/upper,workdir=/run/golem/overlay/$i/work" "$dir"
+    fi
+    i=$((i+1))
+done
+echo "$NODE_NAME" > /etc/hostname
+if [ -d /etc/ssh ]; then
+    rm -f /etc/ssh/ssh_host_*
+    if command -v ssh-keygen >/dev/null; then ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; fi
+    mkdir -p /etc/ssh/sshd_config.d
+    printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n' \
+        > /etc/ssh/sshd_config.d/golem-node.conf
+fi
+i=0
+for keep in $NODE_KEEP; do
+    mkdir -p "/run/golem/keep/$i"; mount --bind "$keep" "/run/golem/keep/$i"; i=$((i+1))
+done
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+eval "$NODE_CGROUP_MOUNTS"
+for spec in $NODE_PRIVATE; do
+    mount -t tmpfs -o "mode=${spec#*:},nosuid,nodev" tmpfs "${spec%:*}"
+done
+i=0
+for keep in $NODE_KEEP; do
+    mkdir -p "$keep"; mount --bind "/run/golem/keep/$i" "$keep"; mount -o remount,bind,ro "$keep"
+    umount -l "/run/golem/keep/$i"; i=$((i+1))
+done
+for hide in $NODE_HIDE; do
+    if [ -d "$hide" ]; then mount -t tmpfs -o mode=700,size=16k,nosuid,nodev,noexec tmpfs "$hide"; fi
+done
+mkdir -p /run/sshd /root/.ssh
+chmod 700 /root/.ssh
+printf '%s\n' "$NODE_MEMINFO" > /run/golem/meminfo
+mount --bind -o ro /run/golem/meminfo /proc/meminfo
+for ro in $NODE_READONLY; do
+    mount -o remount,bind,ro "$ro" 2>/dev/null || true
+done
+ip link set lo up
+echo ready
+exec 1>/dev/null 2>&1
+trap 'exit 0' TERM INT
+while :; do sleep 2147483647 & wait || true; done
+"""
+
+
+# Filesystems that are no disk of the host's: a node gets its own or none of them.
+_PSEUDO_FILESYSTEMS = {
+    "proc", "sysfs", "cgroup", "cgroup2", "devtmpfs", "devpts", "mqueue", "tmpfs", "securityfs", "debugfs",
+    "tracefs", "pstore", "bpf", "autofs", "hugetlbfs", "fusectl", "configfs", "binfmt_misc", "nsfs", "ramfs",
+    "efivarfs", "rpc_pipefs", "fuse.lxcfs", "overlay",
+}
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+async def _read_until_eof_or_line(stream, timeout: float, whole: bool = False) -> bytes:
+    """Read a pipe without blocking the loop: up to the first newline (or EOF with `whole`)."""
+    loop = asyncio.get_running_loop()
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    data = b""
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            break
+        finally:
+            loop.remove_reader(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        data += chunk
+        if not chunk or (not whole and b"\n" in data):
+            break
+    return data
+
+
+def choose_isolation(requested: str) -> tuple[str | None, str | None]:
+    """(mode, reason): `auto` gives namespaces where they work, else the sandbox and why;
+    `namespaces` where they do not gives (None, why)."""
+    if requested == "sandbox":
+        return "sandbox", None
+    why = namespaces_unavailable()
+    if why is None:
+        return "namespaces", None
+    return (None, why) if requested == "namespaces" else ("sandbox", why)
+
+
+def namespaces_unavailable() -> str | None:
+    """Why this machine cannot make VM-like nodes, or None when it can (root and util-linux's
+    unshare/nsenter plus iproute2: Python 3.11 has no os.setns)."""
+    if os.geteuid() != 0:
+        return "not root (network namespaces with bridges and cgroup limits need root)"
+    import shutil
+
+    for tool in ("unshare", "nsenter", "ip", "mount"):
+        if not shutil.which(tool):
+            return f"`{tool}` is not installed (util-linux, iproute2)"
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "true"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True,
+    )
+    if probe.returncode != 0:
+        return f"unshare failed: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+def _run(argv: list[str], stdin: str | None = None) -> None:
+    """A short configuration command (ip, mount); its failure is a bug of ours, said with stderr."""
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, stdin=None if stdin else subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise OSError(f"{' '.join(argv[:4])}: {done.stderr.strip() or done.returncode}")
+
+
+class NodeCgroups:
+    """The cgroups of one node, in every hierarchy the machine mounts: v1 controllers (`cpu`,
+    `cpuacct`, `cpuset`, `memory`, `pids`, ...) and the v2 tree. Limits go where the controller
+    is: cpu.cfs_quota_us / cpu.max, cpuset.cpus, memory.limit_in_bytes / memory.max."""
+
+    def __init__(self, dirs: list[Path]):
+        self.dirs = dirs
+
+    @staticmethod
+    def hierarchies() -> list[tuple[str, Path, str]]:
+        """(fstype, mount point, controllers) of every cgroup hierarchy mounted here."""
+        found = []
+        for line in open("/proc/self/mountinfo", encoding="utf-8"):
+            left, _, right = line.partition(" - ")
+            fstype, _source, options = (right.split() + ["", ""])[:3]
+            if fstype in ("cgroup", "cgroup2"):
+                controllers = ",".join(o for o in options.split(",") if o not in ("rw", "ro"))
+                found.append((fstype, Path(left.split()[4]), controllers))
+        return found
+
+    @classmethod
+    def create(cls, parent_name: str, name: str, cpus: int, mem_bytes: int) -> "NodeCgroups":
+        dirs = []
+        host_cpus = sorted(os.sched_getaffinity(0))
+        for fstype, mount, controllers in cls.hierarchies():
+            own = _own_cgroup(fstype, controllers)
+            parent = mount / own.lstrip("/") / parent_name
+            try:
+                parent.mkdir(mode=0o755, exist_ok=True)
+                if "cpuset" in controllers.split(","):
+                    for knob in ("cpuset.cpus", "cpuset.mems"):  # v1: a child starts empty
+                        if not (parent / knob).read_text().strip():
+                            (parent / knob).write_text((parent.parent / knob).read_text())
+                group = parent / name
+                group.mkdir(mode=0o755)
+            except OSError:
+                continue
+            dirs.append(group)
+            cls._limit(group, cpus, mem_bytes, host_cpus)
+        return cls(dirs)
+
+    @staticmethod
+    def _limit(group: Path, cpus: int, mem_bytes: int, host_cpus: list[int]) -> None:
+        def write(knob: str, value: str) -> None:
+            try:
+                (group / knob).write_text(value)
+            except OSError:
+                pass
+
+        period = 100_000
+        if (group / "cpuset.cpus").exists():
+            write("cpuset.mems", (group.parent / "cpuset.mems").read_text().strip())
+            # A machine cannot offer threads it lacks: the cpuset holds min(offer, host) CPUs.
+            write("cpuset.cpus", ",".join(str(c) for c in host_cpus[: max(1, min(cpus, len(host_cpus)))]))
+        write("cpu.cfs_period_us", str(period))
+        write("cpu.cfs_quota_us", str(cpus * period))
+        write("cpu.max", f"{cpus * period} {period}")
+        write("memory.limit_in_bytes", str(mem_bytes))
+        write("memory.memsw.limit_in_bytes", str(mem_bytes))  # no swap beyond the offer either
+        write("memory.max", str(mem_bytes))
+        write("memory.swap.max", "0")
+
+    def joiner(self) -> Callable[[], None]:
+        """A preexec_fn that moves the child into every hierarchy before exec (os calls only)."""
+        files = [str(g / "cgroup.procs") if (g / "cgroup.procs").exists() else str(g / "tasks") for g in self.dirs]
+
+        def join() -> None:
+            for path in files:
+                try:
+                    fd = os.open(path, os.O_WRONLY)
+                    try:
+                        os.write(fd, b"0")
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
+
+        return join
+
+    def members(self) -> set[int]:
+        pids: set[int] = set()
+        for group in self.dirs:
+            pids |= CgroupTree.members(group)
+        return pids
+
+    def cpu_seconds(self) -> Decimal:
+        for group in self.dirs:
+            usage = group / "cpuacct.usage"
+            if usage.exists():
+                try:
+                    return Decimal(int(usage.read_text())) / 1_000_000_000
+                except (OSError, ValueError):
+                    pass
+            if (group / "cpu.stat").exists() and (group / "cgroup.procs").exists():
+                seconds = CgroupTree.cpu_seconds(group)
+                if seconds:
+                    return seconds
+        return Decimal(0)
+
+    async def remove(self) -> None:
+        """Kill what is left, wait until the groups are empty, remove them."""
+        for _ in range(300):
+            left = self.members()
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            await asyncio.sleep(0.01)
+        for group in self.dirs:
+            for _ in range(100):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    await asyncio.sleep(0.01)
+
+    @classmethod
+    def reap_stale(cls, alive: Callable[[int], bool]) -> None:
+        """Remove the node cgroups of local networks that are gone (killed with SIGKILL)."""
+        for fstype, mount, controllers in cls.hierarchies():
+            base = mount / _own_cgroup(fstype, controllers).lstrip("/")
+            for parent in base.glob(f"{CgroupTree.PREFIX}*"):
+                pid = parent.name[len(CgroupTree.PREFIX):].split("-")[0]
+                if not pid.isdigit() or alive(int(pid)):
+                    continue
+                for group in [g for g in parent.iterdir() if g.is_dir()] + [parent]:
+                    for member in CgroupTree.members(group):
+                        try:
+                            os.kill(member, signal.SIGKILL)
+                        except OSError:
+                            pass
+                    for _ in range(100):
+                        try:
+                            group.rmdir()
+                            break
+                        except FileNotFoundError:
+                            break
+                        except OSError:
+                            time.sleep(0.01)
+
+
+def _own_cgroup(fstype: str, controllers: str) -> str:
+    """This process's cgroup path in one hierarchy (/proc/self/cgroup)."""
+    for line in open("/proc/self/cgroup", encoding="utf-8"):
+        number, names, path = line.rstrip("\n").split(":", 2)
+        if fstype == "cgroup2" and number == "0" and names == "":
+            return path
+        if fstype == "cgroup" and names and set(names.split(",")) == set(controllers.split(",")):
+            return path
+    return "/"
+
+
+class VpnBridge:
+    """One VPN's switch: a bridge `br0` in a network namespace of its own (`ip netns`), no
+    address, no route. Nodes plug veths into it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._ports = 0
+        _run(["ip", "netns", "add", name])
+        _run(["ip", "-n", name, "-b", "-"], "link set lo up\nlink add br0 type bridge\nlink set br0 up\n")
+
+    def next_port(self) -> str:
+        self._ports += 1
+        return f"v{self._ports}"
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class NodeHost:
+    """What the local network needs to make VM-like nodes: its prefix, the VPN bridges, the
+    directories to hide from nodes; reaps what a killed predecessor left."""
+
+    def __init__(self, hide: list[str]):
+        self.prefix = f"{NODE_PREFIX}{os.getpid()}"
+        self.cgroup_parent = f"{CgroupTree.PREFIX}{os.getpid()}-nodes"
+        self.hide = sorted({os.path.realpath(p) for p in hide if p})
+        self.bridges: dict[str, VpnBridge] = {}
+        self._host_netns = os.open("/proc/self/ns/net", os.O_RDONLY)
+        self.cgroup_mounts = self._cgroup_mount_script()  # shell lines for a node's init
+        self.reap_stale()
+
+    @staticmethod
+    def _cgroup_mount_script() -> str:
+        """Shell lines that mount, in the node's mount namespace, every cgroup hierarchy the host
+        has at the same place: with the cgroup namespace, the node sees its own group as root."""
+        lines = []
+        parents = set()
+        for fstype, mount, controllers in NodeCgroups.hierarchies():
+            parents.add(str(mount.parent))
+            opt = f"-o {controllers} " if fstype == "cgroup" else ""
+            lines.append(f"mkdir -p {mount}; mount -t {fstype} {opt}{fstype} {mount}")
+        head = [f"mount -t tmpfs -o mode=755 cgroup {p}" for p in sorted(parents) if p == "/sys/fs/cgroup"]
+        return "\n".join(head + lines)
+
+    def reap_stale(self) -> None:
+        """Bridges and cgroups of local networks that were killed (their pid is gone)."""
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for line in listing.splitlines():
+            name = line.split()[0] if line.split() else ""
+            m = re.fullmatch(rf"{NODE_PREFIX}(\d+)-vpn\d+", name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        NodeCgroups.reap_stale(lambda pid: os.path.exists(f"/proc/{pid}"))
+
+    def bridge(self, net_id: str) -> VpnBridge:
+        bridge = self.bridges.get(net_id)
+        if bridge is None:
+            bridge = VpnBridge(f"{self.prefix}-vpn{len(self.bridges) + 1}")
+            self.bridges[net_id] = bridge
+        return bridge
+
+    def drop_bridge(self, net_id: str) -> None:
+        bridge = self.bridges.pop(net_id, None)
+        if bridge:
+            bridge.delete()
+
+    def connect_inside(self, init_pid: int, ip: str, port: int, timeout: float = 10.0):
+        """A TCP socket connected from inside a node's network namespace (a blocking call for an
+        executor thread: setns moves only the calling thread, which goes back before returning)."""
+        import socket
+
+        libc = _libc()
+        fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the node's network namespace failed")
+            try:
+                sock = socket.create_connection((ip, port), timeout=timeout)
+            finally:
+                if libc.setns(self._host_netns, CLONE_NEWNET) != 0:  # never leave a pool thread inside
+                    os._exit(70)
+        finally:
+            os.close(fd)
+        sock.setblocking(False)
+        return sock
+
+    def close(self) -> None:
+        for net_id in list(self.bridges):
+            self.drop_bridge(net_id)
+        for fstype, mount, controllers in NodeCgroups.hierarchies():
+            try:
+                (mount / _own_cgroup(fstype, controllers).lstrip("/") / self.cgroup_parent).rmdir()
+            except OSError:
+                pass
+        os.close(self._host_netns)
+
+
+class NodeMachine:
+    """One activity's VM-like machine: the init process in its namespaces and cgroups, its
+    interface on a VPN, and how commands get in (nsenter)."""
+
+    def __init__(self, host: NodeHost, activity_id: str, name: str, cpu_threads: int, mem_bytes: int):
+        self.host = host
+        self.activity_id = activity_id
+        self.name = name
+        self.cpu_threads = cpu_threads
+        self.mem_bytes = mem_bytes
+        self.cgroups = NodeCgroups.create(host.cgroup_parent, activity_id, cpu_threads, mem_bytes)
+        self.init_pid: int | None = None
+        self.vpn_ip: str | None = None
+        self._launcher: subprocess.Popen | None = None
+        self._final_cpu: Decimal | None = None
+        self.booted = asyncio.ensure_future(self._boot())
+
+    def cpu_seconds(self) -> Decimal:
+        """CPU of everything that ran in the node (its cgroup counts the dead too)."""
+        return self.cgroups.cpu_seconds() if self._final_cpu is None else self._final_cpu
+
+    def _meminfo(self) -> str:
+        kib = self.mem_bytes // 1024
+        rows = [("MemTotal", kib), ("MemFree", kib), ("MemAvailable", kib), ("Buffers", 0), ("Cached", 0),
+                ("SwapCached", 0), ("Shmem", 0), ("SReclaimable", 0), ("SwapTotal", 0), ("SwapFree", 0)]
+        return "\n".join(f"{k + ':':<16}{v:>8} kB" for k, v in rows)
+
+    def _overlay_paths(self) -> list[str]:
+        """Directories of the image a node may write to, each on a copy-on-write layer of its own."""
+        paths = ["/etc", "/usr", "/var", "/opt", "/home", "/srv"]
+        private = [d for d, _ in NODE_PRIVATE_DIRS] + ["/run"]
+        for path in sorted({os.path.realpath(sys.prefix)}):
+            inside = any(path == d or path.startswith(d + "/") for d in paths + private)
+            if not inside and " " not in path:
+                paths.append(path)
+        return paths
+
+    def _readonly_mounts(self) -> list[str]:
+        """The host's disk mounts (`/` first): read-only in the node, but for the overlaid dirs."""
+        skip = set(self._overlay_paths()) | {d for d, _ in NODE_PRIVATE_DIRS}
+        mounts = ["/"]
+        for line in open("/proc/self/mountinfo", encoding="utf-8"):
+            left, _, right = line.partition(" - ")
+            point, fstype = left.split()[4], right.split()[0]
+            if (fstype in _PSEUDO_FILESYSTEMS or "\\" in point or point in skip or point in mounts
+                    or any(point.startswith(p + "/") for p in ("/proc", "/sys", "/dev", "/run", *skip))):
+                continue
+            mounts.append(point)
+        return mounts
+
+    def _keep_paths(self) -> list[str]:
+        """The image's Python when it lives under a directory the node gets empty (/root, /tmp)."""
+        keep = []
+        for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
+                     os.path.dirname(os.path.realpath(__file__))}:
+            if any(path == d or path.startswith(d + "/") for d, _ in NODE_PRIVATE_DIRS + (("/run", ""),)):
+                if " " not in path and os.path.isdir(path):  # not a zipapp's file
+                    keep.append(path)
+        return sorted(keep)
+
+    async def _boot(self) -> None:
+        env = {
+            "PATH": NODE_PATH,
+            "NODE_NAME": self.name,
+            "NODE_KEEP": " ".join(self._keep_paths()),
+            "NODE_OVERLAY": " ".join(self._overlay_paths()),
+            "NODE_READONLY": " ".join(self._readonly_mounts()),
+            "NODE_PRIVATE": " ".join(f"{d}:{mode}" for d, mode in NODE_PRIVATE_DIRS),
+            "NODE_HIDE": " ".join(h for h in self.host.hide if " " not in h),
+            "NODE_CGROUP_MOUNTS": self.host.cgroup_mounts,
+            "NODE_MEMINFO": self._meminfo(),
+        }
+        join_cgroups = self.cgroups.joiner()
+        prctl = _libc().prctl
+
+        def prepare() -> None:  # preexec_fn: os calls only, nothing that allocates locks
+            join_cgroups()
+            prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: dies with the local network
+
+        self._launcher = subprocess.Popen(
+            ["unshare", "--net", "--mount", "--pid", "--uts", "--ipc", "--cgroup", "--fork", "--kill-child",
+             "--propagation", "private", "/bin/sh", "-s", "golem-node-init"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=prepare,
+        )
+        # The script on stdin (`sh -s`): `ps` on the node shows a short PID 1, not the script.
+        self._launcher.stdin.write(NODE_INIT_SCRIPT.encode())
+        self._launcher.stdin.close()
+        out = await _read_until_eof_or_line(self._launcher.stdout, NODE_BOOT_TIMEOUT_S)
+        if out.strip() != b"ready":
+            err = await _read_until_eof_or_line(self._launcher.stderr, 2.0, whole=True)
+            raise OSError(f"node {self.name} did not boot: {err.decode(errors='replace').strip()[-500:]}")
+        self._launcher.stderr.close()
+        self._launcher.stdout.close()
+        children = Path(f"/proc/{self._launcher.pid}/task/{self._launcher.pid}/children").read_text().split()
+        self.init_pid = int(children[0])
+
+    async def attach(self, bridge: VpnBridge, ip: str, prefixlen: int) -> None:
+        """Plug the node into its VPN at `ip`: veth `eth0` inside, its peer on the bridge."""
+        await self.booted
+        port = bridge.next_port()
+        loop = asyncio.get_running_loop()
+
+        def configure():
+            _run(["nsenter", f"--net=/proc/{self.init_pid}/ns/net", "ip", "-b", "-"],
+                 f"link add eth0 type veth peer name {port} netns {bridge.name}\n"
+                 f"addr add {ip}/{prefixlen} dev eth0\nlink set eth0 up\n")
+            _run(["ip", "-n", bridge.name, "link", "set", port, "master", "br0", "up"])
+
+        await loop.run_in_executor(None, configure)
+        self.vpn_ip = ip
+
+    def command(self, argv: list[str]) -> list[str]:
+        """argv run inside the node: all its namespaces, from /root."""
+        return ["nsenter", "-t", str(self.init_pid), "--all", "--wd=/root", *argv]
+
+    def environment(self, extra: dict | None = None) -> dict[str, str]:
+        """A fresh environment, as a VM's exe-unit gives: nothing of the host's."""
+        env = {
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), NODE_PATH]),
+            "HOME": "/root",
+            "USER": "root",
+            "LANG": "C.UTF-8",
+            "NODE_IP": self.vpn_ip or "127.0.0.1",
+            "GOLEM_VPN_IP": self.vpn_ip or "",
+        }
+        if extra:
+            env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
+    async def shutdown(self) -> None:
+        """Kill PID 1 (the kernel then kills the whole PID namespace), wait, remove the cgroups.
+        The network and mount namespaces go with their last process, and the veth with them."""
+        if not self.booted.done():
+            self.booted.cancel()
+        try:
+            await self.booted
+        except (asyncio.CancelledError, Exception):
+            pass
+        if self.init_pid is not None:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self._launcher is not None:
+            try:
+                self._launcher.kill()
+            except OSError:
+                pass
+            while self._launcher.poll() is None:
+                await asyncio.sleep(0.005)
+            for stream in (self._launcher.stdout, self._launcher.stderr):
+                if stream and not stream.closed:
+                    stream.close()
+        self._final_cpu = self.cgroups.cpu_seconds()
+        await self.cgroups.remove()
+
+
+# --- the image registry -----------------------------------------------------
+
+# The image a node runs is this host's own files (the Python and Ray of the local network's
+# environment, OpenSSH's sshd, rsync), which is what the original project's image carries
+# (its Dockerfile: Python, Ray, openssh-server, rsync). The registry API answers for it as
+# registry.golem.network does: GET /v1/image/info?tag=|hash=[&count=] -> {"tag", "sha3", "http",
+# ...}; 404 for what it does not know.
+LOCAL_IMAGE_REPOSITORY = "golem/ray-on-golem"
+LOCAL_IMAGE_TAGS = (f"{LOCAL_IMAGE_REPOSITORY}:local",)
+
+
+class ImageRegistry:
+    """The local stand-in for the Golem registry: every `golem/ray-on-golem:*` tag names the
+    host's image, each tag with a hash of its own (sha3-224, as the registry's gvmi hashes)."""
+
+    def __init__(self):
+        self._by_hash: dict[str, str] = {}
+        self.downloads: dict[str, int] = {}
+        for tag in LOCAL_IMAGE_TAGS:
+            self._remember(tag)
+
+    @staticmethod
+    def hash_of(tag: str) -> str:
+        return hashlib.sha3_224(f"golem-localnet image {tag}".encode()).hexdigest()
+
+    def _remember(self, tag: str) -> str:
+        digest = self.hash_of(tag)
+        self._by_hash[digest] = tag
+        return digest
+
+    def lookup(self, tag: str | None, digest: str | None, base_url: str, count: bool) -> dict:
+        if bool(tag) == bool(digest):
+            raise HttpError(400, "give exactly one of `tag` and `hash`")
+        if tag:
+            if not tag.startswith(f"{LOCAL_IMAGE_REPOSITORY}:") or len(tag) <= len(LOCAL_IMAGE_REPOSITORY) + 1:
+                raise HttpError(404, f"image tag {tag} does not exist")
+            digest = self._remember(tag)
+        else:
+            digest = digest.lower().removeprefix("sha3:")
+            tag = self._by_hash.get(digest)
+            if tag is None:
+                raise HttpError(404, f"image hash {digest} does not exist")
+        if count:
+            self.downloads[digest] = self.downloads.get(digest, 0) + 1
+        return {
+            "tag": tag,
+            "sha3": digest,
+            "http": f"{base_url}/download/{digest}",
+            "https": None,
+            "size": 0,
+            "downloads": self.downloads.get(digest, 0),
+        }
+
+
+class RegistryRoutes(HttpHandler):
+    """The Golem registry's image lookup (no authentication, as registry.golem.network)."""
+
+    async def get_image_info(self) -> Response:
+        query = self.request.query
+        host = self.request.headers.get("host") or "127.0.0.1"
+        return self.ok(self.net.registry.lookup(query.get("tag"), query.get("hash"), f"http://{host}",
+                                                (query.get("count") or "").lower() == "true"))
+
+
 # --- ExeScript --------------------------------------------------------------
 
 
@@ -2185,7 +2822,14 @@ class Activity:
         self.error_message: str | None = None
         self.created_monotonic = time.monotonic()
         self.created_at = iso(utcnow())
-        self.sandbox = Sandbox(engine.sandbox_root, activity_id, engine.cgroups and engine.cgroups.group(activity_id))
+        nodes = engine.nodes
+        # A node's processes live in the node's own cgroups; the sandbox tracks only what the
+        # local network itself starts for it (the nsenter of each `run`).
+        self.sandbox = Sandbox(engine.sandbox_root, activity_id,
+                               None if nodes else engine.cgroups and engine.cgroups.group(activity_id))
+        provider = agreement.provider
+        self.node = nodes and NodeMachine(nodes, activity_id, provider.name, int(provider.cpu_threads),
+                                          int(float(provider.mem_gib) * (1 << 30)))
         self.deploy_net: list = []
         # set once the activity's processes are gone (what the invoice bills)
         self.final_cpu_seconds: Decimal | None = None
@@ -2341,7 +2985,16 @@ class Activity:
         self.deploy_net = net
         first = net[0] if net else {}
         self.sandbox.vpn_ip = first.get("nodeIp")
-        self.sandbox.loopback_ip = self.engine.loopback.allocate(first.get("id"), first.get("nodeIp"))
+        if self.node:
+            try:
+                await self.node.booted
+                for n in net:
+                    await self.node.attach(self.engine.nodes.bridge(n["id"]), n["nodeIp"], _prefixlen(n))
+            except OSError as e:
+                print(f"golem-localnet: activity {self.activity_id}: {e}", file=sys.stderr)
+                return False, None, None, "Deployment failed: the VM did not come up"
+        else:
+            self.sandbox.loopback_ip = self.engine.loopback.allocate(first.get("id"), first.get("nodeIp"))
         self.state = ["Deployed", None]
         return True, None, None, None
 
@@ -2374,18 +3027,30 @@ class Activity:
         return True, None, None, None
 
 
+def _prefixlen(net: dict) -> int:
+    """The VPN's prefix length from a deploy `net` entry (golem-core sends `ip` and `mask`)."""
+    try:
+        return ipaddress.IPv4Network(f"{net.get('ip') or net['nodeIp']}/{net.get('mask') or 24}", strict=False).prefixlen
+    except (ValueError, KeyError):
+        return 24
+
+
 class ActivityEngine:
     """All activities of the local network: creation from agreements, ExeScript, process
     accounting, and killing every process an activity started when it ends."""
 
-    def __init__(self, datadir: str | Path, seed: int | str = 0, time_scale: float = 1.0):
+    def __init__(self, datadir: str | Path, seed: int | str = 0, time_scale: float = 1.0,
+                 isolation: str = "sandbox", isolation_reason: str | None = None, hide: Iterable[str] = ()):
         self.sandbox_root = Path(datadir) / "activities"
         self.sandbox_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.seed = seed
         self.activities: dict[str, Activity] = {}
         self.loopback = LoopbackPool()
         self.subreaper = become_subreaper()
-        self.cgroups = CgroupTree.create()
+        self.isolation = isolation
+        self.isolation_reason = isolation_reason
+        self.nodes = NodeHost([str(datadir), *hide]) if isolation == "namespaces" else None
+        self.cgroups = None if self.nodes else CgroupTree.create()
         self.time_scale = time_scale
         # observer(event, activity), event in ("created", "terminated"): sections below listen
         self.observers: list[Callable[[str, Activity], None]] = []
@@ -2429,17 +3094,24 @@ class ActivityEngine:
         inherited descriptors open, and the command must still return when its own process ends.
         """
         sandbox = activity.sandbox
+        node = activity.node
+        if node:
+            # Inside the VM: its namespaces (nsenter) and its cgroups, from the start.
+            argv, environment, preexec = node.command(argv), node.environment(env), node.cgroups.joiner()
+        else:
+            environment = sandbox.environment(env)
+            preexec = _join_cgroup(sandbox.cgroup) if sandbox.cgroup else None
         # Anonymous files (O_TMPFILE): nothing to clean up, nothing for the command to trip over.
         with tempfile.TemporaryFile(dir=sandbox.home) as out, tempfile.TemporaryFile(dir=sandbox.home) as err:
             proc = subprocess.Popen(
                 argv,
                 cwd=sandbox.home,
-                env=sandbox.environment(env),
+                env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=_join_cgroup(sandbox.cgroup) if sandbox.cgroup else None,
+                preexec_fn=preexec,
             )
             sandbox.sessions.add(proc.pid)
             self._children[proc.pid] = activity
@@ -2502,13 +3174,16 @@ class ActivityEngine:
     def cpu_seconds(self, activity: Activity) -> Decimal:
         table = read_proc_table()
         self.reap_orphans(table)
-        return activity.sandbox.cpu_seconds(table)
+        seconds = activity.sandbox.cpu_seconds(table)
+        return max(seconds, activity.node.cpu_seconds()) if activity.node else seconds
 
     async def kill_processes(self, activity: Activity) -> dict[int, ProcInfo]:
         """Kill every process of the sandbox: freeze (SIGSTOP, so none can fork), rescan, SIGKILL,
         until a scan finds none alive; then wait until they are reaped. Returns the last scan."""
         sandbox = activity.sandbox
         me = os.getpid()
+        if activity.node:
+            await activity.node.shutdown()  # the whole VM, then the nsenters still waiting for it
         if sandbox.cgroup:
             sandbox.cpu_seconds(read_proc_table())  # last look at their CPU before they go
             CgroupTree.kill(sandbox.cgroup)
@@ -2561,6 +3236,8 @@ class ActivityEngine:
             activity._current = None
         table = await self.kill_processes(activity)
         activity.final_cpu_seconds = activity.sandbox.cpu_seconds(table)
+        if activity.node:
+            activity.final_cpu_seconds = max(activity.final_cpu_seconds, activity.node.cpu_seconds())
         activity.final_wall_seconds = activity.wall_seconds()
         if activity.sandbox.loopback_ip:
             self.loopback.release(activity.sandbox.loopback_ip)
@@ -2586,6 +3263,8 @@ class ActivityEngine:
         for activity in self.activities.values():
             by_state[activity.state[0]] = by_state.get(activity.state[0], 0) + 1
         return {
+            "isolation": {"mode": self.isolation, "reason": self.isolation_reason,
+                          "prefix": self.nodes.prefix if self.nodes else None},
             "activities": {
                 "count": len(self.activities),
                 "by_state": by_state,
@@ -2599,6 +3278,9 @@ class ActivityEngine:
                         "vpnIp": a.sandbox.vpn_ip,
                         "sessions": sorted(a.sandbox.sessions),
                         "cgroup": str(a.sandbox.cgroup) if a.sandbox.cgroup else None,
+                        "initPid": a.node.init_pid if a.node else None,
+                        "hostname": a.node.name if a.node else None,
+                        "nodeCgroups": [str(d) for d in a.node.cgroups.dirs] if a.node else [],
                     }
                     for a in self.activities.values()
                 ],
@@ -2613,6 +3295,13 @@ class ActivityEngine:
         self.loopback.close()
         if self.cgroups:
             self.cgroups.close()
+        if self.nodes:
+            self.nodes.close()
+
+    def network_deleted(self, net_id: str) -> None:
+        """DELETE /net/{id}: the VPN's switch goes, its nodes keep only `lo`."""
+        if self.nodes:
+            self.nodes.drop_bridge(net_id)
 
 
 def _join_cgroup(group: Path):
@@ -2970,6 +3659,7 @@ class NetRoutes(HttpHandler):
 
     async def delete_net(self) -> Response:
         self.net.vpn.delete(self.params["net_id"])
+        self.net.activities.network_deleted(self.params["net_id"])
         return self.ok(None)
 
     async def post_net_address(self) -> Response:
@@ -3004,7 +3694,13 @@ class NetRoutes(HttpHandler):
             raise HttpError(404, f"No node with address {ip} in network {vpn.network_id}")
         activity.check_answering()
         try:
-            tcp = await asyncio.open_connection(activity.sandbox.loopback_ip, port)
+            if activity.node:
+                # From inside the node's network namespace: the only way in, as through yagna.
+                sock = await asyncio.get_running_loop().run_in_executor(
+                    None, self.net.activities.nodes.connect_inside, activity.node.init_pid, ip, port)
+                tcp = await asyncio.open_connection(sock=sock)
+            else:
+                tcp = await asyncio.open_connection(activity.sandbox.loopback_ip, port)
         except OSError as e:
             raise HttpError(502, f"cannot connect to {ip}:{port}: {e.strerror or e}") from None
         reader, writer = self.request.connection
@@ -3565,18 +4261,19 @@ class InspectionRoutes(HttpHandler):
 
 
 class LocalnetHandler(IdentityRoutes, MarketRoutes, ActivityRoutes, NetRoutes, PaymentRoutes, BillingRoutes,
-                      InspectionRoutes):
+                      InspectionRoutes, RegistryRoutes):
     """The handler class: one method per route, composed from the sections' mixins."""
 
 
 M, A, P, N = "/market-api/v1", "/activity-api/v1", "/payment-api/v1", "/net-api/v1"
-PUBLIC_ROUTES = {"get_version", "get_root"}  # yagna skips auth for /version/get (§1.2)
+PUBLIC_ROUTES = {"get_version", "get_root", "get_image_info"}  # yagna skips auth for /version/get (§1.2)
 
 ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/", "get_root"),
     ("GET", "/me", "get_me"),
     ("GET", "/version/get", "get_version"),
     ("GET", "/localnet/v1/state", "get_localnet_state"),
+    ("GET", "/v1/image/info", "get_image_info"),  # the Golem registry (section 6)
     # market (yagna-api.md §6.1)
     ("POST", f"{M}/demands", "post_demands"),
     ("GET", f"{M}/demands", "get_demands"),
@@ -3652,15 +4349,17 @@ ROUTES: list[tuple[str, str, str]] = [
 class Localnet:
     """The whole simulated network: its parts, the HTTP server and the dispatcher."""
 
-    def __init__(self, app_key: str, population: Population, clock: Clock, datadir: str | None = None) -> None:
+    def __init__(self, app_key: str, population: Population, clock: Clock, datadir: str | None = None,
+                 isolation: str = "sandbox", isolation_reason: str | None = None, hide: Iterable[str] = ()) -> None:
         self.clock = clock
         self.population = population
         self.identity = Identity(app_key, population.seed)
         self.market = Market(clock, population, self.identity)
         self.payments = Payments(clock, self.identity, wallet_funds(population.profile))
         self.activities = ActivityEngine(datadir or tempfile.mkdtemp(prefix="golem-localnet-"), population.seed,
-                                         clock.time_scale)
+                                         clock.time_scale, isolation, isolation_reason, hide)
         self.vpn = NetRegistry()
+        self.registry = ImageRegistry()
         self.billing = ProviderBilling(self.activities, self.payments, self.market)
         self.parts: list[Any] = [self.market, self.payments, self.activities, self.vpn, self.billing]
         self.router = Router(ROUTES)
@@ -3717,26 +4416,38 @@ class Localnet:
 ###############################################################################
 
 
-def _write_state_file(datadir: str, url: str) -> None:
+def _write_state_file(datadir: str, url: str, isolation: str = "sandbox", isolation_reason: str | None = None) -> None:
     """DIR/localnet.json: where and who, no secrets (docs/internals.md)."""
     path = os.path.join(datadir, STATE_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow())}, f)
+        json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow()), "isolation": isolation,
+                   "isolation_reason": isolation_reason}, f)
     os.replace(tmp, path)
 
 
 async def serve(args: argparse.Namespace, population: Population) -> int:
     os.makedirs(args.datadir, mode=0o700, exist_ok=True)
+    isolation, reason = choose_isolation(args.isolation)
+    if isolation is None:
+        print(f"golem_localnet.py: error: --isolation namespaces: {reason}", file=sys.stderr)
+        return 2
+    if reason:  # said once: auto fell back to the shared-loopback sandbox
+        print(f"golem-localnet: isolation: sandbox (shared loopback), no VM-like nodes: {reason}",
+              file=sys.stderr, flush=True)
     app_key = load_app_key(args.datadir)
-    net = Localnet(app_key, population, Clock(args.time_scale), datadir=args.datadir)
+    # Never visible to a node: our data dir (app key) and the requestor's (webserver token).
+    hide = [*args.hide, os.environ.get("RAY_ON_GOLEM_DATADIR", ""),
+            os.path.join(os.path.expanduser("~"), ".local", "share", "ray_on_golem")]
+    net = Localnet(app_key, population, Clock(args.time_scale), datadir=args.datadir,
+                   isolation=isolation, isolation_reason=reason, hide=hide)
     try:
         port = await net.http.start(args.host, args.port)
     except OSError as e:
         print(f"golem-localnet: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
     url = f"http://{args.host}:{port}"
-    _write_state_file(args.datadir, url)
+    _write_state_file(args.datadir, url, isolation, reason)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3797,6 +4508,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
     serve_p.add_argument("--time-scale", type=_positive_float, default=1.0,
                          help="simulated seconds per real second for provider behaviour")
+    serve_p.add_argument("--isolation", choices=ISOLATION_MODES, default="auto",
+                         help="namespaces: every activity is a VM-like machine (own network on its VPN, mount, "
+                              "PID, UTS namespaces, cgroup limits; needs root); sandbox: process groups on "
+                              "shared loopback addresses; auto (default): namespaces where possible")
+    serve_p.add_argument("--hide", action="append", default=[], metavar="DIR",
+                         help="a directory nodes must not see (repeatable); the data dir always is")
     population_args(serve_p)
     pop_p = sub.add_parser("population", help="print the provider population a seed and profile give")
     population_args(pop_p)

@@ -1926,10 +1926,15 @@ class YagnaService:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir)
+            # --isolation sandbox: goes once Ray reaches nodes by SSH through the VPN (issue 12).
+            cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir,
+                                             "--isolation", "sandbox", "--hide", self.datadir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+        # The local network serves the Golem registry API too: this process's demands look images
+        # up there (DemandSpec reads RAY_ON_GOLEM_REGISTRY_URL), unless the user points elsewhere.
+        os.environ.setdefault("RAY_ON_GOLEM_REGISTRY_URL", self.api_url)
 
     def _adopt_or_leave(self, what: str) -> None:
         """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
@@ -2192,6 +2197,161 @@ def top_up_testnet_wallet(service: "YagnaService", network: str, driver: str = "
     except ServiceUnavailable as e:
         return f"could not top up the {network} wallet: {e}"
     return None
+
+
+class VpnTcpProxy:
+    """stdio <-> one TCP connection to a node's VPN address, through the net API's WebSocket
+    (`GET {net-api}/net/{id}/tcp/{ip}/{port}`, raw TCP in binary frames; docs/internals.md).
+    What `ssh -o ProxyCommand="ray-on-golem ssh-proxy ..."` needs, with no websocat: a client
+    side of RFC 6455 (masked frames, pings answered) over a plain socket."""
+
+    def __init__(self, net_api_url: str, app_key: str, network_id: str, ip: str, port: int):
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(f"{net_api_url.rstrip('/')}/net/{network_id}/tcp/{ip}/{port}")
+        if url.scheme not in ("http", "ws"):
+            raise UsageError(f"--api-url: only http:// (loopback) is supported, got {url.scheme}://")
+        self.host, self.port, self.path = url.hostname or "127.0.0.1", url.port or 80, url.path
+        self._app_key = app_key
+        self._sock = None
+        self._send_lock = None
+
+    def connect(self, timeout: float = 30.0) -> None:
+        import base64
+        import hashlib
+        import socket
+        import threading
+
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.sendall((f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Authorization: Bearer {self._app_key}\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        head, _, self._pending = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        if len(status) < 2 or status[1] != "101":
+            sock.close()
+            raise ServiceUnavailable(f"the net API refused the connection: {lines[0] or 'no answer'} "
+                                     f"{self._pending[:300].decode(errors='replace')}".strip())
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        if not any(line.lower().startswith("sec-websocket-accept:") and line.split(":", 1)[1].strip().encode() == accept
+                   for line in lines[1:]):
+            sock.close()
+            raise ServiceUnavailable("the net API answered a bad WebSocket handshake (Sec-WebSocket-Accept)")
+        sock.settimeout(None)
+        self._sock = sock
+        self._send_lock = threading.Lock()
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        import struct
+
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 1 << 16:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        mask = os.urandom(4)
+        key = (mask * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big") if n else b""
+        with self._send_lock:
+            self._sock.sendall(header + mask + masked)
+
+    def _read(self, n: int) -> bytes:
+        while len(self._pending) < n:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self._pending += chunk
+        data, self._pending = self._pending[:n], self._pending[n:]
+        return data
+
+    def _frames(self):
+        """(opcode, payload) of each frame the server sends (its frames are unmasked)."""
+        import struct
+
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", self._read(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", self._read(8))
+            mask = self._read(4) if b1 & 0x80 else b""
+            data = self._read(n)
+            if mask:
+                key = (mask * (n // 4 + 1))[:n]
+                data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+            yield b0 & 0x0F, data
+
+    def run(self, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
+        """Carry bytes until either side ends; 0 when the node side closed cleanly."""
+        import threading
+
+        def upstream():
+            try:
+                while True:
+                    data = os.read(stdin_fd, 65536)
+                    if not data:
+                        break
+                    self._send(0x2, data)
+                self._send(0x8, (1000).to_bytes(2, "big"))
+            except OSError:
+                pass
+
+        threading.Thread(target=upstream, daemon=True).start()
+        try:
+            for opcode, data in self._frames():
+                if opcode in (0x0, 0x1, 0x2):
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(stdout_fd, view):]
+                elif opcode == 0x9:
+                    self._send(0xA, data)
+                elif opcode == 0x8:
+                    break
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._sock.close()
+        return 0
+
+
+def vpn_net_api_url(datadir: str) -> str:
+    """Where the net API is: $YAGNA_NET_URL, $YAGNA_API_URL, the local network of this data dir,
+    else yagna's default (golem-core reads the same variables)."""
+    import json
+
+    if os.environ.get("YAGNA_NET_URL"):
+        return os.environ["YAGNA_NET_URL"]
+    api = os.environ.get("YAGNA_API_URL")
+    if not api:
+        try:
+            with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
+                api = json.load(f).get("url")
+        except (OSError, ValueError):
+            api = None
+    return f"{(api or DEFAULT_YAGNA_API_URL).rstrip('/')}/net-api/v1"
+
+
+def vpn_app_key(datadir: str) -> str:
+    """The app key from $YAGNA_APPKEY or the local network's key file; never from argv."""
+    if os.environ.get("YAGNA_APPKEY"):
+        return os.environ["YAGNA_APPKEY"]
+    try:
+        with open(os.path.join(datadir, "localnet", "appkey")) as f:
+            return f.read().strip()
+    except OSError:
+        raise UsageError("no app key: set YAGNA_APPKEY, or start the services (`ray-on-golem start`) "
+                         "so the local network's key is in the data dir") from None
 
 
 def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
@@ -2488,7 +2648,8 @@ class DemandSpec:
         )
 
     def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
-        """(sha3 hash, download URL): fixed on the local network, else the Golem registry.
+        """(sha3 hash, download URL) from the Golem registry; on the local network an image tag from
+        its own registry API (same contract) once one is known, else a fixed local image.
 
         Registry contract (docs/yagna-behaviour.md §7): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
         """
@@ -2497,7 +2658,7 @@ class DemandSpec:
         import urllib.parse
         import urllib.request
 
-        if self.payment_network == "local":
+        if self.payment_network == "local" and (self.registry_url == DEFAULT_REGISTRY_URL or not self.image_tag):
             return self.image_hash or LOCAL_IMAGE_HASH, LOCAL_IMAGE_URL
         if self.image_tag:
             what, query = "tag", {"tag": self.image_tag, "count": "false"}
@@ -5846,7 +6007,22 @@ def webserver_status(datadir: str, port: int | None) -> dict:
         report["stale_pidfile"] = stale[0] if stale and not alive else None
     else:
         report["pid"] = status["pid"]
+        if status.get("yagna", {}).get("kind") == "localnet":
+            report["localnet_isolation"] = localnet_isolation(datadir)
     return report
+
+
+def localnet_isolation(datadir: str) -> dict | None:
+    """How the local network of this data dir makes its nodes (its localnet.json): `namespaces`
+    (VM-like machines) or `sandbox` (shared loopback), and why when it fell back."""
+    import json
+
+    try:
+        with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {"mode": state.get("isolation") or "sandbox", "reason": state.get("isolation_reason")}
 
 
 def _format_duration(seconds: float) -> str:
@@ -5883,6 +6059,12 @@ def format_status(report: dict) -> str:
         f"{yagna['url'] or '(not yet connected)'}, {origin}",
         f"   Payment network:  {yagna['payment_network']} ({yagna['payment_platform']})",
     ]
+    isolation = report.get("localnet_isolation")
+    if isolation:
+        lines.append("   Local nodes:      " + ("VM-like (own network, mount, PID namespaces; cgroup limits)"
+                                               if isolation["mode"] == "namespaces" else
+                                               "sandbox (shared loopback)" + (f": {isolation['reason']}"
+                                                                              if isolation["reason"] else "")))
     if clusters:
         lines.append("   Clusters:")
         for name, counts in sorted(clusters.items()):
@@ -7247,6 +7429,36 @@ def cmd_costs(args) -> int:
     return EXIT_OK
 
 
+def cmd_ssh_proxy(args) -> int:
+    datadir = args.datadir or default_datadir()
+    proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir), vpn_app_key(datadir),
+                        args.network_id, args.ip, args.port)
+    proxy.connect()
+    return proxy.run()
+
+
+def _add_ssh_proxy(commands, common) -> None:
+    p = commands.add_parser(
+        "ssh-proxy", parents=[common], help="stdio to a node's TCP port through the VPN (ssh's ProxyCommand)",
+        description="Connect stdin/stdout to IP:PORT of a node of VPN NETWORK_ID through the net API's "
+                    "WebSocket, e.g. ssh -o ProxyCommand='ray-on-golem ssh-proxy NET %h %p' root@IP. "
+                    "The app key comes from $YAGNA_APPKEY or the data dir, never from the command line.")
+    p.add_argument("network_id", metavar="NETWORK_ID", help="the VPN's id (net API)")
+    p.add_argument("ip", metavar="IP", help="the node's VPN address")
+
+    def port(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"PORT must be 1..65535, got {text!r}")
+        return int(text)
+
+    import argparse
+
+    p.add_argument("port", metavar="PORT", type=port, help="TCP port on the node (22 for sshd)")
+    p.add_argument("--api-url", metavar="URL", help="the net API (default: $YAGNA_NET_URL, $YAGNA_API_URL, "
+                                                    "the local network of the data dir, http://127.0.0.1:7465)")
+    p.set_defaults(func=cmd_ssh_proxy)
+
+
 def build_parser() -> "argparse.ArgumentParser":
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
     import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
@@ -7266,6 +7478,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_status(commands, common)
     _add_network_stats(commands, common)
     _add_costs(commands, common)
+    _add_ssh_proxy(commands, common)
     return parser
 
 

@@ -188,7 +188,9 @@ class Localnet:
 
 def start_localnet(datadir: Path, *, providers: int | None = None, seed: int | None = None,
                    profile: dict | None = None, time_scale: float | None = None,
-                   env: dict | None = None) -> Localnet:
+                   env: dict | None = None, isolation: str | None = "sandbox") -> Localnet:
+    """A `golem_localnet.py serve` on a free port. `isolation`: the sandbox unless a test asks for
+    VM-like nodes ("namespaces", tests/test_localnet_isolation.py) or None (the daemon's `auto`)."""
     datadir.mkdir(parents=True, exist_ok=True)
     pop_args: list[str] = []
     if providers is not None:
@@ -203,6 +205,8 @@ def start_localnet(datadir: Path, *, providers: int | None = None, seed: int | N
            *pop_args]
     if time_scale is not None:
         cmd += ["--time-scale", str(time_scale)]
+    if isolation is not None:
+        cmd += ["--isolation", isolation]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 30

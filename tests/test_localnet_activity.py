@@ -65,7 +65,7 @@ def sandbox_processes(home: str) -> list[int]:
 @pytest.fixture
 def localnet(localnet_factory):
     """A localnet with PROFILE (this module's providers); after SIGTERM no sandbox process is left."""
-    ln = localnet_factory(profile=PROFILE)
+    ln = localnet_factory(profile=PROFILE, isolation="sandbox")  # VM-like nodes: test_localnet_isolation.py
     yield ln
     homes = [item["home"] for item in ln.state()["activities"]["items"]]
     assert stop_localnet(ln) == 0
@@ -502,7 +502,7 @@ def test_faults_from_the_profile(localnet):
 def test_sigterm_leaves_no_sandbox_process_behind(tmp_path):
     from golem.resources import Deploy, Run, Start
 
-    ln = start_localnet(tmp_path / "localnet", profile=PROFILE)
+    ln = start_localnet(tmp_path / "localnet", profile=PROFILE, isolation="sandbox")
     try:
         async def main():
             async with golem_node(ln) as node:  # closes nothing on the localnet: autoclose off
@@ -526,7 +526,7 @@ def test_a_killed_localnet_leaves_its_sandboxes_to_the_next_one(tmp_path):
     on the machine kills what the dead one's sandboxes left running."""
     from golem.resources import Deploy, Run, Start
 
-    first = start_localnet(tmp_path / "first", profile=PROFILE)
+    first = start_localnet(tmp_path / "first", profile=PROFILE, isolation="sandbox")
     try:
         async def main():
             async with golem_node(first) as node:
@@ -543,7 +543,7 @@ def test_a_killed_localnet_leaves_its_sandboxes_to_the_next_one(tmp_path):
         os.kill(daemon, signal.SIGKILL)
         pytest.skip("no writable cgroup v2 here: a SIGKILLed localnet's sandboxes are not recoverable")
     assert pid_alive(daemon)  # orphaned by the kill
-    second = start_localnet(tmp_path / "second", profile=PROFILE)
+    second = start_localnet(tmp_path / "second", profile=PROFILE, isolation="sandbox")
     try:
         assert not pid_alive(daemon) and sandbox_processes(item["home"]) == []
         assert not Path(item["cgroup"]).exists()
