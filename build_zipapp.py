@@ -26,6 +26,7 @@ setuptools' `pkg_resources` (textX imports it; setuptools 81+ dropped it, hence 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata as metadata
 import importlib.util
 import io
@@ -46,14 +47,22 @@ ONLY_PACKAGES = {"setuptools": ("pkg_resources",)}
 SKIP_SUFFIXES = (".so", ".pyd", ".dll", ".dylib", ".pyc", ".pyo", ".c", ".h", ".cpp", ".pyx", ".pxd", ".pyi")
 DIST_INFO_FILES = ("METADATA", "entry_points.txt", "top_level.txt", "WHEEL")
 BUNDLE = "bundle.zip"  # the dependencies, one inner zip: see the module docstring
+MANIFEST = "bundle.json"  # the bundle's sha256 and top-level names (ray_on_golem.ZipappBundle reads it)
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # reproducible zips
 
 MAIN = '''\
-"""Entry point of ray-on-golem.pyz: `python3 ray-on-golem.pyz COMMAND ...`."""
+"""Entry point of ray-on-golem.pyz: `python3 ray-on-golem.pyz COMMAND ...`.
+
+`python3 ray-on-golem.pyz localnet ARGS...` runs golem_localnet.py's command line instead.
+"""
 import sys
 
-import ray_on_golem
+import ray_on_golem  # first: it installs the hook that finds the bundled dependencies
 
+if sys.argv[1:2] == ["localnet"]:
+    import golem_localnet
+
+    sys.exit(golem_localnet.main(sys.argv[2:]))
 sys.exit(ray_on_golem.main())
 '''
 
@@ -135,6 +144,18 @@ def _with_pycs(entries: dict[str, bytes]) -> dict[str, bytes]:
     return entries
 
 
+def top_level_names(bundle: dict[str, bytes]) -> list[str]:
+    """The importable top-level names of the bundle (`yaml`, `golem`, `typing_extensions`, ...)."""
+    names = set()
+    for arcname in bundle:
+        first, sep, _ = arcname.partition("/")
+        if sep and not first.endswith(".dist-info") and first.isidentifier():
+            names.add(first)  # a package (regular or namespace)
+        elif not sep and arcname.endswith(".py") and arcname[:-3].isidentifier():
+            names.add(arcname[:-3])
+    return sorted(names)
+
+
 def _zip(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -158,6 +179,8 @@ def build(output: Path, *, with_golem: bool = True) -> dict:
     entries = _with_pycs({"__main__.py": MAIN.encode(), **{m: (HERE / m).read_bytes() for m in MODULES}})
     entries["bundled-versions.json"] = json.dumps(versions, indent=1, sort_keys=True).encode()
     entries[BUNDLE] = _zip(_with_pycs(bundle))
+    entries[MANIFEST] = json.dumps({"sha256": hashlib.sha256(entries[BUNDLE]).hexdigest(),
+                                    "top_level": top_level_names(bundle)}, indent=1).encode()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
