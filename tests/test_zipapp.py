@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -300,3 +301,129 @@ def test_services_on_a_bare_python(bare, zipapp, tmp_path, datadir):
     assert "Webserver stopped" in stopped.stdout
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][:1]
+
+
+# ---- acceptance: a host that has only Ray -----------------------------------------------------------
+
+RAY_REQUIREMENT = re.search(r'"(ray\[default\]==[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+
+
+@pytest.fixture(scope="session")
+def ray_only_venv() -> Path:
+    """A virtualenv holding only `ray[default]` (and what it pulls in), as a user makes one.
+
+    Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the Ray
+    requirement and the Python version; made under a lock, marked ready only once pip succeeded.
+    """
+    import fcntl
+    import shutil
+
+    base = Path(os.environ.get("ROG_TEST_CACHE") or Path.home() / ".cache" / "ray-on-golem-tests")
+    base.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", RAY_REQUIREMENT)
+    venv = base / f"{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+    ready = venv / ".ray-on-golem-test-ready"
+    with open(f"{venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", RAY_REQUIREMENT],
+                                 capture_output=True, text=True, timeout=1800)
+            assert pip.returncode == 0, pip.stderr[-3000:]
+            ready.write_text(RAY_REQUIREMENT + "\n")
+    return venv
+
+
+def _processes_mentioning(needles: list[str]) -> list[str]:
+    from test_cluster import processes_mentioning
+
+    return processes_mentioning(needles)
+
+
+@pytest.mark.ray
+def test_ray_cluster_journey_with_only_ray_and_the_pyz(zipapp, ray_only_venv, tmp_path):
+    """README "Running a cluster", the pyz way, in a virtualenv that has Ray and nothing of ours."""
+    from test_cluster import free_port, pid_alive, wait_for
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    pyz = tmp_path / "ray-on-golem.pyz"  # where the user dropped it
+    pyz.write_bytes(zipapp.read_bytes())
+    port = free_port()
+    cluster = f"pyz-{port}"
+    config = tmp_path / "sample-cluster.yaml"
+    config.write_text(SAMPLE_CLUSTER.read_text().replace("webserver_port: 4578", f"webserver_port: {port}")
+                      .replace("cluster_name: golem-cluster", f"cluster_name: {cluster}"))
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "fan_out.py").write_bytes((REPO / "examples" / "fan_out.py").read_bytes())
+    env = cli_env(None, home, {"TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"})
+    datadir = home / ".local" / "share" / "ray_on_golem"
+
+    def shell(line: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """One command of the user's shell session: the venv activated, the pyz on PYTHONPATH."""
+        script = f'. {ray_only_venv}/bin/activate && eval "$(python3 ray-on-golem.pyz pythonpath)" && {line}'
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    # The environment really is Ray only: no golem-core, no ray_on_golem, PyYAML only as Ray's.
+    probe = subprocess.run([str(ray_only_venv / "bin" / "python"), "-c",
+                            "import importlib.util as u, ray, yaml; "
+                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)])"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert probe.stdout == "[]\n", probe.stderr[-2000:]
+
+    node_ips: set[str] = set()
+
+    def nodes() -> list[dict]:
+        import ray_on_golem as rog
+
+        client = rog.WebserverClient(str(datadir), port, timeout=30)
+        try:
+            found = client.request("GET", f"/clusters/{cluster}/nodes")["nodes"]
+        finally:
+            client.close()
+        node_ips.update(n["internal_ip"] for n in found if n["internal_ip"])
+        return found
+
+    daemons: list[int] = []
+    up_done = False
+    try:
+        up = shell("ray up sample-cluster.yaml -y")
+        up_done = True
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "[7/7] Ready on" in up.stdout + up.stderr
+        state = json.loads((datadir / "webserver.json").read_text())
+        daemons = [state["pid"], state["yagna"]["pid"]]
+        for pid in daemons:  # both run from the pyz with the venv's Python
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            assert cmdline[:2] == [str(ray_only_venv / "bin" / "python3").encode(), str(pyz).encode()], cmdline
+        assert [n["tags"]["ray-node-type"] for n in nodes()] == ["head"]
+
+        # 6 one-CPU tasks of 15 s on a 1-CPU head: the head's autoscaler (loading the provider from the
+        # pyz too) adds workers through the webserver, which rents them with the bundled golem-core.
+        submit = shell("ray submit sample-cluster.yaml examples/fan_out.py 6 15")
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1)) >= 2, submit.stdout
+        assert len(nodes()) >= 2
+
+        down = shell("ray down -y sample-cluster.yaml", timeout=300)
+        up_done = False
+        assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+        stop = shell("python3 ray-on-golem.pyz stop", timeout=200)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert "Webserver stopped" in stop.stdout
+        log = (datadir / "webserver.log").read_text()
+        assert "ModuleNotFoundError" not in log and "Traceback" not in log
+    finally:
+        if up_done:
+            shell("ray down -y sample-cluster.yaml", timeout=300)
+        if (datadir / "webserver.json").exists():
+            shell("python3 ray-on-golem.pyz stop --force --kill", timeout=200)
+    # Nothing is left running: the daemons, the nodes' Ray processes, anything started from the pyz.
+    for pid in daemons:
+        wait_for(lambda: not pid_alive(pid), 30, what=f"daemon pid {pid} to exit")
+    needles = [str(pyz), str(home)] + [f"node-ip-address={ip}" for ip in node_ips] + \
+        [f"node_ip_address={ip}" for ip in node_ips]
+    wait_for(lambda: not _processes_mentioning(needles), 30, what="no process of the cluster left")
