@@ -128,7 +128,7 @@ class ZipappBundle:
     """The zipapp's dependencies (its inner `bundle.zip`), extracted once per content hash into the cache.
 
     golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path next
-    to `__file__`, so the bundle must be on disk. It is extracted to `<cache>/bundle-<sha256[:16]>`:
+    to `__file__`, so the bundle must be on disk. It goes to `<cache>/bundle-<version>-<sha256[:16]>`:
     into a temporary directory first, under a lock file (concurrent first users wait for one
     extraction), then renamed into place. The last file written is `.complete`, listing every file
     and its size: a directory without it, or with a file missing or of another size (a copy cut
@@ -136,10 +136,12 @@ class ZipappBundle:
 
     It is also a meta path finder, installed last on `sys.meta_path` when this module is imported
     from the zipapp: an import of a bundled top-level package (`yaml`, `golem`, ...) that nothing
-    else on the host provides extracts the bundle and puts it first on `sys.path`. So every way in
-    finds the dependencies: the pyz run as a program, `import ray_on_golem` with the pyz on the
-    import path (Ray's provider loading), and every process those start (they get the pyz on
-    PYTHONPATH from `python_module_command`). A host's own packages win until the bundle is needed.
+    else on the host provides extracts the bundle and puts it on `sys.path`. So every way in finds
+    the dependencies: the pyz run as a program, `import ray_on_golem` with the pyz on the import
+    path (Ray's provider loading), and every process those start (`python_module_command` runs
+    them through the pyz). Where the pyz runs as the program, the bundle goes first (golem-core
+    gets the aiohttp & co it was built with); where it is a library in someone else's process
+    (Ray's), last: the host's own packages win, the bundle only fills what is missing.
     """
 
     MARKER = ".complete"
@@ -197,22 +199,26 @@ class ZipappBundle:
         tmp = f"{target}.tmp.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         files = {}
-        with zipfile.ZipFile(self.archive) as outer, outer.open("bundle.zip") as inner, \
-                zipfile.ZipFile(inner) as zf:
-            for info in zf.infolist():
-                name = info.filename
-                data = zf.read(info)
-                if name.endswith(".pyc"):
-                    if data[:4] != MAGIC_NUMBER:
-                        continue  # another Python: it compiles the .py itself
-                    name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
-                path = os.path.join(tmp, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-                files[name] = len(data)
-        with open(os.path.join(tmp, self.MARKER), "w", encoding="utf-8") as f:
-            json.dump({"sha256": self.manifest()["sha256"], "files": files}, f)
+        try:
+            with zipfile.ZipFile(self.archive) as outer, outer.open("bundle.zip") as inner, \
+                    zipfile.ZipFile(inner) as zf:
+                for info in zf.infolist():
+                    name = info.filename
+                    data = zf.read(info)
+                    if name.endswith(".pyc"):
+                        if data[:4] != MAGIC_NUMBER:
+                            continue  # another Python: it compiles the .py itself
+                        name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
+                    path = os.path.join(tmp, name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+                    files[name] = len(data)
+            with open(os.path.join(tmp, self.MARKER), "w", encoding="utf-8") as f:
+                json.dump({"sha256": self.manifest()["sha256"], "files": files}, f)
+        except BaseException:  # a full disk, an interrupt: leave nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if os.path.lexists(target):  # broken: move it aside, then swap (rename is atomic)
             broken = f"{target}.broken.{os.getpid()}"
             os.rename(target, broken)
@@ -256,13 +262,15 @@ class _exclusive_lock:
 
 
 _BUNDLE = ZipappBundle(_ZIPAPP) if _ZIPAPP else None
+# `python3 ray-on-golem.pyz ...` (what python_module_command runs), not a library of another program.
+_ZIPAPP_IS_PROGRAM = bool(_ZIPAPP) and os.path.abspath(getattr(sys, "argv", None) and sys.argv[0] or ".") == _ZIPAPP
 # `python -m ray_on_golem` from the zip loads this module twice (`__main__`, then `ray_on_golem`): one hook.
 if _BUNDLE and not any(type(f).__name__ == "ZipappBundle" for f in sys.meta_path):
     sys.meta_path.append(_BUNDLE)  # last: the host's own packages are found first
 
 
 def prepare_bundled_imports() -> str | None:
-    """Inside the zipapp, extract its bundle if needed and put it first on sys.path; return its directory.
+    """Inside the zipapp, extract its bundle if needed and put it on sys.path; return its directory.
 
     Called before our own `import yaml`/`import golem` (and by the bundle's import hook for anyone
     else's). The pure-Python fallbacks of aiohttp & co are selected here, before they are imported:
@@ -274,7 +282,10 @@ def prepare_bundled_imports() -> str | None:
         os.environ.setdefault(f"{name}_NO_EXTENSIONS", "1")
     directory = _BUNDLE.directory()
     if directory not in sys.path:
-        sys.path.insert(0, directory)
+        if _ZIPAPP_IS_PROGRAM:
+            sys.path.insert(0, directory)
+        else:
+            sys.path.append(directory)
         import importlib
 
         importlib.invalidate_caches()
