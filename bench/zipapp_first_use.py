@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="rog-bench-") as tmp:
         target = os.path.join(tmp, "pip-target")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--target", target, str(HERE)], check=True, capture_output=True)
         config = os.path.join(tmp, "cluster.yaml")
         shutil.copy(HERE / "sample-cluster.yaml", config)
