@@ -16,8 +16,12 @@ setuptools' `pkg_resources` (textX imports it; setuptools 81+ dropped it, hence 
   compiles from the `.py` instead.
 - The dependencies sit in one inner, stored `bundle.zip`, not at the zip's root: zipimport parses the
   whole central directory (~4000 entries, ~25 ms) on every start, even for `--help`. golem-core and
-  textX must be on disk anyway (they open their grammar files by path), so `ray_on_golem.
-  prepare_bundled_imports()` extracts the bundle once to ~/.cache and puts it on sys.path.
+  textX must be on disk anyway (they open their grammar files by path), so `ray_on_golem.ZipappBundle`
+  extracts the bundle once per content hash to ~/.cache and puts it on sys.path, on the first import
+  of a bundled package (its import hook) or `prepare_bundled_imports()`.
+- `bundle.json` at the root holds the bundle's sha256 (the cache key, checked against the extraction's
+  `.complete` marker) and its top-level import names (what the hook answers for).
+- `__main__.py` runs `ray_on_golem.main()`, or golem_localnet's command line for `... localnet ARGS`.
 - The `*.dist-info` metadata is kept: some packages look up their own version at import.
 - `bundled-versions.json` at the root lists the bundled distributions: `ray-on-golem version` reads it
   instead of importlib.metadata (too slow for a cold start).
