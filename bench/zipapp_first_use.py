@@ -76,11 +76,12 @@ def main(argv=None) -> int:
         samples: dict[tuple[str, str], list[float]] = {}
         for run in range(args.runs + 1):  # run 0 warms the page cache and the warm variant's cache
             for command, cli_args in commands.items():
-                for variant, (cli, probe, fresh) in variants.items():
-                    home = os.path.join(tmp, f"home-{run}-{len(samples)}") if fresh else warm_home
+                for number, (variant, (cli, probe, fresh)) in enumerate(variants.items()):
+                    home = os.path.join(tmp, f"home-{run}-{number}") if fresh else warm_home
                     os.makedirs(home, exist_ok=True)
+                    # a fresh data dir for every run of every variant: all pay the same first-run setup
                     env = {**(pip_env if variant.startswith("pip") else base_env), "HOME": home,
-                           "RAY_ON_GOLEM_DATADIR": os.path.join(tmp, f"datadir-{run}-{variant[:3]}")}
+                           "RAY_ON_GOLEM_DATADIR": os.path.join(tmp, f"datadir-{command[:6]}-{run}-{number}")}
                     argv_ = probe if cli_args is None else cli + cli_args
                     elapsed = timed(argv_, env, tmp)
                     if run:
