@@ -16,8 +16,12 @@ setuptools' `pkg_resources` (textX imports it; setuptools 81+ dropped it, hence 
   compiles from the `.py` instead.
 - The dependencies sit in one inner, stored `bundle.zip`, not at the zip's root: zipimport parses the
   whole central directory (~4000 entries, ~25 ms) on every start, even for `--help`. golem-core and
-  textX must be on disk anyway (they open their grammar files by path), so `ray_on_golem.
-  prepare_bundled_imports()` extracts the bundle once to ~/.cache and puts it on sys.path.
+  textX must be on disk anyway (they open their grammar files by path), so `ray_on_golem.ZipappBundle`
+  extracts the bundle once per content hash to ~/.cache and puts it on sys.path, on the first import
+  of a bundled package (its import hook) or `prepare_bundled_imports()`.
+- `bundle.json` at the root holds the bundle's sha256 (the cache key, checked against the extraction's
+  `.complete` marker) and its top-level import names (what the hook answers for).
+- `__main__.py` runs `ray_on_golem.main()`, or golem_localnet's command line for `... localnet ARGS`.
 - The `*.dist-info` metadata is kept: some packages look up their own version at import.
 - `bundled-versions.json` at the root lists the bundled distributions: `ray-on-golem version` reads it
   instead of importlib.metadata (too slow for a cold start).
@@ -26,6 +30,7 @@ setuptools' `pkg_resources` (textX imports it; setuptools 81+ dropped it, hence 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata as metadata
 import importlib.util
 import io
@@ -46,14 +51,22 @@ ONLY_PACKAGES = {"setuptools": ("pkg_resources",)}
 SKIP_SUFFIXES = (".so", ".pyd", ".dll", ".dylib", ".pyc", ".pyo", ".c", ".h", ".cpp", ".pyx", ".pxd", ".pyi")
 DIST_INFO_FILES = ("METADATA", "entry_points.txt", "top_level.txt", "WHEEL")
 BUNDLE = "bundle.zip"  # the dependencies, one inner zip: see the module docstring
+MANIFEST = "bundle.json"  # the bundle's sha256 and top-level names (ray_on_golem.ZipappBundle reads it)
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # reproducible zips
 
 MAIN = '''\
-"""Entry point of ray-on-golem.pyz: `python3 ray-on-golem.pyz COMMAND ...`."""
+"""Entry point of ray-on-golem.pyz: `python3 ray-on-golem.pyz COMMAND ...`.
+
+`python3 ray-on-golem.pyz localnet ARGS...` runs golem_localnet.py's command line instead.
+"""
 import sys
 
-import ray_on_golem
+import ray_on_golem  # first: it installs the hook that finds the bundled dependencies
 
+if sys.argv[1:2] == ["localnet"]:
+    import golem_localnet
+
+    sys.exit(golem_localnet.main(sys.argv[2:]))
 sys.exit(ray_on_golem.main())
 '''
 
@@ -135,6 +148,18 @@ def _with_pycs(entries: dict[str, bytes]) -> dict[str, bytes]:
     return entries
 
 
+def top_level_names(bundle: dict[str, bytes]) -> list[str]:
+    """The importable top-level names of the bundle (`yaml`, `golem`, `typing_extensions`, ...)."""
+    names = set()
+    for arcname in bundle:
+        first, sep, _ = arcname.partition("/")
+        if sep and not first.endswith(".dist-info") and first.isidentifier():
+            names.add(first)  # a package (regular or namespace)
+        elif not sep and arcname.endswith(".py") and arcname[:-3].isidentifier():
+            names.add(arcname[:-3])
+    return sorted(names)
+
+
 def _zip(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -158,6 +183,8 @@ def build(output: Path, *, with_golem: bool = True) -> dict:
     entries = _with_pycs({"__main__.py": MAIN.encode(), **{m: (HERE / m).read_bytes() for m in MODULES}})
     entries["bundled-versions.json"] = json.dumps(versions, indent=1, sort_keys=True).encode()
     entries[BUNDLE] = _zip(_with_pycs(bundle))
+    entries[MANIFEST] = json.dumps({"sha256": hashlib.sha256(entries[BUNDLE]).hexdigest(),
+                                    "top_level": top_level_names(bundle)}, indent=1).encode()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")

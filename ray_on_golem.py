@@ -118,53 +118,178 @@ def find_yagna() -> str | None:
     return candidate if os.access(candidate, os.X_OK) else None
 
 
-# Inside the zipapp the C extensions of aiohttp & co cannot load (a `.so` cannot be imported from a zip):
-# their *_NO_EXTENSIONS switches select the pure-Python fallbacks. Set before golem-core is imported.
-_ZIPAPP = globals().get("__loader__").archive if type(globals().get("__loader__")).__name__ == "zipimporter" else None
-if _ZIPAPP:  # pragma: no cover - zipapp only
-    for _name in ("AIOHTTP", "MULTIDICT", "YARL", "FROZENLIST", "PROPCACHE"):
-        os.environ.setdefault(f"{_name}_NO_EXTENSIONS", "1")
+# The zipapp this module was imported from (absolute: children start in other directories), else None.
+_ZIPAPP = (os.path.abspath(globals().get("__loader__").archive)
+           if type(globals().get("__loader__")).__name__ == "zipimporter" else None)
+BUNDLE_MANIFEST = "bundle.json"  # at the zipapp's root, written by build_zipapp.py
+
+
+class ZipappBundle:
+    """The zipapp's dependencies (its inner `bundle.zip`), extracted once per content hash into the cache.
+
+    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path next
+    to `__file__`, so the bundle must be on disk. It goes to `<cache>/bundle-<version>-<sha256[:16]>`:
+    into a temporary directory first, under a lock file (concurrent first users wait for one
+    extraction), then renamed into place. The last file written is `.complete`, listing every file
+    and its size: a directory without it, or with a file missing or of another size (a copy cut
+    short, a full disk), is broken and extracted again. The precompiled pycs go into `__pycache__`.
+
+    It is also a meta path finder, installed last on `sys.meta_path` when this module is imported
+    from the zipapp: an import of a bundled top-level package (`yaml`, `golem`, ...) that nothing
+    else on the host provides extracts the bundle and puts it on `sys.path`. So every way in finds
+    the dependencies: the pyz run as a program, `import ray_on_golem` with the pyz on the import
+    path (Ray's provider loading), and every process those start (`python_module_command` runs
+    them through the pyz). Where the pyz runs as the program, the bundle goes first (golem-core
+    gets the aiohttp & co it was built with); where it is a library in someone else's process
+    (Ray's), last: the host's own packages win, the bundle only fills what is missing.
+    """
+
+    MARKER = ".complete"
+
+    def __init__(self, archive: str):
+        self.archive = archive
+        self._manifest: dict | None = None
+        self._directory: str | None = None  # once checked complete in this process
+
+    def manifest(self) -> dict:
+        """`bundle.json` of the zipapp: sha256 of the bundle and its top-level import names."""
+        if self._manifest is None:
+            import json
+            import zipimport
+
+            self._manifest = json.loads(zipimport.zipimporter(self.archive).get_data(BUNDLE_MANIFEST))
+        return self._manifest
+
+    def target(self) -> str:
+        return os.path.join(cache_dir(), f"bundle-{__version__}-{self.manifest()['sha256'][:16]}")
+
+    def is_complete(self, directory: str) -> bool:
+        """The marker names this bundle, and every file it lists is there with its size."""
+        import json
+
+        try:
+            with open(os.path.join(directory, self.MARKER), encoding="utf-8") as f:
+                marker = json.load(f)
+            if marker.get("sha256") != self.manifest()["sha256"]:
+                return False
+            return all(os.stat(os.path.join(directory, name)).st_size == size
+                       for name, size in marker["files"].items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+
+    def directory(self) -> str:
+        """The extracted bundle, extracting (or repairing) it first if needed."""
+        if self._directory:
+            return self._directory
+        target = self.target()
+        if not self.is_complete(target):
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            with _exclusive_lock(f"{target}.lock"):
+                if not self.is_complete(target):  # the first of concurrent processes did it
+                    self._extract(target)
+        self._directory = target
+        return target
+
+    def _extract(self, target: str) -> None:
+        import json
+        import shutil
+        import zipfile
+        from importlib.util import MAGIC_NUMBER, cache_from_source
+
+        tmp = f"{target}.tmp.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = {}
+        try:
+            with zipfile.ZipFile(self.archive) as outer, outer.open("bundle.zip") as inner, \
+                    zipfile.ZipFile(inner) as zf:
+                for info in zf.infolist():
+                    name = info.filename
+                    data = zf.read(info)
+                    if name.endswith(".pyc"):
+                        if data[:4] != MAGIC_NUMBER:
+                            continue  # another Python: it compiles the .py itself
+                        name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
+                    path = os.path.join(tmp, name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+                    files[name] = len(data)
+            with open(os.path.join(tmp, self.MARKER), "w", encoding="utf-8") as f:
+                json.dump({"sha256": self.manifest()["sha256"], "files": files}, f)
+        except BaseException:  # a full disk, an interrupt: leave nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.lexists(target):  # broken: move it aside, then swap (rename is atomic)
+            broken = f"{target}.broken.{os.getpid()}"
+            os.rename(target, broken)
+            shutil.rmtree(broken, ignore_errors=True)
+        os.rename(tmp, target)
+
+    # -- meta path finder (importlib.abc.MetaPathFinder protocol) --
+    def find_spec(self, name, path=None, target=None):
+        if path is not None:
+            return None  # a submodule: its package's own path finds it
+        try:
+            if name not in self.manifest()["top_level"]:
+                return None
+        except (OSError, ValueError, KeyError):  # a pyz built without a manifest: nothing to offer
+            return None
+        from importlib.machinery import PathFinder
+
+        return PathFinder.find_spec(name, [prepare_bundled_imports()])
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+class _exclusive_lock:
+    """`with _exclusive_lock(path):` an flock on `path` (created 0600), held for the block."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+
+
+_BUNDLE = ZipappBundle(_ZIPAPP) if _ZIPAPP else None
+# `python3 ray-on-golem.pyz ...` (what python_module_command runs), not a library of another program.
+_ZIPAPP_IS_PROGRAM = bool(_ZIPAPP) and os.path.abspath(getattr(sys, "argv", None) and sys.argv[0] or ".") == _ZIPAPP
+# `python -m ray_on_golem` from the zip loads this module twice (`__main__`, then `ray_on_golem`): one hook.
+if _BUNDLE and not any(type(f).__name__ == "ZipappBundle" for f in sys.meta_path):
+    sys.meta_path.append(_BUNDLE)  # last: the host's own packages are found first
 
 
 def prepare_bundled_imports() -> str | None:
-    """Call before the first `import yaml`/`import golem`: inside the zipapp, put its bundle on sys.path.
+    """Inside the zipapp, extract its bundle if needed and put it on sys.path; return its directory.
 
-    The zipapp keeps its dependencies in an inner `bundle.zip` (build_zipapp.py says why), and
-    golem-core and textX open their grammars (`golem/payload/parser.tx`, `textx/textx.tx`) by path
-    next to `__file__`, which cannot work inside a zip anyway. So the bundle is extracted once per
-    zip (atomically, to `~/.cache/ray-on-golem/bundle-<version>-<size>-<mtime>`), its precompiled
-    pycs into `__pycache__`. Outside the zipapp this does nothing and returns None.
+    Called before our own `import yaml`/`import golem` (and by the bundle's import hook for anyone
+    else's). The pure-Python fallbacks of aiohttp & co are selected here, before they are imported:
+    a `.so` is never bundled. Outside the zipapp this does nothing and returns None.
     """
-    if not _ZIPAPP:
+    if not _BUNDLE:
         return None
-    import zipfile
-    from importlib.util import MAGIC_NUMBER, cache_from_source
+    for name in ("AIOHTTP", "MULTIDICT", "YARL", "FROZENLIST", "PROPCACHE"):
+        os.environ.setdefault(f"{name}_NO_EXTENSIONS", "1")
+    directory = _BUNDLE.directory()
+    if directory not in sys.path:
+        if _ZIPAPP_IS_PROGRAM:
+            sys.path.insert(0, directory)
+        else:
+            sys.path.append(directory)
+        import importlib
 
-    stat = os.stat(_ZIPAPP)
-    target = os.path.join(cache_dir(), f"bundle-{__version__}-{stat.st_size}-{int(stat.st_mtime)}")
-    if not os.path.isdir(target):
-        tmp = f"{target}.tmp.{os.getpid()}"
-        with zipfile.ZipFile(_ZIPAPP) as outer, outer.open("bundle.zip") as inner, zipfile.ZipFile(inner) as zf:
-            for info in zf.infolist():
-                name = info.filename
-                data = zf.read(info)
-                if name.endswith(".pyc"):
-                    if data[:4] != MAGIC_NUMBER:
-                        continue  # another Python: it compiles the .py itself
-                    name = os.path.relpath(cache_from_source(os.path.join(tmp, name[:-1])), tmp)
-                path = os.path.join(tmp, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: use theirs
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    if target not in sys.path:
-        sys.path.insert(0, target)
-    return target
+        importlib.invalidate_caches()
+    return directory
 
 
 ###############################################################################
@@ -1682,13 +1807,17 @@ def open_rotated_log(path: str, max_bytes: int, backups: int = 3):
 def python_module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     """argv and environment that run `module` (ours or golem_localnet) with `sys.executable`.
 
-    `-m` with this module's directory first on PYTHONPATH works from a checkout, a venv and
-    the zipapp alike (there the directory is the .pyz itself and zipimport reads it).
+    From a checkout or a venv: `-m module` with this module's directory first on PYTHONPATH. From
+    the zipapp: `python ray-on-golem.pyz ...` (`... localnet ...` for golem_localnet: the pyz's
+    `__main__` runs it), so the child imports this module first and its bundle hook with it
+    (`ZipappBundle`); the pyz stays on PYTHONPATH for what the child starts in turn (Ray on a node).
     """
     env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = _ZIPAPP or os.path.dirname(os.path.abspath(__file__))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    if _ZIPAPP:
+        return [sys.executable, _ZIPAPP, *(["localnet"] if module == "golem_localnet" else []), *args], env
     return [sys.executable, "-m", module, *args], env
 
 
@@ -6830,6 +6959,58 @@ def cmd_version(args) -> int:
     return EXIT_OK
 
 
+# -- pythonpath, install-pth ----------------------------------------------------
+
+PTH_FILENAME = "ray_on_golem.pth"
+
+
+def module_location() -> str:
+    """Where `import ray_on_golem` finds this module: the zipapp, or the directory holding ray_on_golem.py."""
+    return _ZIPAPP or os.path.dirname(os.path.abspath(__file__))
+
+
+def cmd_pythonpath(args) -> int:
+    """The shell line that lets a Ray installation load the provider from here (`eval "$(...)"`)."""
+    import shlex
+
+    print(f"export PYTHONPATH={shlex.quote(module_location())}${{PYTHONPATH:+:$PYTHONPATH}}")
+    return EXIT_OK
+
+
+def cmd_install_pth(args) -> int:
+    """Write (or remove) a `.pth` in this Python's site-packages naming this module's location.
+
+    `site` adds each existing path a `.pth` lists to sys.path at every start of that Python, so
+    `ray up` (and the webserver it starts) imports `ray_on_golem` from the pyz with nothing to export.
+    """
+    import sysconfig
+
+    site_packages = sysconfig.get_paths()["purelib"]
+    pth = os.path.join(site_packages, PTH_FILENAME)
+    if args.remove:
+        try:
+            os.unlink(pth)
+        except FileNotFoundError:
+            print(f"Nothing to remove: {pth} does not exist.")
+            return EXIT_OK
+        print(f"Removed {pth}.")
+        return EXIT_OK
+    location = module_location()
+    tmp = f"{pth}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(site_packages, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{location}\n")
+        os.replace(tmp, pth)
+    except OSError as err:
+        raise RayOnGolemError(f"cannot write {pth}: {err.strerror} (run it with the Python of the Ray "
+                              "installation, e.g. `~/ray-venv/bin/python ray-on-golem.pyz install-pth`)") from None
+    print(f"Wrote {pth}: {sys.executable} now imports ray_on_golem from {location}.")
+    if any(os.path.exists(os.path.join(site_packages, name)) for name in ("ray_on_golem.py", "ray_on_golem")):
+        _warn(f"a ray_on_golem installed in {site_packages} comes first; `pip uninstall ray-on-golem` to use {location}")
+    return EXIT_OK
+
+
 # -- validate ------------------------------------------------------------------
 
 def _flatten(prefix: str, value, out: list[tuple[str, object]]) -> list[tuple[str, object]]:
@@ -6996,6 +7177,22 @@ def _add_version(commands, common) -> None:
                                         "and yagna, and the data directory.")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_version)
+
+
+def _add_pythonpath(commands, common) -> None:
+    p = commands.add_parser("pythonpath", help="print the PYTHONPATH line that lets Ray load the provider from here",
+                            description="Print `export PYTHONPATH=...` naming this pyz (or checkout): "
+                                        "`eval \"$(python3 ray-on-golem.pyz pythonpath)\"` before `ray up`.")
+    p.set_defaults(func=cmd_pythonpath)
+
+
+def _add_install_pth(commands, common) -> None:
+    p = commands.add_parser("install-pth", help="make this Python (e.g. a Ray venv's) load the provider from here",
+                            description="Write ray_on_golem.pth into the site-packages of the Python running "
+                                        "this command, so it imports ray_on_golem from this pyz (or checkout): "
+                                        "`~/ray-venv/bin/python ray-on-golem.pyz install-pth`.")
+    p.add_argument("--remove", action="store_true", help="remove the .pth instead")
+    p.set_defaults(func=cmd_install_pth)
 
 
 def _add_validate(commands, common) -> None:
@@ -7479,6 +7676,8 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     _add_ssh_proxy(commands, common)
+    _add_pythonpath(commands, common)
+    _add_install_pth(commands, common)
     return parser
 
 

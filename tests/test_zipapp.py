@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -127,7 +130,12 @@ def test_zip_contents(zipapp):
         bundled = json.loads(zf.read("bundled-versions.json"))
     # the root stays small: zipimport reads its whole directory on every start
     assert names == {"__main__.py", "__main__.pyc", "ray_on_golem.py", "ray_on_golem.pyc", "golem_localnet.py",
-                     "golem_localnet.pyc", "bundled-versions.json", "bundle.zip"}
+                     "golem_localnet.pyc", "bundled-versions.json", "bundle.zip", "bundle.json"}
+    with zipfile.ZipFile(zipapp) as zf:
+        manifest = json.loads(zf.read("bundle.json"))
+        assert manifest["sha256"] == hashlib.sha256(zf.read("bundle.zip")).hexdigest()
+    assert {"yaml", "golem", "aiohttp", "textx", "pkg_resources", "typing_extensions"} <= set(manifest["top_level"])
+    assert "ray" not in manifest["top_level"] and not [n for n in manifest["top_level"] if "." in n]
     assert {"yaml/__init__.py", "yaml/__init__.pyc", "golem/payload/parser.tx", "pkg_resources/__init__.py",
             "aiohttp/http_parser.pyc"} <= bundled_names
     assert not [n for n in bundled_names if n.endswith((".so", ".pyd"))]
@@ -135,3 +143,281 @@ def test_zip_contents(zipapp):
     assert int(bundled["setuptools"].split(".")[0]) < 81
     assert "ray" not in {k.lower() for k in bundled}
     assert os.access(zipapp, os.X_OK)
+
+
+# ---- the bundle in the user's cache: once per content hash, concurrent first use, repair ----------------
+
+# What a process that needs golem-core does: imports it (through the bundle's import hook, no explicit
+# call) and parses a constraint with the textX grammar files that must be on disk.
+USES_GOLEM_CORE = """
+import sys
+sys.path.insert(0, {zipapp!r})
+import ray_on_golem
+from golem.payload import PayloadSyntaxParser
+import golem, yaml
+constraints = PayloadSyntaxParser.get_instance().parse_constraints("(&(golem.inf.cpu.threads>=2))")
+assert str(constraints.items[0].value) == "2", constraints
+print(golem.__file__.rsplit("/golem/", 1)[0])
+"""
+
+
+def _bundle_manifest(zipapp) -> dict:
+    with zipfile.ZipFile(zipapp) as zf:
+        return json.loads(zf.read("bundle.json"))
+
+
+def _assert_complete(directory, zipapp) -> dict:
+    """The extraction's marker names this bundle and lists every file with its size, as on disk."""
+    marker = json.loads((directory / ".complete").read_text())
+    assert marker["sha256"] == _bundle_manifest(zipapp)["sha256"]
+    assert len(marker["files"]) > 1000
+    assert {name: (directory / name).stat().st_size for name in marker["files"]} == marker["files"]
+    return marker
+
+
+def test_concurrent_first_use_of_a_fresh_cache(zipapp, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(None, home)
+    code = USES_GOLEM_CORE.format(zipapp=str(zipapp))
+    procs = [subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for _ in range(4)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert [r[0] for r in results] == [0] * 4, [r[2][-2000:] for r in results]
+    cache = home / ".cache" / "ray-on-golem"
+    name = f"bundle-0.1.0-{_bundle_manifest(zipapp)['sha256'][:16]}"
+    assert {r[1] for r in results} == {f"{cache / name}\n"}  # one directory for all four
+    assert sorted(p.name for p in cache.iterdir()) == [name, f"{name}.lock"]  # no temporary leftovers
+    _assert_complete(cache / name, zipapp)
+
+
+def test_a_truncated_or_partial_extraction_is_redone(zipapp, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(None, home)
+    code = USES_GOLEM_CORE.format(zipapp=str(zipapp))
+
+    def use() -> Path:
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return Path(proc.stdout.strip())
+
+    directory = use()
+    marker = _assert_complete(directory, zipapp)
+    grammar = directory / "golem" / "payload" / "parser.tx"
+    size = grammar.stat().st_size
+    # A copy cut short: a grammar file truncated, a module gone (the marker is still there).
+    grammar.write_bytes(grammar.read_bytes()[: size // 2])
+    (directory / "yaml" / "__init__.py").unlink()
+    assert use() == directory
+    assert grammar.stat().st_size == size
+    assert _assert_complete(directory, zipapp) == marker
+    # An extraction interrupted before its marker (e.g. by an older copy of the tool): half the files.
+    (directory / ".complete").unlink()
+    for path in sorted(directory.rglob("*.py"))[::2]:
+        path.unlink()
+    assert use() == directory
+    assert _assert_complete(directory, zipapp) == marker
+    assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name, f"{directory.name}.lock"]
+
+
+# ---- the ways in: localnet from the pyz, PYTHONPATH, .pth -----------------------------------------
+
+
+def test_the_local_network_runs_from_the_pyz(bare, zipapp, tmp_path):
+    proc = bare(zipapp, "localnet", "population", "--providers", "3", "--seed", "7", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["providers"]) == 3
+    profile = tmp_path / "profile.yaml"  # YAML profiles need PyYAML: the bundled one
+    profile.write_text("providers: 2\n")
+    proc = bare(zipapp, "localnet", "population", "--profile", profile, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["providers"]) == 2
+
+
+def test_pythonpath_line_and_pth_file(zipapp, tmp_path, datadir):
+    env = cli_env(datadir, tmp_path)
+    line = subprocess.run([sys.executable, "-I", "-S", str(zipapp), "pythonpath"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert line.returncode == 0 and line.stdout == f"export PYTHONPATH={zipapp}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+    shell = subprocess.run(["bash", "-c", f'{line.stdout.strip()}; exec "$0" -S -c "import ray_on_golem; '
+                                          f'print(ray_on_golem.__file__)"', sys.executable],
+                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert shell.stdout == f"{zipapp}/ray_on_golem.pyc\n", shell.stderr
+
+    venv = tmp_path / "venv"  # a Python with nothing of ours in it
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    probe = [python, "-c", "import ray_on_golem; print(ray_on_golem.__file__)"]
+    assert subprocess.run(probe, capture_output=True, env=env, cwd=tmp_path).returncode == 1
+    install = subprocess.run([python, str(zipapp), "install-pth"], capture_output=True, text=True, env=env,
+                             timeout=60, cwd=tmp_path)
+    assert install.returncode == 0, install.stderr
+    pth = next(venv.glob("lib/python*/site-packages/ray_on_golem.pth"))
+    assert install.stdout == f"Wrote {pth}: {python} now imports ray_on_golem from {zipapp}.\n"
+    assert pth.read_text() == f"{zipapp}\n"
+    used = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert used.stdout == f"{zipapp}/ray_on_golem.pyc\n", used.stderr
+    removed = subprocess.run([python, str(zipapp), "install-pth", "--remove"], capture_output=True, text=True,
+                             env=env, timeout=60, cwd=tmp_path)
+    assert (removed.returncode, removed.stdout) == (0, f"Removed {pth}.\n") and not pth.exists()
+
+
+# ---- the services on a bare Python: start, status, network-stats, costs, stop ---------------------
+
+
+def test_services_on_a_bare_python(bare, zipapp, tmp_path, datadir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "cluster.yaml"
+    config.write_text(SAMPLE_CLUSTER.read_text().replace("webserver_port: 4578", f"webserver_port: {port}"))
+    started = bare(zipapp, "start", "--port", port, "--network", "local", "--timeout", "120")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = json.loads(bare(zipapp, "status", "--port", port, "--json").stdout)
+        assert status["running"] and status["webserver"]["yagna"]["kind"] == "localnet"
+        pids = [status["pid"], status["webserver"]["yagna"]["pid"]]
+        # The webserver and the local network run from the pyz, with the bare Python's executable.
+        for pid in pids:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            assert cmdline[:2] == [sys.executable.encode(), str(zipapp).encode()], cmdline
+        stats = bare(zipapp, "network-stats", config, "--duration", "0.05", "--json")
+        assert stats.returncode == 0, stats.stderr
+        funnel = json.loads(stats.stdout)["funnel"]
+        assert funnel[0]["stage"] == "Initial" and funnel[0]["count"] > 0
+        costs = bare(zipapp, "costs", "--json")
+        assert costs.returncode == 0, costs.stderr
+        assert json.loads(costs.stdout)["clusters"] == []
+    finally:
+        stopped = bare(zipapp, "stop", "--port", port, "--kill")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Webserver stopped" in stopped.stdout
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][:1]
+
+
+# ---- acceptance: a host that has only Ray -----------------------------------------------------------
+
+RAY_REQUIREMENT = re.search(r'"(ray\[default\]==[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+
+
+@pytest.fixture(scope="session")
+def ray_only_venv() -> Path:
+    """A virtualenv holding only `ray[default]` (and what it pulls in), as a user makes one.
+
+    Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the Ray
+    requirement and the Python version; made under a lock, marked ready only once pip succeeded.
+    """
+    import fcntl
+    import shutil
+
+    base = Path(os.environ.get("ROG_TEST_CACHE") or Path.home() / ".cache" / "ray-on-golem-tests")
+    base.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", RAY_REQUIREMENT)
+    venv = base / f"{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+    ready = venv / ".ray-on-golem-test-ready"
+    with open(f"{venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", RAY_REQUIREMENT],
+                                 capture_output=True, text=True, timeout=1800)
+            assert pip.returncode == 0, pip.stderr[-3000:]
+            ready.write_text(RAY_REQUIREMENT + "\n")
+    return venv
+
+
+@pytest.mark.ray
+def test_ray_cluster_journey_with_only_ray_and_the_pyz(zipapp, ray_only_venv, tmp_path):
+    """README "Running a cluster", the pyz way, in a virtualenv that has Ray and nothing of ours."""
+    from test_cluster import free_port, pid_alive, processes_mentioning, wait_for
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    pyz = tmp_path / "ray-on-golem.pyz"  # where the user dropped it
+    pyz.write_bytes(zipapp.read_bytes())
+    port = free_port()
+    cluster = f"pyz-{port}"
+    config = tmp_path / "sample-cluster.yaml"
+    config.write_text(SAMPLE_CLUSTER.read_text().replace("webserver_port: 4578", f"webserver_port: {port}")
+                      .replace("cluster_name: golem-cluster", f"cluster_name: {cluster}"))
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "fan_out.py").write_bytes((REPO / "examples" / "fan_out.py").read_bytes())
+    env = cli_env(None, home, {"TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"})
+    datadir = home / ".local" / "share" / "ray_on_golem"
+
+    def shell(line: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """One command of the user's shell session: the venv activated, the pyz on PYTHONPATH."""
+        script = f'. {ray_only_venv}/bin/activate && eval "$(python3 ray-on-golem.pyz pythonpath)" && {line}'
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    # The environment really is Ray only: no golem-core, no ray_on_golem, PyYAML only as Ray's.
+    probe = subprocess.run([str(ray_only_venv / "bin" / "python"), "-c",
+                            "import importlib.util as u, ray, yaml; "
+                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)])"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert probe.stdout == "[]\n", probe.stderr[-2000:]
+
+    node_ips: set[str] = set()
+
+    def nodes() -> list[dict]:
+        import ray_on_golem as rog
+
+        client = rog.WebserverClient(str(datadir), port, timeout=30)
+        try:
+            found = client.request("GET", f"/clusters/{cluster}/nodes")["nodes"]
+        finally:
+            client.close()
+        node_ips.update(n["internal_ip"] for n in found if n["internal_ip"])
+        return found
+
+    daemons: list[int] = []
+    up_done = False
+    try:
+        up = shell("ray up sample-cluster.yaml -y")
+        up_done = True
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "[7/7] Ready on" in up.stdout + up.stderr
+        state = json.loads((datadir / "webserver.json").read_text())
+        daemons = [state["pid"], state["yagna"]["pid"]]
+        for pid in daemons:  # both run from the pyz with the venv's Python
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            assert Path(os.fsdecode(cmdline[0])).parent == ray_only_venv / "bin" and cmdline[1] == bytes(pyz), cmdline
+        assert [n["tags"]["ray-node-type"] for n in nodes()] == ["head"]
+
+        # 6 one-CPU tasks of 15 s on a 1-CPU head: the head's autoscaler (loading the provider from the
+        # pyz too) adds workers through the webserver, which rents them with the bundled golem-core.
+        submit = shell("ray submit sample-cluster.yaml examples/fan_out.py 6 15")
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1)) >= 2, submit.stdout
+        assert len(nodes()) >= 2
+
+        down = shell("ray down -y sample-cluster.yaml", timeout=300)
+        up_done = False
+        assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+        stop = shell("python3 ray-on-golem.pyz stop", timeout=200)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert "Webserver stopped" in stop.stdout
+        log = (datadir / "webserver.log").read_text()
+        assert "ModuleNotFoundError" not in log and "Traceback" not in log
+    finally:
+        if up_done:
+            shell("ray down -y sample-cluster.yaml", timeout=300)
+        if (datadir / "webserver.json").exists():
+            shell("python3 ray-on-golem.pyz stop --force --kill", timeout=200)
+    # Nothing is left running: the daemons, the nodes' Ray processes, anything started from the pyz.
+    for pid in daemons:
+        wait_for(lambda: not pid_alive(pid), 30, what=f"daemon pid {pid} to exit")
+    needles = [str(pyz), str(home)] + [f"node-ip-address={ip}" for ip in node_ips] + \
+        [f"node_ip_address={ip}" for ip in node_ips]
+    wait_for(lambda: not processes_mentioning(needles), 30, what="no process of the cluster left")
