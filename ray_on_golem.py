@@ -5074,8 +5074,8 @@ class Dashboard:
                           "yagna": status["yagna"]["kind"]},
             "warnings": status["warnings"],
             "clusters": clusters,
-            "providers": self._providers({n["provider_id"]: n["provider_name"] for c in clusters
-                                          for n in c["nodes"] if n["provider_id"] and n["state"] != "terminated"}),
+            "providers": self._providers([(n["provider_id"], n["provider_name"], f"{c['name']}/{n['node_id']} ({n['state']})")
+                                          for c in clusters for n in c["nodes"] if n["provider_id"]]),
         }
 
     def _cluster(self, name: str, counts: dict, budget: dict | None, cost: dict | None, cluster) -> dict:
@@ -5144,18 +5144,23 @@ class Dashboard:
             out.append({"node_types": types, "funnel": funnel["funnel"], "errors": funnel["errors"]})
         return out
 
-    def _providers(self, renting: dict[str, str | None], limit: int = 40) -> list[dict]:
-        """Providers of this network with reputation and blocks: the ones our nodes rent from (`renting`:
-        id -> name), then the blocked and scored ones, best first."""
+    def _providers(self, rented: list[tuple[str, str | None, str]], limit: int = 40) -> list[dict]:
+        """Providers of this network with reputation and blocks: the ones the page's nodes rented
+        (`rented`: provider id, name, node), then the blocked and scored ones, best first."""
         store, network = self.server.store, self.server.network
+        names: dict[str, str | None] = {}
+        nodes: dict[str, list[str]] = {}
+        for provider_id, name, node in rented:
+            names[provider_id] = names.get(provider_id) or name
+            nodes.setdefault(provider_id, []).append(node)
         rows = {r["node_id"]: r for r in store.reputation([network])}
-        out = [{"node_id": node_id, "name": row.get("name") or renting.get(node_id),
-                "ours": node_id in renting, "score": row.get("score"),
+        out = [{"node_id": node_id, "name": row.get("name") or names.get(node_id),
+                "nodes": nodes.get(node_id, []), "score": row.get("score"),
                 "success_rate": row.get("success_rate"), "uptime": row.get("uptime"),
                 "blocked": bool(row.get("blocked")), "reason": row.get("reason"),
                 "blocked_until": format_time(row["blocked_until"]) if row.get("blocked_until") else None}
-               for node_id, row in [*rows.items(), *((n, {}) for n in renting if n not in rows)]]
-        out.sort(key=lambda p: (not p["ours"], not p["blocked"], -(p["score"] or 0), p["node_id"]))
+               for node_id, row in [*rows.items(), *((n, {}) for n in names if n not in rows)]]
+        out.sort(key=lambda p: (not p["nodes"], not p["blocked"], -(p["score"] or 0), p["node_id"]))
         return out[:limit]
 
 
@@ -5405,13 +5410,13 @@ function clusterCard(cluster, now) {
 function providersTable(providers) {
   if (!providers.length) return el("p", {"class": "muted"}, "No providers known yet.");
   const table = el("table");
-  table.append(el("thead", {}, el("tr", {}, ...["provider", "name", "rents to us", "score", "success", "uptime",
+  table.append(el("thead", {}, el("tr", {}, ...["provider", "name", "our nodes", "score", "success", "uptime",
     "blocked"].map(h => el("th", {}, h)))));
   const fmt = v => v === null || v === undefined ? "" : Number(v).toFixed(3);
   for (const p of providers) {
     const blocked = p.blocked ? `yes${p.blocked_until ? " until " + p.blocked_until : ""}${p.reason ? ": " + p.reason : ""}` : "no";
     table.append(el("tr", {"class": p.blocked ? "bad" : null, "data-provider": p.node_id}, el("td", {}, p.node_id),
-      el("td", {}, p.name || ""), el("td", {}, p.ours ? "yes" : ""), el("td", {}, fmt(p.score)), el("td", {}, fmt(p.success_rate)), el("td", {}, fmt(p.uptime)), el("td", {}, blocked)));
+      el("td", {}, p.name || ""), el("td", {}, p.nodes.join(", ")), el("td", {}, fmt(p.score)), el("td", {}, fmt(p.success_rate)), el("td", {}, fmt(p.uptime)), el("td", {}, blocked)));
   }
   return table;
 }

@@ -211,6 +211,52 @@ def test_the_page_needs_a_one_time_login_and_its_cookie_opens_nothing_else(page_
     assert session.rog("status").returncode == 0 and "Running" in session.rog("status").stdout
 
 
+def test_a_stuck_node_shows_its_step_since_when_and_the_funnel_says_why(page_session):
+    """A node no offer can serve sits at step 1: the page shows the step, since when, and the market
+    funnel of its node type stopping at the price filter (the Funnel of network-stats)."""
+    from playwright.sync_api import sync_playwright
+
+    session = page_session
+    node_config = {"budget_control": {"max_cpu_per_hour_price": 0.000001}}
+    body = {"provider_parameters": {"payment_network": "local", "total_budget": 1, "node_start_timeout": 120},
+            "node_config": node_config, "count": 1,
+            "tags": {"ray-node-type": "worker", "ray-user-node-type": "ray.worker.default"}}
+    (node,) = session.api("POST", "/clusters/stuck/nodes", body)["nodes"]
+    stage = "Passed Reject if cpu per hour price exceeds `max_cpu_per_hour_price` = 1e-06"
+
+    def seen():
+        data = session.api("GET", "/dashboard/data")
+        (cluster,) = [c for c in data["clusters"] if c["name"] == "stuck"]
+        funnels = cluster["funnels"]
+        return (data, cluster) if funnels and funnels[0]["funnel"][0]["count"] > 0 else None
+
+    data, cluster = wait_for(seen, 60, what="offers in the stuck node's funnel")
+    (shown,) = cluster["nodes"]
+    assert shown["node_id"] == node["node_id"] and shown["state"] == "pending"
+    assert [s["text"] for s in shown["steps"]] == ["[1/7] Getting an agreement..."]
+    assert shown["steps"][0]["at"] <= data["generated_at"]
+    (funnel,) = cluster["funnels"]
+    assert funnel["node_types"] == ["ray.worker.default"]
+    counts = {row["stage"]: row["count"] for row in funnel["funnel"]}
+    assert counts[stage] == 0 and counts["Initial"] > 0
+    assert cluster["budget_shown"]["total_budget"] == "1 GLM" and cluster["live_nodes"] == 1
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(login_url(session))
+            since = page.wait_for_selector('article[data-cluster="stuck"] [data-role="since"]')
+            assert re.fullmatch(r" since \d\d:\d\d:\d\d \(\d+s\)", since.text_content()), since.text_content()
+            summary = page.text_content('article[data-cluster="stuck"] details.steps summary')
+            assert summary.startswith("[1/7] Getting an agreement...")
+            row = page.wait_for_selector(f'article[data-cluster="stuck"] tr[data-stage="{stage}"]')
+            assert row.text_content().startswith(stage) and "0" in row.text_content()
+        finally:
+            browser.close()
+    session.api("DELETE", f"/clusters/stuck/nodes/{node['node_id']}")
+
+
 def test_dashboard_without_a_webserver_says_so(tmp_path, run_cli):
     out = run_cli("dashboard", "--no-browser", "--port", str(free_port()))
     assert out.returncode == 1 and "no webserver answers" in out.stderr and "ray-on-golem start" in out.stderr
@@ -435,6 +481,10 @@ def _follow_the_demo(browser, session, config, cluster, token, background, tmp_p
     assert expected["live"] == 0 and Decimal(expected["budget"]["spent"]["exact"]) > 0
     assert Decimal(expected["cost"]["exact"]) == Decimal(expected["budget"]["spent"]["exact"])
     assert len(figures["nodes"]) == 3 and figures["points"] >= 2  # one per accepted debit note or invoice
+    providers = page.evaluate("""() => [...document.querySelectorAll("tr[data-provider]")].map(
+        row => row.children[2].textContent)""")
+    assert sorted(n for line in providers for n in re.findall(r"/(node\d+) \(terminated\)", line)) == sorted(
+        n["node_id"] for n in figures["nodes"])
     page.screenshot(path=str(tmp_path / "status-page-after-down.png"), full_page=True)
 
     # The token is in no answer the browser gets; a browser without the cookie gets 401 everywhere.
