@@ -1556,6 +1556,18 @@ class ClusterRecords:
             "AND created_at > ?", (provider_id, network, *failing, self.store.clock() - window_s)).fetchone()
         return row[0]
 
+    def state_logs(self, cluster_name: str) -> dict[str, list[str]]:
+        """Each recorded node's bring-up steps (the status page shows nodes no longer held in memory)."""
+        import json
+
+        return {row["node_id"]: json.loads(row["state_log"] or "[]") for row in self.store.conn.execute(
+            "SELECT node_id, state_log FROM nodes WHERE cluster_name = ?", (cluster_name,))}
+
+    def first_allocation_at(self, cluster_name: str) -> float | None:
+        """When the cluster's first allocation was made: where its spending chart starts."""
+        return self.store.conn.execute("SELECT MIN(created_at) FROM allocations WHERE cluster_name = ?",
+                                       (cluster_name,)).fetchone()[0]
+
     def has_cluster(self, name: str) -> bool:
         return self.store.conn.execute("SELECT 1 FROM clusters WHERE name = ?", (name,)).fetchone() is not None
 
@@ -3626,6 +3638,7 @@ class ClusterNode:
         self.node_type = self.tags.get(RAY_TAG_USER_NODE_TYPE) or self.tags.get(RAY_TAG_NODE_KIND) or "unknown"
         self.state = NodeState.PENDING
         self.state_log: list[str] = []
+        self.state_log_at: list[float] = []  # when each state_log line was written (the status page's "since")
         self.internal_ip: str | None = None
         self.external_ip: str | None = None
         self.vpn_ip: str | None = None
@@ -3656,6 +3669,7 @@ class ClusterNode:
 
     def log(self, message: str) -> None:
         self.state_log.append(message)
+        self.state_log_at.append(time.time())
         self.cluster.service.log.info("%s/%s: %s", self.cluster.name, self.node_id, message)
         self.touch()
 
@@ -3683,6 +3697,7 @@ class ClusterNode:
             "node_type": self.node_type,
             "state": self.state.value,
             "state_log": list(self.state_log),
+            "state_log_at": list(self.state_log_at),
             "tags": dict(self.tags),
             "internal_ip": self.internal_ip,
             "external_ip": self.external_ip,
@@ -4424,6 +4439,83 @@ def glm(amount) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+# --- Amounts for people ---------------------------------------------------------------
+# `glm()` above keeps every one of the 18 decimals (JSON, the ledger); people read these:
+# three significant digits (`0.0372 GLM`), never more than six decimals, and a group of
+# amounts shown together (a budget, a table and its total) shares one number of decimals
+# so that what is printed adds up. `status`, `costs`, the status page and the state log use them.
+
+AMOUNT_SIGNIFICANT_DIGITS = 3
+AMOUNT_MAX_DECIMALS = 6
+
+
+def amount_decimals(*amounts) -> int:
+    """Decimals that show the smallest non-zero amount with 3 significant digits (at most 6)."""
+    from decimal import Decimal
+
+    places = 0
+    for amount in amounts:
+        value = abs(Decimal(str(amount)))
+        if value:
+            places = max(places, AMOUNT_SIGNIFICANT_DIGITS - 1 - value.adjusted())
+    return max(0, min(AMOUNT_MAX_DECIMALS, places))
+
+
+def format_glm(amount, decimals: int | None = None, unit: str = "GLM") -> str:
+    """`0.037243465220196394` -> `0.0372 GLM`: rounded half-even to `decimals` (default: what
+    `amount_decimals` gives), trailing zeros dropped; a non-zero amount that would print as 0
+    is `< 0.000001`. `unit=""` leaves the unit off (table cells)."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    value = Decimal(str(amount))
+    places = amount_decimals(value) if decimals is None else decimals
+    shown = value.quantize(Decimal(1).scaleb(-places), ROUND_HALF_EVEN)
+    if value and not shown:
+        text = f"< {glm(Decimal(1).scaleb(-places))}"
+    else:
+        text = glm(shown)
+    return f"{text} {unit}" if unit else text
+
+
+def format_glm_sum(parts, unit: str = "GLM") -> tuple[list[str], str, str | None]:
+    """Parts and their total as shown together: every part rounded to one shared number of
+    decimals, the total the sum of the rounded parts (a column adds up as printed). The third
+    item says so when that sum differs from the exact total rounded alike, else None."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    values = [Decimal(str(p)) for p in parts]
+    exact = sum(values, Decimal(0))
+    places = amount_decimals(*values, exact)
+    step = Decimal(1).scaleb(-places)
+    rounded = [v.quantize(step, ROUND_HALF_EVEN) for v in values]
+    total = sum(rounded, Decimal(0))
+    note = None
+    if total != exact.quantize(step, ROUND_HALF_EVEN):
+        note = f"the parts are rounded: the exact total is {format_glm(exact, places, unit)}"
+    return [format_glm(v, places, unit) for v in values], format_glm(total, places, unit), note
+
+
+def format_budget(report: dict) -> dict[str, str]:
+    """A cluster's budget (`ClusterPayments.report`) for people: total_budget, spent, reserved and
+    remaining with shared decimals, `remaining` shown as the budget less the shown spent and
+    reserved, so the three add up to the budget as printed; `note` says when they cannot."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    budget, spent, reserved, remaining = (Decimal(report[k]) for k in ("total_budget", "spent", "reserved",
+                                                                          "remaining"))
+    places = max(amount_decimals(spent, reserved, remaining), -min(0, budget.normalize().as_tuple().exponent))
+    places = min(places, AMOUNT_MAX_DECIMALS)
+    step = Decimal(1).scaleb(-places)
+    spent_shown, reserved_shown = (v.quantize(step, ROUND_HALF_EVEN) for v in (spent, reserved))
+    left = budget.quantize(step, ROUND_HALF_EVEN) - spent_shown - reserved_shown
+    note = None
+    if left < 0:
+        left, note = Decimal(0), "spent and reserved exceed the budget"
+    return {"total_budget": format_glm(budget, places), "spent": format_glm(spent_shown, places),
+            "reserved": format_glm(reserved_shown, places), "remaining": format_glm(left, places),
+            "burn_rate_per_hour": format_glm(report["burn_rate_per_hour"], unit="GLM/h"), "note": note}
+
+
 def parse_amount(text, what: str):
     """A document's amount (a decimal string, docs/yagna-behaviour.md §3) as an exact Decimal."""
     from decimal import Decimal, InvalidOperation
@@ -4948,8 +5040,8 @@ class ClusterPayments:
         spent, reserved = self._commitment(cluster, now, stopping)
         if (spent + reserved) * 100 >= spending.budget * BUDGET_WARNING_PERCENT and cluster.name not in self.warned:
             self.warned.add(cluster.name)
-            message = (f"Budget warning: {glm(spent + reserved)} of total_budget {glm(spending.budget)} GLM "
-                       f"committed ({glm(spent)} spent)")
+            message = (f"Budget warning: {format_glm(spent + reserved)} of total_budget {format_glm(spending.budget)} "
+                       f"committed ({format_glm(spent)} spent)")
             for node in alive:
                 node.log(message)
         victims = []
@@ -4959,8 +5051,8 @@ class ClusterPayments:
             victims.append(victim)
             spent, reserved = self._commitment(cluster, now, stopping)
         for node in victims:
-            error = (f"stopped by the budget: total_budget {glm(spending.budget)} GLM cannot cover the running "
-                     f"nodes until their next payment ({glm(spent)} spent, {glm(reserved)} reserved)")
+            error = (f"stopped by the budget: total_budget {format_glm(spending.budget)} cannot cover the running "
+                     f"nodes until their next payment ({format_glm(spent)} spent, {format_glm(reserved)} reserved)")
             self.exhausted[cluster.name] = error
             self._stop_node(node, f"Stopping: {error}", error)
         return victims
@@ -4998,7 +5090,7 @@ class ClusterPayments:
         warning = None
         if committed * 100 >= budget * BUDGET_WARNING_PERCENT:
             warning = (f"{glm((committed * 100 / budget).quantize(Decimal('0.1')))}% of total_budget "
-                       f"{glm(budget)} GLM committed")
+                       f"{format_glm(budget)} committed")
         if cluster.name in self.exhausted:
             warning = self.exhausted[cluster.name]
         return {"total_budget": glm(budget), "spent": glm(spent), "reserved": glm(reserved.quantize(wei, ROUND_UP)),
@@ -5249,6 +5341,542 @@ class Router:
         return name, params
 
 
+# --- Status page (`ray-on-golem dashboard`) ------------------------------------------
+# A read-only page served by this webserver: clusters, budgets, spending over time, nodes
+# and their bring-up steps, the live market funnels, providers, warnings. Its HTML, CSS and
+# JS are the constants below (inside the pyz, nothing fetched from elsewhere); the page
+# polls GET /dashboard/data. The page never holds the bearer token: `ray-on-golem dashboard`
+# asks (with the token) for a one-time login code, and GET /login?code=... trades it for an
+# HttpOnly, SameSite=Strict session cookie. The cookie admits only the page's GET routes;
+# every route that changes something still needs the bearer token (no CSRF through the page).
+
+DASHBOARD_CODE_TTL_S = 120.0  # a login link works once, within this
+DASHBOARD_SESSION_TTL_S = 12 * 3600.0
+DASHBOARD_MAX_SESSIONS = 64  # oldest dropped first: codes nobody redeemed cannot pile up
+DASHBOARD_REFRESH_S = 2.0
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                 "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+class Response:
+    """A non-JSON answer of a route (page, script, redirect): `_respond` sends it as it is."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
+                 headers: list[str] | None = None):
+        self.status, self.body, self.content_type, self.headers = status, body, content_type, headers or []
+
+
+class LoginSessions:
+    """One-time login codes and the browser sessions they open; in memory (a restart logs out)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._codes: dict[str, float] = {}  # code -> expiry
+        self._sessions: dict[str, float] = {}  # session id -> expiry
+
+    def _purge(self) -> None:
+        now = self.clock()
+        for table in (self._codes, self._sessions):
+            for key in [k for k, expiry in table.items() if expiry <= now]:
+                del table[key]
+            while len(table) > DASHBOARD_MAX_SESSIONS:
+                del table[next(iter(table))]
+
+    def new_code(self) -> str:
+        import secrets
+
+        self._purge()
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = self.clock() + DASHBOARD_CODE_TTL_S
+        return code
+
+    def redeem(self, code: str) -> str | None:
+        """A new session id for a valid code, which is used up; None for an unknown, used or expired one."""
+        import secrets
+
+        self._purge()
+        if self._codes.pop(code, None) is None:
+            return None
+        session = secrets.token_urlsafe(32)
+        self._sessions[session] = self.clock() + DASHBOARD_SESSION_TTL_S
+        return session
+
+    def valid(self, session: str | None) -> bool:
+        expiry = self._sessions.get(session or "")
+        return expiry is not None and expiry > self.clock()
+
+
+class Dashboard:
+    """The status page of one webserver: login, the page's routes and the data it shows."""
+
+    PAGE_PATHS = ("/dashboard", "/dashboard/data", "/dashboard/app.js", "/dashboard/app.css")
+    LOGIN_PATH = "/login"
+
+    def __init__(self, server: "Webserver", clusters: "ClusterService", store: "Store"):
+        self.server = server  # its port, status() and network
+        self.clusters = clusters  # live clusters: nodes' steps, market funnels
+        self.store = store  # reputation and blocks
+        self.ledger = Ledger(store)
+        self.sessions = LoginSessions()
+
+    # -- who may see it -------------------------------------------------------------------
+
+    @property
+    def cookie_name(self) -> str:
+        return f"rog_session_{self.server.port}"  # cookies ignore ports: one name per webserver
+
+    def _local_host(self, request: Request) -> bool:
+        """The Host a browser sends for our URL (a DNS-rebound name never gets the cookie's routes)."""
+        return request.headers.get("host") in (f"{WEBSERVER_HOST}:{self.server.port}", f"localhost:{self.server.port}")
+
+    def _session(self, request: Request) -> str | None:
+        for part in request.headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.cookie_name:
+                return value
+        return None
+
+    def admits(self, request: Request) -> bool:
+        """Without the bearer token: the login route, and the page's GET routes with a live session."""
+        if request.method != "GET" or not self._local_host(request):
+            return False
+        if request.path == self.LOGIN_PATH:
+            return True  # the route checks the code itself
+        return request.path in self.PAGE_PATHS and self.sessions.valid(self._session(request))
+
+    def login_code(self) -> dict:
+        code = self.sessions.new_code()
+        return {"code": code, "url": f"http://{WEBSERVER_HOST}:{self.server.port}{self.LOGIN_PATH}?code={code}",
+                "expires_in_s": DASHBOARD_CODE_TTL_S}
+
+    def login(self, request: Request) -> Response:
+        session = self.sessions.redeem(request.query_params().get("code", ""))
+        if session is None:
+            return self._html(401, DASHBOARD_LOGIN_FAILED_HTML)
+        cookie = (f"{self.cookie_name}={session}; HttpOnly; SameSite=Strict; Path=/; "
+                  f"Max-Age={int(DASHBOARD_SESSION_TTL_S)}")
+        return Response(303, headers=[f"Set-Cookie: {cookie}", "Location: /dashboard", *self._security_headers()])
+
+    # -- the page ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _security_headers() -> list[str]:
+        return [f"Content-Security-Policy: {DASHBOARD_CSP}", "X-Content-Type-Options: nosniff",
+                "Referrer-Policy: no-referrer", "Cache-Control: no-store", "X-Frame-Options: DENY"]
+
+    def _html(self, status: int, text: str) -> Response:
+        return Response(status, text.encode(), "text/html; charset=utf-8", self._security_headers())
+
+    def page(self) -> Response:
+        return self._html(200, DASHBOARD_HTML)
+
+    def script(self) -> Response:
+        return Response(200, DASHBOARD_JS.encode(), "text/javascript; charset=utf-8", self._security_headers())
+
+    def style(self) -> Response:
+        return Response(200, DASHBOARD_CSS.encode(), "text/css; charset=utf-8", self._security_headers())
+
+    # -- what it shows ------------------------------------------------------------------------
+
+    def data(self) -> dict:
+        """Everything the page shows, the amounts exact and as people read them (format_glm)."""
+        server = self.server
+        status = server.status()
+        live = self.clusters.clusters
+        costs = {entry["cluster_name"]: entry for entry in cluster_costs(self.ledger)}
+        clusters = []
+        for name, counts in sorted(status["clusters"].items()):
+            clusters.append(self._cluster(name, counts, status["budgets"].get(name), costs.get(name), live.get(name)))
+        return {
+            "generated_at": time.time(),
+            "refresh_s": DASHBOARD_REFRESH_S,
+            "webserver": {"version": status["version"], "state": status["state"], "url": status["url"],
+                          "network": server.network, "uptime": format_duration(status["uptime"]),
+                          "yagna": status["yagna"]["kind"]},
+            "warnings": status["warnings"],
+            "clusters": clusters,
+            "providers": self._providers([(n["provider_id"], n["provider_name"], f"{c['name']}/{n['node_id']} ({n['state']})")
+                                          for c in clusters for n in c["nodes"] if n["provider_id"]]),
+        }
+
+    def _cluster(self, name: str, counts: dict, budget: dict | None, cost: dict | None, cluster) -> dict:
+        from decimal import Decimal
+
+        nodes = (cost or {}).get("nodes", [])
+        shown_costs, shown_total, note = format_glm_sum([n["cost"] for n in nodes])
+        logs = self.clusters.records.state_logs(name)
+        live_nodes = cluster.nodes if cluster is not None else {}
+        out_nodes = []
+        for node, shown in zip(nodes, shown_costs):
+            held = live_nodes.get(node["node_id"])
+            lines = held.state_log if held is not None else logs.get(node["node_id"], [])
+            times = held.state_log_at if held is not None else []
+            steps = [{"text": text, "at": times[i] if i < len(times) else None} for i, text in enumerate(lines)]
+            prices = node["prices"] or {}
+            out_nodes.append({
+                "node_id": node["node_id"], "node_type": node["node_type"], "state": node["state"],
+                "provider_name": node["provider_name"], "provider_id": node["provider_id"],
+                "prices": {k: format_glm(prices[k], unit="GLM/h" if k != "start" else "GLM")
+                           for k in ("start", "cpu_per_hour", "env_per_hour") if prices.get(k) not in (None, "")},
+                "runtime": format_duration(node["runtime_s"]), "cost": node["cost"], "cost_shown": shown,
+                "steps": steps, "error": held.error if held is not None else None,
+            })
+        out_nodes.sort(key=lambda n: (n["state"] == "terminated", n["node_id"]))
+        entry = {
+            "name": name, "state": (cost or {}).get("state", "unknown"), "network": (cost or {}).get("network"),
+            "counts": counts, "live_nodes": sum(n for state, n in counts.items() if state != "terminated"),
+            "cost": (cost or {}).get("cost", "0"), "cost_shown": shown_total, "cost_note": note,
+            "budget": budget, "budget_shown": format_budget(budget) if budget else None,
+            "nodes": out_nodes, "spending": self._spending(name), "funnels": self._funnels(cluster),
+        }
+        if budget:
+            total = Decimal(budget["total_budget"]) or Decimal(1)
+            entry["budget_fractions"] = {k: float(Decimal(budget[k]) / total) for k in ("spent", "reserved", "remaining")}
+        return entry
+
+    def _spending(self, name: str) -> dict:
+        """The cluster's spending over time: one point per accepted debit note or invoice (cumulative)."""
+        from decimal import Decimal
+
+        points, total = [], Decimal(0)
+        for row in self.ledger.rows(name):
+            if row["status"] not in ("accepting", "accepted") or not Decimal(row["spent"] or "0"):
+                continue
+            total += Decimal(row["spent"])
+            points.append({"at": row["settled_at"] or row["created_at"], "spent": glm(total), "kind": row["kind"]})
+        points.sort(key=lambda p: p["at"])
+        for point in points:
+            point["shown"] = format_glm(point["spent"])
+        return {"start": self.clusters.records.first_allocation_at(name), "points": points}
+
+    @staticmethod
+    def _funnels(cluster) -> list[dict]:
+        """The live market funnel of each node type the cluster rents (network-stats' counts)."""
+        if cluster is None:
+            return []
+        out = []
+        for key, pipeline in list(cluster.pipelines.items()):
+            types = sorted({n.node_type for n in cluster.nodes.values()
+                            if json.dumps(n.node_config, sort_keys=True) == key})
+            funnel = pipeline.funnel.as_dict()
+            out.append({"node_types": types, "funnel": funnel["funnel"], "errors": funnel["errors"]})
+        return out
+
+    def _providers(self, rented: list[tuple[str, str | None, str]], limit: int = 40) -> list[dict]:
+        """Providers of this network with reputation and blocks: the ones the page's nodes rented
+        (`rented`: provider id, name, node), then the blocked and scored ones, best first."""
+        store, network = self.store, self.server.network
+        names: dict[str, str | None] = {}
+        nodes: dict[str, list[str]] = {}
+        for provider_id, name, node in rented:
+            names[provider_id] = names.get(provider_id) or name
+            nodes.setdefault(provider_id, []).append(node)
+        rows = {r["node_id"]: r for r in store.reputation([network])}
+        out = [{"node_id": node_id, "name": row.get("name") or names.get(node_id),
+                "nodes": nodes.get(node_id, []), "score": row.get("score"),
+                "success_rate": row.get("success_rate"), "uptime": row.get("uptime"),
+                "blocked": bool(row.get("blocked")), "reason": row.get("reason"),
+                "blocked_until": format_time(row["blocked_until"]) if row.get("blocked_until") else None}
+               for node_id, row in [*rows.items(), *((n, {}) for n in names if n not in rows)]]
+        out.sort(key=lambda p: (not p["nodes"], not p["blocked"], -(p["score"] or 0), p["node_id"]))
+        return out[:limit]
+
+
+DASHBOARD_LOGIN_FAILED_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Ray on Golem: login link used up</title>
+<link rel="icon" href="data:,"></head>
+<body><main><h1>This login link is used up or expired</h1>
+<p>Each link opens the status page once, within two minutes. Run <code>ray-on-golem dashboard</code> for a new one.</p>
+</main></body></html>
+"""
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Ray on Golem</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/dashboard/app.css">
+<script src="/dashboard/app.js" defer></script></head>
+<body><header><h1>Ray on Golem</h1><div id="server">loading…</div></header>
+<main><section id="warnings"></section><section id="clusters"></section>
+<section id="providers-section"><h2>Providers</h2><div id="providers"></div></section></main>
+<footer id="updated"></footer></body></html>
+"""
+
+DASHBOARD_CSS = """
+:root { --ink: #1d2330; --muted: #667085; --line: #e3e6ec; --spent: #3b5bdb; --reserved: #f08c00;
+        --remaining: #d3f9d8; --bad: #c92a2a; --card: #ffffff; --bg: #f5f6f8; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); background: var(--bg); }
+header { display: flex; align-items: baseline; gap: 1.5em; padding: .8em 1.5em; background: #1d2330; color: #fff; }
+header h1 { margin: 0; font-size: 1.3em; }
+#server { color: #c9d1e0; }
+main { padding: 1em 1.5em; max-width: 1200px; }
+h2 { font-size: 1.15em; margin: .2em 0 .6em; }
+h3 { font-size: 1em; margin: 1em 0 .4em; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 1em 1.2em; margin-bottom: 1.2em; }
+.muted { color: var(--muted); }
+.warn { background: #fff4e6; border: 1px solid #ffd8a8; border-radius: 6px; padding: .4em .8em; margin: .3em 0; }
+.bad { color: var(--bad); }
+.state { display: inline-block; padding: 0 .5em; border-radius: 1em; background: #edf2ff; font-size: .9em; }
+.state.terminated, .state.stopped { background: #f1f3f5; color: var(--muted); }
+.state.pending { background: #fff4e6; }
+.state.running { background: #d3f9d8; }
+.counts { margin-left: .6em; }
+.bar { width: 100%; height: 16px; display: block; border-radius: 4px; }
+.bar .spent { fill: var(--spent); } .bar .reserved { fill: var(--reserved); } .bar .remaining { fill: var(--remaining); }
+.legend span { margin-right: 1.2em; white-space: nowrap; }
+.swatch { display: inline-block; width: .8em; height: .8em; border-radius: 2px; margin-right: .3em; vertical-align: -1px; }
+.swatch.spent { background: var(--spent); } .swatch.reserved { background: var(--reserved); }
+.swatch.remaining { background: var(--remaining); border: 1px solid #b2f2bb; }
+svg.spend { width: 100%; max-width: 640px; height: 180px; display: block; }
+svg.spend .axis { stroke: #adb5bd; stroke-width: 1; }
+svg.spend .line { fill: none; stroke: var(--spent); stroke-width: 2; }
+svg.spend .point { fill: var(--spent); }
+svg.spend text { font-size: 11px; fill: var(--muted); }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3em .6em .3em 0; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: .9em; }
+td.num, th.num { text-align: right; }
+details.steps summary { cursor: pointer; }
+ol.steps { margin: .2em 0 0; padding-left: 1em; list-style: none; font-size: .9em; }
+td.num, td.nowrap { white-space: nowrap; }
+ol.steps li { color: var(--muted); }
+ol.steps li.current { color: var(--ink); font-weight: 600; }
+.stuck { color: var(--reserved); font-weight: 600; }
+.funnel td.barcell { width: 45%; }
+.funnel .fbar { height: 10px; background: var(--spent); border-radius: 3px; min-width: 1px; }
+footer { padding: 0 1.5em 1.5em; color: var(--muted); font-size: .85em; }
+code { background: #f1f3f5; padding: 0 .3em; border-radius: 3px; }
+"""
+
+DASHBOARD_JS = r"""
+"use strict";
+// The status page: polls /dashboard/data and draws it. Text goes in with textContent only
+// (provider names come from the market); amounts arrive formatted by the server.
+const SVG = "http://www.w3.org/2000/svg";
+let refreshMs = 2000, timer = null;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v !== null && v !== undefined) node.setAttribute(k, v);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(typeof child === "string" || typeof child === "number" ? String(child) : child);
+  }
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function clock(ts) {
+  return ts ? new Date(ts * 1000).toLocaleTimeString([], {hour12: false}) : "";
+}
+
+function ago(seconds) {
+  seconds = Math.max(0, Math.round(seconds));
+  const m = Math.floor(seconds / 60), s = seconds % 60, h = Math.floor(m / 60);
+  return h ? `${h}h ${m % 60}m` : m ? `${m}m ${s}s` : `${s}s`;
+}
+
+function budgetBar(cluster) {
+  const shown = cluster.budget_shown, f = cluster.budget_fractions;
+  const box = el("div", {"class": "budget"});
+  const bar = svg("svg", {"class": "bar", viewBox: "0 0 1000 16", preserveAspectRatio: "none", role: "img"});
+  let x = 0;
+  for (const part of ["spent", "reserved", "remaining"]) {
+    const w = Math.max(0, Math.min(1000 - x, f[part] * 1000));
+    const rect = svg("rect", {"class": part, x: x, y: 0, width: w, height: 16});
+    rect.append(svg("title", {}, `${shown[part]} ${part}`));
+    bar.append(rect);
+    x += w;
+  }
+  box.append(bar);
+  const legend = el("div", {"class": "legend"});
+  for (const part of ["spent", "reserved", "remaining"]) {
+    legend.append(el("span", {}, el("i", {"class": "swatch " + part}),
+      el("b", {"data-role": "budget-" + part, "data-exact": cluster.budget[part]}, shown[part]), " " + part));
+  }
+  legend.append(el("span", {}, "of ", el("b", {"data-role": "budget-total", "data-exact": cluster.budget.total_budget},
+                                        shown.total_budget)));
+  legend.append(el("span", {}, "burn rate up to ",
+    el("b", {"data-role": "burn-rate", "data-exact": cluster.budget.burn_rate_per_hour}, shown.burn_rate_per_hour)));
+  box.append(legend);
+  if (shown.note) box.append(el("div", {"class": "muted"}, shown.note));
+  if (cluster.budget.warning) box.append(el("div", {"class": "warn", "data-role": "budget-warning"}, cluster.budget.warning));
+  return box;
+}
+
+function spendChart(cluster, now) {
+  const spending = cluster.spending, points = spending.points;
+  const W = 640, H = 180, L = 92, R = 12, T = 12, B = 26;
+  const chart = svg("svg", {"class": "spend", viewBox: `0 0 ${W} ${H}`, role: "img",
+                            "data-points": points.length});
+  chart.append(svg("title", {}, `Spending of ${cluster.name} over time`));
+  const t0 = spending.start || (points.length ? points[0].at : now);
+  const t1 = Math.max(now, t0 + 1);
+  const ymax = Math.max(1e-18, ...points.map(p => Number(p.spent)));
+  const X = t => L + (t - t0) / (t1 - t0) * (W - L - R);
+  const Y = v => H - B - v / ymax * (H - B - T);
+  chart.append(svg("line", {"class": "axis", x1: L, y1: H - B, x2: W - R, y2: H - B}));
+  chart.append(svg("line", {"class": "axis", x1: L, y1: T, x2: L, y2: H - B}));
+  chart.append(svg("text", {x: L - 6, y: T + 4, "text-anchor": "end"}, points.length ? points[points.length - 1].shown : "0 GLM"));
+  chart.append(svg("text", {x: L - 6, y: H - B, "text-anchor": "end"}, "0"));
+  chart.append(svg("text", {x: L, y: H - 8}, clock(t0)));
+  chart.append(svg("text", {x: W - R, y: H - 8, "text-anchor": "end"}, clock(t1)));
+  let path = `M ${X(t0)} ${Y(0)}`, last = 0;
+  for (const p of points) {
+    path += ` L ${X(p.at)} ${Y(last)} L ${X(p.at)} ${Y(Number(p.spent))}`;
+    last = Number(p.spent);
+  }
+  path += ` L ${X(t1)} ${Y(last)}`;
+  chart.append(svg("path", {"class": "line", d: path}));
+  for (const p of points) {
+    const dot = svg("circle", {"class": "point", cx: X(p.at), cy: Y(Number(p.spent)), r: 3.5,
+                               "data-spent": p.spent});
+    dot.append(svg("title", {}, `${clock(p.at)}: ${p.shown} spent (${p.kind.replace("_", " ")})`));
+    chart.append(dot);
+  }
+  if (!points.length) chart.append(svg("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "nothing paid yet"));
+  return chart;
+}
+
+const openSteps = new Set();  // nodes whose step list the user opened: kept open across refreshes
+
+function stepList(node, now) {
+  // The latest step as the summary (a pending node: since when); every numbered step inside.
+  const box = el("details", {"class": "steps", "data-node": node.node_id});
+  box.open = node.state === "pending" || openSteps.has(node.node_id);
+  box.addEventListener("toggle", () => box.open ? openSteps.add(node.node_id) : openSteps.delete(node.node_id));
+  const last = node.steps[node.steps.length - 1];
+  const summary = el("summary", {}, last ? last.text : "waiting to start");
+  if (last && node.state === "pending" && last.at) {
+    summary.append(el("span", {"class": "stuck", "data-role": "since"}, ` since ${clock(last.at)} (${ago(now - last.at)})`));
+  }
+  box.append(summary);
+  const list = el("ol", {"class": "steps"});
+  node.steps.forEach((step, i) => {
+    const item = el("li", {"class": i === node.steps.length - 1 ? "current step" : "step"}, step.text);
+    if (step.at) item.append(el("span", {"class": "muted"}, " " + clock(step.at)));
+    list.append(item);
+  });
+  box.append(list);
+  return box;
+}
+
+function nodesTable(cluster, now) {
+  const table = el("table", {"class": "nodes"});
+  table.append(el("thead", {}, el("tr", {}, ...["node", "type", "state", "provider", "start", "cpu/h", "env/h",
+    "runtime", "cost", "steps"].map(h => el("th", {"class": ["cost", "runtime"].includes(h) ? "num" : null}, h)))));
+  const body = el("tbody");
+  for (const n of cluster.nodes) {
+    body.append(el("tr", {"class": "node", "data-node": n.node_id, "data-state": n.state},
+      el("td", {}, n.node_id), el("td", {}, n.node_type),
+      el("td", {}, el("span", {"class": "state " + n.state}, n.state)),
+      el("td", {title: n.provider_id || ""}, n.provider_name || n.provider_id || "–"),
+      el("td", {}, n.prices.start || ""), el("td", {}, n.prices.cpu_per_hour || ""),
+      el("td", {}, n.prices.env_per_hour || ""), el("td", {"class": "num"}, n.runtime),
+      el("td", {"class": "num", "data-role": "node-cost", "data-exact": n.cost}, n.cost_shown),
+      el("td", {}, stepList(n, now), n.error ? el("div", {"class": "bad"}, n.error) : null)));
+  }
+  table.append(body);
+  table.append(el("tfoot", {}, el("tr", {}, el("td", {colspan: 8}, "total"),
+    el("td", {"class": "num", "data-role": "cluster-cost", "data-exact": cluster.cost}, cluster.cost_shown),
+    el("td", {"class": "muted"}, cluster.cost_note || ""))));
+  return table;
+}
+
+function funnelBox(funnel) {
+  const box = el("div", {"class": "funnel"});
+  box.append(el("h3", {}, "Market funnel: " + (funnel.node_types.join(", ") || "node type")));
+  const max = Math.max(1, ...funnel.funnel.map(s => s.count));
+  const table = el("table");
+  for (const stage of funnel.funnel) {
+    const bar = el("div", {"class": "fbar"});
+    bar.style.width = `${stage.count / max * 100}%`;
+    table.append(el("tr", {"data-stage": stage.stage}, el("td", {}, stage.stage),
+      el("td", {"class": "num", "data-role": "stage-count"}, stage.count), el("td", {"class": "barcell"}, bar)));
+  }
+  box.append(table);
+  if (funnel.errors.length) {
+    box.append(el("h3", {}, "Negotiation errors"));
+    const errors = el("table", {"class": "errors"});
+    for (const e of funnel.errors) errors.append(el("tr", {}, el("td", {}, e.reason), el("td", {"class": "num"}, e.count)));
+    box.append(errors);
+  }
+  return box;
+}
+
+function clusterCard(cluster, now) {
+  const card = el("article", {"class": "card cluster", "data-cluster": cluster.name});
+  const counts = Object.entries(cluster.counts).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(", ");
+  card.append(el("h2", {}, cluster.name, " ", el("span", {"class": "state " + cluster.state}, cluster.state),
+    el("span", {"class": "counts muted"}, el("b", {"data-role": "live-nodes"}, cluster.live_nodes),
+       " live node" + (cluster.live_nodes === 1 ? "" : "s") + (counts ? ` (${counts})` : ""))));
+  if (cluster.budget) card.append(el("h3", {}, "Budget ", el("span", {"class": "muted"}, "(this run)")), budgetBar(cluster));
+  card.append(el("h3", {}, "Spending over time ", el("span", {"class": "muted"}, "(every run of this cluster)")),
+              spendChart(cluster, now));
+  card.append(el("h3", {}, "Nodes"), nodesTable(cluster, now));
+  for (const funnel of cluster.funnels) card.append(funnelBox(funnel));
+  return card;
+}
+
+function providersTable(providers) {
+  if (!providers.length) return el("p", {"class": "muted"}, "No providers known yet.");
+  const table = el("table");
+  table.append(el("thead", {}, el("tr", {}, ...["provider", "name", "our nodes", "score", "success", "uptime",
+    "blocked"].map(h => el("th", {}, h)))));
+  const fmt = v => v === null || v === undefined ? "" : Number(v).toFixed(3);
+  for (const p of providers) {
+    const blocked = p.blocked ? `yes${p.blocked_until ? " until " + p.blocked_until : ""}${p.reason ? ": " + p.reason : ""}` : "no";
+    table.append(el("tr", {"class": p.blocked ? "bad" : null, "data-provider": p.node_id}, el("td", {}, p.node_id),
+      el("td", {}, p.name || ""), el("td", {}, p.nodes.join(", ")), el("td", {}, fmt(p.score)), el("td", {}, fmt(p.success_rate)), el("td", {}, fmt(p.uptime)), el("td", {}, blocked)));
+  }
+  return table;
+}
+
+function render(data) {
+  const now = data.generated_at, ws = data.webserver;
+  document.getElementById("server").textContent =
+    `${ws.version} · ${ws.state} · ${ws.network} network (${ws.yagna}) · up ${ws.uptime} · ${ws.url}`;
+  const warnings = document.getElementById("warnings");
+  warnings.replaceChildren(...data.warnings.map(w => el("div", {"class": "warn server-warning"}, w)));
+  const clusters = document.getElementById("clusters");
+  clusters.replaceChildren(...(data.clusters.length ? data.clusters.map(c => clusterCard(c, now))
+    : [el("p", {"class": "card muted"}, "No clusters yet: `ray up` one.")]));
+  document.getElementById("providers").replaceChildren(providersTable(data.providers));
+  const updated = document.getElementById("updated");
+  updated.textContent = "Updated " + clock(now);
+  updated.setAttribute("data-generated-at", String(now));
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/dashboard/data", {credentials: "same-origin", cache: "no-store"});
+    if (response.status === 401) {
+      document.getElementById("updated").textContent =
+        "Signed out (the webserver restarted or the session expired): run `ray-on-golem dashboard` again.";
+      return;
+    }
+    const data = await response.json();
+    refreshMs = (data.refresh_s || 2) * 1000;
+    render(data);
+  } catch (e) {
+    document.getElementById("updated").textContent = "The webserver does not answer (stopped?): " + e;
+  }
+  timer = setTimeout(refresh, refreshMs);
+}
+
+document.addEventListener("DOMContentLoaded", refresh);
+"""
+
+
 class WebserverHandler:
     """The webserver's routes, in the style of `http.server`: one coroutine method per route.
 
@@ -5274,6 +5902,13 @@ class WebserverHandler:
         ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
+        # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
+        ("POST", "/dashboard/login-codes", "dashboard_login_code"),
+        ("GET", "/login", "dashboard_login"),
+        ("GET", "/dashboard", "dashboard_page"),
+        ("GET", "/dashboard/app.js", "dashboard_script"),
+        ("GET", "/dashboard/app.css", "dashboard_style"),
+        ("GET", "/dashboard/data", "dashboard_data"),
     )
 
     def __init__(self, server: "Webserver", clusters: "ClusterService"):
@@ -5362,6 +5997,28 @@ class WebserverHandler:
     async def costs(self, request: Request) -> dict:
         return self.clusters.payments.costs(request.query_params().get("cluster") or None)
 
+    # -- the status page (Dashboard) ----------------------------------------------------
+
+    async def dashboard_login_code(self, request: Request) -> dict:
+        request.fields({})
+        return self.server.dashboard.login_code()
+
+    async def dashboard_login(self, request: Request) -> Response:
+        return self.server.dashboard.login(request)
+
+    async def dashboard_page(self, request: Request) -> Response:
+        return self.server.dashboard.page()
+
+    async def dashboard_script(self, request: Request) -> Response:
+        return self.server.dashboard.script()
+
+    async def dashboard_style(self, request: Request) -> Response:
+        return self.server.dashboard.style()
+
+    async def dashboard_data(self, request: Request) -> dict:
+        return self.server.dashboard.data()
+
+
 
 # Request headers: no control characters but tab (NUL, CR, ...); these may come once (a repeat with
 # another value is a 400: two parsers could read different bodies or identities).
@@ -5383,7 +6040,8 @@ class HttpTransport:
 
     def __init__(self, dispatch, host: str, port: int, authorized=None):
         self.dispatch = dispatch
-        # (headers) -> bool, asked before any body byte is read: a stranger's body is never read.
+        # (request head, body not read yet) -> bool, asked before any body byte is read: a stranger's
+        # body is never read.
         self.authorized = authorized
         self.host, self.port = host, port
         self.closing = False  # once set, every answer closes its connection
@@ -5539,7 +6197,7 @@ class HttpTransport:
         length = int(length_text)
         if length > MAX_REQUEST_BODY:
             raise PayloadTooLarge(f"request body over {MAX_REQUEST_BODY} bytes")
-        if self.authorized is not None and not self.authorized(headers):
+        if self.authorized is not None and not self.authorized(Request(method, target, version, headers, b"")):
             raise Unauthorized(UNAUTHORIZED_MESSAGE)
         if length and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a large body
@@ -5553,13 +6211,16 @@ class HttpTransport:
         await self._respond(writer, status, {"error": message}, False, headers)
 
     @staticmethod
-    async def _respond(writer, status: int, payload: dict, keep_alive: bool, headers: dict | None = None) -> None:
+    async def _respond(writer, status: int, payload, keep_alive: bool, headers: dict | None = None) -> None:
         import json
         from http import HTTPStatus
 
-        body = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}"]  # fmt: skip
+        if isinstance(payload, Response):  # the status page's HTML, script, redirect
+            status, body, content_type, extra = payload.status, payload.body, payload.content_type, payload.headers
+        else:
+            body, content_type, extra = json.dumps(payload).encode(), "application/json", []
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status) or HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
+                f"Content-Length: {len(body)}", *extra]  # fmt: skip
         if not keep_alive:
             head.append("Connection: close")
         if status == 401:
@@ -5597,6 +6258,7 @@ class Webserver:
         self.cluster_service = ClusterService(network, self.store, self.yagna, lambda: self.state)
         self.router = Router(self.handler_class.ROUTES)
         self.handler = self.handler_class(self, self.cluster_service)
+        self.dashboard = Dashboard(self, self.cluster_service, self.store)
         self.transport = HttpTransport(self._dispatch, WEBSERVER_HOST, port, self._authorized)
         self.exit_code = 0
         self._token = b""
@@ -5822,11 +6484,13 @@ class Webserver:
 
     # -- requests ----------------------------------------------------------------
 
-    def _authorized(self, headers: dict) -> bool:
+    def _authorized(self, request: Request) -> bool:
         """The bearer token, checked before routing or reading a body: a stranger learns nothing."""
         import hmac
 
-        return bool(self._token) and hmac.compare_digest(headers.get("authorization", "").encode(), self._token)
+        # The status page's login route and, with its session cookie, its GET routes need no token.
+        return ((bool(self._token) and hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token))
+                or self.dashboard.admits(request))
 
     async def _dispatch(self, request: Request) -> tuple[int, dict, dict | None]:
         """Route and call the handler (the transport checked the token); every failure becomes a
@@ -6201,9 +6865,11 @@ def format_status(report: dict) -> str:
             lines.append(f"\t{name}: {summary}")
             budget = (status.get("budgets") or {}).get(name)
             if budget:
-                lines.append(f"\t  budget {budget['total_budget']} GLM: {budget['spent']} spent, "
-                             f"{budget['reserved']} reserved, {budget['remaining']} remaining; "
-                             f"burn rate up to {budget['burn_rate_per_hour']} GLM/h")
+                shown = format_budget(budget)
+                lines.append(f"\t  budget {shown['total_budget']}: {shown['spent']} spent, "
+                             f"{shown['reserved']} reserved, {shown['remaining']} remaining"
+                             f"{' (' + shown['note'] + ')' if shown['note'] else ''}; "
+                             f"burn rate up to {shown['burn_rate_per_hour']}")
                 if budget.get("warning"):
                     lines.append(f"\t  warning: {budget['warning']}")
     else:
@@ -7299,6 +7965,8 @@ def cmd_stop(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if args.watch:
+        return _watch_status(args)
     report = webserver_status(_datadir(args), args.port)
     if args.json:
         _print_json(report)
@@ -7306,6 +7974,60 @@ def cmd_status(args) -> int:
         text = format_status(report)
         first, _, rest = text.partition("\n")
         print(_paint(first, "cyan" if report["running"] else "yellow"), *([rest] if rest else []), sep="\n")
+    return EXIT_OK
+
+
+def _watch_status(args) -> int:
+    """`status --watch`: the same text every `--interval` s, redrawn in place on a terminal
+    (ANSI home + clear), one block after another otherwise; `--json` prints one object a line."""
+    import json
+
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            report = webserver_status(_datadir(args), args.port)
+            if args.json:
+                print(json.dumps(report, default=str), flush=True)
+            else:
+                text = format_status(report)
+                first, _, rest = text.partition("\n")
+                stamp = time.strftime("%H:%M:%S")
+                screen = "\n".join([_paint(first, "cyan" if report["running"] else "yellow"), *([rest] if rest else []),
+                                    f"(every {args.interval:g} s, {stamp}; Ctrl-C to stop)"])
+                print(("\033[H\033[2J" if tty else "") + screen + ("" if tty else "\n"), flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_dashboard(args) -> int:
+    """Print a one-time login URL of the status page and open it in a browser where there is one."""
+    datadir = _datadir(args)
+    client = WebserverClient(datadir, args.port)
+    try:
+        if client.status() is None:
+            raise ServiceUnavailable(f"no webserver answers on {client.url}: `ray up` or `ray-on-golem start` first")
+        login = client.request("POST", "/dashboard/login-codes")
+    finally:
+        client.close()
+    print(f"Status page of the webserver on {client.url} (the link works once, "
+          f"within {login['expires_in_s']:.0f} s):")
+    print(f"  {login['url']}")
+    if args.no_browser:
+        return EXIT_OK
+    # A console browser (lynx, w3m) cannot run the page: only a graphical one is opened.
+    graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    opened = False
+    if graphical:
+        import webbrowser
+
+        try:
+            opened = webbrowser.open(login["url"], new=2)
+        except webbrowser.Error:
+            opened = False
+    if not opened:
+        print(f"No graphical browser here: open the link in one that reaches 127.0.0.1:{client.port} "
+              f"(from another machine: `ssh -L {client.port}:127.0.0.1:{client.port} THIS_HOST`).")
     return EXIT_OK
 
 
@@ -7354,7 +8076,29 @@ def _add_status(commands, common) -> None:
                                         "nothing answers, what the pid file says.")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=_interval_arg, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes with --watch (default: 2)")
     p.set_defaults(func=cmd_status)
+
+
+def _interval_arg(value: str) -> float:
+    import argparse  # already loaded by build_parser
+
+    seconds = _seconds_arg(value)
+    if seconds < 0.1:
+        raise argparse.ArgumentTypeError(f"{value!r} is below 0.1 seconds")
+    return seconds
+
+
+def _add_dashboard(commands, common) -> None:
+    p = commands.add_parser("dashboard", parents=[common], help="open the status page in a browser",
+                            description="Print a one-time login link of the webserver's status page (clusters, "
+                                        "budgets, spending, nodes and their steps, market, providers) and open "
+                                        "it in a browser where there is one.")  # fmt: skip
+    p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    p.add_argument("--no-browser", action="store_true", help="only print the link")
+    p.set_defaults(func=cmd_dashboard)
 
 
 # --- network-stats --------------------------------------------------------------
@@ -7607,21 +8351,29 @@ def cmd_costs(args) -> int:
         print("No clusters found.")
         return EXIT_OK
     for entry in report["clusters"]:
+        # The node costs with shared decimals; the cluster's total is their sum as printed.
+        costs, total, note = format_glm_sum([node["cost"] for node in entry["nodes"]], unit="")
+        budget_text = format_glm(entry["total_budget"]) if entry["total_budget"] else "(none)"
         print(_paint(f"Cluster {entry['cluster_name']} ({entry['network']}, {entry['state']}): "
-                     f"{entry['cost']} GLM of total_budget {entry['total_budget']}", "cyan"))
+                     f"{total or '0'} GLM of total_budget {budget_text}", "cyan"))
+        if note:
+            print(f"  ({note})")
         budget = entry.get("budget")
         if budget:
-            print(f"  {budget['spent']} spent, {budget['reserved']} reserved, {budget['remaining']} remaining; "
-                  f"burn rate up to {budget['burn_rate_per_hour']} GLM/h")
+            shown = format_budget(budget)
+            print(f"  {shown['spent']} spent, {shown['reserved']} reserved, {shown['remaining']} remaining"
+                  f"{' (' + shown['note'] + ')' if shown['note'] else ''}; "
+                  f"burn rate up to {shown['burn_rate_per_hour']}")
             if budget.get("warning"):
                 _warn(f"cluster {entry['cluster_name']}: {budget['warning']}")
         rows = []
-        for node in entry["nodes"]:
+        for node, cost in zip(entry["nodes"], costs):
             prices = node["prices"] or {}
             provider = node["provider_name"] or node["provider_id"] or ""
             rows.append([node["node_id"], node["node_type"], node["state"], provider,
-                         prices.get("start", ""), prices.get("cpu_per_hour", ""), prices.get("env_per_hour", ""),
-                         format_duration(node["runtime_s"]), node["cost"]])
+                         *(format_glm(prices[k], unit="") if prices.get(k) not in (None, "") else ""
+                           for k in ("start", "cpu_per_hour", "env_per_hour")),
+                         format_duration(node["runtime_s"]), cost])
         _print_table(["NODE", "TYPE", "STATE", "PROVIDER", "START", "CPU/H", "ENV/H", "RUNTIME", "COST (GLM)"], rows)
     return EXIT_OK
 
@@ -7673,6 +8425,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_start(commands, common)
     _add_stop(commands, common)
     _add_status(commands, common)
+    _add_dashboard(commands, common)
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     _add_ssh_proxy(commands, common)

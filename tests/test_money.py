@@ -318,14 +318,18 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     assert all(n["prices"] == {"start": "0.01", "cpu_per_hour": "1.8", "env_per_hour": "36", "cpu_threads": 2}
                for n in cluster["nodes"])
 
-    # What a user sees: `status` per cluster, `costs` per node.
+    # What a user sees: `status` per cluster, `costs` per node, amounts rounded to what matters.
     status = money.cli("status")
     assert status.returncode == 0, status.stderr
-    assert f"budget 1.4 GLM: {rog.glm(spent)} spent, 0 reserved, " in status.stdout, status.stdout
+    shown = rog.format_budget(report["budgets"]["c1"])
+    assert shown["reserved"] == "0 GLM" and len(shown["spent"].split()[0]) <= len("0.123456")
+    assert f"budget 1.4 GLM: {shown['spent']} spent, 0 GLM reserved, {shown['remaining']} remaining" in status.stdout
     assert "warning: stopped by the budget" in status.stdout
     table = money.cli("costs", "c1")
     assert table.returncode == 0, table.stderr
-    assert f"{rog.glm(spent)} GLM of total_budget 1.4" in table.stdout
+    node_costs, total, _ = rog.format_glm_sum([n["cost"] for n in cluster["nodes"]])
+    assert f"{total} of total_budget 1.4 GLM" in table.stdout
+    assert all(f" {c.split()[0]}\n" in table.stdout or table.stdout.endswith(f" {c.split()[0]}") for c in node_costs)
     assert all(n["node_id"] in table.stdout for n in (head, older, newer)) and "p-1" in table.stdout
 
     assert money.call("GET", "/costs?cluster=nope")[0] == 404
@@ -446,7 +450,8 @@ def test_costs_reads_the_ledger_when_no_webserver_runs(tmp_path, run_cli, datadi
     assert cluster["cost"] == node["cost"] == "0.300000000000000001"  # exact, not a float
     assert node["provider_name"] == "p-9" and node["runtime_s"] == 60.0 and node["prices"]["cpu_per_hour"] == "9"
     table = run_cli("costs")
-    assert table.returncode == 0 and "node7" in table.stdout and "0.300000000000000001" in table.stdout
+    assert table.returncode == 0 and "node7" in table.stdout
+    assert "0.3 GLM of total_budget 1.5 GLM" in table.stdout and "0.300000000000000001" not in table.stdout  # for people
     assert "1m" in table.stdout  # the runtime, for people
     missing = run_cli("costs", "nope")
     assert missing.returncode == 1 and "no cluster named 'nope'" in missing.stderr
