@@ -265,12 +265,19 @@ def test_dashboard_without_a_webserver_says_so(tmp_path, run_cli):
 # --- status --watch -------------------------------------------------------------------------------
 
 
+def interactive_sigint() -> None:
+    """Ctrl-C as in a terminal: a shell's background job (`pytest ... &`) ignores SIGINT, and its
+    children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_watch_redraws_in_place_on_a_terminal_and_ctrl_c_exits_0(page_session):
     session = page_session
     command = [sys.executable, str(REPO / "ray_on_golem.py"), "status", "--watch", "--interval", "0.3",
                "--port", str(session.port)]
     master, slave = pty.openpty()
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=session.env)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=session.env,
+                            preexec_fn=interactive_sigint)
     os.close(slave)
     seen = b""
     try:
@@ -299,7 +306,7 @@ def test_status_watch_redraws_in_place_on_a_terminal_and_ctrl_c_exits_0(page_ses
     # Not a terminal: block after block, no escape codes; --json: one object a line.
     for extra, marker in (((), "Ray on Golem webserver"), (("--json",), '"running": true')):
         proc = subprocess.Popen([*command, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=session.env)
+                                stderr=subprocess.PIPE, text=True, env=session.env, preexec_fn=interactive_sigint)
         lines = []
         try:
             while sum(marker in line for line in lines) < 2:
