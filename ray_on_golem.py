@@ -6034,8 +6034,9 @@ class HttpTransport:
     and a reaper for idle or slow clients. Each parsed Request goes to `dispatch`, a coroutine
     returning `(status, JSON payload, extra headers)`.
 
-    golem_localnet.py keeps a copy of the parser (the two files never import each other);
-    tests/test_http_core.py runs one table of requests against both and keeps them answering alike.
+    golem_localnet.py keeps its own copy (it reads line by line and takes chunked bodies; the two files
+    never import each other); tests/test_http_core.py runs one table of requests against both and keeps
+    them answering alike.
     """
 
     def __init__(self, dispatch, host: str, port: int, authorized=None):
@@ -6133,55 +6134,45 @@ class HttpTransport:
                 if waiting is not None and now - waiting[1] > waiting[0]:
                     writer.close()
 
-    @staticmethod
-    async def _read_line(reader, limit: int, too_long: BadRequestHead) -> bytes:
-        """One CRLF line (b"" at EOF); `too_long` beyond `limit` bytes."""
-        import asyncio
-
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            raise too_long from None
-        except asyncio.IncompleteReadError as e:
-            if e.partial:
-                raise
-            return b""
-        if len(line) > limit:
-            raise too_long
-        return line
-
     async def _read_request(self, reader, writer, started) -> tuple[Request, bool] | None:
-        """Parse one request (None: the client closed between requests); `started()` once its first line came.
+        """Parse one request (None: the client closed between requests); `started()` once its head came
+        (the body must then come within REQUEST_READ_TIMEOUT, the head within KEEPALIVE_IDLE_TIMEOUT).
 
         The checks, in order: request line (414, 400, version), header lines (431, 400: control
         characters, a repeated Content-Length that differs or a second Authorization), the body's framing
         (Content-Length only: chunked is a 400 here), the size (413) and the token (401), both before
-        any body byte is read.
+        any body byte is read. The head is read in one piece (one await: status polls stay cheap).
         """
-        line = await self._read_line(reader, MAX_REQUEST_LINE, BadRequestHead("request line too long", 414))
-        if not line:
+        import asyncio
+
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            data = await reader.read(MAX_REQUEST_HEAD)  # what the stream buffered: tell 414 from 431
+            if len(data.split(b"\n", 1)[0]) > MAX_REQUEST_LINE:
+                raise BadRequestHead("request line too long", 414) from None
+            raise BadRequestHead("request head too large", 431) from None
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise
             return None
         started()
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        if len(lines[0]) > MAX_REQUEST_LINE:
+            raise BadRequestHead("request line too long", 414)
         try:
-            method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
+            method, target, version = lines[0].split(" ")
         except ValueError:
             raise BadRequestHead("malformed request line") from None
         if (version not in ("HTTP/1.1", "HTTP/1.0") or not target.startswith("/") or not method
                 or _CONTROL_CHARACTERS.search(target)):
             raise BadRequestHead("malformed request line")
+        if len(lines) > MAX_REQUEST_HEADERS + 1 or any(len(line) > MAX_REQUEST_LINE for line in lines):
+            raise BadRequestHead("request head too large", 431)
         headers: dict[str, str] = {}
-        size = len(line)
-        while True:
-            line = await self._read_line(reader, MAX_REQUEST_LINE, BadRequestHead("request head too large", 431))
-            size += len(line)
-            if not line:
-                raise ConnectionResetError("the client closed the connection within the request head")
-            if line in (b"\r\n", b"\n"):
-                break
-            if size > MAX_REQUEST_HEAD or len(headers) >= MAX_REQUEST_HEADERS:
-                raise BadRequestHead("request head too large", 431)
-            name, sep, value = line.decode("latin-1").rstrip("\r\n").partition(":")
-            if not sep or not name or name != name.strip() or " " in name or _CONTROL_CHARACTERS.search(name + value):
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip() or " " in name or _CONTROL_CHARACTERS.search(line):
                 raise BadRequestHead("malformed header line")
             name, value = name.lower(), value.strip()
             if name in headers:

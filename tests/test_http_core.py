@@ -265,10 +265,10 @@ def test_connection_cap(server):
 
 @pytest.mark.slow
 def test_a_slow_request_is_closed_after_the_read_timeout(localnet_server, webserver_server):
-    """A request that never completes (a slowloris) does not hold a connection: both servers close it."""
+    """A request whose body never completes (a slowloris) does not hold a connection: both servers close it."""
     def stalled(server: Server) -> bytes:
         with socket.create_connection(("127.0.0.1", server.port), timeout=server.read_timeout * 3) as s:
-            s.sendall(f"GET {server.get_path} HTTP/1.1\r\nX-Half: ".encode())
+            s.sendall(f"GET {server.get_path} HTTP/1.1\r\n{server.auth}\r\nContent-Length: 10\r\n\r\n{{".encode())
             try:
                 return s.recv(100)  # b"": closed by the server
             except ConnectionResetError:
