@@ -194,7 +194,8 @@ class ConfigError(UsageError):
 
     def __init__(self, path: str, message: str, issues: list[tuple[str, str]] | None = None):
         self.path = path
-        self.issues = issues or [(path, message)]
+        # One line per problem: a provider-level mistake is found again for every node type.
+        self.issues = list(dict.fromkeys(issues or [(path, message)]))
         if len(self.issues) == 1:
             text = f"{path}: {message}" if path else message
         else:
@@ -248,11 +249,22 @@ def _describe(value) -> str:
     return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
 
 
+def _key_name(key) -> str:
+    """A mapping key as it appears in a field path: plain names as they are, anything else
+    (an empty or blank string, a number, null) quoted so the user sees which key is meant."""
+    if isinstance(key, str) and key and key == key.strip() and key.isprintable():
+        return key
+    return repr(key)
+
+
 def _did_you_mean(word: str, choices) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
+
+
+_LARGEST_NUMBER = 2 ** 63 - 1  # sqlite's INTEGER; every count, price and port fits far below it
 
 
 def _number(minimum=None, *, exclusive=False, maximum=None, integer=False, nullable=False):
@@ -271,6 +283,8 @@ def _number(minimum=None, *, exclusive=False, maximum=None, integer=False, nulla
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or value != value:  # NaN != NaN
             raise _Invalid(expected)
+        if abs(value) > _LARGEST_NUMBER:  # inf, or more than sqlite and JSON peers hold
+            raise _Invalid(f"{expected} (at most {_LARGEST_NUMBER:.0e} in size)")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
             raise _Invalid(expected)
         if maximum is not None and value > maximum:
@@ -351,7 +365,7 @@ def parse_duration(value) -> float:
         seconds = sum(float(n) * scale[u] for n, u in parts)
     else:
         raise UsageError(f"expected a duration like 90s, 10m, 2h or 1d, found {value!r}")
-    if seconds <= 0:
+    if not 0 < seconds <= _LARGEST_NUMBER:  # also NaN and inf
         raise UsageError(f"expected a positive duration, found {value!r}")
     return seconds
 
@@ -529,10 +543,15 @@ def _walk(schema: dict, raw, path: str, issues: list, *, defaults: bool) -> dict
     for key in raw:
         if key not in schema:
             hint = _did_you_mean(key, schema) or f" (expected one of: {', '.join(schema)})"
-            issues.append((f"{path}.{key}", f"unknown key{hint}"))
+            issues.append((f"{path}.{_key_name(key)}", f"unknown key{hint}"))
     for key, spec in schema.items():
         sub = f"{path}.{key}"
         if isinstance(spec, _Block):
+            if key in raw and raw[key] is None and not spec.optional:
+                # `budget_control:` with every line under it commented out: in a node type it would
+                # silently drop the provider level's limits, so it is said, not guessed.
+                issues.append((sub, "expected a mapping, found an empty block (give its keys or remove it)"))
+                continue
             if raw.get(key) is None and (spec.optional or not defaults):
                 if defaults:
                     out[key] = None
@@ -689,6 +708,98 @@ class ClusterConfig:
         }
 
 
+YAML_MAX_DEPTH = 50  # a cluster config nests 7 levels; Python's recursion limit is reached near 300
+YAML_MAX_NODES = 200_000  # values after aliases are expanded: no "billion laughs"
+
+
+def _cluster_yaml_loader():
+    """PyYAML's SafeLoader with limits that turn hostile or broken YAML into a `ConfigError` naming
+    the field: nesting depth, size after alias expansion, recursive aliases and scalars that PyYAML
+    matches but cannot build (a 5,000-digit integer, the date 2024-13-45). Built on first use: PyYAML
+    is imported lazily."""
+    import yaml
+
+    class ClusterYamlLoader(yaml.SafeLoader):
+        def compose_document(self):
+            self._field_path = []
+            return super().compose_document()
+
+        def compose_node(self, parent, index):
+            if index is not None:  # a value: its key's text, or its position in a list
+                self._field_path.append(f"[{index}]" if isinstance(index, int) else
+                                        _key_name(getattr(index, "value", index)))
+            try:
+                path = ".".join(self._field_path).replace(".[", "[")
+                mark = self.peek_event().start_mark
+                if len(self._field_path) > YAML_MAX_DEPTH:
+                    raise _YamlLimit(".".join(self._field_path[:3]).replace(".[", "[") + "...",
+                                     f"nested deeper than {YAML_MAX_DEPTH} levels", mark)
+                if self.check_event(yaml.AliasEvent):
+                    target = self.anchors.get(self.peek_event().anchor)
+                    if target is not None and not hasattr(target, "rog_size"):  # still being composed
+                        raise _YamlLimit(path, "an alias refers to the value that contains it", mark)
+                node = super().compose_node(parent, index)
+                if not hasattr(node, "rog_size"):
+                    if isinstance(node, yaml.SequenceNode):
+                        children = node.value
+                    elif isinstance(node, yaml.MappingNode):
+                        children = [n for pair in node.value for n in pair]
+                    else:
+                        children = []
+                    node.rog_size = 1 + sum(child.rog_size for child in children)
+                    node.rog_path = path
+                if node.rog_size > YAML_MAX_NODES:
+                    raise _YamlLimit(path, f"more than {YAML_MAX_NODES} values once aliases are expanded", mark)
+                return node
+            finally:
+                if index is not None:
+                    self._field_path.pop()
+
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, OverflowError) as err:  # not YAMLError: int('9' * 5000), date(2024, 13, 45)
+                text = node.value if isinstance(node.value, str) else ""
+                digits = len(text.lstrip("+-").replace("_", ""))
+                problem = (f"expected a number of at most 4300 digits, found a {digits}-digit number"
+                           if "digits" in str(err) else f"cannot read {_describe(text)} as {node.tag.rsplit(':', 1)[-1]}: {err}")
+                raise _YamlLimit(getattr(node, "rog_path", ""), problem, node.start_mark) from None
+
+    return ClusterYamlLoader
+
+
+class _YamlLimit(Exception):
+    """A YAML text within PyYAML's grammar but beyond what a cluster config may be; names the field."""
+
+    def __init__(self, path: str, problem: str, mark):
+        super().__init__(problem)
+        self.path, self.problem, self.mark = path, problem, mark
+
+
+def _plain_data_issues(raw: dict) -> list[tuple[str, str]]:
+    """Values JSON and Ray cannot carry (dates, binary, sets) and keys that are not strings.
+
+    PyYAML builds `2024-01-01` as a date and `!!set` as a set; Ray's launcher then fails to hash the
+    config. Iterative: a config given as a dict (Ray's bootstrap) has no depth limit of its own.
+    """
+    issues = []
+    stack = [("", raw)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                sub_path = f"{path}.{_key_name(key)}" if path else _key_name(key)
+                if not isinstance(key, str):
+                    issues.append((sub_path, f"expected a text key, found {_describe(key)}; quote it"))
+                stack.append((sub_path, sub))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in enumerate(value))
+        elif not (value is None or isinstance(value, (str, int, float))):
+            issues.append((path, f"expected a string, number, list or mapping, found {_describe(value)}"
+                                 + ("; quote it" if hasattr(value, "isoformat") else "")))
+    return sorted(issues)
+
+
 def _read_cluster_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -703,7 +814,12 @@ def _read_cluster_yaml(path: str) -> dict:
     except ImportError:
         raise RayOnGolemError("reading a cluster YAML needs PyYAML: pip install 'PyYAML==6.0.3'") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_cluster_yaml_loader())  # noqa: S506 - a SafeLoader with limits
+    except _YamlLimit as err:
+        where = f"line {err.mark.line + 1}, column {err.mark.column + 1}" if err.mark else "?"
+        raise ConfigError(err.path, f"{err.problem} (cluster config {path}, {where})") from None
+    except RecursionError:  # not expected under YAML_MAX_DEPTH; still an answer, not a traceback
+        raise ConfigError("", f"cluster config {path}: nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -729,14 +845,16 @@ def load_cluster_config(source) -> ClusterConfig:
     else:
         raise UsageError(f"expected a cluster config path or mapping, found {_describe(source)}")
 
-    issues: list[tuple[str, str]] = []
+    issues: list[tuple[str, str]] = _plain_data_issues(raw)
+    if issues:
+        raise ConfigError(issues[0][0], issues[0][1], issues)
     warnings: list[str] = []
     top_schema = dict(RAY_CONFIG_SCHEMA, provider=None, auth=None, available_node_types=None)
     settings = _walk(RAY_CONFIG_SCHEMA, {k: v for k, v in raw.items() if k in RAY_CONFIG_SCHEMA},
                      "", issues, defaults=True)
     issues[:] = [(p.lstrip("."), m) for p, m in issues]
     for key in [k for k in raw if k not in top_schema]:
-        issues.append((str(key), f"unknown key{_did_you_mean(key, top_schema)}"))
+        issues.append((_key_name(key), f"unknown key{_did_you_mean(key, top_schema)}"))
 
     # provider: Ray's external provider block pointing at our module.
     provider = raw.get("provider")
@@ -750,7 +868,7 @@ def load_cluster_config(source) -> ClusterConfig:
     else:
         for key in provider:
             if key not in PROVIDER_BLOCK_KEYS:
-                issues.append((f"provider.{key}", f"unknown key{_did_you_mean(key, PROVIDER_BLOCK_KEYS)}"))
+                issues.append((f"provider.{_key_name(key)}", f"unknown key{_did_you_mean(key, PROVIDER_BLOCK_KEYS)}"))
         if provider.get("type") != "external":
             issues.append(("provider.type", f"expected `external`, found {_describe(provider.get('type'))}"))
         module = provider.get("module")
@@ -763,8 +881,9 @@ def load_cluster_config(source) -> ClusterConfig:
                                                         f"found {_describe(provider['use_internal_ips'])}"))
         parameters = _walk(PROVIDER_PARAMETERS_SCHEMA, provider.get("parameters"), "provider.parameters",
                            issues, defaults=True)
-        provider_node_config = (provider.get("parameters") or {}).get("node_config") or {}
-        if isinstance(provider_node_config, dict):
+        raw_parameters = provider.get("parameters")
+        provider_node_config = (raw_parameters if isinstance(raw_parameters, dict) else {}).get("node_config") or {}
+        if isinstance(provider_node_config, dict) and isinstance(raw_parameters, (dict, type(None))):
             before = len(issues)
             _walk(NODE_CONFIG_SCHEMA, provider_node_config, "provider.parameters.node_config", issues, defaults=False)
             provider_node_config_ok = len(issues) == before
@@ -789,14 +908,14 @@ def load_cluster_config(source) -> ClusterConfig:
         issues.append(("head_node_type", f"expected one of the available_node_types ({', '.join(types_raw)}), "
                                          f"found {head_type!r}{_did_you_mean(head_type, types_raw)}"))
     for name, type_raw in types_raw.items():
-        type_path = f"available_node_types.{name}"
+        type_path = f"available_node_types.{_key_name(name)}"
         before = len(issues)
         fields = _walk(NODE_TYPE_SCHEMA, type_raw, type_path, issues, defaults=True)
         own = fields.get("node_config") or {}
         _walk(NODE_CONFIG_SCHEMA, own, f"{type_path}.node_config", issues, defaults=False)
         for res, amount in (fields.get("resources") or {}).items():
             if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-                issues.append((f"{type_path}.resources.{res}", f"expected an integer >= 0, found {_describe(amount)}"))
+                issues.append((f"{type_path}.resources.{_key_name(res)}", f"expected an integer >= 0, found {_describe(amount)}"))
         max_w = fields.get("max_workers")
         if max_w is not None and fields.get("min_workers", 0) > max_w:
             issues.append((f"{type_path}.min_workers", f"expected at most max_workers ({max_w}), "
@@ -5881,7 +6000,8 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     config = copy.deepcopy(cluster_config)
     provider = config.get("provider") or {}
     # Keys Ray or we add to the provider block (`_config_cache_path`, ...) are not the user's.
-    checked = dict(config, provider={k: v for k, v in provider.items() if not str(k).startswith("_")})
+    checked = dict(config, provider={k: v for k, v in provider.items() if not str(k).startswith("_")}
+                   if isinstance(provider, dict) else provider)
     resolved = load_cluster_config(checked)
     for warning in resolved.warnings:
         cli_logger.warning("{}", warning)
