@@ -758,7 +758,8 @@ def _cluster_yaml_loader():
         def construct_object(self, node, deep=False):
             try:
                 return super().construct_object(node, deep)
-            except (ValueError, OverflowError) as err:  # not YAMLError: int('9' * 5000), date(2024, 13, 45)
+            # Not YAMLError: int('9' * 5000), date(2024, 13, 45), `!!timestamp x` (AttributeError)
+            except (ValueError, OverflowError, TypeError, AttributeError) as err:
                 text = node.value if isinstance(node.value, str) else ""
                 digits = len(text.lstrip("+-").replace("_", ""))
                 problem = (f"expected a number of at most 4300 digits, found a {digits}-digit number"
@@ -1375,6 +1376,22 @@ class Store:
                                  (success, uptime, now, node_id, network))
         self.recompute_scores([network])
         return counts
+
+    def unsettled_rentals(self) -> dict[str, list[dict]]:
+        """What is rented and not yet given back: nodes not terminated, agreements not terminated,
+        activities not destroyed, allocations not released. `status` shows them after a webserver
+        was killed (it could not end them)."""
+        queries = {
+            "nodes": "SELECT node_id, cluster_name, node_type, state, provider_id FROM nodes "
+                     "WHERE state != 'terminated' ORDER BY node_id",
+            "agreements": "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements "
+                          "WHERE terminated_at IS NULL ORDER BY created_at",
+            "activities": "SELECT activity_id, agreement_id FROM activities WHERE destroyed_at IS NULL "
+                          "ORDER BY created_at",
+            "allocations": "SELECT allocation_id, cluster_name, amount FROM allocations WHERE released_at IS NULL "
+                           "ORDER BY created_at",
+        }
+        return {kind: [dict(row) for row in self.conn.execute(sql)] for kind, sql in queries.items()}
 
 
 # Payments (section 7): a ledger row also names its node and allocation, the amount accepting
@@ -5755,7 +5772,8 @@ def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
 
 
 def webserver_status(datadir: str, port: int | None) -> dict:
-    """What `status` shows: the status route if it answers, else what the pidfile says."""
+    """What `status` shows: the status route if it answers, else what the pidfile says and what a
+    webserver that died (kill -9) left running."""
     client = WebserverClient(datadir, port)
     status = client.status()
     report = {"running": status is not None, "url": client.url, "datadir": datadir, "webserver": status}
@@ -5764,9 +5782,102 @@ def webserver_status(datadir: str, port: int | None) -> dict:
         alive = live_pid(datadir)
         report["pid"] = alive[0] if alive else None
         report["stale_pidfile"] = stale[0] if stale and not alive else None
+        report["left_running"] = left_running(datadir)
     else:
         report["pid"] = status["pid"]
     return report
+
+
+def left_running(datadir: str) -> dict | None:
+    """What a webserver that is gone left behind: the daemon it started (from `webserver.json`, if that
+    process still runs, with a probe of its API) and the rentals the store has not seen ended, each
+    with its state on that daemon when it answers. None if nothing is left."""
+    runtime = read_runtime(datadir)
+    daemon_info = runtime.get("yagna") or {}
+    daemon = None
+    if daemon_info.get("started_by_us") and process_alive(int(daemon_info.get("pid") or 0),
+                                                          runtime.get("yagna_pid_start_time")):
+        daemon = {"kind": daemon_info.get("kind"), "pid": daemon_info["pid"], "url": daemon_info.get("url"),
+                  "answers": False}
+        if daemon["url"]:
+            try:
+                http_request("GET", f"{daemon['url']}/me", timeout=2.0)
+                daemon["answers"] = True
+            except (ServiceUnavailable, UsageError):
+                pass
+    rentals = {"nodes": [], "agreements": [], "activities": [], "allocations": []}
+    if os.path.exists(os.path.join(datadir, DB_FILENAME)):
+        with Store(datadir) as store:
+            rentals = store.unsettled_rentals()
+    if daemon is None and not any(rentals.values()):
+        return None
+    key = _local_network_app_key(datadir) if daemon and daemon["answers"] and daemon["kind"] == "localnet" else None
+    if key:  # ask the network itself: the store only knows what the dead webserver had recorded
+        probes = {"agreements": ("agreement_id", "/market-api/v1/agreements/{}"),
+                  "activities": ("activity_id", "/activity-api/v1/activity/{}/state"),
+                  "allocations": ("allocation_id", "/payment-api/v1/allocations/{}")}
+        for kind, (id_key, route) in probes.items():
+            for row in rentals[kind]:
+                row["on_network"] = _probe_rental(daemon["url"] + route.format(row[id_key]), key)
+    return {"daemon": daemon, **rentals}
+
+
+def _local_network_app_key(datadir: str) -> str | None:
+    try:
+        with open(os.path.join(datadir, "localnet", "appkey")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _probe_rental(url: str, key: str) -> str:
+    """`Approved`, `Ready`, `present` ...: what the network says of one rental; `gone` on a 404."""
+    try:
+        status, body = http_request("GET", url, token=key, timeout=5.0)
+    except ServiceUnavailable:
+        return "unknown"
+    if status == 404:
+        return "gone"
+    if status != 200 or not isinstance(body, dict):
+        return "unknown"
+    state = body.get("state")
+    if isinstance(state, list):  # activity state: [current, next]
+        state = state[0]
+    return str(state) if state else "present"
+
+
+_SINGULAR = {"nodes": "node", "agreements": "agreement", "activities": "activity", "allocations": "allocation"}
+
+
+def _left_running_lines(left: dict) -> list[str]:
+    """The warning `status` prints about what a dead webserver left, and what each thing is."""
+    def alive(rows):
+        return [r for r in rows if r.get("on_network", "unknown") != "gone"]
+
+    daemon = left["daemon"]
+    parts = []
+    if daemon:
+        what = "the local network" if daemon["kind"] == "localnet" else "yagna"
+        parts.append(f"{what} it started (pid {daemon['pid']}, {daemon['url']}, "
+                     f"{'answering' if daemon['answers'] else 'not answering'})")
+    for kind in ("nodes", "agreements", "activities", "allocations"):
+        rows = alive(left[kind])
+        if rows:
+            parts.append(f"{len(rows)} {kind if len(rows) > 1 else _SINGULAR[kind]}")
+    if not parts:
+        return []
+    lines = ["Warning: the webserver is gone but left running: " + ", ".join(parts) + "."]
+    for row in alive(left["nodes"]):
+        lines.append(f"   node {row['node_id']} of cluster {row['cluster_name']} ({row['state']}, "
+                     f"provider {row['provider_id'] or '-'})")
+    for kind, id_key in (("agreements", "agreement_id"), ("activities", "activity_id"),
+                         ("allocations", "allocation_id")):
+        for row in alive(left[kind]):
+            state = f" ({row['on_network']} on the network)" if "on_network" in row else ""
+            lines.append(f"   {_SINGULAR[kind]} {row[id_key]}{state}")
+    lines.append("They may still cost money: `ray-on-golem start` takes them over and ends what no "
+                 "cluster needs.")
+    return lines
 
 
 def _format_duration(seconds: float) -> str:
@@ -5789,6 +5900,8 @@ def format_status(report: dict) -> str:
         elif report["stale_pidfile"]:
             lines.append(f"A stale pid file points to pid {report['stale_pidfile']}, which is not the webserver any "
                          "more; `ray-on-golem start` replaces it.")  # fmt: skip
+        if report.get("left_running"):
+            lines.extend(_left_running_lines(report["left_running"]))
         return "\n".join(lines)
     yagna = status["yagna"]
     state = {"running": "Running", "starting": "Starting", "shutting_down": "Shutting down"}[status["state"]]
@@ -6274,7 +6387,10 @@ def _build_node_provider_class():
 
         @staticmethod
         def fillout_available_node_types_resources(cluster_config: dict) -> dict:
-            return cluster_config
+            # Ray calls this before its schema check (commands.py::_bootstrap_config), and the
+            # schema refuses the legacy `head_node: true`/`worker_nodes: true` the original's YAMLs
+            # carry "to satisfy checks": dropped here, as the original's provider did (anchor §4).
+            return {k: v for k, v in cluster_config.items() if k not in ("head_node", "worker_nodes")}
 
     GolemNodeProvider.__module__ = __name__
     return GolemNodeProvider
