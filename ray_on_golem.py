@@ -3237,6 +3237,10 @@ class ClusterRecords:
             conn.execute("UPDATE agreements SET state = 'terminated', terminated_at = ?, reason = ? "
                          "WHERE agreement_id = ? AND terminated_at IS NULL",
                          (self.store.clock(), reason, agreement_id))
+            # No activity outlives its agreement (the provider destroys it): an orphan's
+            # activity row, which no one destroyed, must not stay open forever.
+            conn.execute("UPDATE activities SET state = 'destroyed', destroyed_at = ? "
+                         "WHERE agreement_id = ? AND destroyed_at IS NULL", (self.store.clock(), agreement_id))
 
     def activity(self, activity_id: str, agreement_id: str) -> None:
         with self.store.transaction() as conn:
