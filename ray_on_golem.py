@@ -784,17 +784,26 @@ def _plain_data_issues(raw: dict) -> list[tuple[str, str]]:
     config. Iterative: a config given as a dict (Ray's bootstrap) has no depth limit of its own.
     """
     issues = []
-    stack = [("", raw)]
+    seen: set[int] = set()  # a value shared by aliases is checked once
+    stack: list[tuple[str, object, frozenset]] = [("", raw, frozenset())]
     while stack:
-        path, value = stack.pop()
+        path, value, ancestors = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in ancestors:  # `&a [*a]` read by yaml.safe_load (Ray's loader)
+                issues.append((path, "an alias refers to the value that contains it"))
+                continue
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            ancestors = ancestors | {id(value)}
         if isinstance(value, dict):
             for key, sub in value.items():
                 sub_path = f"{path}.{_key_name(key)}" if path else _key_name(key)
                 if not isinstance(key, str):
                     issues.append((sub_path, f"expected a text key, found {_describe(key)}; quote it"))
-                stack.append((sub_path, sub))
+                stack.append((sub_path, sub, ancestors))
         elif isinstance(value, (list, tuple)):
-            stack.extend((f"{path}[{i}]", sub) for i, sub in enumerate(value))
+            stack.extend((f"{path}[{i}]", sub, ancestors) for i, sub in enumerate(value))
         elif not (value is None or isinstance(value, (str, int, float))):
             issues.append((path, f"expected a string, number, list or mapping, found {_describe(value)}"
                                  + ("; quote it" if hasattr(value, "isoformat") else "")))

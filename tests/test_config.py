@@ -356,3 +356,16 @@ def test_resolve_one_node_config():
     with pytest.raises(rog.ConfigError) as caught:
         rog.resolve_node_config({"budget_control": {"max_start_price": -1}}, common)
     assert caught.value.path == "node_config.budget_control.max_start_price"
+
+
+def test_a_recursive_value_from_rays_loader_is_a_config_error():
+    """`ray up` reads the YAML with yaml.safe_load, which builds `metadata: &a [*a]` as a list that
+    contains itself; the provider's validation names it instead of looping."""
+    config = sample()
+    loop: list = [1]
+    loop.append(loop)
+    config["metadata"] = {"loop": loop, "shared": [loop, loop]}
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.load_cluster_config(config)
+    assert caught.value.issues[0][0].startswith("metadata.")
+    assert "an alias refers to the value that contains it" in caught.value.issues[0][1]

@@ -247,6 +247,7 @@ def ray_prepare():
         """ray/autoscaler/_private/commands.py::_bootstrap_config up to `bootstrap_config`."""
         config = yaml.safe_load(text)  # `ray up` reads the file with yaml.safe_load
         config = prepare_config(config)
+        json.dumps([config], sort_keys=True)  # the config cache's key
         config = rog.GolemNodeProvider.fillout_available_node_types_resources(config)
         validate_config(config)
         return config

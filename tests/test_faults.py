@@ -11,6 +11,7 @@ Real processes throughout: the webserver, the local network it starts, Ray's CLI
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -283,3 +284,77 @@ def test_fault_storm_still_yields_the_cluster(session: RaySession, tmp_path: Pat
     session.close(None)  # webserver and the local network it started: stopped, nothing left
     assert not processes_mentioning([str(session.datadir)])
     assert netns_list() == namespaces_before
+
+
+def webserver_footprint(pid: int) -> tuple[int, int]:
+    """(RSS in KiB, open file descriptors) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+CHURN_CYCLES = 20
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@needs_ray
+def test_churn_soak_leaks_neither_memory_nor_files(session: RaySession, tmp_path: Path):
+    """20 times: the autoscaler adds a worker (request_resources) and ends it when idle. The
+    webserver's RSS and open files after each cycle stay within 10 % of the first cycle's."""
+    def churn(config):
+        config["max_workers"] = 1
+        config["idle_timeout_minutes"] = 0.1
+        params = config["provider"]["parameters"]
+        params["node_start_timeout"] = "3m"
+        params["total_budget"] = float(BUDGET)
+        config["available_node_types"]["ray.worker.default"].update(min_workers=0, max_workers=1)
+
+    config = session.config = write_cluster_yaml(tmp_path / "cluster.yaml", session.datadir, session.port, churn)
+    cluster = f"t-{session.port}"
+    up = session.ray("up", "-y", "--no-config-cache", str(config))
+    session.up = True
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    webserver_pid = json.loads((session.datadir / "webserver.json").read_text())["pid"]
+
+    driver = subprocess.Popen([str(RAY_BIN), "submit", "--no-config-cache", str(config),
+                               str(REPO / "tests" / "data" / "churn_driver.py"), str(CHURN_CYCLES), "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              env=session.env, stdin=subprocess.DEVNULL)
+    footprints: list[tuple[int, int]] = []
+    workers_seen: set[str] = set()
+    try:
+        had_worker = False
+        deadline = time.monotonic() + 60 * 30
+        while len(footprints) < CHURN_CYCLES and driver.poll() is None:
+            assert time.monotonic() < deadline, f"only {len(footprints)} cycles in 30 minutes"
+            workers = [n for n in session.nodes(cluster) if n["tags"]["ray-node-type"] == "worker"]
+            workers_seen |= {n["node_id"] for n in workers}
+            if workers:
+                had_worker = True
+            elif had_worker:  # a cycle ended: the worker is gone, the webserver at rest
+                had_worker = False
+                time.sleep(2)
+                footprints.append(webserver_footprint(webserver_pid))
+            time.sleep(1)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0 and "CHURN DONE" in out, out[-3000:]
+    assert out.count(" DOWN") == CHURN_CYCLES
+    assert len(footprints) == CHURN_CYCLES and len(workers_seen) >= CHURN_CYCLES, (footprints, workers_seen)
+    first_rss, first_fds = footprints[0]
+    print(f"\nchurn: {CHURN_CYCLES} cycles, {len(workers_seen)} workers; webserver RSS KiB and fds per cycle: "
+          f"{footprints}")
+    for rss, fds in footprints[1:]:
+        assert rss <= first_rss * 1.10 and fds <= first_fds * 1.10, footprints
+
+    down = session.ray("down", "-y", str(config), timeout=300)
+    assert down.returncode == 0, down.stderr[-3000:]
+    session.up = False
+    assert session.nodes(cluster) == []
+    settle_and_check_money(session)
+    session.close(None)
+    assert not processes_mentioning([str(session.datadir)])
