@@ -146,7 +146,7 @@ def test_status_after_kill_9_says_what_the_webserver_left_running(tmp_path):
 
 from decimal import Decimal  # noqa: E402
 
-from test_cluster import RAY_BIN, RaySession, processes_mentioning, write_cluster_yaml  # noqa: E402
+from test_cluster import FaultNetwork, RAY_BIN, RaySession, processes_mentioning, session, write_cluster_yaml  # noqa: E402, F401 - session: the fixture
 
 needs_ray = pytest.mark.skipif(not RAY_BIN.exists(), reason=f"the ray CLI is not installed next to {sys.executable}")
 
@@ -160,8 +160,9 @@ SOUND = {"cpu_threads": 2, "cpu_cores": 1, "mem_gib": 4.0, "storage_gib": 20.0, 
          "cpu_sec_price": 0.1 / 3600, "duration_sec_price": 0.02 / 3600, "start_price": 0.001}
 OVERBILLER = {**SOUND, "name": "overbiller", "subnet": "public", "cpu_sec_price": 0.001 / 3600,
               "duration_sec_price": 0.0001 / 3600, "start_price": 0.0, "inflate_billing": 10, "debit_note_interval_s": 5}
+STORM_SEED = 16
 STORM_PROFILE = {
-    "providers": 20, "known_at_start": 1.0, "latency_s": [0.05, 0.3], "sizes": SIZES,
+    "providers": 20, "seed": STORM_SEED, "known_at_start": 1.0, "latency_s": [0.05, 0.3], "sizes": SIZES,
     "prices": {"cpu_per_hour": [0.02, 0.2], "duration_per_hour": [0.0, 0.05], "start": [0.0, 0.01]},
     "behaviours": {},
     # of 20 providers: 4 whose deploys fail, 2 whose activities die and 2 that stop answering
@@ -171,7 +172,6 @@ STORM_PROFILE = {
     "explicit": [{**SOUND, "name": "sound-head", "subnet": "public", "cpu_sec_price": 0.0001 / 3600,
                   "duration_sec_price": 0.00001 / 3600, "start_price": 0.0}, OVERBILLER],
 }
-STORM_SEED = 16
 BUDGET = Decimal(3)
 
 
@@ -197,8 +197,7 @@ def netns_list() -> str:
 def provider_faults(profile_path: Path) -> dict[str, dict]:
     """The population the local network plays (same profile, seed and size), by node id."""
     out = subprocess.run([sys.executable, str(REPO / "golem_localnet.py"), "population", "--json", "--profile",
-                          str(profile_path), "--seed", str(STORM_SEED)], check=True, capture_output=True,
-                         text=True).stdout
+                          str(profile_path)], check=True, capture_output=True, text=True).stdout
     return {p["node_id"]: p for p in json.loads(out)["providers"]}
 
 
@@ -240,14 +239,29 @@ def test_fault_storm_still_yields_the_cluster(session: RaySession, tmp_path: Pat
     profile_path.write_text(json.dumps(STORM_PROFILE))
     population = provider_faults(profile_path)
     namespaces_before = netns_list()
+    # The local network with the storm's population, in the data dir where the webserver that
+    # `ray up` starts looks for it (`ray up` itself starts the default population).
+    network = FaultNetwork(session.datadir, STORM_PROFILE, session.env)
+    try:
+        storm_run(session, tmp_path, population)
+    finally:
+        if session.up:
+            session.ray("down", "-y", str(session.config), timeout=300)
+            session.up = False
+        session.rog("stop", "--force", "--kill", "--datadir", str(session.datadir), "--port", str(session.port),
+                    timeout=200)
+        network.stop()
+    session.close(None)  # nothing of the cluster is left: no process, no daemon
+    assert not processes_mentioning([str(session.datadir)])
+    assert netns_list() == namespaces_before
 
+
+def storm_run(session: RaySession, tmp_path: Path, population: dict[str, dict]) -> None:
     def storm(config):
         config["max_workers"] = 3
         params = config["provider"]["parameters"]
         params["node_start_timeout"] = "4m"
         params["total_budget"] = float(BUDGET)
-        params["local_network"] = {"providers": STORM_PROFILE["providers"], "seed": STORM_SEED,
-                                   "profile": str(profile_path), "time_scale": 1.0}
         config["available_node_types"]["ray.worker.default"].update(min_workers=3, max_workers=3)
 
     config = session.config = write_cluster_yaml(tmp_path / "cluster.yaml", session.datadir, session.port, storm)
@@ -296,10 +310,6 @@ def test_fault_storm_still_yields_the_cluster(session: RaySession, tmp_path: Pat
     assert rejected[0][0] >= 1 and not rejected[0][1]
     assert faults_hit["deploy_failed"] + faults_hit["activity_died"] >= 1, (faults_hit, used)
     print(f"\nstorm: {len(used)} providers used, faults hit {faults_hit}, spent {spent} GLM of {BUDGET}")
-
-    session.close(None)  # webserver and the local network it started: stopped, nothing left
-    assert not processes_mentioning([str(session.datadir)])
-    assert netns_list() == namespaces_before
 
 
 def webserver_footprint(pid: int) -> tuple[int, int]:
