@@ -278,6 +278,11 @@ def storm_run(session: RaySession, tmp_path: Path, population: dict[str, dict]) 
     wait_for(lambda: running_nodes(session, cluster) == {"head": 1, "worker": 3}, 600, interval=3,
              what="the cluster back at its size")
 
+    def ray_sees_three_workers():
+        status = session.ray("exec", "--no-config-cache", str(config), "ray status", timeout=120)
+        return status.returncode == 0 and " 3 ray.worker.default" in status.stdout
+    wait_for(ray_sees_three_workers, 400, interval=10, what="Ray's own status to count 3 workers")
+
     down = session.ray("down", "-y", str(config), timeout=300)
     assert down.returncode == 0, down.stderr[-3000:]
     session.up = False
