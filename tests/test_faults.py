@@ -160,15 +160,15 @@ SOUND = {"cpu_threads": 2, "cpu_cores": 1, "mem_gib": 4.0, "storage_gib": 20.0, 
          "cpu_sec_price": 0.1 / 3600, "duration_sec_price": 0.02 / 3600, "start_price": 0.001}
 OVERBILLER = {**SOUND, "name": "overbiller", "subnet": "public", "cpu_sec_price": 0.001 / 3600,
               "duration_sec_price": 0.0001 / 3600, "start_price": 0.0, "inflate_billing": 10, "debit_note_interval_s": 5}
-STORM_SEED = 16
+STORM_SEED = 2  # its cheapest drawn providers: one goes silent, one fails deploys, one dies
 STORM_PROFILE = {
     "providers": 20, "seed": STORM_SEED, "known_at_start": 1.0, "latency_s": [0.05, 0.3], "sizes": SIZES,
     "prices": {"cpu_per_hour": [0.02, 0.2], "duration_per_hour": [0.0, 0.05], "start": [0.0, 0.01]},
     "behaviours": {},
     # of 20 providers: 4 whose deploys fail, 2 whose activities die and 2 that stop answering
-    # 20-60 s after a start, one that bills ten times its usage
-    "activity_faults": {"deploy_fails": 0.2, "dies": 0.1, "dies_after_s": [20, 60],
-                        "stops_answering": 0.1, "stops_answering_after_s": [20, 60]},
+    # 10-30 s after a start, one that bills ten times its usage
+    "activity_faults": {"deploy_fails": 0.2, "dies": 0.1, "dies_after_s": [10, 30],
+                        "stops_answering": 0.1, "stops_answering_after_s": [10, 30]},
     "explicit": [{**SOUND, "name": "sound-head", "subnet": "public", "cpu_sec_price": 0.0001 / 3600,
                   "duration_sec_price": 0.00001 / 3600, "start_price": 0.0}, OVERBILLER],
 }
@@ -185,7 +185,7 @@ def test_the_storm_profile_has_its_faults(tmp_path):
     assert sum(p["deploy_fails"] == 1.0 for p in providers) == 4
     assert sum(p["dies_after_s"] is not None for p in providers) == 2
     assert sum(p["stops_answering_after_s"] is not None for p in providers) == 2
-    assert all(20 <= (p["dies_after_s"] or p["stops_answering_after_s"] or 20) <= 60 for p in providers)
+    assert all(10 <= (p["dies_after_s"] or p["stops_answering_after_s"] or 10) <= 30 for p in providers)
     assert [p["name"] for p in providers if p["inflate_billing"] != 1] == ["overbiller"]
 
 
@@ -275,6 +275,9 @@ def storm_run(session: RaySession, tmp_path: Path, population: dict[str, dict]) 
     overbiller = next(p["node_id"] for p in population.values() if p["name"] == "overbiller")
     wait_for(lambda: session.db("SELECT COUNT(*) FROM provider_events WHERE node_id = ? AND kind = 'billing_breach'",
                                 overbiller)[0][0], 120, what="the overbiller refused")
+    # The cheapest drawn provider goes silent 10-30 s into its activity: a worker dies under Ray.
+    wait_for(lambda: session.db("SELECT COUNT(*) FROM provider_events WHERE kind = 'activity_died'")[0][0], 300,
+             interval=3, what="an activity that died")
     wait_for(lambda: running_nodes(session, cluster) == {"head": 1, "worker": 3}, 600, interval=3,
              what="the cluster back at its size")
 
@@ -313,7 +316,7 @@ def storm_run(session: RaySession, tmp_path: Path, population: dict[str, dict]) 
     rejected = session.db("SELECT COUNT(*), SUM(CAST(spent AS REAL)) FROM ledger l JOIN agreements g "
                           "USING (agreement_id) WHERE g.provider_id = ? AND l.status = 'rejected'", overbiller)
     assert rejected[0][0] >= 1 and not rejected[0][1]
-    assert faults_hit["deploy_failed"] + faults_hit["activity_died"] >= 1, (faults_hit, used)
+    assert faults_hit["deploy_failed"] >= 1 and faults_hit["activity_died"] >= 1, (faults_hit, used)
     print(f"\nstorm: {len(used)} providers used, faults hit {faults_hit}, spent {spent} GLM of {BUDGET}")
 
 
