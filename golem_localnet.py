@@ -855,7 +855,8 @@ class Population:
             share = faults.get(name, 0)
             if not isinstance(share, (int, float)) or not 0 <= share <= 1:
                 raise ProfileError(f"profile field activity_faults.{name}: expected a share in [0, 1]")
-            lo, hi = _range(faults, attr) if attr in faults else (600.0, 7200.0)
+            # deploy_fails is a share only; the other two also have a time range of their own
+            lo, hi = _range(faults, attr) if attr != name and attr in faults else (600.0, 7200.0)
             order = list(range(explicit, len(self.providers)))
             rng.shuffle(order)
             for idx in order[:round(share * len(self.providers))]:

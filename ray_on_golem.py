@@ -319,7 +319,8 @@ class ConfigError(UsageError):
 
     def __init__(self, path: str, message: str, issues: list[tuple[str, str]] | None = None):
         self.path = path
-        self.issues = issues or [(path, message)]
+        # One line per problem: a provider-level mistake is found again for every node type.
+        self.issues = list(dict.fromkeys(issues or [(path, message)]))
         if len(self.issues) == 1:
             text = f"{path}: {message}" if path else message
         else:
@@ -405,11 +406,22 @@ def _describe(value) -> str:
     return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
 
 
+def _key_name(key) -> str:
+    """A mapping key as it appears in a field path: plain names as they are, anything else
+    (an empty or blank string, a number, null) quoted so the user sees which key is meant."""
+    if isinstance(key, str) and key and key == key.strip() and key.isprintable():
+        return key
+    return repr(key)
+
+
 def _did_you_mean(word: str, choices) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
+
+
+_LARGEST_NUMBER = 2 ** 63 - 1  # sqlite's INTEGER; every count, price and port fits far below it
 
 
 def _number(minimum=None, *, exclusive=False, maximum=None, integer=False, nullable=False):
@@ -428,6 +440,8 @@ def _number(minimum=None, *, exclusive=False, maximum=None, integer=False, nulla
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or value != value:  # NaN != NaN
             raise _Invalid(expected)
+        if abs(value) > _LARGEST_NUMBER:  # inf, or more than sqlite and JSON peers hold
+            raise _Invalid(f"{expected} (at most {_LARGEST_NUMBER:.0e} in size)")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
             raise _Invalid(expected)
         if maximum is not None and value > maximum:
@@ -508,7 +522,7 @@ def parse_duration(value) -> float:
         seconds = sum(float(n) * scale[u] for n, u in parts)
     else:
         raise UsageError(f"expected a duration like 90s, 10m, 2h or 1d, found {value!r}")
-    if seconds <= 0:
+    if not 0 < seconds <= _LARGEST_NUMBER:  # also NaN and inf
         raise UsageError(f"expected a positive duration, found {value!r}")
     return seconds
 
@@ -686,10 +700,15 @@ def _walk(schema: dict, raw, path: str, issues: list, *, defaults: bool) -> dict
     for key in raw:
         if key not in schema:
             hint = _did_you_mean(key, schema) or f" (expected one of: {', '.join(schema)})"
-            issues.append((f"{path}.{key}", f"unknown key{hint}"))
+            issues.append((f"{path}.{_key_name(key)}", f"unknown key{hint}"))
     for key, spec in schema.items():
         sub = f"{path}.{key}"
         if isinstance(spec, _Block):
+            if key in raw and raw[key] is None and not spec.optional:
+                # `budget_control:` with every line under it commented out: in a node type it would
+                # silently drop the provider level's limits, so it is said, not guessed.
+                issues.append((sub, "expected a mapping, found an empty block (give its keys or remove it)"))
+                continue
             if raw.get(key) is None and (spec.optional or not defaults):
                 if defaults:
                     out[key] = None
@@ -846,6 +865,108 @@ class ClusterConfig:
         }
 
 
+YAML_MAX_DEPTH = 50  # a cluster config nests 7 levels; Python's recursion limit is reached near 300
+YAML_MAX_NODES = 200_000  # values after aliases are expanded: no "billion laughs"
+
+
+def _cluster_yaml_loader():
+    """PyYAML's SafeLoader with limits that turn hostile or broken YAML into a `ConfigError` naming
+    the field: nesting depth, size after alias expansion, recursive aliases and scalars that PyYAML
+    matches but cannot build (a 5,000-digit integer, the date 2024-13-45). Built on first use: PyYAML
+    is imported lazily."""
+    import yaml
+
+    class ClusterYamlLoader(yaml.SafeLoader):
+        def compose_document(self):
+            self._field_path = []
+            return super().compose_document()
+
+        def compose_node(self, parent, index):
+            if index is not None:  # a value: its key's text, or its position in a list
+                self._field_path.append(f"[{index}]" if isinstance(index, int) else
+                                        _key_name(getattr(index, "value", index)))
+            try:
+                path = ".".join(self._field_path).replace(".[", "[")
+                mark = self.peek_event().start_mark
+                if len(self._field_path) > YAML_MAX_DEPTH:
+                    raise _YamlLimit(".".join(self._field_path[:3]).replace(".[", "[") + "...",
+                                     f"nested deeper than {YAML_MAX_DEPTH} levels", mark)
+                if self.check_event(yaml.AliasEvent):
+                    target = self.anchors.get(self.peek_event().anchor)
+                    if target is not None and not hasattr(target, "rog_size"):  # still being composed
+                        raise _YamlLimit(path, "an alias refers to the value that contains it", mark)
+                node = super().compose_node(parent, index)
+                if not hasattr(node, "rog_size"):
+                    if isinstance(node, yaml.SequenceNode):
+                        children = node.value
+                    elif isinstance(node, yaml.MappingNode):
+                        children = [n for pair in node.value for n in pair]
+                    else:
+                        children = []
+                    node.rog_size = 1 + sum(child.rog_size for child in children)
+                    node.rog_path = path
+                if node.rog_size > YAML_MAX_NODES:
+                    raise _YamlLimit(path, f"more than {YAML_MAX_NODES} values once aliases are expanded", mark)
+                return node
+            finally:
+                if index is not None:
+                    self._field_path.pop()
+
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep)
+            # Not YAMLError: int('9' * 5000), date(2024, 13, 45), `!!timestamp x` (AttributeError)
+            except (ValueError, OverflowError, TypeError, AttributeError) as err:
+                text = node.value if isinstance(node.value, str) else ""
+                digits = len(text.lstrip("+-").replace("_", ""))
+                problem = (f"expected a number of at most 4300 digits, found a {digits}-digit number"
+                           if "digits" in str(err) else f"cannot read {_describe(text)} as {node.tag.rsplit(':', 1)[-1]}: {err}")
+                raise _YamlLimit(getattr(node, "rog_path", ""), problem, node.start_mark) from None
+
+    return ClusterYamlLoader
+
+
+class _YamlLimit(Exception):
+    """A YAML text within PyYAML's grammar but beyond what a cluster config may be; names the field."""
+
+    def __init__(self, path: str, problem: str, mark):
+        super().__init__(problem)
+        self.path, self.problem, self.mark = path, problem, mark
+
+
+def _plain_data_issues(raw: dict) -> list[tuple[str, str]]:
+    """Values JSON and Ray cannot carry (dates, binary, sets) and keys that are not strings.
+
+    PyYAML builds `2024-01-01` as a date and `!!set` as a set; Ray's launcher then fails to hash the
+    config. Iterative: a config given as a dict (Ray's bootstrap) has no depth limit of its own.
+    """
+    issues = []
+    seen: set[int] = set()  # a value shared by aliases is checked once
+    stack: list[tuple[str, object, frozenset]] = [("", raw, frozenset())]
+    while stack:
+        path, value, ancestors = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in ancestors:  # `&a [*a]` read by yaml.safe_load (Ray's loader)
+                issues.append((path, "an alias refers to the value that contains it"))
+                continue
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            ancestors = ancestors | {id(value)}
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                sub_path = f"{path}.{_key_name(key)}" if path else _key_name(key)
+                if not isinstance(key, str):
+                    issues.append((sub_path, f"expected a text key, found {_describe(key)}; quote it"))
+                stack.append((sub_path, sub, ancestors))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", sub, ancestors) for i, sub in enumerate(value))
+        elif not (value is None or isinstance(value, (str, int, float))):
+            issues.append((path, f"expected a string, number, list or mapping, found {_describe(value)}"
+                                 + ("; quote it" if hasattr(value, "isoformat") else "")))
+    return sorted(issues)
+
+
 def _read_cluster_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -860,7 +981,12 @@ def _read_cluster_yaml(path: str) -> dict:
     except ImportError:
         raise RayOnGolemError("reading a cluster YAML needs PyYAML: pip install 'PyYAML==6.0.3'") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_cluster_yaml_loader())  # noqa: S506 - a SafeLoader with limits
+    except _YamlLimit as err:
+        where = f"line {err.mark.line + 1}, column {err.mark.column + 1}" if err.mark else "?"
+        raise ConfigError(err.path, f"{err.problem} (cluster config {path}, {where})") from None
+    except RecursionError:  # not expected under YAML_MAX_DEPTH; still an answer, not a traceback
+        raise ConfigError("", f"cluster config {path}: nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -886,14 +1012,16 @@ def load_cluster_config(source) -> ClusterConfig:
     else:
         raise UsageError(f"expected a cluster config path or mapping, found {_describe(source)}")
 
-    issues: list[tuple[str, str]] = []
+    issues: list[tuple[str, str]] = _plain_data_issues(raw)
+    if issues:
+        raise ConfigError(issues[0][0], issues[0][1], issues)
     warnings: list[str] = []
     top_schema = dict(RAY_CONFIG_SCHEMA, provider=None, auth=None, available_node_types=None)
     settings = _walk(RAY_CONFIG_SCHEMA, {k: v for k, v in raw.items() if k in RAY_CONFIG_SCHEMA},
                      "", issues, defaults=True)
     issues[:] = [(p.lstrip("."), m) for p, m in issues]
     for key in [k for k in raw if k not in top_schema]:
-        issues.append((str(key), f"unknown key{_did_you_mean(key, top_schema)}"))
+        issues.append((_key_name(key), f"unknown key{_did_you_mean(key, top_schema)}"))
 
     # provider: Ray's external provider block pointing at our module.
     provider = raw.get("provider")
@@ -907,7 +1035,7 @@ def load_cluster_config(source) -> ClusterConfig:
     else:
         for key in provider:
             if key not in PROVIDER_BLOCK_KEYS:
-                issues.append((f"provider.{key}", f"unknown key{_did_you_mean(key, PROVIDER_BLOCK_KEYS)}"))
+                issues.append((f"provider.{_key_name(key)}", f"unknown key{_did_you_mean(key, PROVIDER_BLOCK_KEYS)}"))
         if provider.get("type") != "external":
             issues.append(("provider.type", f"expected `external`, found {_describe(provider.get('type'))}"))
         module = provider.get("module")
@@ -920,8 +1048,9 @@ def load_cluster_config(source) -> ClusterConfig:
                                                         f"found {_describe(provider['use_internal_ips'])}"))
         parameters = _walk(PROVIDER_PARAMETERS_SCHEMA, provider.get("parameters"), "provider.parameters",
                            issues, defaults=True)
-        provider_node_config = (provider.get("parameters") or {}).get("node_config") or {}
-        if isinstance(provider_node_config, dict):
+        raw_parameters = provider.get("parameters")
+        provider_node_config = (raw_parameters if isinstance(raw_parameters, dict) else {}).get("node_config") or {}
+        if isinstance(provider_node_config, dict) and isinstance(raw_parameters, (dict, type(None))):
             before = len(issues)
             _walk(NODE_CONFIG_SCHEMA, provider_node_config, "provider.parameters.node_config", issues, defaults=False)
             provider_node_config_ok = len(issues) == before
@@ -946,14 +1075,14 @@ def load_cluster_config(source) -> ClusterConfig:
         issues.append(("head_node_type", f"expected one of the available_node_types ({', '.join(types_raw)}), "
                                          f"found {head_type!r}{_did_you_mean(head_type, types_raw)}"))
     for name, type_raw in types_raw.items():
-        type_path = f"available_node_types.{name}"
+        type_path = f"available_node_types.{_key_name(name)}"
         before = len(issues)
         fields = _walk(NODE_TYPE_SCHEMA, type_raw, type_path, issues, defaults=True)
         own = fields.get("node_config") or {}
         _walk(NODE_CONFIG_SCHEMA, own, f"{type_path}.node_config", issues, defaults=False)
         for res, amount in (fields.get("resources") or {}).items():
             if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-                issues.append((f"{type_path}.resources.{res}", f"expected an integer >= 0, found {_describe(amount)}"))
+                issues.append((f"{type_path}.resources.{_key_name(res)}", f"expected an integer >= 0, found {_describe(amount)}"))
         max_w = fields.get("max_workers")
         if max_w is not None and fields.get("min_workers", 0) > max_w:
             issues.append((f"{type_path}.min_workers", f"expected at most max_workers ({max_w}), "
@@ -1425,6 +1554,22 @@ class Store:
         self.recompute_scores([network])
         return counts
 
+    def unsettled_rentals(self) -> dict[str, list[dict]]:
+        """What is rented and not yet given back: nodes not terminated, agreements not terminated,
+        activities not destroyed, allocations not released. `status` shows them after a webserver
+        was killed (it could not end them)."""
+        queries = {
+            "nodes": "SELECT node_id, cluster_name, node_type, state, provider_id FROM nodes "
+                     "WHERE state != 'terminated' ORDER BY node_id",
+            "agreements": "SELECT agreement_id, cluster_name, node_id, provider_id FROM agreements "
+                          "WHERE terminated_at IS NULL ORDER BY created_at",
+            "activities": "SELECT activity_id, agreement_id FROM activities WHERE destroyed_at IS NULL "
+                          "ORDER BY created_at",
+            "allocations": "SELECT allocation_id, cluster_name, amount FROM allocations WHERE released_at IS NULL "
+                           "ORDER BY created_at",
+        }
+        return {kind: [dict(row) for row in self.conn.execute(sql)] for kind, sql in queries.items()}
+
 
 # Payments (section 7): a ledger row also names its node and allocation, the amount accepting
 # it added to the cluster's spending (`spent`, an exact decimal string) and why it was
@@ -1502,6 +1647,10 @@ class ClusterRecords:
             conn.execute("UPDATE agreements SET state = 'terminated', terminated_at = ?, reason = ? "
                          "WHERE agreement_id = ? AND terminated_at IS NULL",
                          (self.store.clock(), reason, agreement_id))
+            # No activity outlives its agreement (the provider destroys it): an orphan's
+            # activity row, which no one destroyed, must not stay open forever.
+            conn.execute("UPDATE activities SET state = 'destroyed', destroyed_at = ? "
+                         "WHERE agreement_id = ? AND destroyed_at IS NULL", (self.store.clock(), agreement_id))
 
     def activity(self, activity_id: str, agreement_id: str) -> None:
         with self.store.transaction() as conn:
@@ -6780,7 +6929,8 @@ def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
 
 
 def webserver_status(datadir: str, port: int | None) -> dict:
-    """What `status` shows: the status route if it answers, else what the pidfile says."""
+    """What `status` shows: the status route if it answers, else what the pidfile says and what a
+    webserver that died (kill -9) left running."""
     client = WebserverClient(datadir, port)
     status = client.status()
     report = {"running": status is not None, "url": client.url, "datadir": datadir, "webserver": status}
@@ -6789,6 +6939,7 @@ def webserver_status(datadir: str, port: int | None) -> dict:
         alive = live_pid(datadir)
         report["pid"] = alive[0] if alive else None
         report["stale_pidfile"] = stale[0] if stale and not alive else None
+        report["left_running"] = left_running(datadir)
     else:
         report["pid"] = status["pid"]
         if status.get("yagna", {}).get("kind") == "localnet":
@@ -6807,6 +6958,98 @@ def localnet_isolation(datadir: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return {"mode": state.get("isolation") or "sandbox", "reason": state.get("isolation_reason")}
+
+
+def left_running(datadir: str) -> dict | None:
+    """What a webserver that is gone left behind: the daemon it started (from `webserver.json`, if that
+    process still runs, with a probe of its API) and the rentals the store has not seen ended, each
+    with its state on that daemon when it answers. None if nothing is left."""
+    runtime = read_runtime(datadir)
+    daemon_info = runtime.get("yagna") or {}
+    daemon = None
+    if daemon_info.get("started_by_us") and process_alive(int(daemon_info.get("pid") or 0),
+                                                          runtime.get("yagna_pid_start_time")):
+        daemon = {"kind": daemon_info.get("kind"), "pid": daemon_info["pid"], "url": daemon_info.get("url"),
+                  "answers": False}
+        if daemon["url"]:
+            try:
+                http_request("GET", f"{daemon['url']}/me", timeout=2.0)
+                daemon["answers"] = True
+            except (ServiceUnavailable, UsageError):
+                pass
+    rentals = {"nodes": [], "agreements": [], "activities": [], "allocations": []}
+    if os.path.exists(os.path.join(datadir, DB_FILENAME)):
+        with Store(datadir) as store:
+            rentals = store.unsettled_rentals()
+    if daemon is None and not any(rentals.values()):
+        return None
+    key = _local_network_app_key(datadir) if daemon and daemon["answers"] and daemon["kind"] == "localnet" else None
+    if key:  # ask the network itself: the store only knows what the dead webserver had recorded
+        probes = {"agreements": ("agreement_id", "/market-api/v1/agreements/{}"),
+                  "activities": ("activity_id", "/activity-api/v1/activity/{}/state"),
+                  "allocations": ("allocation_id", "/payment-api/v1/allocations/{}")}
+        for kind, (id_key, route) in probes.items():
+            for row in rentals[kind]:
+                row["on_network"] = _probe_rental(daemon["url"] + route.format(row[id_key]), key)
+    return {"daemon": daemon, **rentals}
+
+
+def _local_network_app_key(datadir: str) -> str | None:
+    try:
+        with open(os.path.join(datadir, "localnet", "appkey")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _probe_rental(url: str, key: str) -> str:
+    """`Approved`, `Ready`, `present` ...: what the network says of one rental; `gone` on a 404."""
+    try:
+        status, body = http_request("GET", url, token=key, timeout=5.0)
+    except ServiceUnavailable:
+        return "unknown"
+    if status == 404:
+        return "gone"
+    if status != 200 or not isinstance(body, dict):
+        return "unknown"
+    state = body.get("state")
+    if isinstance(state, list):  # activity state: [current, next]
+        state = state[0]
+    return str(state) if state else "present"
+
+
+_SINGULAR = {"nodes": "node", "agreements": "agreement", "activities": "activity", "allocations": "allocation"}
+
+
+def _left_running_lines(left: dict) -> list[str]:
+    """The warning `status` prints about what a dead webserver left, and what each thing is."""
+    def alive(rows):
+        return [r for r in rows if r.get("on_network", "unknown") != "gone"]
+
+    daemon = left["daemon"]
+    parts = []
+    if daemon:
+        what = "the local network" if daemon["kind"] == "localnet" else "yagna"
+        parts.append(f"{what} it started (pid {daemon['pid']}, {daemon['url']}, "
+                     f"{'answering' if daemon['answers'] else 'not answering'})")
+    for kind in ("nodes", "agreements", "activities", "allocations"):
+        rows = alive(left[kind])
+        if rows:
+            parts.append(f"{len(rows)} {kind if len(rows) > 1 else _SINGULAR[kind]}")
+    if not parts:
+        return []
+    lines = ["Warning: the webserver is gone but left running: " + ", ".join(parts) + "."]
+    for row in alive(left["nodes"]):
+        lines.append(f"   node {row['node_id']} of cluster {row['cluster_name']} ({row['state']}, "
+                     f"provider {row['provider_id'] or '-'})")
+    for kind, id_key in (("agreements", "agreement_id"), ("activities", "activity_id"),
+                         ("allocations", "allocation_id")):
+        for row in alive(left[kind]):
+            state = f" ({row['on_network']} on the network)" if "on_network" in row else ""
+            lines.append(f"   {_SINGULAR[kind]} {row[id_key]}{state}")
+    lines.append("They may still cost money: `ray-on-golem start` takes them over and ends what no "
+                 "cluster needs.")
+    return lines
 
 
 def _format_duration(seconds: float) -> str:
@@ -6829,6 +7072,8 @@ def format_status(report: dict) -> str:
         elif report["stale_pidfile"]:
             lines.append(f"A stale pid file points to pid {report['stale_pidfile']}, which is not the webserver any "
                          "more; `ray-on-golem start` replaces it.")  # fmt: skip
+        if report.get("left_running"):
+            lines.extend(_left_running_lines(report["left_running"]))
         return "\n".join(lines)
     yagna = status["yagna"]
     state = {"running": "Running", "starting": "Starting", "shutting_down": "Shutting down"}[status["state"]]
@@ -7043,7 +7288,8 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     config = copy.deepcopy(cluster_config)
     provider = config.get("provider") or {}
     # Keys Ray or we add to the provider block (`_config_cache_path`, ...) are not the user's.
-    checked = dict(config, provider={k: v for k, v in provider.items() if not str(k).startswith("_")})
+    checked = dict(config, provider={k: v for k, v in provider.items() if not str(k).startswith("_")}
+                   if isinstance(provider, dict) else provider)
     resolved = load_cluster_config(checked)
     for warning in resolved.warnings:
         cli_logger.warning("{}", warning)
@@ -7338,7 +7584,10 @@ class GolemNodeProviderMixin:
 
     @staticmethod
     def fillout_available_node_types_resources(cluster_config: dict) -> dict:
-        return cluster_config
+        # Ray calls this before its schema check (ray/autoscaler/_private/commands.py::_bootstrap_config),
+        # and the schema refuses the legacy `head_node: true`/`worker_nodes: true` the original
+        # ray-on-golem's YAMLs carry "to satisfy checks": dropped here, as its provider did.
+        return {k: v for k, v in cluster_config.items() if k not in ("head_node", "worker_nodes")}
 
 
 class GolemCommandRunnerMixin:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 
 import pytest
@@ -105,6 +106,22 @@ BAD_CONFIGS = [
     ("commands-not-strings", setter("setup_commands", [1, 2]), "setup_commands", "list of shell commands"),
     ("optimal-below-minimal", setter(NC + "budget_control/payment_interval_hours", {"minimal": 12, "optimal": 1}),
      "provider.parameters.node_config.budget_control.payment_interval_hours.optimal", ">= minimal"),
+    # issue 16: each of these was exit 1 "internal error" or a problem without its name
+    ("budget-control-empty", setter(NC + "budget_control", None),
+     "provider.parameters.node_config.budget_control", "found an empty block"),
+    ("node-type-budget-control-empty", setter(WORKER + "node_config/budget_control", None),
+     "available_node_types.ray.worker.default.node_config.budget_control", "found an empty block"),
+    ("parameters-not-mapping", setter("provider/parameters", "x"), "provider.parameters",
+     "expected a mapping, found 'x' (str)"),
+    ("empty-key-top-level", setter("", 1), "''", "unknown key"),
+    ("empty-key-nested", setter(NC + "", 1), "provider.parameters.node_config.''", "unknown key"),
+    ("number-key", lambda c: c["provider"]["parameters"]["node_config"]["demand"].update({7: 1}), "provider.parameters.node_config.demand.7",
+     "expected a text key, found 7 (int)"),
+    ("budget-infinite", setter(P + "total_budget", float("inf")), "provider.parameters.total_budget", "at most"),
+    ("workers-beyond-sqlite", setter("max_workers", 10 ** 30), "max_workers", "at most"),
+    ("timeout-infinite", setter(P + "node_start_timeout", float("inf")), "provider.parameters.node_start_timeout",
+     "duration"),
+    ("name-is-a-date", setter("cluster_name", datetime.date(2024, 1, 1)), "cluster_name", "(date); quote it"),
 ]
 
 
@@ -117,7 +134,50 @@ def test_bad_config_names_the_field(run_cli, tmp_path, datadir, mutate, path, ph
     assert proc.stdout == ""
     line = next(ln for ln in proc.stderr.splitlines() if path + ":" in ln)
     assert phrase in line
+    assert len(set(proc.stderr.splitlines())) == len(proc.stderr.splitlines()), proc.stderr  # none twice
     assert not datadir.exists()  # nothing else happened
+
+
+SAMPLE_TEXT = SAMPLE_CLUSTER.read_text()
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("text, line", [
+    # PyYAML builds it, Python will not: int() refuses more than 4300 digits
+    (SAMPLE_TEXT.replace("max_workers: 2", "max_workers: " + "9" * 5000, 1),
+     "max_workers: expected a number of at most 4300 digits, found a 5000-digit number (cluster config"),
+    # PyYAML's composer recurses: a RecursionError before any check
+    (SAMPLE_TEXT + f"\nmetadata: {{deep: {DEEP}}}\n", "metadata.deep[0]...: nested deeper than 50 levels"),
+    (SAMPLE_TEXT + f"\nsetup_commands: {DEEP}\n", "setup_commands[0][0]...: nested deeper than 50 levels"),
+    (SAMPLE_TEXT + "\nmetadata: &a [*a]\n", "metadata[0]: an alias refers to the value that contains it"),
+    (SAMPLE_TEXT + "\nmetadata: {a: &a [1, 1, 1, 1, 1, 1, 1, 1], b: &b [*a, *a, *a, *a, *a, *a, *a, *a],"
+                   " c: &c [*b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c],"
+                   " e: &e [*d, *d, *d, *d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}\n",
+     "metadata.f: more than 200000 values once aliases are expanded"),
+    (SAMPLE_TEXT.replace("cluster_name: golem-cluster", "cluster_name: 2024-13-45"),
+     "cluster_name: cannot read '2024-13-45' (str) as timestamp: month must be in 1..12"),
+])
+def test_yaml_beyond_its_limits_names_the_field(run_cli, tmp_path, text, line):
+    assert text != SAMPLE_TEXT
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    proc = run_cli("validate", path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"ray-on-golem: error: {line}"), proc.stderr[:500]
+    assert "internal error" not in proc.stderr
+
+
+def test_a_provider_level_problem_is_printed_once(run_cli, tmp_path):
+    """Both node types inherit the provider level's node_config: its mistake is one problem, not two."""
+    config = sample()
+    deleter(NC + "demand/image_tag")(config)
+    setter(NC + "budget_control/per_cpu_expected_usage", {"cpu_load": 0.5})(config)
+    proc = run_cli("validate", write(tmp_path, config))
+    assert proc.returncode == 2
+    assert proc.stderr.count("provider.parameters.node_config.demand: Either the `image_tag`") == 1, proc.stderr
+    assert proc.stderr.count("per_cpu_expected_usage.duration_hours: required key is missing") == 1, proc.stderr
+    assert "3 problems in the cluster config" in proc.stderr  # the worker sets its own `demand`: blamed too
+    assert len(set(proc.stderr.splitlines())) == len(proc.stderr.splitlines())
 
 
 def test_all_problems_reported_at_once(run_cli, tmp_path):
@@ -296,3 +356,16 @@ def test_resolve_one_node_config():
     with pytest.raises(rog.ConfigError) as caught:
         rog.resolve_node_config({"budget_control": {"max_start_price": -1}}, common)
     assert caught.value.path == "node_config.budget_control.max_start_price"
+
+
+def test_a_recursive_value_from_rays_loader_is_a_config_error():
+    """`ray up` reads the YAML with yaml.safe_load, which builds `metadata: &a [*a]` as a list that
+    contains itself; the provider's validation names it instead of looping."""
+    config = sample()
+    loop: list = [1]
+    loop.append(loop)
+    config["metadata"] = {"loop": loop, "shared": [loop, loop]}
+    with pytest.raises(rog.ConfigError) as caught:
+        rog.load_cluster_config(config)
+    assert caught.value.issues[0][0].startswith("metadata.")
+    assert "an alias refers to the value that contains it" in caught.value.issues[0][1]
