@@ -306,11 +306,17 @@ def test_services_on_a_bare_python(bare, zipapp, tmp_path, datadir):
 # ---- acceptance: a host that has only Ray -----------------------------------------------------------
 
 RAY_REQUIREMENT = re.search(r'"(ray\[default\]==[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+# The Ray of the public image golem/ray-on-golem:*-ray2.9.3 (README "Ray and Python versions").
+RAY_OF_THE_IMAGE = "ray[default]==2.9.3"
 
 
-@pytest.fixture(scope="session")
-def ray_only_venv() -> Path:
-    """A virtualenv holding only `ray[default]` (and what it pulls in), as a user makes one.
+@pytest.fixture(scope="session", params=[RAY_REQUIREMENT, RAY_OF_THE_IMAGE], ids=lambda r: r.split("==")[1])
+def ray_only_venv(request) -> Path:
+    return ray_venv(request.param)
+
+
+def ray_venv(requirement: str) -> Path:
+    """A virtualenv holding only `requirement` (and what it pulls in), as a user makes one.
 
     Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the Ray
     requirement and the Python version; made under a lock, marked ready only once pip succeeded.
@@ -320,7 +326,7 @@ def ray_only_venv() -> Path:
 
     base = Path(os.environ.get("ROG_TEST_CACHE") or Path.home() / ".cache" / "ray-on-golem-tests")
     base.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", RAY_REQUIREMENT)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", requirement)
     venv = base / f"{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
     ready = venv / ".ray-on-golem-test-ready"
     with open(f"{venv}.lock", "w") as lock:
@@ -328,10 +334,10 @@ def ray_only_venv() -> Path:
         if not ready.exists():
             shutil.rmtree(venv, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", RAY_REQUIREMENT],
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
                                  capture_output=True, text=True, timeout=1800)
             assert pip.returncode == 0, pip.stderr[-3000:]
-            ready.write_text(RAY_REQUIREMENT + "\n")
+            ready.write_text(requirement + "\n")
     return venv
 
 
