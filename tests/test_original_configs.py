@@ -121,3 +121,51 @@ def test_version_mismatch_names_both_and_what_to_use():
     assert "pip install 'ray[default]==2.9.3'" in message and "-py3.11.*-ray2.60.0" in message
     assert rog.version_mismatch({"python": "3.11.7", "ray": "2.60.0"}, ["3.11.2", "2.60.0"], None) is None
     assert "Python - with Ray -" in rog.version_mismatch({"python": "3.11.7", "ray": "2.60.0"}, ["-", "-"], None)
+
+
+# --- the version check at bring-up, through the webserver (HTTP, no Ray cluster) ---------------------
+
+from test_cluster import RaySession, request_worker, session, wait_node  # noqa: E402,F401 (fixture)
+
+
+@pytest.mark.slow
+def test_a_node_of_other_versions_ends_naming_both(session: RaySession):
+    import platform
+
+    import ray
+
+    started = session.rog("start", "--datadir", str(session.datadir), "--port", str(session.port),
+                          "--network", "local")
+    assert started.returncode == 0, started.stdout + started.stderr
+    local = {"python_bin_dir": str(Path(sys.executable).parent)}  # the node runs this Python and its Ray
+    ours = {"python": platform.python_version(), "ray": ray.__version__}
+
+    def node(cluster: str, versions: dict) -> dict:
+        config = rog.load_cluster_config(str(ORIGINAL_CONFIGS / "golem-cluster.yaml"))
+        params = dict(json.loads(json.dumps(config.parameters)), payment_network="local", node_start_timeout=120)
+        body = {"provider_parameters": params, "node_config": config.node_types["ray.worker.default"].node_config,
+                "tags": {"ray-node-type": "worker", "ray-user-node-type": "ray.worker.default"}, "count": 1,
+                "local": local, "requestor_versions": versions}
+        first = session.api("POST", f"/clusters/{cluster}/nodes", body)["nodes"][0]
+        return wait_node(session, cluster, first["node_id"], {"running", "terminated"}, timeout=150)
+
+    other = node("versions-other", {"python": "3.10.13", "ray": "2.9.3"})
+    assert other["state"] == "terminated", other
+    assert other["error"] == (
+        f"version mismatch: the node (image golem/ray-on-golem:0.13.0-py3.10.13-ray2.9.3) runs Python "
+        f"{ours['python']} with Ray {ours['ray']}, this machine Python 3.10.13 with Ray 2.9.3; use an image_tag "
+        f"carrying Python 3.10 and Ray 2.9.3 (golem/ray-on-golem:*-py3.10.*-ray2.9.3), or run `ray up` from "
+        f"Python {'.'.join(ours['python'].split('.')[:2])} with `pip install 'ray[default]=={ours['ray']}'`")
+    assert any("version mismatch" in line for line in other["state_log"])
+    # The image is the user's choice, not the provider's fault: no penalty, nothing left rented.
+    assert session.db("SELECT COUNT(*) FROM provider_events WHERE kind NOT IN ('agreement_ok')") == [(0,)]
+    assert session.db("SELECT COUNT(*) FROM blacklist") == [(0,)]
+
+    same = node("versions-same", ours)
+    assert same["state"] == "running", same
+    session.api("DELETE", f"/clusters/versions-same/nodes/{same['node_id']}")
+    from test_cluster import wait_for
+
+    wait_for(lambda: session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)], 60,
+             what="agreements terminated")
+    session.rog("stop", "--force", "--datadir", str(session.datadir), "--port", str(session.port), timeout=200)
