@@ -99,6 +99,18 @@ def test_import_from_pythonpath(zipapp, tmp_path, datadir):
     assert proc.stdout.splitlines() == [f"{zipapp}/ray_on_golem.pyc", "[]"]  # precompiled; stdlib only
 
 
+def test_the_originals_module_path_from_the_pyz(zipapp, tmp_path, datadir):
+    """Ray's loader finds `ray_on_golem.provider.node_provider.GolemNodeProvider` in the pyz too."""
+    code = ("from ray.autoscaler._private.providers import _get_node_provider_cls; import ray_on_golem; "
+            "cls = _get_node_provider_cls({'type': 'external', "
+            "'module': 'ray_on_golem.provider.node_provider.GolemNodeProvider'}); "
+            "print(ray_on_golem.__file__); print(cls is ray_on_golem.GolemNodeProvider)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=cli_env(datadir, tmp_path, {"PYTHONPATH": str(zipapp)}), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{zipapp}/ray_on_golem.pyc", "True"]
+
+
 def test_golem_core_runs_from_the_bundle(bare, zipapp, tmp_path):
     """golem-core & co import with their pure-Python fallbacks, and the textX grammar files load."""
     code = f"""
@@ -370,9 +382,10 @@ def test_ray_cluster_journey_with_only_ray_and_the_pyz(zipapp, ray_only_venv, tm
     # The environment really is Ray only: no golem-core, no ray_on_golem, PyYAML only as Ray's.
     probe = subprocess.run([str(ray_only_venv / "bin" / "python"), "-c",
                             "import importlib.util as u, ray, yaml; "
-                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)])"],
+                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)], ray.__version__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert probe.stdout == "[]\n", probe.stderr[-2000:]
+    assert probe.stdout == f"[] {(ray_only_venv / '.ray-on-golem-test-ready').read_text().split('==')[1]}", \
+        probe.stderr[-2000:]
 
     node_ips: set[str] = set()
 
