@@ -91,6 +91,8 @@ def cache_dir() -> str:
 DB_FILENAME = "ray_on_golem.sqlite3"
 # Ray resolves `provider.module` with importlib + getattr (ray/autoscaler/_private/loader.py), so this is the module path.
 PROVIDER_MODULE = "ray_on_golem.GolemNodeProvider"
+# The original project's module path (its YAMLs carry it): served by the alias modules of section 10.
+PROVIDER_MODULE_ALIAS = "ray_on_golem.provider.node_provider.GolemNodeProvider"
 DEFAULT_HEAD_NODE_TYPE = "ray.head.default"  # Ray's own default for `head_node_type`
 HEAD_PRIORITY_SUBNET = "ray-on-golem-heads"  # head nodes try this subnet first (docs/yagna-behaviour.md §7)
 DEFAULT_PAYMENT_NETWORK = "holesky"  # as the original: real use defaults to the testnet
@@ -657,10 +659,12 @@ RAY_CONFIG_SCHEMA = {  # top level keys of Ray's ray/autoscaler/ray-schema.json 
     "docker": ({}, _mapping()),
     "metadata": ({}, _mapping()),
     "no_restart": (False, _boolean),
-    # Legacy keys the original's YAMLs carry "to satisfy checks" (docs/yagna-behaviour.md §7).
+    # Legacy keys the original's YAMLs carry "to satisfy checks" (docs/yagna-behaviour.md §7);
+    # dropped by GolemNodeProvider.fillout_available_node_types_resources (LEGACY_RAY_KEYS).
     "head_node": (None, lambda v: v),
     "worker_nodes": (None, lambda v: v),
 }
+LEGACY_RAY_KEYS = ("head_node", "worker_nodes")
 PROVIDER_BLOCK_KEYS = ("type", "module", "use_internal_ips", "parameters", "cache_stopped_nodes",
                        "disable_launch_config_check", "disable_node_updaters", "foreground_node_launch")
 AUTH_SCHEMA = {
@@ -1039,10 +1043,9 @@ def load_cluster_config(source) -> ClusterConfig:
         if provider.get("type") != "external":
             issues.append(("provider.type", f"expected `external`, found {_describe(provider.get('type'))}"))
         module = provider.get("module")
-        if module != PROVIDER_MODULE:
-            hint = (" (the original's module path; this tool's provider lives at the module top level)"
-                    if module == "ray_on_golem.provider.node_provider.GolemNodeProvider" else "")
-            issues.append(("provider.module", f"expected `{PROVIDER_MODULE}`, found {_describe(module)}{hint}"))
+        if module not in (PROVIDER_MODULE, PROVIDER_MODULE_ALIAS):
+            issues.append(("provider.module", f"expected `{PROVIDER_MODULE}` (or the original's "
+                                              f"`{PROVIDER_MODULE_ALIAS}`), found {_describe(module)}"))
         if "use_internal_ips" in provider and not isinstance(provider["use_internal_ips"], bool):
             issues.append(("provider.use_internal_ips", f"expected true or false, "
                                                         f"found {_describe(provider['use_internal_ips'])}"))
@@ -1058,6 +1061,9 @@ def load_cluster_config(source) -> ClusterConfig:
             provider_node_config = {}
         if parameters.get("payment_network") != "local" and _has(provider.get("parameters"), "local_network"):
             warnings.append("provider.parameters.local_network is used only with payment_network: local; ignored")
+        if _has(provider.get("parameters"), "ray_gcs_expose_port"):
+            warnings.append("provider.parameters.ray_gcs_expose_port is not used: no local port of a fixed "
+                            "number is bound for Ray's GCS (each cluster's ports are picked free)")
         if parameters.get("payment_network") == "polygon":
             warnings.append("payment_network: polygon spends real GLM (mainnet)")
 
@@ -3762,6 +3768,33 @@ def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_por
     )
 
 
+# Prints `<python version> <ray version>` of the node's `python3` (after its environment file), `-` for
+# what is missing; never fails, so a node without Python or Ray gets the mismatch message.
+NODE_VERSIONS_SCRIPT = (
+    f'if [ -f "$HOME/{NODE_STATE_DIR}/env" ]; then . "$HOME/{NODE_STATE_DIR}/env"; fi; '
+    "python3 -c 'import platform, importlib.metadata as m\n"
+    "try: ray = m.version(\"ray\")\n"
+    "except Exception: ray = \"-\"\n"
+    "print(platform.python_version(), ray)' 2>/dev/null || echo - -"
+)
+
+
+def version_mismatch(requestor: dict, node: list, image_tag: str | None) -> str | None:
+    """Why a node of `node` = [python, ray] versions cannot serve a requestor of `requestor`
+    ({"python", "ray"}), with what to use instead; None when they agree (Ray exactly, Python
+    major.minor: Ray's own check, ray/_private/utils.py::check_version_info, warns on the patch)."""
+    node_python, node_ray = (list(node) + ["-", "-"])[:2]
+    want_python, want_ray = str(requestor.get("python") or "-"), str(requestor.get("ray") or "-")
+    minor = lambda version: ".".join(version.split(".")[:2])  # noqa: E731
+    if node_ray == want_ray and minor(node_python) == minor(want_python):
+        return None
+    image = f"image {image_tag}" if image_tag else "the image"
+    return (f"version mismatch: the node ({image}) runs Python {node_python} with Ray {node_ray}, this "
+            f"machine Python {want_python} with Ray {want_ray}; use an image_tag carrying Python "
+            f"{minor(want_python)} and Ray {want_ray} (golem/ray-on-golem:*-py{minor(want_python)}.*-ray{want_ray}), "
+            f"or run `ray up` from Python {minor(node_python)} with `pip install 'ray[default]=={node_ray}'`")
+
+
 def _free_port() -> int:
     import socket
 
@@ -3774,7 +3807,7 @@ class ClusterNode:
     """One node of a cluster: what Ray sees (state, tags, IPs) and what it rents."""
 
     def __init__(self, cluster: "Cluster", node_id: str, node_config: dict, tags: dict, resources: dict,
-                 labels: dict, timeout_s: float, local: dict | None):
+                 labels: dict, timeout_s: float, local: dict | None, requestor_versions: dict | None = None):
         import asyncio
 
         self.cluster = cluster
@@ -3784,6 +3817,7 @@ class ClusterNode:
         self.resources = resources
         self.labels = labels
         self.local = local  # python_bin_dir/module_dir of the `ray up` side (local network only)
+        self.requestor_versions = requestor_versions  # {"python", "ray"} of the requesting provider
         self.node_type = self.tags.get(RAY_TAG_USER_NODE_TYPE) or self.tags.get(RAY_TAG_NODE_KIND) or "unknown"
         self.state = NodeState.PENDING
         self.state_log: list[str] = []
@@ -4032,7 +4066,8 @@ class ClusterService:
         return [n for n in cluster.nodes.values() if n.alive and tags_match(n.tags, tag_filter)]
 
     async def request_nodes(self, cluster_name: str, parameters: dict, node_config: dict, tags: dict,
-                            count: int, resources: dict, labels: dict, local: dict | None) -> list[ClusterNode]:
+                            count: int, resources: dict, labels: dict, local: dict | None,
+                            requestor_versions: dict | None = None) -> list[ClusterNode]:
         """Create `count` pending nodes at once; each is provisioned in the background."""
         import asyncio
 
@@ -4057,7 +4092,7 @@ class ClusterService:
         for _ in range(count):
             node_id = f"node{self.records.next_node_number()}"
             node = ClusterNode(cluster, node_id, node_config, tags, resources, labels, timeout_s,
-                               local if cluster.local else None)
+                               local if cluster.local else None, requestor_versions)
             cluster.nodes[node_id] = node
             node.touch()
             node.provisioning = asyncio.create_task(self.provisioner.provision(node))
@@ -4234,9 +4269,22 @@ class NodeProvisioner:
         fields = (result.stdout or "").split()
         node.internal_ip = fields[0] if fields else node.vpn_ip
         node.ray_tmpdir = fields[1] if len(fields) > 1 else None
+        await self._check_versions(node)
         # Ray reaches nodes only through our command runner: one address serves both.
         node.external_ip = node.internal_ip
         self.store.record_event(candidate.provider_id, cluster.network, "deploy_ok", cluster_name=cluster.name)
+
+    async def _check_versions(self, node: ClusterNode) -> None:
+        """The node's Python and Ray must be the requestor's (Ray refuses a cluster or client of
+        other versions, with a less helpful message and only later): else the node ends, naming
+        both and what to use. Not the provider's fault (the image is the user's choice): no penalty."""
+        if not node.requestor_versions:
+            return
+        result = await self._batch(node, _run_command(NODE_VERSIONS_SCRIPT), kind="start_failed", what="version check")
+        mismatch = version_mismatch(node.requestor_versions, (result.stdout or "").split(),
+                                    ((node.node_config.get("demand") or {}).get("image_tag")))
+        if mismatch:
+            raise UsageError(mismatch)
 
     async def _batch(self, node: ClusterNode, command, *, kind: str, what: str, timeout: float = DEPLOY_TIMEOUT_S):
         """Run one command as its own batch; NodeStartFailed(kind) when it fails."""
@@ -6086,6 +6134,7 @@ class WebserverHandler:
         body = request.fields({
             "provider_parameters": (dict, {}), "node_config": (dict, {}), "tags": (dict, {}),
             "count": (int, 1), "resources": (dict, {}), "labels": (dict, {}), "local": (dict, None),
+            "requestor_versions": (dict, None),
         })  # fmt: skip
         if not 1 <= body["count"] <= 100:
             raise UsageError(f"count: expected 1..100 nodes, got {body['count']}")
@@ -6093,7 +6142,7 @@ class WebserverHandler:
             raise UsageError("tags: values must be strings")
         nodes = await self.clusters.request_nodes(
             request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
-            body["count"], body["resources"], body["labels"], body["local"])
+            body["count"], body["resources"], body["labels"], body["local"], body["requestor_versions"])
         return {"nodes": [node.as_dict() for node in nodes]}
 
     async def list_nodes(self, request: Request) -> dict:
@@ -7382,6 +7431,15 @@ def _print_node_progress(cli_logger, seen: dict, nodes: list) -> None:
         seen[node["node_id"]] = len(log)
 
 
+def requestor_versions() -> dict:
+    """This process's Python and Ray, sent with every node request (checked against the node's)."""
+    import platform
+
+    import ray
+
+    return {"python": platform.python_version(), "ray": ray.__version__}
+
+
 def ray_error(error: RayOnGolemError, *, context: str = "", launch: bool = False) -> Exception:
     """The one translation of our errors into Ray's: what `ray up/exec/down` print.
 
@@ -7500,6 +7558,7 @@ class GolemNodeProviderMixin:
             "count": count,
             "resources": resources or {},
             "labels": labels or {},
+            "requestor_versions": requestor_versions(),
             # Used on the local network only, where nodes run on this machine:
             # they run the Python and Ray of this `ray up` (a VM image would
             # carry the same versions) and import this module.
@@ -7584,10 +7643,10 @@ class GolemNodeProviderMixin:
 
     @staticmethod
     def fillout_available_node_types_resources(cluster_config: dict) -> dict:
-        # Ray calls this before its schema check (ray/autoscaler/_private/commands.py::_bootstrap_config),
-        # and the schema refuses the legacy `head_node: true`/`worker_nodes: true` the original
-        # ray-on-golem's YAMLs carry "to satisfy checks": dropped here, as its provider did.
-        return {k: v for k, v in cluster_config.items() if k not in ("head_node", "worker_nodes")}
+        # Ray calls this before its schema check (commands.py::_bootstrap_config), which refuses the
+        # legacy `head_node`/`worker_nodes` the original's YAMLs set to `true` "to satisfy checks":
+        # Ray ignores them (util.py::check_legacy_fields), so they go here, as the original did.
+        return {k: v for k, v in cluster_config.items() if k not in LEGACY_RAY_KEYS}
 
 
 class GolemCommandRunnerMixin:
@@ -7685,6 +7744,53 @@ _RAY_BASES = {
     "GolemNodeProvider": (GolemNodeProviderMixin, "ray.autoscaler.node_provider", "NodeProvider"),
     "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler.command_runner", "CommandRunnerInterface"),
 }
+
+
+# --- The original's module path ---------------------------------------------------
+# Ray imports `provider.module` minus its last part (ray/_private/utils.py::import_attr), so the
+# original's `ray_on_golem.provider.node_provider.GolemNodeProvider` needs the modules
+# `ray_on_golem.provider` and `ray_on_golem.provider.node_provider`. This module is one file,
+# so it declares itself a package without a directory (`__path__ = []`) and a meta-path finder
+# makes those two as alias modules; their `GolemNodeProvider` is this module's (Ray imported
+# only when it is first read).
+
+class _ProviderAliasFinder:
+    """Finds and loads the alias modules `ray_on_golem.provider[.node_provider]` (PEP 451)."""
+
+    NAMES = {".".join(PROVIDER_MODULE_ALIAS.split(".")[:n]) for n in (2, 3)}
+
+    @classmethod
+    def find_spec(cls, fullname: str, path=None, target=None):
+        if fullname not in cls.NAMES:
+            return None
+        import importlib.machinery
+
+        is_package = fullname.count(".") == 1
+        return importlib.machinery.ModuleSpec(fullname, cls, is_package=is_package)
+
+    @staticmethod
+    def create_module(spec):
+        return None  # a plain module object
+
+    @staticmethod
+    def exec_module(module) -> None:
+        if module.__spec__.submodule_search_locations is not None:
+            module.__path__ = []
+        module.__doc__ = f"Alias of `{PROVIDER_MODULE}` under the original project's module path."
+
+        def forward(name: str):
+            if name != "GolemNodeProvider" or not module.__name__.endswith(".node_provider"):
+                raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+            import importlib
+
+            return getattr(importlib.import_module(PROVIDER_MODULE.rsplit(".", 1)[0]), name)
+
+        module.__getattr__ = forward
+
+
+__path__: list = []  # see above: submodules only from _ProviderAliasFinder
+if not any(getattr(finder, "__name__", "") == "_ProviderAliasFinder" for finder in sys.meta_path):
+    sys.meta_path.append(_ProviderAliasFinder)
 
 
 def __getattr__(name: str):

@@ -101,8 +101,9 @@ BAD_CONFIGS = [
     ("head-type-missing", setter("head_node_type", "ray.head.defualt"), "head_node_type",
      "did you mean `ray.head.default`"),
     ("provider-type", setter("provider/type", "aws"), "provider.type", "expected `external`"),
-    ("provider-old-module", setter("provider/module", "ray_on_golem.provider.node_provider.GolemNodeProvider"),
-     "provider.module", "the original's module path"),
+    ("provider-bad-module", setter("provider/module", "ray_on_golem.node_provider.GolemNodeProvider"),
+     "provider.module", "expected `ray_on_golem.GolemNodeProvider` (or the original's "
+                        "`ray_on_golem.provider.node_provider.GolemNodeProvider`)"),
     ("commands-not-strings", setter("setup_commands", [1, 2]), "setup_commands", "list of shell commands"),
     ("optimal-below-minimal", setter(NC + "budget_control/payment_interval_hours", {"minimal": 12, "optimal": 1}),
      "provider.parameters.node_config.budget_control.payment_interval_hours.optimal", ">= minimal"),

@@ -99,6 +99,18 @@ def test_import_from_pythonpath(zipapp, tmp_path, datadir):
     assert proc.stdout.splitlines() == [f"{zipapp}/ray_on_golem.pyc", "[]"]  # precompiled; stdlib only
 
 
+def test_the_originals_module_path_from_the_pyz(zipapp, tmp_path, datadir):
+    """Ray's loader finds `ray_on_golem.provider.node_provider.GolemNodeProvider` in the pyz too."""
+    code = ("from ray.autoscaler._private.providers import _get_node_provider_cls; import ray_on_golem; "
+            "cls = _get_node_provider_cls({'type': 'external', "
+            "'module': 'ray_on_golem.provider.node_provider.GolemNodeProvider'}); "
+            "print(ray_on_golem.__file__); print(cls is ray_on_golem.GolemNodeProvider)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=cli_env(datadir, tmp_path, {"PYTHONPATH": str(zipapp)}), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{zipapp}/ray_on_golem.pyc", "True"]
+
+
 def test_golem_core_runs_from_the_bundle(bare, zipapp, tmp_path):
     """golem-core & co import with their pure-Python fallbacks, and the textX grammar files load."""
     code = f"""
@@ -306,11 +318,17 @@ def test_services_on_a_bare_python(bare, zipapp, tmp_path, datadir):
 # ---- acceptance: a host that has only Ray -----------------------------------------------------------
 
 RAY_REQUIREMENT = re.search(r'"(ray\[default\]==[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+# The Ray of the public image golem/ray-on-golem:*-ray2.9.3 (README "Ray and Python versions").
+RAY_OF_THE_IMAGE = "ray[default]==2.9.3"
 
 
-@pytest.fixture(scope="session")
-def ray_only_venv() -> Path:
-    """A virtualenv holding only `ray[default]` (and what it pulls in), as a user makes one.
+@pytest.fixture(scope="session", params=[RAY_REQUIREMENT, RAY_OF_THE_IMAGE], ids=lambda r: r.split("==")[1])
+def ray_only_venv(request) -> Path:
+    return ray_venv(request.param)
+
+
+def ray_venv(requirement: str) -> Path:
+    """A virtualenv holding only `requirement` (and what it pulls in), as a user makes one.
 
     Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the Ray
     requirement and the Python version; made under a lock, marked ready only once pip succeeded.
@@ -320,7 +338,7 @@ def ray_only_venv() -> Path:
 
     base = Path(os.environ.get("ROG_TEST_CACHE") or Path.home() / ".cache" / "ray-on-golem-tests")
     base.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", RAY_REQUIREMENT)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", requirement)
     venv = base / f"{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
     ready = venv / ".ray-on-golem-test-ready"
     with open(f"{venv}.lock", "w") as lock:
@@ -328,10 +346,10 @@ def ray_only_venv() -> Path:
         if not ready.exists():
             shutil.rmtree(venv, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", RAY_REQUIREMENT],
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
                                  capture_output=True, text=True, timeout=1800)
             assert pip.returncode == 0, pip.stderr[-3000:]
-            ready.write_text(RAY_REQUIREMENT + "\n")
+            ready.write_text(requirement + "\n")
     return venv
 
 
@@ -364,9 +382,10 @@ def test_ray_cluster_journey_with_only_ray_and_the_pyz(zipapp, ray_only_venv, tm
     # The environment really is Ray only: no golem-core, no ray_on_golem, PyYAML only as Ray's.
     probe = subprocess.run([str(ray_only_venv / "bin" / "python"), "-c",
                             "import importlib.util as u, ray, yaml; "
-                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)])"],
+                            "print([m for m in ('golem', 'ray_on_golem', 'textx') if u.find_spec(m)], ray.__version__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert probe.stdout == "[]\n", probe.stderr[-2000:]
+    assert probe.stdout == f"[] {(ray_only_venv / '.ray-on-golem-test-ready').read_text().split('==')[1]}", \
+        probe.stderr[-2000:]
 
     node_ips: set[str] = set()
 
