@@ -2067,9 +2067,9 @@ class YagnaService:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            # --isolation sandbox: goes once Ray reaches nodes by SSH through the VPN (issue 12).
+            # Default isolation (auto: namespaced, VM-like nodes when root): Ray reaches them by SSH.
             cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir,
-                                             "--isolation", "sandbox", "--hide", self.datadir)
+                                             "--hide", self.datadir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
@@ -3604,11 +3604,17 @@ def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_por
             lines.append(f'export PATH={shlex.quote(local["python_bin_dir"])}:"$PATH"')
         if local.get("module_dir"):
             lines.append(f'export PYTHONPATH={shlex.quote(local["module_dir"])}${{PYTHONPATH:+:$PYTHONPATH}}')
+    # This version of ray_on_golem first, whatever the image holds (`ray up` copies it there: file_mounts).
+    lib = f"$HOME/{NODE_STATE_DIR}/lib"
+    lines.append(f'export PYTHONPATH="\\{lib}/ray-on-golem.pyz:\\{lib}\\${{PYTHONPATH:+:\\$PYTHONPATH}}"')
     body = "\n".join(lines)
     return (
         f'mkdir -p "$HOME/{NODE_STATE_DIR}" && ray_tmp=$(mktemp -d /tmp/rog-XXXXXXXX) && '
         f'NODE_IP="${{NODE_IP:-{vpn_ip}}}" && '
         f"cat > \"$HOME/{NODE_STATE_DIR}/env\" <<EOF\n{body}\nEOF\n"
+        # Ray's SSH runner sources ~/.bashrc before each command: the node's environment with it.
+        f'grep -qs "{NODE_STATE_DIR}/env" "$HOME/.bashrc" || '
+        f'echo \'[ -f "$HOME/{NODE_STATE_DIR}/env" ] && . "$HOME/{NODE_STATE_DIR}/env"\' >> "$HOME/.bashrc"\n'
         'printf "%s %s" "$NODE_IP" "$ray_tmp"'
     )
 
@@ -3619,6 +3625,147 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((WEBSERVER_HOST, 0))
         return s.getsockname()[1]
+
+
+# --- Node SSH -------------------------------------------------------------------
+# Nodes are reached by OpenSSH through the VPN on every network, as the original did:
+# `ray-on-golem ssh-proxy` is the ProxyCommand (stdio <-> the net API's WebSocket). One key
+# pair per cluster, made here in the data dir (0600, never sent over HTTP); each node's
+# host key is pinned at first contact (the bring-up's check) in the cluster's known_hosts,
+# then checked strictly by Ray's SSHCommandRunner (ray/autoscaler/_private/command_runner.py).
+
+SSH_USER = "root"  # the Golem image's only user (auth.ssh_user)
+SSH_READY_TIMEOUT_S = 60.0  # sshd started: it must answer within this
+TUNNEL_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # restart delays of a dead reverse tunnel
+TUNNEL_UP_AFTER_S = 2.0  # a tunnel ssh alive this long has its forward (ExitOnForwardFailure)
+
+
+def cluster_dir(datadir: str, cluster_name: str) -> str:
+    """`<datadir>/clusters/<name>`: the cluster's key pair and known_hosts (mode 0700)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", cluster_name) or "_"
+    path = os.path.join(datadir, "clusters", safe)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+class ClusterKeys:
+    """The cluster's SSH key pair and pinned host keys, files in its cluster dir."""
+
+    def __init__(self, datadir: str, cluster_name: str):
+        directory = cluster_dir(datadir, cluster_name)
+        self.private_key = os.path.join(directory, "id_ed25519")
+        self.public_key_file = self.private_key + ".pub"
+        self.known_hosts = os.path.join(directory, "known_hosts")
+
+    def ensure(self) -> "ClusterKeys":
+        """Make the key pair once (ssh-keygen writes the private key 0600)."""
+        import subprocess
+
+        if not (os.path.exists(self.private_key) and os.path.exists(self.public_key_file)):
+            for path in (self.private_key, self.public_key_file):
+                if os.path.exists(path):
+                    os.unlink(path)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ray-on-golem",
+                            "-f", self.private_key], check=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, timeout=30)
+        os.chmod(self.private_key, 0o600)
+        return self
+
+    def public_key(self) -> str:
+        with open(self.public_key_file) as f:
+            return f.read().strip()
+
+    def forget_host(self, ip: str) -> None:
+        """A released node's pinned key goes: its VPN address may serve another node later."""
+        import subprocess
+
+        if os.path.exists(self.known_hosts):
+            subprocess.run(["ssh-keygen", "-R", ip, "-f", self.known_hosts], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+            try:
+                os.unlink(self.known_hosts + ".old")
+            except FileNotFoundError:
+                pass
+
+
+def ssh_proxy_command(datadir: str, network: str) -> str:
+    """ssh's ProxyCommand: `ray-on-golem ssh-proxy NETWORK %h %p` with this module first on
+    its PYTHONPATH (`network`: a net API id, or `@CLUSTER` resolved through the webserver)."""
+    argv, env = python_module_command("ray_on_golem", "ssh-proxy", "--datadir", datadir, network)
+    words = [shlex.quote(a).replace("%", "%%") for a in ["env", f"PYTHONPATH={env['PYTHONPATH']}", *argv]]
+    return " ".join(words + ["%h", "%p"])
+
+
+def ssh_options(private_key: str, known_hosts: str, proxy: str | None, *, first_contact: bool) -> list[str]:
+    """OpenSSH options of every connection to a node: the cluster key only, pinned host keys
+    (`accept-new` only at the bring-up's first contact), no password prompt."""
+    options = {"IdentitiesOnly": "yes", "BatchMode": "yes", "UserKnownHostsFile": known_hosts,
+               "StrictHostKeyChecking": "accept-new" if first_contact else "yes",
+               "ServerAliveInterval": "5", "ServerAliveCountMax": "3", "LogLevel": "ERROR"}
+    if proxy:
+        options["ProxyCommand"] = proxy
+    return ["-i", private_key] + [x for k, v in options.items() for x in ("-o", f"{k}={v}")]
+
+
+class ReverseTunnel:
+    """The head's way back: `ssh -N -R 127.0.0.1:P:127.0.0.1:P` from the head's loopback to
+    the webserver, restarted with backoff while the head runs; `state` is shown in `status`."""
+
+    def __init__(self, argv: list[str], env: dict, log):
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.state = "starting"
+        self.restarts = 0
+        self.up = None  # asyncio.Event, set while the forward is up
+        self._task = None
+        self._process = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self.up = asyncio.Event()
+        self._task = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        import asyncio
+        import subprocess
+
+        failures = 0
+        while True:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._process.wait()), TUNNEL_UP_AFTER_S)
+            except asyncio.TimeoutError:
+                self.state = "up"
+                failures = 0
+                self.up.set()
+                await self._process.wait()
+            self.up.clear()
+            error = (await self._process.stderr.read()).decode(errors="replace").strip()[-300:]
+            delay = TUNNEL_BACKOFF_S[min(failures, len(TUNNEL_BACKOFF_S) - 1)]
+            failures += 1
+            self.restarts += 1
+            self.state = f"down, restarting in {delay:g} s" + (f" ({error})" if error else "")
+            self.log.warning("reverse tunnel %s", self.state)
+            await asyncio.sleep(delay)
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        self.state = "stopped"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
 
 
 class ClusterNode:
@@ -3642,6 +3789,8 @@ class ClusterNode:
         self.internal_ip: str | None = None
         self.external_ip: str | None = None
         self.vpn_ip: str | None = None
+        self.network_id: str | None = None  # its VPN's net API id (ssh-proxy)
+        self.tunnel: ReverseTunnel | None = None  # the head's way back to the webserver
         self.ray_tmpdir: str | None = None
         self.provider_id: str | None = None
         self.provider_name: str | None = None
@@ -3701,6 +3850,8 @@ class ClusterNode:
             "tags": dict(self.tags),
             "internal_ip": self.internal_ip,
             "external_ip": self.external_ip,
+            "network_id": self.network_id,
+            "tunnel": self.tunnel.state if self.tunnel is not None else None,
             "provider_id": self.provider_id,
             "provider_name": self.provider_name,
             "price": self.price,
@@ -3731,6 +3882,7 @@ class Cluster:
         self.client_port = _free_port() if self.local else 10001
         self.lock = asyncio.Lock()
         self.number = len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
+        self.keys = ClusterKeys(service.yagna.datadir, name)
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in NodeState}
@@ -4085,9 +4237,109 @@ class NodeProvisioner:
         fields = (result.stdout or "").split()
         node.internal_ip = fields[0] if fields else node.vpn_ip
         node.ray_tmpdir = fields[1] if len(fields) > 1 else None
-        # Ray reaches nodes only through our command runner: one address serves both.
+        # Ray reaches nodes by SSH to their VPN address (through ssh-proxy): one address serves both.
         node.external_ip = node.internal_ip
+        node.network_id = vpn.id
+        await self._open_ssh(node)
         self.store.record_event(candidate.provider_id, cluster.network, "deploy_ok", cluster_name=cluster.name)
+
+    def _ssh_env(self, node: ClusterNode) -> dict:
+        """Environment of our ssh children: ssh-proxy finds the net API and app key here, not in argv."""
+        yagna = node.cluster.service.yagna
+        env = dict(os.environ)
+        if yagna.app_key:
+            env["YAGNA_APPKEY"] = yagna.app_key
+        if yagna.api_url:
+            env["YAGNA_API_URL"] = yagna.api_url
+        return env
+
+    def _ssh_argv(self, node: ClusterNode, *args: str, first_contact: bool = False) -> list[str]:
+        keys = node.cluster.keys
+        proxy = ssh_proxy_command(node.cluster.service.yagna.datadir, node.network_id)
+        return ["ssh", *ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=first_contact),
+                *args, f"{SSH_USER}@{node.vpn_ip}"]
+
+    async def _ssh(self, node: ClusterNode, argv: list[str], stdin: bytes | None = None,
+                   timeout: float = 30.0) -> tuple[int, str]:
+        """Run one ssh to the node: (exit code, stderr)."""
+        import asyncio
+        import subprocess
+
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=self._ssh_env(node), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            return 255, f"no answer within {timeout:g} s"
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        return process.returncode, err.decode(errors="replace").strip()
+
+    async def _open_ssh(self, node: ClusterNode) -> None:
+        """Install the cluster key, start sshd as the Golem image expects, pin the host key at the
+        first answer; on the head also copy the webserver token (0600) and open the reverse tunnel."""
+        import asyncio
+
+        cluster = node.cluster
+        if cluster.local and (localnet_isolation(cluster.service.yagna.datadir) or {}).get("mode") == "sandbox":
+            raise RayOnGolemError("the local network runs in sandbox mode (nodes share this machine's "
+                                  "loopback and cannot run sshd): run it as root for namespaced nodes")
+        keys = cluster.keys.ensure()
+        keys.forget_host(node.vpn_ip)
+        started = time.monotonic()
+        await self._batch(node, _run_command(
+            'mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && '
+            f'echo {shlex.quote(keys.public_key())} >> "$HOME/.ssh/authorized_keys" && '
+            'chmod 600 "$HOME/.ssh/authorized_keys" && '
+            '(service ssh start >/dev/null 2>&1 || { mkdir -p /run/sshd && /usr/sbin/sshd; })'),
+            kind="start_failed", what="starting sshd")
+        deadline = time.monotonic() + SSH_READY_TIMEOUT_S
+        error = ""
+        while time.monotonic() < deadline:
+            code, error = await self._ssh(node, self._ssh_argv(node, "-o", "ConnectTimeout=10", first_contact=True)
+                                          + ["true"], timeout=20.0)
+            if code == 0:
+                break
+            if "HOST IDENTIFICATION HAS CHANGED" in error or "Host key verification failed" in error:
+                raise NodeStartFailed("connection_failed", f"the node's SSH host key changed: {error[-300:]}")
+            await asyncio.sleep(0.5)
+        else:
+            raise NodeStartFailed("connection_failed", f"sshd did not answer within "
+                                  f"{SSH_READY_TIMEOUT_S:g} s: {error[-300:]}")
+        node.log(f"SSH answers ({time.monotonic() - started:.1f} s after starting sshd)")
+        if node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+            await self._open_tunnel(node)
+
+    async def _open_tunnel(self, node: ClusterNode) -> None:
+        """The head's provider reaches the webserver at its own 127.0.0.1:<webserver_port>."""
+        import asyncio
+
+        datadir = node.cluster.service.yagna.datadir
+        token = read_token(datadir)
+        if token is None:
+            raise RayOnGolemError(f"no webserver token in {datadir}")
+        code, error = await self._ssh(node, self._ssh_argv(node) + [
+            f'umask 077 && mkdir -p "$HOME/{NODE_STATE_DIR}" && cat > "$HOME/{NODE_STATE_DIR}/{WEBSERVER_TOKEN_FILE}"'],
+            stdin=(token + "\n").encode())
+        if code != 0:
+            raise NodeStartFailed("connection_failed", f"copying the webserver token failed: {error[-300:]}")
+        port = int(node.cluster.parameters.get("webserver_port") or DEFAULT_WEBSERVER_PORT)
+        started = time.monotonic()
+        node.tunnel = ReverseTunnel(self._ssh_argv(node, "-N", "-o", "ExitOnForwardFailure=yes", "-R",
+                                                   f"{WEBSERVER_HOST}:{port}:{WEBSERVER_HOST}:{port}"),
+                                    self._ssh_env(node), self.log)
+        node.tunnel.start()
+        try:
+            await asyncio.wait_for(node.tunnel.up.wait(), SSH_READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise NodeStartFailed("connection_failed", f"the reverse tunnel did not come up: "
+                                  f"{node.tunnel.state}") from None
+        node.log(f"Tunnel to the webserver up ({time.monotonic() - started:.1f} s)")
 
     async def _batch(self, node: ClusterNode, command, *, kind: str, what: str, timeout: float = DEPLOY_TIMEOUT_S):
         """Run one command as its own batch; NodeStartFailed(kind) when it fails."""
@@ -4144,6 +4396,10 @@ class NodeProvisioner:
         """Destroy the activity and terminate the agreement of the node's current provider."""
         activity, agreement = node.activity, node.agreement
         node.activity = node.agreement = None
+        if node.tunnel is not None:
+            await node.tunnel.stop()
+        if node.vpn_ip:
+            node.cluster.keys.forget_host(node.vpn_ip)
         if activity is not None:
             await _quietly(activity.destroy())
             self.records.activity_ended(activity.id)
@@ -7020,20 +7276,16 @@ def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> N
 
 
 # What nodes run when the YAML gives no start commands (Ray's external provider
-# has no defaults, docs/yagna-behaviour.md §6). $NODE_IP, $RAY_TMPDIR and the ports come
-# from the node's environment file (section 7): per node and per cluster, so nodes
-# sharing one machine on the local network never collide.
+# has no defaults, docs/yagna-behaviour.md §6). $NODE_IP (the node's VPN address) comes
+# from the node's environment file (section 7).
 DEFAULT_HEAD_START_RAY_COMMANDS = [
     "ray stop",
-    "ray start --head --node-ip-address=$NODE_IP --port=$RAY_GCS_PORT "
-    "--ray-client-server-port=$RAY_CLIENT_SERVER_PORT --temp-dir=$RAY_TMPDIR/ray "
-    "--include-dashboard=false --dashboard-agent-listen-port=0 --disable-usage-stats "
+    "ray start --head --node-ip-address=$NODE_IP --port=6379 --disable-usage-stats "
     "--autoscaling-config=~/ray_bootstrap_config.yaml",
 ]
 DEFAULT_WORKER_START_RAY_COMMANDS = [
     "ray stop",
-    "ray start --address=$RAY_HEAD_IP:$RAY_GCS_PORT --node-ip-address=$NODE_IP "
-    "--temp-dir=$RAY_TMPDIR/ray --dashboard-agent-listen-port=0",
+    "ray start --address=$RAY_HEAD_IP:6379 --node-ip-address=$NODE_IP",
 ]
 
 
@@ -7068,6 +7320,15 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
         return config  # on the head (ray rsync, Tune): the services are the laptop's
     params = resolved.parameters
     datadir = os.path.abspath(os.path.expanduser(params.get("webserver_datadir") or default_datadir()))
+    # Ray's SSHCommandRunner reaches nodes through ssh-proxy with the cluster's key (made here,
+    # never sent over HTTP); Ray copies the key to the head (~/ray_bootstrap_key.pem) for the workers.
+    keys = ClusterKeys(ensure_datadir(datadir), config["cluster_name"]).ensure()
+    config["auth"].update(ssh_user=SSH_USER, ssh_private_key=keys.private_key,
+                          ssh_proxy_command=ssh_proxy_command(datadir, "@" + config["cluster_name"]))
+    # This version of ray_on_golem goes to every node, first on its PYTHONPATH (node_environment_script).
+    module = _ZIPAPP or os.path.abspath(__file__)
+    config["file_mounts"] = dict(config.get("file_mounts") or {})
+    config["file_mounts"][f"~/{NODE_STATE_DIR}/lib/{os.path.basename(module)}"] = module
     code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
                            out=lambda line: cli_logger.print("{}", line))
     if code != EXIT_OK:
@@ -7323,7 +7584,7 @@ class GolemNodeProviderMixin:
         if docker_config and docker_config.get("container_name"):
             raise ray_error(UsageError("docker: Ray on Golem nodes run no docker; remove the `docker` section"))
         runner_cls = globals().get("GolemCommandRunner") or __getattr__("GolemCommandRunner")
-        return runner_cls(log_prefix, node_id, self, cluster_name)
+        return runner_cls(log_prefix, node_id, self, auth_config, cluster_name, process_runner, use_internal_ip)
 
     @staticmethod
     def bootstrap_config(cluster_config: dict) -> dict:
@@ -7333,15 +7594,13 @@ class GolemNodeProviderMixin:
             raise ray_error(exc) from None
 
     def prepare_for_head_node(self, cluster_config: dict) -> dict:
-        # The head's autoscaler must reach the same webserver with the token.
-        # On the local network the head runs on this machine: the port and the
-        # absolute data dir (its 0600 token file) work as they are, and the
-        # token itself never goes into the config. (The real network needs a
-        # tunnel from the head to this port: not built yet.)
+        # The head's autoscaler reaches the same webserver through the reverse tunnel at its own
+        # 127.0.0.1:<port>, with the token the bring-up copied (0600) to ~/.ray_on_golem: the
+        # token itself never goes into the config (NodeProvisioner._open_tunnel).
         import copy
 
         config = copy.deepcopy(cluster_config)
-        config["provider"]["_webserver_datadir"] = self._client.datadir
+        config["provider"]["_webserver_datadir"] = f"~/{NODE_STATE_DIR}"
         config["provider"]["_webserver_port"] = self._client.port
         return config
 
@@ -7351,99 +7610,27 @@ class GolemNodeProviderMixin:
 
 
 class GolemCommandRunnerMixin:
-    """Runs Ray's commands on a node through its activity (ExeScript `run` of
-    `/bin/sh -c`), via the webserver; files travel as gzip tar archives.
+    """Ray's own SSHCommandRunner (ray/autoscaler/_private/command_runner.py), with host keys
+    pinned: Ray turns checking off (StrictHostKeyChecking=no, known_hosts /dev/null); here the
+    cluster's known_hosts holds each node's key from the bring-up's first contact, checked
+    strictly. On the head (ON_GOLEM_NETWORK) the head pins its workers at its own first contact.
 
-    `GolemCommandRunner` is this mixin over Ray's `CommandRunnerInterface`
-    (ray/autoscaler/command_runner.py), combined on first use (see `__getattr__`).
+    `GolemCommandRunner` is this mixin over Ray's `SSHCommandRunner`, combined on first use
+    (see `__getattr__`). Commands, `ray attach`, port forwards and rsync are Ray's.
     """
 
-    def __init__(self, log_prefix: str, node_id: str, provider, cluster_name: str):
-        self.log_prefix = log_prefix
-        self.node_id = node_id
-        self.provider = provider
-        self.cluster_name = cluster_name
-        self._client: _ThreadClients = provider._client
-
-    def _path(self, action: str) -> str:
-        return _node_path(self.cluster_name, self.node_id, action)
-
-    def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
-            environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
-            shutdown_after_run=False, silent=False):
-        from ray.autoscaler._private.command_runner import _with_environment_variables
-
-        if cmd is None or port_forward:
-            raise ray_error(UsageError(
-                "port forwarding (`ray dashboard`, `--port-forward`) is not supported by "
-                "Ray on Golem's command runner yet"
-            ))
-        if cmd.strip() in _INTERACTIVE_COMMANDS:
-            raise ray_error(UsageError(
-                "`ray attach` needs an interactive terminal, which Golem activities do not "
-                "offer; use `ray exec CLUSTER.yaml 'COMMAND'` instead"
-            ))
-        if environment_variables:
-            cmd = _with_environment_variables(cmd, environment_variables)
-        body = {"command": cmd, "wait_running_s": int(timeout or 0)}
-        result: dict = {}
-        stdout: list[str] = []
-        try:
-            # Ray gives the command itself no deadline (the ssh runner uses
-            # `timeout` only to connect): it bounds the wait for a pending node.
-            run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
-            while not result.get("done"):
-                result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
-                # Output is streamed: printed as the webserver gets it from the node.
-                if result.get("stdout"):
-                    if with_output:
-                        stdout.append(result["stdout"])
-                    elif not silent:
-                        sys.stdout.write(result["stdout"])
-                        sys.stdout.flush()
-                if result.get("stderr") and not silent:
-                    sys.stderr.write(result["stderr"])
-                    sys.stderr.flush()
-        except RayOnGolemError as exc:
-            result = {"error": str(exc), "exit_code": None}
-        error, exit_code = result.get("error"), result.get("exit_code")
-        if shutdown_after_run:
-            self.provider.terminate_node(self.node_id)
-        if error is not None or exit_code != 0:
-            raise ray_command_failed(self.node_id, cmd, error or f"exit code {exit_code}", exit_code, exit_on_fail)
-        return "".join(stdout).encode() if with_output else ""
-
-    def run_rsync_up(self, source, target, options=None):
-        import base64 as _base64
-        options = options or {}
-        try:
-            directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
-            text = _base64.b64encode(archive).decode()
-            upload_id = os.urandom(8).hex()
-            pieces = [text[i:i + UPLOAD_REQUEST_CHARS] for i in range(0, len(text), UPLOAD_REQUEST_CHARS)] or [""]
-            for number, piece in enumerate(pieces, 1):
-                self._client.request("POST", self._path("upload"), {
-                    "upload_id": upload_id, "data": piece, "directory": directory,
-                    "final": number == len(pieces)})
-        except RayOnGolemError as exc:
-            raise ray_error(exc, context=f"upload {source} -> {self.node_id}:{target}") from None
-
-    def run_rsync_down(self, source, target, options=None):
-        import base64 as _base64
-        try:
-            answer = self._client.request("POST", self._path("download"), {"path": source})
-            unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
-        except RayOnGolemError as exc:
-            raise ray_error(exc, context=f"download {self.node_id}:{source} -> {target}") from None
-
-    def remote_shell_command_str(self) -> str:
-        return f"ray exec <cluster.yaml> 'COMMAND'  # node {self.node_id}: no interactive shell on Golem"
+    def __init__(self, log_prefix, node_id, provider, auth_config, cluster_name, process_runner, use_internal_ip):
+        super().__init__(log_prefix, node_id, provider, auth_config, cluster_name, process_runner, use_internal_ip)
+        on_head = bool(os.environ.get(ON_GOLEM_NETWORK_ENV))
+        keys = ClusterKeys(provider._client.datadir, cluster_name)
+        self.ssh_options.arg_dict.update(UserKnownHostsFile=keys.known_hosts,
+                                         StrictHostKeyChecking="accept-new" if on_head else "yes")
 
 
 # The Ray base class each mixin is combined with on first use: importing it imports Ray.
 _RAY_BASES = {
     "GolemNodeProvider": (GolemNodeProviderMixin, "ray.autoscaler.node_provider", "NodeProvider"),
-    "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler.command_runner", "CommandRunnerInterface"),
+    "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler._private.command_runner", "SSHCommandRunner"),
 }
 
 
@@ -8380,8 +8567,20 @@ def cmd_costs(args) -> int:
 
 def cmd_ssh_proxy(args) -> int:
     datadir = args.datadir or default_datadir()
+    network_id = args.network_id
+    if network_id.startswith("@"):
+        # `@CLUSTER` (Ray's ProxyCommand): the VPN of the cluster's node at this IP, from the webserver.
+        client = WebserverClient(datadir)
+        try:
+            nodes = client.request("GET", _node_path(network_id[1:]))["nodes"]
+        finally:
+            client.close()
+        found = [n.get("network_id") for n in nodes if n.get("internal_ip") == args.ip and n.get("network_id")]
+        if not found:
+            raise NotFound(f"cluster {network_id[1:]!r} has no running node at {args.ip}")
+        network_id = found[0]
     proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir), vpn_app_key(datadir),
-                        args.network_id, args.ip, args.port)
+                        network_id, args.ip, args.port)
     proxy.connect()
     return proxy.run()
 
@@ -8392,7 +8591,8 @@ def _add_ssh_proxy(commands, common) -> None:
         description="Connect stdin/stdout to IP:PORT of a node of VPN NETWORK_ID through the net API's "
                     "WebSocket, e.g. ssh -o ProxyCommand='ray-on-golem ssh-proxy NET %h %p' root@IP. "
                     "The app key comes from $YAGNA_APPKEY or the data dir, never from the command line.")
-    p.add_argument("network_id", metavar="NETWORK_ID", help="the VPN's id (net API)")
+    p.add_argument("network_id", metavar="NETWORK_ID", help="the VPN's id (net API), or @CLUSTER: the VPN of "
+                                                           "that cluster's node at IP (asks the webserver)")
     p.add_argument("ip", metavar="IP", help="the node's VPN address")
 
     def port(text: str) -> int:
