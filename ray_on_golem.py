@@ -4084,6 +4084,12 @@ class ClusterService:
         """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
         self.provisioner.stop_node(node, message, error)
 
+    def tunnels(self) -> dict[str, dict[str, dict]]:
+        """`{cluster: {node: {state, restarts}}}`: the reverse tunnels of the live heads."""
+        return {name: {node.node_id: {"state": node.tunnel.state, "restarts": node.tunnel.restarts}
+                       for node in cluster.nodes.values() if node.tunnel is not None}
+                for name, cluster in self.clusters.items()}
+
     def node_counts(self) -> dict[str, dict[str, int]]:
         """`{cluster: {node_state: count}}` of every cluster: the stored ones and those held in memory.
 
@@ -6556,6 +6562,8 @@ class Webserver:
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
             "budgets": self.cluster_service.payments.budgets(),
+            # The heads' reverse SSH tunnels to this webserver (section 7, ReverseTunnel).
+            "tunnels": self.cluster_service.tunnels(),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -7120,6 +7128,9 @@ def format_status(report: dict) -> str:
             summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n) or "no nodes"
             lines.append(f"\t{name}: {summary}")
             budget = (status.get("budgets") or {}).get(name)
+            for node_id, tunnel in sorted(((status.get("tunnels") or {}).get(name) or {}).items()):
+                lines.append(f"\t  tunnel from head {node_id}: {tunnel['state']}"
+                             + (f" ({tunnel['restarts']} restart(s))" if tunnel["restarts"] else ""))
             if budget:
                 shown = format_budget(budget)
                 lines.append(f"\t  budget {shown['total_budget']}: {shown['spent']} spent, "
