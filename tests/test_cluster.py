@@ -263,6 +263,66 @@ def test_node_ray_stop_ends_only_that_nodes_processes(tmp_path: Path):
 # --- Ray: the user's session -------------------------------------------------------------
 
 
+def attach_and_type(session: RaySession, config: Path, line: str) -> str:
+    """`ray attach` driven by a pseudo-terminal: type `line`, then `exit`; what the terminal showed."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: ray attach on the pty
+        os.chdir(session.tmp_path)
+        os.execve(str(RAY_BIN), [str(RAY_BIN), "attach", str(config)], session.env)
+    shown, sent, deadline = b"", False, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not sent and (b"# " in shown[-200:] or b"$ " in shown[-200:]):
+                os.write(fd, f"{line}; exit\n".encode())
+                sent = True
+        return shown.decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def assert_dashboard_forward(session: RaySession, config: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([str(RAY_BIN), "dashboard", "--port", str(port), str(config)], cwd=session.tmp_path,
+                            env=session.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
+                    return json.load(r)
+            except OSError:
+                return None
+        assert "ray_version" in wait_for(answers, 120, what="the dashboard through `ray dashboard`")
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+
+def assert_no_secret_in_argv(session: RaySession) -> None:
+    secrets = [(session.datadir / rog.WEBSERVER_TOKEN_FILE).read_text().strip(),
+               (session.datadir / "localnet" / "appkey").read_text().strip()]
+    assert not processes_mentioning(secrets)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
@@ -287,13 +347,37 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     status = session.ray("exec", "--no-config-cache", str(config), "ray status")
     assert status.returncode == 0, status.stderr[-3000:]
     assert "1 ray.head.default" in status.stdout
+    # Ray's own SSH runner reaches the head at its VPN address (ssh-proxy), the head's Ray listens there.
+    head_ip = session.ray("get-head-ip", str(config))
+    assert head_ip.returncode == 0 and head_ip.stdout.strip().splitlines()[-1] == head["internal_ip"], head_ip.stderr
+    assert session.api("GET", "/status")["tunnels"][cluster][head["node_id"]]["state"] == "up"
+    hostname = session.ray("exec", str(config), "hostname").stdout.strip().splitlines()[-1]
+    assert hostname in attach_and_type(session, config, "hostname")
+    # rsync-up then rsync-down round-trip 20 MiB byte for byte.
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))
+    up_big = session.ray("rsync-up", str(config), str(big), "~/big.bin")
+    assert up_big.returncode == 0, up_big.stderr[-2000:]
+    down_big = session.ray("rsync-down", str(config), "~/big.bin", str(tmp_path / "big.back"))
+    assert down_big.returncode == 0, down_big.stderr[-2000:]
+    assert (tmp_path / "big.back").read_bytes() == big.read_bytes()
+    # `ray dashboard` forwards a free local port (127.0.0.1) to the head's dashboard.
+    assert_dashboard_forward(session, config)
+    assert_no_secret_in_argv(session)
 
     # 6 one-CPU tasks of 15 s on a 1-CPU head: the head's autoscaler adds workers, which
     # join well before the head alone could finish (90 s).
-    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"), "6", "15")
+    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"),
+                         "--", "6", "15")
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     used = int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1))
     assert used >= 2, submit.stdout
+    worker_ips = session.ray("get-worker-ips", str(config))
+    assert worker_ips.returncode == 0, worker_ips.stderr[-2000:]
+    printed = set(re.findall(r"^\d+\.\d+\.\d+\.\d+$", worker_ips.stdout, re.M))
+    session.nodes(cluster)
+    assert printed and printed <= session.node_ips, worker_ips.stdout
+    assert_no_secret_in_argv(session)
     # Files come back through the same channel (`ray rsync-down` = run_rsync_down).
     fetched = tmp_path / "fetched.py"
     down_file = session.ray("rsync-down", str(config), "~/fan_out.py", str(fetched))
@@ -322,6 +406,10 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE kind = 'invoice' AND status = 'accepted'")[0][0]
              == len(agreements), 60, what="every invoice accepted")
     assert session.db("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL") == [(0,)]
+    # No ssh (Ray's, ssh-proxy, the tunnel) to any node left.
+    wait_for(lambda: not [a for a in processes_mentioning([f"root@{ip}" for ip in session.node_ips]
+                                                          + [f" {ip} 22" for ip in session.node_ips])], 30,
+             what="no ssh process to a node left")
 
 
 @pytest.mark.ray
