@@ -3434,7 +3434,8 @@ def market_store_callbacks(store: "Store", network: str) -> dict:
 # node rents (agreement, activity) is written to sqlite before it is used and
 # released on every path out; a provider that fails a node is excluded for that
 # node, recorded as a provider event, and blacklisted for a while after repeated
-# failures. Commands reach a node as ExeScript `run`s of `/bin/sh -c`.
+# failures. The bring-up runs ExeScript `run`s of `/bin/sh -c` until sshd answers; from
+# then on Ray reaches the node by SSH through the VPN (Node SSH below).
 
 import enum
 import json
@@ -3466,9 +3467,6 @@ PROVISIONING_STEPS = (
 RAY_TAG_NODE_KIND = "ray-node-type"
 RAY_TAG_USER_NODE_TYPE = "ray-user-node-type"
 RAY_NODE_KIND_HEAD = "head"
-# Largest archive (after gzip) a file mount / rsync may move through the command
-# channel: it travels base64-encoded inside ExeScript `run`s.
-MAX_TRANSFER_BYTES = 64 * 1024 * 1024
 CLUSTER_VPN_PREFIX = 16  # one VPN per cluster (the original shared one /16 between all)
 PROVIDER_FAILURES_BEFORE_BLACKLIST = 2  # failed node starts within the window...
 PROVIDER_FAILURE_WINDOW_S = 3600.0
@@ -3476,19 +3474,7 @@ PROVIDER_BLACKLIST_S = 3600.0  # ...block the provider for an hour (reason recor
 ACTIVITY_MONITOR_INTERVAL_S = 5.0  # GET /activity/{id}/state of running nodes
 DEPLOY_TIMEOUT_S = 300.0  # golem-core's default_prepare_activity waits as long
 INVOICE_WAIT_S = 20.0  # how long a stopping cluster waits for its invoices
-RUN_POLL_MAX_S = 20.0  # longest wait of one `GET .../runs/{id}` long-poll
-RUN_INLINE_WAIT_S = 2.0  # a command that ends within this needs no separate poll
-RUN_POLL_FIRST_S = 0.2  # then the node is polled for new output, less often as it runs on
-RUN_POLL_MAX_INTERVAL_S = 1.0
-RUN_RESULT_KEEP_S = 600.0  # an uncollected result is dropped after this
-# A single argv string is at most 128 KiB on Linux (MAX_ARG_STRLEN): uploads go to
-# the node in pieces of this many base64 characters, one `run` each.
-UPLOAD_PIECE_CHARS = 96 * 1024
-NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, upload pieces
-# `ray stop` kills every Ray process of the machine by name (psutil): on the local
-# network all nodes share one machine, so it becomes a stop of this node only.
-_RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
-NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.stop_ray_on_this_node())'"
+NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, token, this module
 
 
 def tags_match(tags: dict, tag_filter: dict) -> bool:
@@ -3520,65 +3506,6 @@ def diagnose_funnel(funnel) -> str:
     if errors:
         text += "; negotiation errors: " + ", ".join(f"{reason} ({n})" for reason, n in errors[:5])
     return text
-
-
-def _result_exit_code(result) -> int:
-    """Exit code of an ExeScript `run` result: yagna reports a failure as the message
-    "ExeScript command exited with code N" (docs/yagna-behaviour.md §4)."""
-    if result.result == "Ok":
-        return 0
-    match = re.search(r"exited with code (-?\d+)", result.message or "")
-    return int(match.group(1)) if match else 255
-
-
-def _shell_path(path: str) -> str:
-    """Quote a node path for `/bin/sh`, expanding a leading `~` to the node's $HOME."""
-    if path == "~" or path == "~/":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def localize_command(command: str, local_network: bool) -> str:
-    """What a node runs for one of Ray's commands: its environment first, from $HOME."""
-    if local_network:
-        command = _RAY_STOP_RE.sub(NODE_RAY_STOP, command)
-    env = f'"$HOME/{NODE_STATE_DIR}/env"'
-    return f'if [ -f {env} ]; then . {env}; fi; cd "$HOME" && {command}'
-
-
-def _run_dir(run_id: str) -> str:
-    return f'__rog_d="$HOME/{NODE_STATE_DIR}/runs/{run_id}"'
-
-
-def run_poll_script(run_id: str, out_offset: int, err_offset: int) -> str:
-    """Print `OUT_SIZE ERR_SIZE [EXIT_CODE]`, then the new stdout; the new stderr to stderr.
-
-    The exit code is read before the sizes: once it exists the output files are
-    complete, so the last poll returns everything and removes the run's files.
-    """
-    return (
-        f"{_run_dir(run_id)}; [ -d \"$__rog_d\" ] || {{ echo GONE; exit 0; }}; "
-        'c=$(cat "$__rog_d/code" 2>/dev/null); o=$(wc -c < "$__rog_d/out"); e=$(wc -c < "$__rog_d/err"); '
-        'printf "%s %s %s\\n" "$o" "$e" "$c"; '
-        f'tail -c +{out_offset + 1} "$__rog_d/out" | head -c $((o - {out_offset})); '
-        f'tail -c +{err_offset + 1} "$__rog_d/err" | head -c $((e - {err_offset})) >&2; '
-        '[ -z "$c" ] || rm -rf "$__rog_d"; true'
-    )
-
-
-def run_script(run_id: str, command: str, local_network: bool) -> str:
-    """Start `command` in the background (output to files, exit code last), wait up to
-    RUN_INLINE_WAIT_S for it, then poll once: short commands need a single `run`."""
-    steps = int(RUN_INLINE_WAIT_S / 0.02)
-    return (
-        f'{_run_dir(run_id)}; mkdir -p "$__rog_d" && '
-        f'( ( {localize_command(command, local_network)}\n ); echo $? > "$__rog_d/code.tmp"; '
-        'mv "$__rog_d/code.tmp" "$__rog_d/code" ) > "$__rog_d/out" 2> "$__rog_d/err" < /dev/null &\n'
-        f'i=0; while [ ! -f "$__rog_d/code" ] && [ $i -lt {steps} ]; do sleep 0.02; i=$((i+1)); done; '
-        + run_poll_script(run_id, 0, 0)
-    )
 
 
 def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_port: int,
@@ -3806,7 +3733,6 @@ class ClusterNode:
         self.provisioning = None  # asyncio.Task
         self.monitor = None  # asyncio.Task
         self.changed = asyncio.Event()
-        self.exec_lock = asyncio.Lock()
 
     @property
     def alive(self) -> bool:
@@ -3928,8 +3854,8 @@ class ClusterService:
 
     It connects golem-core to the webserver's yagna (or local network) on first use and
     releases what a previous webserver left. Its parts own one concern each:
-    `provisioner` (renting, monitoring and ending nodes), `commands` (commands and file
-    transfers on running nodes) and `payments` (allocations, debit notes, invoices, budgets).
+    `provisioner` (renting, SSH bring-up, monitoring and ending nodes) and `payments`
+    (allocations, debit notes, invoices, budgets). Commands and files go by Ray's SSH runner.
     """
 
     def __init__(self, network: str, store: "Store", yagna: "YagnaService", state):
@@ -3946,7 +3872,6 @@ class ClusterService:
         self._start_lock = None
         self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
         self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
-        self.commands = NodeCommands(self.log)
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -4465,169 +4390,6 @@ class NodeProvisioner:
                 await _quietly(cluster.vpn.remove())
                 cluster.vpn = None
             self.records.cluster_state(cluster.name, "stopped")
-
-
-class NodeCommands:
-    """Commands and file transfers on running nodes, through their activities (ExeScript `run`s)."""
-
-    def __init__(self, log):
-        self.log = log
-        self.runs: dict[str, dict] = {}  # run id -> output so far, done, exit code (see start_run)
-
-    async def wait_running(self, node: ClusterNode, timeout: float) -> None:
-        """Until the node runs; Conflict if it ends or does not run within `timeout`."""
-        import asyncio
-
-        deadline = time.monotonic() + max(0.0, timeout)
-        while node.state == NodeState.PENDING:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(node.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        if node.state != NodeState.RUNNING:
-            why = f": {node.error}" if node.error else ""
-            raise Conflict(f"node {node.node_id} is {node.state.value}{why}")
-
-    async def execute(self, node: ClusterNode, command: str, timeout: float | None = None, localize: bool = True):
-        """Run one shell command on a running node as one batch: (exit code, stdout, stderr)."""
-        script = localize_command(command, node.cluster.local) if localize else command
-        async with node.exec_lock:
-            if node.state != NodeState.RUNNING or node.activity is None:
-                raise Conflict(f"node {node.node_id} is {node.state.value}")
-            try:
-                batch = await node.activity.execute_commands(_run_command(script))
-            except Exception as e:  # noqa: BLE001
-                raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
-        try:
-            await batch.wait(timeout=timeout, ignore_errors=True)
-        except Exception as e:  # noqa: BLE001
-            raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
-        if not batch.events:
-            raise ServiceUnavailable(f"node {node.node_id}: the activity gave no result (provider gone?)")
-        result = batch.events[-1]
-        return _result_exit_code(result), result.stdout or "", result.stderr or ""
-
-    def start_run(self, node: ClusterNode, command: str, wait_running_s: float) -> str:
-        """Start a command on the node; `run_result` long-polls its output as it comes.
-
-        The command runs in the background on the node with its output in files, and
-        short ExeScript `run`s read what is new: output streams back while a long job
-        runs, and the node's activity stays free for other commands meanwhile
-        (golem-core 0.7.8 returns a `run`'s output only when it ends, docs/yagna-behaviour.md §4).
-        """
-        import asyncio
-        import secrets
-
-        run_id = secrets.token_hex(8)
-        record = {"node": node, "changed": asyncio.Event(), "stdout": [], "stderr": [], "done": False,
-                  "exit_code": None, "error": None}
-
-        def publish(out: str = "", err: str = "") -> None:
-            if out:
-                record["stdout"].append(out)
-            if err:
-                record["stderr"].append(err)
-            record["changed"].set()
-            record["changed"] = asyncio.Event()
-
-        async def runner():
-            try:
-                await self.wait_running(node, wait_running_s)
-                offsets = (0, 0)
-                code, offsets, out, err = await self._run_step(node, run_script(run_id, command, node.cluster.local),
-                                                               offsets)
-                publish(out, err)
-                interval = RUN_POLL_FIRST_S
-                while code is None:
-                    await asyncio.sleep(interval)
-                    interval = min(interval * 1.5, RUN_POLL_MAX_INTERVAL_S)
-                    code, offsets, out, err = await self._run_step(node, run_poll_script(run_id, *offsets), offsets)
-                    publish(out, err)
-                record["exit_code"] = code
-            except RayOnGolemError as e:
-                record["error"] = str(e)
-            except Exception as e:  # noqa: BLE001
-                self.log.exception("run on %s failed", node.node_id)
-                record["error"] = f"internal error: {e}"
-            finally:
-                record["done"] = True
-                publish()
-                # A client that never collects the result (killed `ray exec`) must not leak it.
-                asyncio.get_running_loop().call_later(RUN_RESULT_KEEP_S, self.runs.pop, run_id, None)
-
-        record["task"] = asyncio.create_task(runner())
-        self.runs[run_id] = record
-        return run_id
-
-    async def _run_step(self, node: ClusterNode, script: str, offsets: tuple[int, int]):
-        """One `run` of the start or poll script: (exit code or None, new offsets, stdout, stderr)."""
-        code, out, err = await self.execute(node, script, localize=False)
-        header, _, data = out.partition("\n")
-        fields = header.split()
-        if code != 0 or not fields or fields[0] == "GONE":
-            raise ServiceUnavailable(f"node {node.node_id} lost the command's output ({header or err.strip()[-300:]})")
-        sizes = (int(fields[0]), int(fields[1]))
-        exit_code = int(fields[2]) if len(fields) > 2 else None
-        return exit_code, sizes, data, err
-
-    async def run_result(self, node: ClusterNode, run_id: str, wait: float) -> dict:
-        """What the run printed since the last call (waiting up to `wait` s for something new)."""
-        import asyncio
-
-        record = self.runs.get(run_id)
-        if record is None or record["node"] is not node:
-            raise NotFound(f"no run {run_id!r} on node {node.node_id}")
-        if not (record["stdout"] or record["stderr"] or record["done"]):
-            try:
-                await asyncio.wait_for(record["changed"].wait(), max(0.0, min(wait, RUN_POLL_MAX_S)))
-            except asyncio.TimeoutError:
-                pass
-        answer = {"done": record["done"], "stdout": "".join(record["stdout"]), "stderr": "".join(record["stderr"])}
-        record["stdout"].clear()
-        record["stderr"].clear()
-        if record["done"]:
-            answer.update(exit_code=record["exit_code"], error=record["error"])
-            del self.runs[run_id]
-        return answer
-
-    async def upload_piece(self, node: ClusterNode, upload_id: str, data: str, directory: str | None,
-                           final: bool) -> dict:
-        """Append base64 text to the node's upload file; on `final` unpack it into `directory`."""
-        if not re.fullmatch(r"[0-9a-f]{8,32}", upload_id):
-            raise UsageError("upload_id: expected 8-32 lower-case hex digits")
-        if re.search(r"[^A-Za-z0-9+/=]", data):
-            raise UsageError("data: expected base64 text")
-        part = f'"$HOME"/{NODE_STATE_DIR}/upload-{upload_id}.b64'
-        for start in range(0, len(data), UPLOAD_PIECE_CHARS):
-            await self._must(node, f"printf %s {data[start:start + UPLOAD_PIECE_CHARS]} >> {part}", "upload")
-        if final:
-            if not directory:
-                raise UsageError("directory: required with final")
-            target = _shell_path(directory)
-            await self._must(node, f"mkdir -p {target} && base64 -d < {part} | tar -xzf - -C {target}; "
-                                   f"status=$?; rm -f {part}; exit $status", "upload")
-        return {"ok": True}
-
-    async def download(self, node: ClusterNode, path: str) -> dict:
-        """The file or directory `path` of the node as a base64 gzip tar."""
-        source = _shell_path(path.rstrip("/") or "/")
-        script = (f"p={source}; if [ -d \"$p\" ]; then printf 'D '; tar -czf - -C \"$p\" . | base64 -w0; "
-                  f"elif [ -e \"$p\" ]; then printf 'F '; tar -czf - -C \"$(dirname \"$p\")\" \"$(basename \"$p\")\" "
-                  f"| base64 -w0; else echo \"no such file or directory: $p\" >&2; exit 2; fi")
-        out = await self._must(node, script, "download")
-        kind, _, archive = out.partition(" ")
-        if len(archive) * 3 // 4 > MAX_TRANSFER_BYTES:
-            raise UsageError(f"{path}: archive above the {MAX_TRANSFER_BYTES} byte limit of the command channel")
-        return {"is_dir": kind == "D", "archive": archive}
-
-    async def _must(self, node: ClusterNode, command: str, what: str) -> str:
-        code, out, err = await self.execute(node, command)
-        if code != 0:
-            raise UsageError(f"{what} on node {node.node_id} failed (exit code {code}): {err.strip()[-500:]}")
-        return out
 
 
 def _run_command(script: str):
@@ -6158,10 +5920,6 @@ class WebserverHandler:
         ("GET", "/clusters/{cluster}/nodes/{node}", "node_data"),
         ("DELETE", "/clusters/{cluster}/nodes/{node}", "terminate_node"),
         ("POST", "/clusters/{cluster}/nodes/{node}/tags", "set_node_tags"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/runs", "start_run"),
-        ("GET", "/clusters/{cluster}/nodes/{node}/runs/{run}", "run_result"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/upload", "upload"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
         # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
@@ -6227,34 +5985,6 @@ class WebserverHandler:
         if body["tags"] is None or not all(isinstance(v, str) for v in body["tags"].values()):
             raise UsageError("tags: expected an object of string values")
         return self.clusters.set_tags(request.params["cluster"], request.params["node"], body["tags"]).as_dict()
-
-    async def start_run(self, request: Request) -> dict:
-        body = request.fields({"command": (str, None), "wait_running_s": (int, 0)})
-        if not body["command"]:
-            raise UsageError("command: required")
-        return {"run_id": self.clusters.commands.start_run(self._node(request), body["command"],
-                                                          body["wait_running_s"])}
-
-    async def run_result(self, request: Request) -> dict:
-        try:
-            wait = float(request.query_params().get("wait", "0"))
-        except ValueError:
-            raise UsageError("wait: expected seconds") from None
-        return await self.clusters.commands.run_result(self._node(request), request.params["run"], wait)
-
-    async def upload(self, request: Request) -> dict:
-        body = request.fields({"upload_id": (str, None), "data": (str, ""), "directory": (str, None),
-                               "final": (bool, False)})  # fmt: skip
-        if not body["upload_id"]:
-            raise UsageError("upload_id: required")
-        return await self.clusters.commands.upload_piece(self._node(request), body["upload_id"], body["data"],
-                                                         body["directory"], body["final"])
-
-    async def download(self, request: Request) -> dict:
-        body = request.fields({"path": (str, None)})
-        if not body["path"]:
-            raise UsageError("path: required")
-        return await self.clusters.commands.download(self._node(request), body["path"])
 
     async def costs(self, request: Request) -> dict:
         return self.clusters.payments.costs(request.query_params().get("cluster") or None)
@@ -7160,13 +6890,6 @@ def format_status(report: dict) -> str:
 # `__getattr__` (PEP 562) combines each mixin with its Ray base class on first use.
 
 
-# Base64 characters per upload request: under the webserver's 1 MiB body limit.
-UPLOAD_REQUEST_CHARS = 768 * 1024
-
-# Commands Ray sends for `ray attach`: they need an interactive TTY, which an
-# ExeScript `run` cannot give (commands.py::attach_cluster).
-_INTERACTIVE_COMMANDS = ("$SHELL", "tmux attach || tmux new", "screen -L -xRR")
-
 # Set in the environment of every node (see section 7): code running on a node
 # (the head's autoscaler) knows it is inside the cluster.
 ON_GOLEM_NETWORK_ENV = "ON_GOLEM_NETWORK"
@@ -7215,75 +6938,6 @@ def webserver_client_for(provider_config: dict) -> _ThreadClients:
     datadir = provider_config.get("_webserver_datadir") or params.get("webserver_datadir") or default_datadir()
     port = provider_config.get("_webserver_port") or params.get("webserver_port") or DEFAULT_WEBSERVER_PORT
     return _ThreadClients(os.path.abspath(os.path.expanduser(datadir)), int(port))
-
-
-def _excluded(name: str, patterns: list) -> bool:
-    import fnmatch
-
-    base = os.path.basename(name.rstrip("/"))
-    return any(fnmatch.fnmatch(base, p) or fnmatch.fnmatch(name, p) for p in patterns)
-
-
-def pack_for_upload(source: str, target: str, exclude: list | None = None) -> tuple[str, bytes]:
-    """(node directory, gzip tar) reproducing rsync's `source target` semantics.
-
-    A directory source (Ray passes `dir/` on both sides) copies its contents into
-    `target`; a file source becomes the file `target` (or `target/<name>` when
-    `target` ends with `/`).
-    """
-    import io as _io
-    import tarfile as _tarfile
-    exclude = list(exclude or [])
-    buf = _io.BytesIO()
-    with _tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        if os.path.isdir(source):
-            directory = target.rstrip("/") or "/"
-            for entry in sorted(os.listdir(source)):
-                if not _excluded(entry, exclude):
-                    tar.add(
-                        os.path.join(source, entry),
-                        arcname=entry,
-                        filter=lambda info: None if _excluded(info.name, exclude) else info,
-                    )
-        elif os.path.exists(source):
-            if target.endswith("/"):
-                directory, name = target.rstrip("/") or "/", os.path.basename(source)
-            else:
-                directory, name = os.path.dirname(target) or ".", os.path.basename(target)
-            tar.add(source, arcname=name)
-        else:
-            raise UsageError(f"cannot upload {source!r}: no such file or directory")
-    data = buf.getvalue()
-    if len(data) > MAX_TRANSFER_BYTES:
-        raise UsageError(
-            f"cannot upload {source!r}: {len(data)} bytes compressed, above the "
-            f"{MAX_TRANSFER_BYTES} byte limit of the command channel; put large data "
-            "in the node image or fetch it from the node"
-        )
-    return directory, data
-
-
-def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> None:
-    """Write what `download` returned to `target` with rsync's semantics (see pack_for_upload)."""
-    import io as _io
-    import tarfile as _tarfile
-    with _tarfile.open(fileobj=_io.BytesIO(archive), mode="r:gz") as tar:
-        if is_dir:
-            os.makedirs(target, exist_ok=True)
-            tar.extractall(target, filter="data")
-            return
-        member = tar.getmembers()[0]
-        if target.endswith("/") or os.path.isdir(target):
-            os.makedirs(target, exist_ok=True)
-            dest = os.path.join(target, os.path.basename(source.rstrip("/")))
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            dest = target
-        extracted = tar.extractfile(member)
-        if extracted is None:
-            raise UsageError(f"cannot download {source!r}: not a regular file")
-        with open(dest, "wb") as f:
-            f.write(extracted.read())
 
 
 # What nodes run when the YAML gives no start commands (Ray's external provider
@@ -7345,67 +6999,6 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     if code != EXIT_OK:
         raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
     return config
-
-
-def stop_ray_on_this_node() -> int:
-    """`ray stop` for one node of the local network (section 7 substitutes it).
-
-    Ray's own `ray stop` kills Ray processes by name on the whole machine, i.e.
-    every node of the local network. A node's Ray processes are those naming its
-    own temp dir or IP on their command line, plus all their descendants (workers
-    and agents rename themselves with setproctitle, so only the tree finds them).
-    """
-    import signal
-
-    temp_dir, node_ip = os.environ.get("RAY_TMPDIR"), os.environ.get("NODE_IP")
-    if not temp_dir or not node_ip:
-        print("ray stop: not inside a Ray on Golem node (RAY_TMPDIR/NODE_IP unset)", file=sys.stderr)
-        return 1
-    ip_arg = re.compile(r"[=\s]" + re.escape(node_ip) + r"(?![\d.])")
-
-    def processes() -> dict[int, tuple[int, str]]:
-        table = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-            table[int(entry)] = (ppid, cmdline)
-        return table
-
-    def ours(table) -> set[int]:
-        me = {os.getpid(), os.getppid()}
-        found = {pid for pid, (_, cmd) in table.items()
-                 if pid not in me and "ray" in cmd and (temp_dir in cmd or ip_arg.search(cmd))}
-        while True:
-            more = {pid for pid, (ppid, _) in table.items() if ppid in found and pid not in found | me}
-            if not more:
-                return found
-            found |= more
-
-    deadline = time.monotonic() + 15.0
-    sig = signal.SIGTERM
-    stopped = 0
-    while True:
-        pids = ours(processes())
-        if not pids:
-            break
-        stopped = max(stopped, len(pids))
-        if time.monotonic() > deadline:
-            sig = signal.SIGKILL
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        time.sleep(0.5)
-    print(f"Stopped all {stopped} Ray processes of this node." if stopped else "Did not find any active Ray processes.")
-    return 0
 
 
 def _print_node_progress(cli_logger, seen: dict, nodes: list) -> None:
