@@ -122,6 +122,16 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     assert on_head(probe).split("\n")[:2] == ["0o600", "running"]
     hostname = subprocess.run(ssh + ["hostname"], capture_output=True, text=True, env=env, timeout=60)
     assert hostname.returncode == 0 and hostname.stdout.strip(), hostname.stderr
+    # rsync as Ray runs it (`--rsh` = the ssh options through subprocess.list2cmdline).
+    rsh = subprocess.list2cmdline(["ssh", *rog.ssh_options(keys.private_key, keys.known_hosts, proxy,
+                                                            first_contact=False)])
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(1024 * 1024))
+    for source, target in ((str(payload), f"root@{ip}:~/payload.bin"), (f"root@{ip}:~/payload.bin", str(tmp_path / "back.bin"))):
+        copied = subprocess.run(["rsync", "--rsh", rsh, "-avz", source, target], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
 
     # The tunnel killed: the head cannot reach the webserver, then the webserver brings it back.
     tunnel_pids = [a for a in _argvs() if "-R" in a.split() and f"root@{ip}" in a]
