@@ -8212,6 +8212,44 @@ def _add_ssh_proxy(commands, common) -> None:
     p.set_defaults(func=cmd_ssh_proxy)
 
 
+def cmd_ssh(args) -> int:
+    """An interactive shell (or COMMAND) on a node: OpenSSH with the cluster's key and pinned host key."""
+    datadir = args.datadir or default_datadir()
+    client = WebserverClient(datadir)
+    try:
+        nodes = client.request("GET", _node_path(args.cluster))["nodes"]
+    finally:
+        client.close()
+    running = [n for n in nodes if n["state"] == "running" and n.get("internal_ip")]
+    if args.node:
+        chosen = [n for n in running if args.node in (n["node_id"], n["internal_ip"])]
+    else:
+        chosen = [n for n in running if n["tags"].get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD]
+    if not chosen:
+        what = f"node {args.node!r}" if args.node else "head node"
+        raise NotFound(f"cluster {args.cluster!r} has no running {what} (running: "
+                       f"{', '.join(n['node_id'] for n in running) or 'none'})")
+    keys = ClusterKeys(datadir, args.cluster)
+    if not os.path.exists(keys.private_key):
+        raise NotFound(f"no key pair for cluster {args.cluster!r} in {datadir} (made by `ray up`)")
+    proxy = ssh_proxy_command(datadir, "@" + args.cluster)
+    argv = ["ssh", *ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=False),
+            *(["-t"] if sys.stdin.isatty() else []), f"{SSH_USER}@{chosen[0]['internal_ip']}", *([args.command] if args.command else [])]
+    sys.stdout.flush()
+    os.execvp("ssh", argv)
+    return EXIT_FAILED  # not reached
+
+
+def _add_ssh(commands, common) -> None:
+    p = commands.add_parser("ssh", parents=[common], help="a shell on a node of a cluster (OpenSSH through the VPN)",
+                            description="Run a shell, or COMMAND, on the head (or NODE: a node id or VPN IP) of "
+                                        "CLUSTER, with the cluster's key and pinned host keys.")
+    p.add_argument("cluster", metavar="CLUSTER", help="cluster_name of the cluster YAML")
+    p.add_argument("node", metavar="NODE", nargs="?", help="node id (e.g. node3) or VPN IP; default: the head")
+    p.add_argument("-c", "--command", metavar="COMMAND", help="run this instead of an interactive shell")
+    p.set_defaults(func=cmd_ssh)
+
+
 def build_parser() -> "argparse.ArgumentParser":
     """The whole CLI. Each command registers itself here with one `_add_<name>(commands, common)` line."""
     import argparse  # here, not at the top: `import ray_on_golem` (Ray's provider lookup) does not need it
@@ -8233,6 +8271,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     _add_ssh_proxy(commands, common)
+    _add_ssh(commands, common)
     _add_pythonpath(commands, common)
     _add_install_pth(commands, common)
     return parser

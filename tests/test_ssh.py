@@ -64,7 +64,7 @@ def webserver(tmp_path: Path):
     env = cli_env(datadir, home, {"PYTHONPATH": str(REPO)})
 
     def rog_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), *args, "--datadir", str(datadir)],
+        return subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), args[0], "--datadir", str(datadir), *args[1:]],
                               capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
     started = rog_cli("start", "--port", str(port), "--network", "local")
@@ -122,6 +122,12 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     assert on_head(probe).split("\n")[:2] == ["0o600", "running"]
     hostname = subprocess.run(ssh + ["hostname"], capture_output=True, text=True, env=env, timeout=60)
     assert hostname.returncode == 0 and hostname.stdout.strip(), hostname.stderr
+    # `ray-on-golem ssh CLUSTER [NODE] -c COMMAND`: the head by default, a node by id.
+    by_cli = rog_cli("ssh", cluster, "-c", "hostname")
+    assert by_cli.returncode == 0 and by_cli.stdout == hostname.stdout, by_cli.stderr
+    assert rog_cli("ssh", cluster, node_id, "-c", "hostname").stdout == hostname.stdout
+    missing = rog_cli("ssh", cluster, "node999", "-c", "true")
+    assert missing.returncode != 0 and "has no running node 'node999'" in missing.stderr, missing.stderr
     # rsync as Ray runs it (`--rsh` = the ssh options through subprocess.list2cmdline).
     rsh = subprocess.list2cmdline(["ssh", *rog.ssh_options(keys.private_key, keys.known_hosts, proxy,
                                                             first_contact=False)])
