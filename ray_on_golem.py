@@ -2222,9 +2222,9 @@ class YagnaService:
                 os.unlink(state_path)  # stale: the new process writes its own
             except FileNotFoundError:
                 pass
-            # --isolation sandbox: goes once Ray reaches nodes by SSH through the VPN (issue 12).
+            # Default isolation (auto: namespaced, VM-like nodes when root): Ray reaches them by SSH.
             cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir,
-                                             "--isolation", "sandbox", "--hide", self.datadir)
+                                             "--hide", self.datadir)
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
@@ -3589,7 +3589,8 @@ def market_store_callbacks(store: "Store", network: str) -> dict:
 # node rents (agreement, activity) is written to sqlite before it is used and
 # released on every path out; a provider that fails a node is excluded for that
 # node, recorded as a provider event, and blacklisted for a while after repeated
-# failures. Commands reach a node as ExeScript `run`s of `/bin/sh -c`.
+# failures. The bring-up runs ExeScript `run`s of `/bin/sh -c` until sshd answers; from
+# then on Ray reaches the node by SSH through the VPN (Node SSH below).
 
 import enum
 import json
@@ -3621,9 +3622,6 @@ PROVISIONING_STEPS = (
 RAY_TAG_NODE_KIND = "ray-node-type"
 RAY_TAG_USER_NODE_TYPE = "ray-user-node-type"
 RAY_NODE_KIND_HEAD = "head"
-# Largest archive (after gzip) a file mount / rsync may move through the command
-# channel: it travels base64-encoded inside ExeScript `run`s.
-MAX_TRANSFER_BYTES = 64 * 1024 * 1024
 CLUSTER_VPN_PREFIX = 16  # one VPN per cluster (the original shared one /16 between all)
 PROVIDER_FAILURES_BEFORE_BLACKLIST = 2  # failed node starts within the window...
 PROVIDER_FAILURE_WINDOW_S = 3600.0
@@ -3631,19 +3629,7 @@ PROVIDER_BLACKLIST_S = 3600.0  # ...block the provider for an hour (reason recor
 ACTIVITY_MONITOR_INTERVAL_S = 5.0  # GET /activity/{id}/state of running nodes
 DEPLOY_TIMEOUT_S = 300.0  # golem-core's default_prepare_activity waits as long
 INVOICE_WAIT_S = 20.0  # how long a stopping cluster waits for its invoices
-RUN_POLL_MAX_S = 20.0  # longest wait of one `GET .../runs/{id}` long-poll
-RUN_INLINE_WAIT_S = 2.0  # a command that ends within this needs no separate poll
-RUN_POLL_FIRST_S = 0.2  # then the node is polled for new output, less often as it runs on
-RUN_POLL_MAX_INTERVAL_S = 1.0
-RUN_RESULT_KEEP_S = 600.0  # an uncollected result is dropped after this
-# A single argv string is at most 128 KiB on Linux (MAX_ARG_STRLEN): uploads go to
-# the node in pieces of this many base64 characters, one `run` each.
-UPLOAD_PIECE_CHARS = 96 * 1024
-NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, upload pieces
-# `ray stop` kills every Ray process of the machine by name (psutil): on the local
-# network all nodes share one machine, so it becomes a stop of this node only.
-_RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
-NODE_RAY_STOP = "python3 -c 'import sys, ray_on_golem; sys.exit(ray_on_golem.stop_ray_on_this_node())'"
+NODE_STATE_DIR = ".ray_on_golem"  # in the node's HOME: its environment, token, this module
 
 
 def tags_match(tags: dict, tag_filter: dict) -> bool:
@@ -3677,65 +3663,6 @@ def diagnose_funnel(funnel) -> str:
     return text
 
 
-def _result_exit_code(result) -> int:
-    """Exit code of an ExeScript `run` result: yagna reports a failure as the message
-    "ExeScript command exited with code N" (docs/yagna-behaviour.md §4)."""
-    if result.result == "Ok":
-        return 0
-    match = re.search(r"exited with code (-?\d+)", result.message or "")
-    return int(match.group(1)) if match else 255
-
-
-def _shell_path(path: str) -> str:
-    """Quote a node path for `/bin/sh`, expanding a leading `~` to the node's $HOME."""
-    if path == "~" or path == "~/":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def localize_command(command: str, local_network: bool) -> str:
-    """What a node runs for one of Ray's commands: its environment first, from $HOME."""
-    if local_network:
-        command = _RAY_STOP_RE.sub(NODE_RAY_STOP, command)
-    env = f'"$HOME/{NODE_STATE_DIR}/env"'
-    return f'if [ -f {env} ]; then . {env}; fi; cd "$HOME" && {command}'
-
-
-def _run_dir(run_id: str) -> str:
-    return f'__rog_d="$HOME/{NODE_STATE_DIR}/runs/{run_id}"'
-
-
-def run_poll_script(run_id: str, out_offset: int, err_offset: int) -> str:
-    """Print `OUT_SIZE ERR_SIZE [EXIT_CODE]`, then the new stdout; the new stderr to stderr.
-
-    The exit code is read before the sizes: once it exists the output files are
-    complete, so the last poll returns everything and removes the run's files.
-    """
-    return (
-        f"{_run_dir(run_id)}; [ -d \"$__rog_d\" ] || {{ echo GONE; exit 0; }}; "
-        'c=$(cat "$__rog_d/code" 2>/dev/null); o=$(wc -c < "$__rog_d/out"); e=$(wc -c < "$__rog_d/err"); '
-        'printf "%s %s %s\\n" "$o" "$e" "$c"; '
-        f'tail -c +{out_offset + 1} "$__rog_d/out" | head -c $((o - {out_offset})); '
-        f'tail -c +{err_offset + 1} "$__rog_d/err" | head -c $((e - {err_offset})) >&2; '
-        '[ -z "$c" ] || rm -rf "$__rog_d"; true'
-    )
-
-
-def run_script(run_id: str, command: str, local_network: bool) -> str:
-    """Start `command` in the background (output to files, exit code last), wait up to
-    RUN_INLINE_WAIT_S for it, then poll once: short commands need a single `run`."""
-    steps = int(RUN_INLINE_WAIT_S / 0.02)
-    return (
-        f'{_run_dir(run_id)}; mkdir -p "$__rog_d" && '
-        f'( ( {localize_command(command, local_network)}\n ); echo $? > "$__rog_d/code.tmp"; '
-        'mv "$__rog_d/code.tmp" "$__rog_d/code" ) > "$__rog_d/out" 2> "$__rog_d/err" < /dev/null &\n'
-        f'i=0; while [ ! -f "$__rog_d/code" ] && [ $i -lt {steps} ]; do sleep 0.02; i=$((i+1)); done; '
-        + run_poll_script(run_id, 0, 0)
-    )
-
-
 def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_port: int,
                             local: dict | None) -> str:
     """Bootstrap: write the node's environment file; print `NODE_IP RAY_TMPDIR`.
@@ -3759,11 +3686,17 @@ def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_por
             lines.append(f'export PATH={shlex.quote(local["python_bin_dir"])}:"$PATH"')
         if local.get("module_dir"):
             lines.append(f'export PYTHONPATH={shlex.quote(local["module_dir"])}${{PYTHONPATH:+:$PYTHONPATH}}')
+    # This version of ray_on_golem first, whatever the image holds (`ray up` copies it there: file_mounts).
+    lib = f"$HOME/{NODE_STATE_DIR}/lib"
+    lines.append(f'export PYTHONPATH="\\{lib}/ray-on-golem.pyz:\\{lib}\\${{PYTHONPATH:+:\\$PYTHONPATH}}"')
     body = "\n".join(lines)
     return (
         f'mkdir -p "$HOME/{NODE_STATE_DIR}" && ray_tmp=$(mktemp -d /tmp/rog-XXXXXXXX) && '
         f'NODE_IP="${{NODE_IP:-{vpn_ip}}}" && '
         f"cat > \"$HOME/{NODE_STATE_DIR}/env\" <<EOF\n{body}\nEOF\n"
+        # Ray's SSH runner sources ~/.bashrc before each command: the node's environment with it.
+        f'grep -qs "{NODE_STATE_DIR}/env" "$HOME/.bashrc" || '
+        f'echo \'[ -f "$HOME/{NODE_STATE_DIR}/env" ] && . "$HOME/{NODE_STATE_DIR}/env"\' >> "$HOME/.bashrc"\n'
         'printf "%s %s" "$NODE_IP" "$ray_tmp"'
     )
 
@@ -3803,6 +3736,147 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- Node SSH -------------------------------------------------------------------
+# Nodes are reached by OpenSSH through the VPN on every network, as the original did:
+# `ray-on-golem ssh-proxy` is the ProxyCommand (stdio <-> the net API's WebSocket). One key
+# pair per cluster, made here in the data dir (0600, never sent over HTTP); each node's
+# host key is pinned at first contact (the bring-up's check) in the cluster's known_hosts,
+# then checked strictly by Ray's SSHCommandRunner (ray/autoscaler/_private/command_runner.py).
+
+SSH_USER = "root"  # the Golem image's only user (auth.ssh_user)
+SSH_READY_TIMEOUT_S = 60.0  # sshd started: it must answer within this
+TUNNEL_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # restart delays of a dead reverse tunnel
+TUNNEL_UP_AFTER_S = 2.0  # a tunnel ssh alive this long has its forward (ExitOnForwardFailure)
+
+
+def cluster_dir(datadir: str, cluster_name: str) -> str:
+    """`<datadir>/clusters/<name>`: the cluster's key pair and known_hosts (mode 0700)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", cluster_name) or "_"
+    path = os.path.join(datadir, "clusters", safe)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+class ClusterKeys:
+    """The cluster's SSH key pair and pinned host keys, files in its cluster dir."""
+
+    def __init__(self, datadir: str, cluster_name: str):
+        directory = cluster_dir(datadir, cluster_name)
+        self.private_key = os.path.join(directory, "id_ed25519")
+        self.public_key_file = self.private_key + ".pub"
+        self.known_hosts = os.path.join(directory, "known_hosts")
+
+    def ensure(self) -> "ClusterKeys":
+        """Make the key pair once (ssh-keygen writes the private key 0600)."""
+        import subprocess
+
+        if not (os.path.exists(self.private_key) and os.path.exists(self.public_key_file)):
+            for path in (self.private_key, self.public_key_file):
+                if os.path.exists(path):
+                    os.unlink(path)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ray-on-golem",
+                            "-f", self.private_key], check=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, timeout=30)
+        os.chmod(self.private_key, 0o600)
+        return self
+
+    def public_key(self) -> str:
+        with open(self.public_key_file) as f:
+            return f.read().strip()
+
+    def forget_host(self, ip: str) -> None:
+        """A released node's pinned key goes: its VPN address may serve another node later."""
+        import subprocess
+
+        if os.path.exists(self.known_hosts):
+            subprocess.run(["ssh-keygen", "-R", ip, "-f", self.known_hosts], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+            try:
+                os.unlink(self.known_hosts + ".old")
+            except FileNotFoundError:
+                pass
+
+
+def ssh_proxy_command(datadir: str, network: str) -> str:
+    """ssh's ProxyCommand: `ray-on-golem ssh-proxy NETWORK %h %p` with this module first on
+    its PYTHONPATH (`network`: a net API id, or `@CLUSTER` resolved through the webserver)."""
+    argv, env = python_module_command("ray_on_golem", "ssh-proxy", "--datadir", datadir, network)
+    words = [shlex.quote(a).replace("%", "%%") for a in ["env", f"PYTHONPATH={env['PYTHONPATH']}", *argv]]
+    return " ".join(words + ["%h", "%p"])
+
+
+def ssh_options(private_key: str, known_hosts: str, proxy: str | None, *, first_contact: bool) -> list[str]:
+    """OpenSSH options of every connection to a node: the cluster key only, pinned host keys
+    (`accept-new` only at the bring-up's first contact), no password prompt."""
+    options = {"IdentitiesOnly": "yes", "BatchMode": "yes", "UserKnownHostsFile": known_hosts,
+               "StrictHostKeyChecking": "accept-new" if first_contact else "yes",
+               "ServerAliveInterval": "5", "ServerAliveCountMax": "3", "LogLevel": "ERROR"}
+    if proxy:
+        options["ProxyCommand"] = proxy
+    return ["-i", private_key] + [x for k, v in options.items() for x in ("-o", f"{k}={v}")]
+
+
+class ReverseTunnel:
+    """The head's way back: `ssh -N -R 127.0.0.1:P:127.0.0.1:P` from the head's loopback to
+    the webserver, restarted with backoff while the head runs; `state` is shown in `status`."""
+
+    def __init__(self, argv: list[str], env: dict, log):
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.state = "starting"
+        self.restarts = 0
+        self.up = None  # asyncio.Event, set while the forward is up
+        self._task = None
+        self._process = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self.up = asyncio.Event()
+        self._task = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        import asyncio
+        import subprocess
+
+        failures = 0
+        while True:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._process.wait()), TUNNEL_UP_AFTER_S)
+            except asyncio.TimeoutError:
+                self.state = "up"
+                failures = 0
+                self.up.set()
+                await self._process.wait()
+            self.up.clear()
+            error = (await self._process.stderr.read()).decode(errors="replace").strip()[-300:]
+            delay = TUNNEL_BACKOFF_S[min(failures, len(TUNNEL_BACKOFF_S) - 1)]
+            failures += 1
+            self.restarts += 1
+            self.state = f"down, restarting in {delay:g} s" + (f" ({error})" if error else "")
+            self.log.warning("reverse tunnel %s", self.state)
+            await asyncio.sleep(delay)
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        self.state = "stopped"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
+
+
 class ClusterNode:
     """One node of a cluster: what Ray sees (state, tags, IPs) and what it rents."""
 
@@ -3825,6 +3899,8 @@ class ClusterNode:
         self.internal_ip: str | None = None
         self.external_ip: str | None = None
         self.vpn_ip: str | None = None
+        self.network_id: str | None = None  # its VPN's net API id (ssh-proxy)
+        self.tunnel: ReverseTunnel | None = None  # the head's way back to the webserver
         self.ray_tmpdir: str | None = None
         self.provider_id: str | None = None
         self.provider_name: str | None = None
@@ -3840,7 +3916,6 @@ class ClusterNode:
         self.provisioning = None  # asyncio.Task
         self.monitor = None  # asyncio.Task
         self.changed = asyncio.Event()
-        self.exec_lock = asyncio.Lock()
 
     @property
     def alive(self) -> bool:
@@ -3884,6 +3959,8 @@ class ClusterNode:
             "tags": dict(self.tags),
             "internal_ip": self.internal_ip,
             "external_ip": self.external_ip,
+            "network_id": self.network_id,
+            "tunnel": self.tunnel.state if self.tunnel is not None else None,
             "provider_id": self.provider_id,
             "provider_name": self.provider_name,
             "price": self.price,
@@ -3914,6 +3991,7 @@ class Cluster:
         self.client_port = _free_port() if self.local else 10001
         self.lock = asyncio.Lock()
         self.number = len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
+        self.keys = ClusterKeys(service.yagna.datadir, name)
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in NodeState}
@@ -3959,8 +4037,8 @@ class ClusterService:
 
     It connects golem-core to the webserver's yagna (or local network) on first use and
     releases what a previous webserver left. Its parts own one concern each:
-    `provisioner` (renting, monitoring and ending nodes), `commands` (commands and file
-    transfers on running nodes) and `payments` (allocations, debit notes, invoices, budgets).
+    `provisioner` (renting, SSH bring-up, monitoring and ending nodes) and `payments`
+    (allocations, debit notes, invoices, budgets). Commands and files go by Ray's SSH runner.
     """
 
     def __init__(self, network: str, store: "Store", yagna: "YagnaService", state):
@@ -3977,7 +4055,6 @@ class ClusterService:
         self._start_lock = None
         self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
         self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
-        self.commands = NodeCommands(self.log)
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -4115,6 +4192,12 @@ class ClusterService:
     def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:
         """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
         self.provisioner.stop_node(node, message, error)
+
+    def tunnels(self) -> dict[str, dict[str, dict]]:
+        """`{cluster: {node: {state, restarts}}}`: the reverse tunnels of the live heads."""
+        return {name: {node.node_id: {"state": node.tunnel.state, "restarts": node.tunnel.restarts}
+                       for node in cluster.nodes.values() if node.tunnel is not None}
+                for name, cluster in self.clusters.items()}
 
     def node_counts(self) -> dict[str, dict[str, int]]:
         """`{cluster: {node_state: count}}` of every cluster: the stored ones and those held in memory.
@@ -4270,8 +4353,10 @@ class NodeProvisioner:
         node.internal_ip = fields[0] if fields else node.vpn_ip
         node.ray_tmpdir = fields[1] if len(fields) > 1 else None
         await self._check_versions(node)
-        # Ray reaches nodes only through our command runner: one address serves both.
+        # Ray reaches nodes by SSH to their VPN address (through ssh-proxy): one address serves both.
         node.external_ip = node.internal_ip
+        node.network_id = vpn.id
+        await self._open_ssh(node)
         self.store.record_event(candidate.provider_id, cluster.network, "deploy_ok", cluster_name=cluster.name)
 
     async def _check_versions(self, node: ClusterNode) -> None:
@@ -4285,6 +4370,104 @@ class NodeProvisioner:
                                     ((node.node_config.get("demand") or {}).get("image_tag")))
         if mismatch:
             raise UsageError(mismatch)
+
+    def _ssh_env(self, node: ClusterNode) -> dict:
+        """Environment of our ssh children: ssh-proxy finds the net API and app key here, not in argv."""
+        yagna = node.cluster.service.yagna
+        env = dict(os.environ)
+        if yagna.app_key:
+            env["YAGNA_APPKEY"] = yagna.app_key
+        if yagna.api_url:
+            env["YAGNA_API_URL"] = yagna.api_url
+        return env
+
+    def _ssh_argv(self, node: ClusterNode, *args: str, first_contact: bool = False) -> list[str]:
+        keys = node.cluster.keys
+        proxy = ssh_proxy_command(node.cluster.service.yagna.datadir, node.network_id)
+        return ["ssh", *ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=first_contact),
+                *args, f"{SSH_USER}@{node.vpn_ip}"]
+
+    async def _ssh(self, node: ClusterNode, argv: list[str], stdin: bytes | None = None,
+                   timeout: float = 30.0) -> tuple[int, str]:
+        """Run one ssh to the node: (exit code, stderr)."""
+        import asyncio
+        import subprocess
+
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=self._ssh_env(node), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            return 255, f"no answer within {timeout:g} s"
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        return process.returncode, err.decode(errors="replace").strip()
+
+    async def _open_ssh(self, node: ClusterNode) -> None:
+        """Install the cluster key, start sshd as the Golem image expects, pin the host key at the
+        first answer; on the head also copy the webserver token (0600) and open the reverse tunnel."""
+        import asyncio
+
+        cluster = node.cluster
+        if cluster.local and (localnet_isolation(cluster.service.yagna.datadir) or {}).get("mode") == "sandbox":
+            raise RayOnGolemError("the local network runs in sandbox mode (nodes share this machine's "
+                                  "loopback and cannot run sshd): run it as root for namespaced nodes")
+        keys = cluster.keys.ensure()
+        keys.forget_host(node.vpn_ip)
+        started = time.monotonic()
+        await self._batch(node, _run_command(
+            'mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && '
+            f'echo {shlex.quote(keys.public_key())} >> "$HOME/.ssh/authorized_keys" && '
+            'chmod 600 "$HOME/.ssh/authorized_keys" && '
+            '(service ssh start >/dev/null 2>&1 || { mkdir -p /run/sshd && /usr/sbin/sshd; })'),
+            kind="start_failed", what="starting sshd")
+        deadline = time.monotonic() + SSH_READY_TIMEOUT_S
+        error = ""
+        while time.monotonic() < deadline:
+            code, error = await self._ssh(node, self._ssh_argv(node, "-o", "ConnectTimeout=10", first_contact=True)
+                                          + ["true"], timeout=20.0)
+            if code == 0:
+                break
+            if "HOST IDENTIFICATION HAS CHANGED" in error or "Host key verification failed" in error:
+                raise NodeStartFailed("connection_failed", f"the node's SSH host key changed: {error[-300:]}")
+            await asyncio.sleep(0.5)
+        else:
+            raise NodeStartFailed("connection_failed", f"sshd did not answer within "
+                                  f"{SSH_READY_TIMEOUT_S:g} s: {error[-300:]}")
+        node.log(f"SSH answers ({time.monotonic() - started:.1f} s after starting sshd)")
+        if node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+            await self._open_tunnel(node)
+
+    async def _open_tunnel(self, node: ClusterNode) -> None:
+        """The head's provider reaches the webserver at its own 127.0.0.1:<webserver_port>."""
+        import asyncio
+
+        datadir = node.cluster.service.yagna.datadir
+        token = read_token(datadir)
+        if token is None:
+            raise RayOnGolemError(f"no webserver token in {datadir}")
+        code, error = await self._ssh(node, self._ssh_argv(node) + [
+            f'umask 077 && mkdir -p "$HOME/{NODE_STATE_DIR}" && cat > "$HOME/{NODE_STATE_DIR}/{WEBSERVER_TOKEN_FILE}"'],
+            stdin=(token + "\n").encode())
+        if code != 0:
+            raise NodeStartFailed("connection_failed", f"copying the webserver token failed: {error[-300:]}")
+        port = int(node.cluster.parameters.get("webserver_port") or DEFAULT_WEBSERVER_PORT)
+        started = time.monotonic()
+        node.tunnel = ReverseTunnel(self._ssh_argv(node, "-N", "-o", "ExitOnForwardFailure=yes", "-R",
+                                                   f"{WEBSERVER_HOST}:{port}:{WEBSERVER_HOST}:{port}"),
+                                    self._ssh_env(node), self.log)
+        node.tunnel.start()
+        try:
+            await asyncio.wait_for(node.tunnel.up.wait(), SSH_READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise NodeStartFailed("connection_failed", f"the reverse tunnel did not come up: "
+                                  f"{node.tunnel.state}") from None
+        node.log(f"Tunnel to the webserver up ({time.monotonic() - started:.1f} s)")
 
     async def _batch(self, node: ClusterNode, command, *, kind: str, what: str, timeout: float = DEPLOY_TIMEOUT_S):
         """Run one command as its own batch; NodeStartFailed(kind) when it fails."""
@@ -4341,6 +4524,10 @@ class NodeProvisioner:
         """Destroy the activity and terminate the agreement of the node's current provider."""
         activity, agreement = node.activity, node.agreement
         node.activity = node.agreement = None
+        if node.tunnel is not None:
+            await node.tunnel.stop()
+        if node.vpn_ip:
+            node.cluster.keys.forget_host(node.vpn_ip)
         if activity is not None:
             await _quietly(activity.destroy())
             self.records.activity_ended(activity.id)
@@ -4400,169 +4587,6 @@ class NodeProvisioner:
                 await _quietly(cluster.vpn.remove())
                 cluster.vpn = None
             self.records.cluster_state(cluster.name, "stopped")
-
-
-class NodeCommands:
-    """Commands and file transfers on running nodes, through their activities (ExeScript `run`s)."""
-
-    def __init__(self, log):
-        self.log = log
-        self.runs: dict[str, dict] = {}  # run id -> output so far, done, exit code (see start_run)
-
-    async def wait_running(self, node: ClusterNode, timeout: float) -> None:
-        """Until the node runs; Conflict if it ends or does not run within `timeout`."""
-        import asyncio
-
-        deadline = time.monotonic() + max(0.0, timeout)
-        while node.state == NodeState.PENDING:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(node.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        if node.state != NodeState.RUNNING:
-            why = f": {node.error}" if node.error else ""
-            raise Conflict(f"node {node.node_id} is {node.state.value}{why}")
-
-    async def execute(self, node: ClusterNode, command: str, timeout: float | None = None, localize: bool = True):
-        """Run one shell command on a running node as one batch: (exit code, stdout, stderr)."""
-        script = localize_command(command, node.cluster.local) if localize else command
-        async with node.exec_lock:
-            if node.state != NodeState.RUNNING or node.activity is None:
-                raise Conflict(f"node {node.node_id} is {node.state.value}")
-            try:
-                batch = await node.activity.execute_commands(_run_command(script))
-            except Exception as e:  # noqa: BLE001
-                raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
-        try:
-            await batch.wait(timeout=timeout, ignore_errors=True)
-        except Exception as e:  # noqa: BLE001
-            raise ServiceUnavailable(f"node {node.node_id}: {_describe_error(e)}") from None
-        if not batch.events:
-            raise ServiceUnavailable(f"node {node.node_id}: the activity gave no result (provider gone?)")
-        result = batch.events[-1]
-        return _result_exit_code(result), result.stdout or "", result.stderr or ""
-
-    def start_run(self, node: ClusterNode, command: str, wait_running_s: float) -> str:
-        """Start a command on the node; `run_result` long-polls its output as it comes.
-
-        The command runs in the background on the node with its output in files, and
-        short ExeScript `run`s read what is new: output streams back while a long job
-        runs, and the node's activity stays free for other commands meanwhile
-        (golem-core 0.7.8 returns a `run`'s output only when it ends, docs/yagna-behaviour.md §4).
-        """
-        import asyncio
-        import secrets
-
-        run_id = secrets.token_hex(8)
-        record = {"node": node, "changed": asyncio.Event(), "stdout": [], "stderr": [], "done": False,
-                  "exit_code": None, "error": None}
-
-        def publish(out: str = "", err: str = "") -> None:
-            if out:
-                record["stdout"].append(out)
-            if err:
-                record["stderr"].append(err)
-            record["changed"].set()
-            record["changed"] = asyncio.Event()
-
-        async def runner():
-            try:
-                await self.wait_running(node, wait_running_s)
-                offsets = (0, 0)
-                code, offsets, out, err = await self._run_step(node, run_script(run_id, command, node.cluster.local),
-                                                               offsets)
-                publish(out, err)
-                interval = RUN_POLL_FIRST_S
-                while code is None:
-                    await asyncio.sleep(interval)
-                    interval = min(interval * 1.5, RUN_POLL_MAX_INTERVAL_S)
-                    code, offsets, out, err = await self._run_step(node, run_poll_script(run_id, *offsets), offsets)
-                    publish(out, err)
-                record["exit_code"] = code
-            except RayOnGolemError as e:
-                record["error"] = str(e)
-            except Exception as e:  # noqa: BLE001
-                self.log.exception("run on %s failed", node.node_id)
-                record["error"] = f"internal error: {e}"
-            finally:
-                record["done"] = True
-                publish()
-                # A client that never collects the result (killed `ray exec`) must not leak it.
-                asyncio.get_running_loop().call_later(RUN_RESULT_KEEP_S, self.runs.pop, run_id, None)
-
-        record["task"] = asyncio.create_task(runner())
-        self.runs[run_id] = record
-        return run_id
-
-    async def _run_step(self, node: ClusterNode, script: str, offsets: tuple[int, int]):
-        """One `run` of the start or poll script: (exit code or None, new offsets, stdout, stderr)."""
-        code, out, err = await self.execute(node, script, localize=False)
-        header, _, data = out.partition("\n")
-        fields = header.split()
-        if code != 0 or not fields or fields[0] == "GONE":
-            raise ServiceUnavailable(f"node {node.node_id} lost the command's output ({header or err.strip()[-300:]})")
-        sizes = (int(fields[0]), int(fields[1]))
-        exit_code = int(fields[2]) if len(fields) > 2 else None
-        return exit_code, sizes, data, err
-
-    async def run_result(self, node: ClusterNode, run_id: str, wait: float) -> dict:
-        """What the run printed since the last call (waiting up to `wait` s for something new)."""
-        import asyncio
-
-        record = self.runs.get(run_id)
-        if record is None or record["node"] is not node:
-            raise NotFound(f"no run {run_id!r} on node {node.node_id}")
-        if not (record["stdout"] or record["stderr"] or record["done"]):
-            try:
-                await asyncio.wait_for(record["changed"].wait(), max(0.0, min(wait, RUN_POLL_MAX_S)))
-            except asyncio.TimeoutError:
-                pass
-        answer = {"done": record["done"], "stdout": "".join(record["stdout"]), "stderr": "".join(record["stderr"])}
-        record["stdout"].clear()
-        record["stderr"].clear()
-        if record["done"]:
-            answer.update(exit_code=record["exit_code"], error=record["error"])
-            del self.runs[run_id]
-        return answer
-
-    async def upload_piece(self, node: ClusterNode, upload_id: str, data: str, directory: str | None,
-                           final: bool) -> dict:
-        """Append base64 text to the node's upload file; on `final` unpack it into `directory`."""
-        if not re.fullmatch(r"[0-9a-f]{8,32}", upload_id):
-            raise UsageError("upload_id: expected 8-32 lower-case hex digits")
-        if re.search(r"[^A-Za-z0-9+/=]", data):
-            raise UsageError("data: expected base64 text")
-        part = f'"$HOME"/{NODE_STATE_DIR}/upload-{upload_id}.b64'
-        for start in range(0, len(data), UPLOAD_PIECE_CHARS):
-            await self._must(node, f"printf %s {data[start:start + UPLOAD_PIECE_CHARS]} >> {part}", "upload")
-        if final:
-            if not directory:
-                raise UsageError("directory: required with final")
-            target = _shell_path(directory)
-            await self._must(node, f"mkdir -p {target} && base64 -d < {part} | tar -xzf - -C {target}; "
-                                   f"status=$?; rm -f {part}; exit $status", "upload")
-        return {"ok": True}
-
-    async def download(self, node: ClusterNode, path: str) -> dict:
-        """The file or directory `path` of the node as a base64 gzip tar."""
-        source = _shell_path(path.rstrip("/") or "/")
-        script = (f"p={source}; if [ -d \"$p\" ]; then printf 'D '; tar -czf - -C \"$p\" . | base64 -w0; "
-                  f"elif [ -e \"$p\" ]; then printf 'F '; tar -czf - -C \"$(dirname \"$p\")\" \"$(basename \"$p\")\" "
-                  f"| base64 -w0; else echo \"no such file or directory: $p\" >&2; exit 2; fi")
-        out = await self._must(node, script, "download")
-        kind, _, archive = out.partition(" ")
-        if len(archive) * 3 // 4 > MAX_TRANSFER_BYTES:
-            raise UsageError(f"{path}: archive above the {MAX_TRANSFER_BYTES} byte limit of the command channel")
-        return {"is_dir": kind == "D", "archive": archive}
-
-    async def _must(self, node: ClusterNode, command: str, what: str) -> str:
-        code, out, err = await self.execute(node, command)
-        if code != 0:
-            raise UsageError(f"{what} on node {node.node_id} failed (exit code {code}): {err.strip()[-500:]}")
-        return out
 
 
 def _run_command(script: str):
@@ -6093,10 +6117,6 @@ class WebserverHandler:
         ("GET", "/clusters/{cluster}/nodes/{node}", "node_data"),
         ("DELETE", "/clusters/{cluster}/nodes/{node}", "terminate_node"),
         ("POST", "/clusters/{cluster}/nodes/{node}/tags", "set_node_tags"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/runs", "start_run"),
-        ("GET", "/clusters/{cluster}/nodes/{node}/runs/{run}", "run_result"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/upload", "upload"),
-        ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
         # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
@@ -6163,34 +6183,6 @@ class WebserverHandler:
         if body["tags"] is None or not all(isinstance(v, str) for v in body["tags"].values()):
             raise UsageError("tags: expected an object of string values")
         return self.clusters.set_tags(request.params["cluster"], request.params["node"], body["tags"]).as_dict()
-
-    async def start_run(self, request: Request) -> dict:
-        body = request.fields({"command": (str, None), "wait_running_s": (int, 0)})
-        if not body["command"]:
-            raise UsageError("command: required")
-        return {"run_id": self.clusters.commands.start_run(self._node(request), body["command"],
-                                                          body["wait_running_s"])}
-
-    async def run_result(self, request: Request) -> dict:
-        try:
-            wait = float(request.query_params().get("wait", "0"))
-        except ValueError:
-            raise UsageError("wait: expected seconds") from None
-        return await self.clusters.commands.run_result(self._node(request), request.params["run"], wait)
-
-    async def upload(self, request: Request) -> dict:
-        body = request.fields({"upload_id": (str, None), "data": (str, ""), "directory": (str, None),
-                               "final": (bool, False)})  # fmt: skip
-        if not body["upload_id"]:
-            raise UsageError("upload_id: required")
-        return await self.clusters.commands.upload_piece(self._node(request), body["upload_id"], body["data"],
-                                                         body["directory"], body["final"])
-
-    async def download(self, request: Request) -> dict:
-        body = request.fields({"path": (str, None)})
-        if not body["path"]:
-            raise UsageError("path: required")
-        return await self.clusters.commands.download(self._node(request), body["path"])
 
     async def costs(self, request: Request) -> dict:
         return self.clusters.payments.costs(request.query_params().get("cluster") or None)
@@ -6489,6 +6481,8 @@ class Webserver:
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
             "budgets": self.cluster_service.payments.budgets(),
+            # The heads' reverse SSH tunnels to this webserver (section 7, ReverseTunnel).
+            "tunnels": self.cluster_service.tunnels(),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -7149,6 +7143,9 @@ def format_status(report: dict) -> str:
             summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n) or "no nodes"
             lines.append(f"\t{name}: {summary}")
             budget = (status.get("budgets") or {}).get(name)
+            for node_id, tunnel in sorted(((status.get("tunnels") or {}).get(name) or {}).items()):
+                lines.append(f"\t  tunnel from head {node_id}: {tunnel['state']}"
+                             + (f" ({tunnel['restarts']} restart(s))" if tunnel["restarts"] else ""))
             if budget:
                 shown = format_budget(budget)
                 lines.append(f"\t  budget {shown['total_budget']}: {shown['spent']} spent, "
@@ -7177,13 +7174,6 @@ def format_status(report: dict) -> str:
 # cluster state. Ray is imported only inside the methods below; the module-level
 # `__getattr__` (PEP 562) combines each mixin with its Ray base class on first use.
 
-
-# Base64 characters per upload request: under the webserver's 1 MiB body limit.
-UPLOAD_REQUEST_CHARS = 768 * 1024
-
-# Commands Ray sends for `ray attach`: they need an interactive TTY, which an
-# ExeScript `run` cannot give (commands.py::attach_cluster).
-_INTERACTIVE_COMMANDS = ("$SHELL", "tmux attach || tmux new", "screen -L -xRR")
 
 # Set in the environment of every node (see section 7): code running on a node
 # (the head's autoscaler) knows it is inside the cluster.
@@ -7235,90 +7225,17 @@ def webserver_client_for(provider_config: dict) -> _ThreadClients:
     return _ThreadClients(os.path.abspath(os.path.expanduser(datadir)), int(port))
 
 
-def _excluded(name: str, patterns: list) -> bool:
-    import fnmatch
-
-    base = os.path.basename(name.rstrip("/"))
-    return any(fnmatch.fnmatch(base, p) or fnmatch.fnmatch(name, p) for p in patterns)
-
-
-def pack_for_upload(source: str, target: str, exclude: list | None = None) -> tuple[str, bytes]:
-    """(node directory, gzip tar) reproducing rsync's `source target` semantics.
-
-    A directory source (Ray passes `dir/` on both sides) copies its contents into
-    `target`; a file source becomes the file `target` (or `target/<name>` when
-    `target` ends with `/`).
-    """
-    import io as _io
-    import tarfile as _tarfile
-    exclude = list(exclude or [])
-    buf = _io.BytesIO()
-    with _tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        if os.path.isdir(source):
-            directory = target.rstrip("/") or "/"
-            for entry in sorted(os.listdir(source)):
-                if not _excluded(entry, exclude):
-                    tar.add(
-                        os.path.join(source, entry),
-                        arcname=entry,
-                        filter=lambda info: None if _excluded(info.name, exclude) else info,
-                    )
-        elif os.path.exists(source):
-            if target.endswith("/"):
-                directory, name = target.rstrip("/") or "/", os.path.basename(source)
-            else:
-                directory, name = os.path.dirname(target) or ".", os.path.basename(target)
-            tar.add(source, arcname=name)
-        else:
-            raise UsageError(f"cannot upload {source!r}: no such file or directory")
-    data = buf.getvalue()
-    if len(data) > MAX_TRANSFER_BYTES:
-        raise UsageError(
-            f"cannot upload {source!r}: {len(data)} bytes compressed, above the "
-            f"{MAX_TRANSFER_BYTES} byte limit of the command channel; put large data "
-            "in the node image or fetch it from the node"
-        )
-    return directory, data
-
-
-def unpack_download(archive: bytes, is_dir: bool, source: str, target: str) -> None:
-    """Write what `download` returned to `target` with rsync's semantics (see pack_for_upload)."""
-    import io as _io
-    import tarfile as _tarfile
-    with _tarfile.open(fileobj=_io.BytesIO(archive), mode="r:gz") as tar:
-        if is_dir:
-            os.makedirs(target, exist_ok=True)
-            tar.extractall(target, filter="data")
-            return
-        member = tar.getmembers()[0]
-        if target.endswith("/") or os.path.isdir(target):
-            os.makedirs(target, exist_ok=True)
-            dest = os.path.join(target, os.path.basename(source.rstrip("/")))
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            dest = target
-        extracted = tar.extractfile(member)
-        if extracted is None:
-            raise UsageError(f"cannot download {source!r}: not a regular file")
-        with open(dest, "wb") as f:
-            f.write(extracted.read())
-
-
 # What nodes run when the YAML gives no start commands (Ray's external provider
-# has no defaults, docs/yagna-behaviour.md §6). $NODE_IP, $RAY_TMPDIR and the ports come
-# from the node's environment file (section 7): per node and per cluster, so nodes
-# sharing one machine on the local network never collide.
+# has no defaults, docs/yagna-behaviour.md §6). $NODE_IP (the node's VPN address) comes
+# from the node's environment file (section 7).
 DEFAULT_HEAD_START_RAY_COMMANDS = [
     "ray stop",
-    "ray start --head --node-ip-address=$NODE_IP --port=$RAY_GCS_PORT "
-    "--ray-client-server-port=$RAY_CLIENT_SERVER_PORT --temp-dir=$RAY_TMPDIR/ray "
-    "--include-dashboard=false --dashboard-agent-listen-port=0 --disable-usage-stats "
+    "ray start --head --node-ip-address=$NODE_IP --port=6379 --disable-usage-stats "
     "--autoscaling-config=~/ray_bootstrap_config.yaml",
 ]
 DEFAULT_WORKER_START_RAY_COMMANDS = [
     "ray stop",
-    "ray start --address=$RAY_HEAD_IP:$RAY_GCS_PORT --node-ip-address=$NODE_IP "
-    "--temp-dir=$RAY_TMPDIR/ray --dashboard-agent-listen-port=0",
+    "ray start --address=$RAY_HEAD_IP:6379 --node-ip-address=$NODE_IP",
 ]
 
 
@@ -7354,72 +7271,20 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
         return config  # on the head (ray rsync, Tune): the services are the laptop's
     params = resolved.parameters
     datadir = os.path.abspath(os.path.expanduser(params.get("webserver_datadir") or default_datadir()))
+    # Ray's SSHCommandRunner reaches nodes through ssh-proxy with the cluster's key (made here,
+    # never sent over HTTP); Ray copies the key to the head (~/ray_bootstrap_key.pem) for the workers.
+    keys = ClusterKeys(ensure_datadir(datadir), config["cluster_name"]).ensure()
+    config["auth"].update(ssh_user=SSH_USER, ssh_private_key=keys.private_key,
+                          ssh_proxy_command=ssh_proxy_command(datadir, "@" + config["cluster_name"]))
+    # This version of ray_on_golem goes to every node, first on its PYTHONPATH (node_environment_script).
+    module = _ZIPAPP or os.path.abspath(__file__)
+    config["file_mounts"] = dict(config.get("file_mounts") or {})
+    config["file_mounts"][f"~/{NODE_STATE_DIR}/lib/{os.path.basename(module)}"] = module
     code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
                            out=lambda line: cli_logger.print("{}", line))
     if code != EXIT_OK:
         raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
     return config
-
-
-def stop_ray_on_this_node() -> int:
-    """`ray stop` for one node of the local network (section 7 substitutes it).
-
-    Ray's own `ray stop` kills Ray processes by name on the whole machine, i.e.
-    every node of the local network. A node's Ray processes are those naming its
-    own temp dir or IP on their command line, plus all their descendants (workers
-    and agents rename themselves with setproctitle, so only the tree finds them).
-    """
-    import signal
-
-    temp_dir, node_ip = os.environ.get("RAY_TMPDIR"), os.environ.get("NODE_IP")
-    if not temp_dir or not node_ip:
-        print("ray stop: not inside a Ray on Golem node (RAY_TMPDIR/NODE_IP unset)", file=sys.stderr)
-        return 1
-    ip_arg = re.compile(r"[=\s]" + re.escape(node_ip) + r"(?![\d.])")
-
-    def processes() -> dict[int, tuple[int, str]]:
-        table = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-            table[int(entry)] = (ppid, cmdline)
-        return table
-
-    def ours(table) -> set[int]:
-        me = {os.getpid(), os.getppid()}
-        found = {pid for pid, (_, cmd) in table.items()
-                 if pid not in me and "ray" in cmd and (temp_dir in cmd or ip_arg.search(cmd))}
-        while True:
-            more = {pid for pid, (ppid, _) in table.items() if ppid in found and pid not in found | me}
-            if not more:
-                return found
-            found |= more
-
-    deadline = time.monotonic() + 15.0
-    sig = signal.SIGTERM
-    stopped = 0
-    while True:
-        pids = ours(processes())
-        if not pids:
-            break
-        stopped = max(stopped, len(pids))
-        if time.monotonic() > deadline:
-            sig = signal.SIGKILL
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        time.sleep(0.5)
-    print(f"Stopped all {stopped} Ray processes of this node." if stopped else "Did not find any active Ray processes.")
-    return 0
 
 
 def _print_node_progress(cli_logger, seen: dict, nodes: list) -> None:
@@ -7619,7 +7484,7 @@ class GolemNodeProviderMixin:
         if docker_config and docker_config.get("container_name"):
             raise ray_error(UsageError("docker: Ray on Golem nodes run no docker; remove the `docker` section"))
         runner_cls = globals().get("GolemCommandRunner") or __getattr__("GolemCommandRunner")
-        return runner_cls(log_prefix, node_id, self, cluster_name)
+        return runner_cls(log_prefix, node_id, self, auth_config, cluster_name, process_runner, use_internal_ip)
 
     @staticmethod
     def bootstrap_config(cluster_config: dict) -> dict:
@@ -7629,15 +7494,13 @@ class GolemNodeProviderMixin:
             raise ray_error(exc) from None
 
     def prepare_for_head_node(self, cluster_config: dict) -> dict:
-        # The head's autoscaler must reach the same webserver with the token.
-        # On the local network the head runs on this machine: the port and the
-        # absolute data dir (its 0600 token file) work as they are, and the
-        # token itself never goes into the config. (The real network needs a
-        # tunnel from the head to this port: not built yet.)
+        # The head's autoscaler reaches the same webserver through the reverse tunnel at its own
+        # 127.0.0.1:<port>, with the token the bring-up copied (0600) to ~/.ray_on_golem: the
+        # token itself never goes into the config (NodeProvisioner._open_tunnel).
         import copy
 
         config = copy.deepcopy(cluster_config)
-        config["provider"]["_webserver_datadir"] = self._client.datadir
+        config["provider"]["_webserver_datadir"] = f"~/{NODE_STATE_DIR}"
         config["provider"]["_webserver_port"] = self._client.port
         return config
 
@@ -7650,99 +7513,27 @@ class GolemNodeProviderMixin:
 
 
 class GolemCommandRunnerMixin:
-    """Runs Ray's commands on a node through its activity (ExeScript `run` of
-    `/bin/sh -c`), via the webserver; files travel as gzip tar archives.
+    """Ray's own SSHCommandRunner (ray/autoscaler/_private/command_runner.py), with host keys
+    pinned: Ray turns checking off (StrictHostKeyChecking=no, known_hosts /dev/null); here the
+    cluster's known_hosts holds each node's key from the bring-up's first contact, checked
+    strictly. On the head (ON_GOLEM_NETWORK) the head pins its workers at its own first contact.
 
-    `GolemCommandRunner` is this mixin over Ray's `CommandRunnerInterface`
-    (ray/autoscaler/command_runner.py), combined on first use (see `__getattr__`).
+    `GolemCommandRunner` is this mixin over Ray's `SSHCommandRunner`, combined on first use
+    (see `__getattr__`). Commands, `ray attach`, port forwards and rsync are Ray's.
     """
 
-    def __init__(self, log_prefix: str, node_id: str, provider, cluster_name: str):
-        self.log_prefix = log_prefix
-        self.node_id = node_id
-        self.provider = provider
-        self.cluster_name = cluster_name
-        self._client: _ThreadClients = provider._client
-
-    def _path(self, action: str) -> str:
-        return _node_path(self.cluster_name, self.node_id, action)
-
-    def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
-            environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",
-            shutdown_after_run=False, silent=False):
-        from ray.autoscaler._private.command_runner import _with_environment_variables
-
-        if cmd is None or port_forward:
-            raise ray_error(UsageError(
-                "port forwarding (`ray dashboard`, `--port-forward`) is not supported by "
-                "Ray on Golem's command runner yet"
-            ))
-        if cmd.strip() in _INTERACTIVE_COMMANDS:
-            raise ray_error(UsageError(
-                "`ray attach` needs an interactive terminal, which Golem activities do not "
-                "offer; use `ray exec CLUSTER.yaml 'COMMAND'` instead"
-            ))
-        if environment_variables:
-            cmd = _with_environment_variables(cmd, environment_variables)
-        body = {"command": cmd, "wait_running_s": int(timeout or 0)}
-        result: dict = {}
-        stdout: list[str] = []
-        try:
-            # Ray gives the command itself no deadline (the ssh runner uses
-            # `timeout` only to connect): it bounds the wait for a pending node.
-            run_id = self._client.request("POST", self._path("runs"), body)["run_id"]
-            while not result.get("done"):
-                result = self._client.request("GET", self._path(f"runs/{run_id}?wait={RUN_POLL_MAX_S:g}"))
-                # Output is streamed: printed as the webserver gets it from the node.
-                if result.get("stdout"):
-                    if with_output:
-                        stdout.append(result["stdout"])
-                    elif not silent:
-                        sys.stdout.write(result["stdout"])
-                        sys.stdout.flush()
-                if result.get("stderr") and not silent:
-                    sys.stderr.write(result["stderr"])
-                    sys.stderr.flush()
-        except RayOnGolemError as exc:
-            result = {"error": str(exc), "exit_code": None}
-        error, exit_code = result.get("error"), result.get("exit_code")
-        if shutdown_after_run:
-            self.provider.terminate_node(self.node_id)
-        if error is not None or exit_code != 0:
-            raise ray_command_failed(self.node_id, cmd, error or f"exit code {exit_code}", exit_code, exit_on_fail)
-        return "".join(stdout).encode() if with_output else ""
-
-    def run_rsync_up(self, source, target, options=None):
-        import base64 as _base64
-        options = options or {}
-        try:
-            directory, archive = pack_for_upload(source, target, options.get("rsync_exclude"))
-            text = _base64.b64encode(archive).decode()
-            upload_id = os.urandom(8).hex()
-            pieces = [text[i:i + UPLOAD_REQUEST_CHARS] for i in range(0, len(text), UPLOAD_REQUEST_CHARS)] or [""]
-            for number, piece in enumerate(pieces, 1):
-                self._client.request("POST", self._path("upload"), {
-                    "upload_id": upload_id, "data": piece, "directory": directory,
-                    "final": number == len(pieces)})
-        except RayOnGolemError as exc:
-            raise ray_error(exc, context=f"upload {source} -> {self.node_id}:{target}") from None
-
-    def run_rsync_down(self, source, target, options=None):
-        import base64 as _base64
-        try:
-            answer = self._client.request("POST", self._path("download"), {"path": source})
-            unpack_download(_base64.b64decode(answer["archive"]), answer["is_dir"], source, target)
-        except RayOnGolemError as exc:
-            raise ray_error(exc, context=f"download {self.node_id}:{source} -> {target}") from None
-
-    def remote_shell_command_str(self) -> str:
-        return f"ray exec <cluster.yaml> 'COMMAND'  # node {self.node_id}: no interactive shell on Golem"
+    def __init__(self, log_prefix, node_id, provider, auth_config, cluster_name, process_runner, use_internal_ip):
+        super().__init__(log_prefix, node_id, provider, auth_config, cluster_name, process_runner, use_internal_ip)
+        on_head = bool(os.environ.get(ON_GOLEM_NETWORK_ENV))
+        keys = ClusterKeys(provider._client.datadir, cluster_name)
+        self.ssh_options.arg_dict.update(UserKnownHostsFile=keys.known_hosts,
+                                         StrictHostKeyChecking="accept-new" if on_head else "yes")
 
 
 # The Ray base class each mixin is combined with on first use: importing it imports Ray.
 _RAY_BASES = {
     "GolemNodeProvider": (GolemNodeProviderMixin, "ray.autoscaler.node_provider", "NodeProvider"),
-    "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler.command_runner", "CommandRunnerInterface"),
+    "GolemCommandRunner": (GolemCommandRunnerMixin, "ray.autoscaler._private.command_runner", "SSHCommandRunner"),
 }
 
 
@@ -8726,8 +8517,20 @@ def cmd_costs(args) -> int:
 
 def cmd_ssh_proxy(args) -> int:
     datadir = args.datadir or default_datadir()
+    network_id = args.network_id
+    if network_id.startswith("@"):
+        # `@CLUSTER` (Ray's ProxyCommand): the VPN of the cluster's node at this IP, from the webserver.
+        client = WebserverClient(datadir)
+        try:
+            nodes = client.request("GET", _node_path(network_id[1:]))["nodes"]
+        finally:
+            client.close()
+        found = [n.get("network_id") for n in nodes if n.get("internal_ip") == args.ip and n.get("network_id")]
+        if not found:
+            raise NotFound(f"cluster {network_id[1:]!r} has no running node at {args.ip}")
+        network_id = found[0]
     proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir), vpn_app_key(datadir),
-                        args.network_id, args.ip, args.port)
+                        network_id, args.ip, args.port)
     proxy.connect()
     return proxy.run()
 
@@ -8738,7 +8541,8 @@ def _add_ssh_proxy(commands, common) -> None:
         description="Connect stdin/stdout to IP:PORT of a node of VPN NETWORK_ID through the net API's "
                     "WebSocket, e.g. ssh -o ProxyCommand='ray-on-golem ssh-proxy NET %h %p' root@IP. "
                     "The app key comes from $YAGNA_APPKEY or the data dir, never from the command line.")
-    p.add_argument("network_id", metavar="NETWORK_ID", help="the VPN's id (net API)")
+    p.add_argument("network_id", metavar="NETWORK_ID", help="the VPN's id (net API), or @CLUSTER: the VPN of "
+                                                           "that cluster's node at IP (asks the webserver)")
     p.add_argument("ip", metavar="IP", help="the node's VPN address")
 
     def port(text: str) -> int:
@@ -8752,6 +8556,44 @@ def _add_ssh_proxy(commands, common) -> None:
     p.add_argument("--api-url", metavar="URL", help="the net API (default: $YAGNA_NET_URL, $YAGNA_API_URL, "
                                                     "the local network of the data dir, http://127.0.0.1:7465)")
     p.set_defaults(func=cmd_ssh_proxy)
+
+
+def cmd_ssh(args) -> int:
+    """An interactive shell (or COMMAND) on a node: OpenSSH with the cluster's key and pinned host key."""
+    datadir = args.datadir or default_datadir()
+    client = WebserverClient(datadir)
+    try:
+        nodes = client.request("GET", _node_path(args.cluster))["nodes"]
+    finally:
+        client.close()
+    running = [n for n in nodes if n["state"] == "running" and n.get("internal_ip")]
+    if args.node:
+        chosen = [n for n in running if args.node in (n["node_id"], n["internal_ip"])]
+    else:
+        chosen = [n for n in running if n["tags"].get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD]
+    if not chosen:
+        what = f"node {args.node!r}" if args.node else "head node"
+        raise NotFound(f"cluster {args.cluster!r} has no running {what} (running: "
+                       f"{', '.join(n['node_id'] for n in running) or 'none'})")
+    keys = ClusterKeys(datadir, args.cluster)
+    if not os.path.exists(keys.private_key):
+        raise NotFound(f"no key pair for cluster {args.cluster!r} in {datadir} (made by `ray up`)")
+    proxy = ssh_proxy_command(datadir, "@" + args.cluster)
+    argv = ["ssh", *ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=False),
+            *(["-t"] if sys.stdin.isatty() else []), f"{SSH_USER}@{chosen[0]['internal_ip']}", *([args.command] if args.command else [])]
+    sys.stdout.flush()
+    os.execvp("ssh", argv)
+    return EXIT_FAILED  # not reached
+
+
+def _add_ssh(commands, common) -> None:
+    p = commands.add_parser("ssh", parents=[common], help="a shell on a node of a cluster (OpenSSH through the VPN)",
+                            description="Run a shell, or COMMAND, on the head (or NODE: a node id or VPN IP) of "
+                                        "CLUSTER, with the cluster's key and pinned host keys.")
+    p.add_argument("cluster", metavar="CLUSTER", help="cluster_name of the cluster YAML")
+    p.add_argument("node", metavar="NODE", nargs="?", help="node id (e.g. node3) or VPN IP; default: the head")
+    p.add_argument("-c", "--command", metavar="COMMAND", help="run this instead of an interactive shell")
+    p.set_defaults(func=cmd_ssh)
 
 
 def build_parser() -> "argparse.ArgumentParser":
@@ -8775,6 +8617,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     _add_ssh_proxy(commands, common)
+    _add_ssh(commands, common)
     _add_pythonpath(commands, common)
     _add_install_pth(commands, common)
     return parser

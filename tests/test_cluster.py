@@ -186,40 +186,6 @@ def test_tag_filter_needs_every_key(tags, tag_filter, expected):
     assert rog.tags_match(tags, tag_filter) is expected
 
 
-@pytest.mark.parametrize("command, local, expected_stop", [
-    ("ray stop", True, True),
-    ("export A=1; ray stop --force; ray teardown x", True, True),
-    ("ray start --head", True, False),
-    ("ray stop", False, False),  # a VM has only its own Ray: the real `ray stop` is right there
-    ("echo 'gray stop'", True, False),
-])
-def test_ray_stop_is_scoped_to_the_node_on_the_local_network(command, local, expected_stop):
-    script = rog.localize_command(command, local)
-    assert script.startswith('if [ -f "$HOME/.ray_on_golem/env" ]; then . "$HOME/.ray_on_golem/env"; fi;')
-    assert (rog.NODE_RAY_STOP in script) is expected_stop
-    if expected_stop:
-        assert not re.search(r"(?<![\w.])ray stop", script)
-
-
-def test_upload_archives_follow_rsync_semantics(tmp_path: Path):
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "a.txt").write_text("A")
-    (src / "sub" / "b.txt").write_text("B")
-    (src / "skip.pyc").write_text("x")
-    directory, archive = rog.pack_for_upload(str(src) + "/", "~/dest/", ["*.pyc"])
-    assert directory == "~/dest"
-    out = tmp_path / "out"
-    rog.unpack_download(archive, True, "~/dest", str(out))
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.txt", "sub", "sub/b.txt"]
-    directory, archive = rog.pack_for_upload(str(src / "a.txt"), "~/x/renamed.txt")
-    assert directory == "~/x"
-    rog.unpack_download(archive, False, "~/x/renamed.txt", str(tmp_path / "copy.txt"))
-    assert (tmp_path / "copy.txt").read_text() == "A"
-    with pytest.raises(rog.UsageError, match="no such file"):
-        rog.pack_for_upload(str(tmp_path / "missing"), "~/m")
-
-
 def test_diagnosis_names_the_filter_nothing_passed():
     funnel = rog.Funnel(["Initial", "Not blacklisted", "Passed Reject if start price exceeds `max_start_price` = 0.001",
                          "Negotiation initialized", "Negotiated successfully"])
@@ -232,35 +198,67 @@ def test_diagnosis_names_the_filter_nothing_passed():
     assert rog.diagnose_funnel(empty).startswith("no offer matched the demand")
 
 
-def test_node_ray_stop_ends_only_that_nodes_processes(tmp_path: Path):
-    """Two "nodes" on one machine: the node-scoped `ray stop` ends one node's Ray processes
-    (found by its temp dir or IP, plus their descendants) and leaves the other's alone."""
-    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
-    a = subprocess.Popen([sys.executable, "-c", child, "ray-raylet", "--temp-dir=/tmp/rog-testA/ray"])
-    b = subprocess.Popen([sys.executable, "-c", child, "ray-raylet", "--node-ip-address=127.99.0.2"])
-    try:
-        def children(pid):
-            return [int(p) for p in os.listdir("/proc") if p.isdigit() and
-                    open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid)]
-        a_children = wait_for(lambda: children(a.pid), 30, what="node A's child")
-        wait_for(lambda: children(b.pid), 30, what="node B's child")
-        env = dict(os.environ, RAY_TMPDIR="/tmp/rog-testA", NODE_IP="127.99.0.1", PYTHONPATH=str(REPO))
-        stop = subprocess.run(["/bin/sh", "-c", rog.localize_command("ray stop", True)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)
-        assert stop.returncode == 0, stop.stderr
-        assert "Stopped all 2 Ray processes of this node." in stop.stdout
-        assert a.wait(timeout=30) is not None and not any(pid_alive(p) for p in a_children)
-        assert b.poll() is None  # the other node's Ray lives on
-    finally:
-        for proc in (a, b):
-            if proc.poll() is None:
-                for pid in children(proc.pid):
-                    os.kill(pid, 9)
-                proc.kill()
-            proc.wait(timeout=30)
-
-
 # --- Ray: the user's session -------------------------------------------------------------
+
+
+def attach_and_type(session: RaySession, config: Path, line: str) -> str:
+    """`ray attach` driven by a pseudo-terminal: type `line`, then `exit`; what the terminal showed."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: ray attach on the pty
+        os.chdir(session.tmp_path)
+        os.execve(str(RAY_BIN), [str(RAY_BIN), "attach", str(config)], session.env)
+    shown, sent, deadline = b"", False, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not sent and (b"# " in shown[-200:] or b"$ " in shown[-200:]):
+                os.write(fd, f"{line}; exit\n".encode())
+                sent = True
+        return shown.decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def assert_dashboard_forward(session: RaySession, config: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([str(RAY_BIN), "dashboard", "--port", str(port), str(config)], cwd=session.tmp_path,
+                            env=session.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
+                    return json.load(r)
+            except OSError:
+                return None
+        assert "ray_version" in wait_for(answers, 120, what="the dashboard through `ray dashboard`")
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+
+def assert_no_secret_in_argv(session: RaySession) -> None:
+    secrets = [(session.datadir / rog.WEBSERVER_TOKEN_FILE).read_text().strip(),
+               (session.datadir / "localnet" / "appkey").read_text().strip()]
+    assert not processes_mentioning(secrets)
 
 
 @pytest.mark.ray
@@ -280,21 +278,45 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     heads = session.nodes(cluster)
     assert [n["tags"]["ray-node-type"] for n in heads] == ["head"]
     head = heads[0]
-    assert head["state"] == "running" and head["internal_ip"].startswith("127.")
+    assert head["state"] == "running" and head["internal_ip"].startswith("10.")
     assert head["state_log"][0] == "[1/7] Getting an agreement..."
     assert head["provider_id"].startswith("0x") and head["price"]["start"] is not None
 
     status = session.ray("exec", "--no-config-cache", str(config), "ray status")
     assert status.returncode == 0, status.stderr[-3000:]
     assert "1 ray.head.default" in status.stdout
+    # Ray's own SSH runner reaches the head at its VPN address (ssh-proxy), the head's Ray listens there.
+    head_ip = session.ray("get-head-ip", str(config))
+    assert head_ip.returncode == 0 and head_ip.stdout.strip().splitlines()[-1] == head["internal_ip"], head_ip.stderr
+    assert session.api("GET", "/status")["tunnels"][cluster][head["node_id"]]["state"] == "up"
+    hostname = session.ray("exec", str(config), "hostname").stdout.strip().splitlines()[-1]
+    assert hostname in attach_and_type(session, config, "hostname")
+    # rsync-up then rsync-down round-trip 20 MiB byte for byte.
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))
+    up_big = session.ray("rsync-up", str(config), str(big), "~/big.bin")
+    assert up_big.returncode == 0, up_big.stderr[-2000:]
+    down_big = session.ray("rsync-down", str(config), "~/big.bin", str(tmp_path / "big.back"))
+    assert down_big.returncode == 0, down_big.stderr[-2000:]
+    assert (tmp_path / "big.back").read_bytes() == big.read_bytes()
+    # `ray dashboard` forwards a free local port (127.0.0.1) to the head's dashboard.
+    assert_dashboard_forward(session, config)
+    assert_no_secret_in_argv(session)
 
     # 6 one-CPU tasks of 15 s on a 1-CPU head: the head's autoscaler adds workers, which
     # join well before the head alone could finish (90 s).
-    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"), "6", "15")
+    submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"),
+                         "--", "6", "15")
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     used = int(re.search(r"^NODES (\d+)$", submit.stdout, re.M).group(1))
     assert used >= 2, submit.stdout
-    # Files come back through the same channel (`ray rsync-down` = run_rsync_down).
+    worker_ips = session.ray("get-worker-ips", str(config))
+    assert worker_ips.returncode == 0, worker_ips.stderr[-2000:]
+    printed = set(re.findall(r"^\d+\.\d+\.\d+\.\d+$", worker_ips.stdout, re.M))
+    session.nodes(cluster)
+    assert printed and printed <= session.node_ips, worker_ips.stdout
+    assert_no_secret_in_argv(session)
+    # Files come back by rsync over SSH (Ray's SSHCommandRunner.run_rsync_down).
     fetched = tmp_path / "fetched.py"
     down_file = session.ray("rsync-down", str(config), "~/fan_out.py", str(fetched))
     assert down_file.returncode == 0, down_file.stderr[-2000:]
@@ -310,7 +332,7 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     down = session.ray("down", "-y", str(config), timeout=300)
     assert down.returncode == 0, down.stderr[-3000:]
     session.up = False
-    assert "Stopped all" in down.stdout + down.stderr  # `ray stop` on the head stopped only that node
+    assert "Stopped all" in down.stdout + down.stderr  # Ray's own `ray stop`: the head is a machine of its own
     assert session.nodes(cluster) == []
     # Every agreement terminated, every activity gone, every invoice accepted.
     assert session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)]
@@ -322,6 +344,10 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE kind = 'invoice' AND status = 'accepted'")[0][0]
              == len(agreements), 60, what="every invoice accepted")
     assert session.db("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL") == [(0,)]
+    # No ssh (Ray's, ssh-proxy, the tunnel) to any node left.
+    wait_for(lambda: not [a for a in processes_mentioning([f"root@{ip}" for ip in session.node_ips]
+                                                          + [f" {ip} 22" for ip in session.node_ips])], 30,
+             what="no ssh process to a node left")
 
 
 @pytest.mark.ray

@@ -295,9 +295,6 @@ NODES = "/clusters/c16/nodes"
     (NODES, {"count": True}, "'count'"),
     (NODES, {"provider_parameters": {"node_start_timeout": "abc"}}, "provider_parameters.node_start_timeout"),
     (NODES, {"provider_parameters": {"node_start_timeout": [1]}}, "provider_parameters.node_start_timeout"),
-    (NODES + "/node1/upload", {"upload_id": "abcdef12", "data": None}, "'data'"),
-    (NODES + "/node1/runs", {"command": "true", "wait_running_s": None}, "'wait_running_s'"),
-    (NODES + "/node1/runs", {"command": None}, "'command'"),
     (NODES + "/node1/tags", {"tags": None}, "'tags'"),
     ("/shutdown", {"force": None}, "'force'"),
 ])

@@ -223,7 +223,8 @@ def money_factory(tmp_path):
     def start(net_profile: dict | None, after: Money | None = None) -> Money:
         """A webserver on a new local network, or (`after`) on the data dir and network of a dead one."""
         datadir = after.datadir if after else tmp_path / f"datadir{len(started)}"
-        localnet = after.localnet if after else start_localnet(datadir / "localnet", profile=net_profile)
+        localnet = after.localnet if after else start_localnet(
+            datadir / "localnet", profile=net_profile, isolation=None)  # nodes need sshd: VM-like (auto)
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
         log = open(tmp_path / f"webserver{len(started)}.out", "w")

@@ -1,0 +1,187 @@
+"""Nodes reached by OpenSSH through the VPN, and the head's reverse tunnel (issue 12), without Ray.
+
+The webserver (real process) rents a head on the local network's namespaced nodes, starts sshd
+there, pins its host key and opens the tunnel; the test then reaches the node with the same
+options Ray's SSHCommandRunner gets (ssh-proxy `@CLUSTER` as ProxyCommand, strict host keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLE_CLUSTER, cli_env
+
+import ray_on_golem as rog
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaced local nodes (sshd on each) need root")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.3)
+
+
+def _argvs() -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture
+def webserver(tmp_path: Path):
+    datadir, port = tmp_path / "datadir", _free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(datadir, home, {"PYTHONPATH": str(REPO)})
+
+    def rog_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "ray_on_golem.py"), args[0], "--datadir", str(datadir), *args[1:]],
+                              capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+    started = rog_cli("start", "--port", str(port), "--network", "local")
+    assert started.returncode == 0, started.stdout + started.stderr
+    pids = [int(json.loads((datadir / name).read_text())["pid"]) for name in ("webserver.json", "localnet/localnet.json")]
+    client = rog.WebserverClient(str(datadir), port, timeout=30)
+    yield datadir, port, env, client, rog_cli
+    client.close()
+    rog_cli("stop", "--force", "--kill", "--port", str(port), timeout=200)
+    _wait(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 30, "the daemons to exit")
+    _wait(lambda: not any(str(datadir) in a for a in _argvs()), 30, "no process of the data dir left")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(f"gln{pid}-" in netns for pid in pids), netns
+
+
+def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_path: Path):
+    datadir, port, env, client, rog_cli = webserver
+    cluster = "ssh-test"
+    keys = rog.ClusterKeys(str(datadir), cluster).ensure()  # what `ray up` does (bootstrap_config)
+    config = rog.load_cluster_config(str(SAMPLE_CLUSTER))
+    params = json.loads(json.dumps(config.parameters))
+    params.update(webserver_port=port, node_start_timeout=120.0)
+    body = {"provider_parameters": params, "node_config": config.node_types["ray.head.default"].node_config,
+            "tags": {"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}, "count": 1}
+    node_id = client.request("POST", f"/clusters/{cluster}/nodes", body)["nodes"][0]["node_id"]
+    node = _wait(lambda: (lambda n: n if n["state"] != "pending" else None)(
+        client.request("GET", f"/clusters/{cluster}/nodes/{node_id}")), 150, "the head to start")
+    assert node["state"] == "running", node
+    log = "\n".join(node["state_log"])
+    assert "SSH answers" in log and "Tunnel to the webserver up" in log, log
+    ip = node["internal_ip"]
+    assert ip.startswith("10.") and node["tunnel"] == "up"
+
+    # One key pair per cluster, 0600; the node's host key pinned at first contact.
+    assert stat.S_IMODE(os.stat(keys.private_key).st_mode) == 0o600
+    assert _pinned(keys.known_hosts, ip).startswith("ssh-ed25519 ")
+
+    # What Ray's runner does: ssh-proxy `@CLUSTER` as ProxyCommand, strict host key checking.
+    proxy = rog.ssh_proxy_command(str(datadir), "@" + cluster)
+    ssh = ["ssh", *rog.ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=False), f"root@{ip}"]
+    # The head reaches the webserver at its own 127.0.0.1:<port> with the copied token: the tunnel.
+    probe = ("import json, os, sys, urllib.request\n"
+             f"path = os.path.expanduser('~/{rog.NODE_STATE_DIR}/{rog.WEBSERVER_TOKEN_FILE}')\n"
+             "print(oct(os.stat(path).st_mode & 0o777))\n"
+             f"req = urllib.request.Request('http://127.0.0.1:{port}/status', headers="
+             "{'Authorization': 'Bearer ' + open(path).read().strip()})\n"
+             "try:\n    print(json.load(urllib.request.urlopen(req, timeout=5))['state'])\n"
+             "except OSError as e:\n    print('unreachable', e)\n")
+
+    def on_head(script: str) -> str:
+        run = subprocess.run(ssh + ["python3", "-"], input=script, capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    assert on_head(probe).split("\n")[:2] == ["0o600", "running"]
+    hostname = subprocess.run(ssh + ["hostname"], capture_output=True, text=True, env=env, timeout=60)
+    assert hostname.returncode == 0 and hostname.stdout.strip(), hostname.stderr
+    # `ray-on-golem ssh CLUSTER [NODE] -c COMMAND`: the head by default, a node by id.
+    by_cli = rog_cli("ssh", cluster, "-c", "hostname")
+    assert by_cli.returncode == 0 and by_cli.stdout == hostname.stdout, by_cli.stderr
+    assert rog_cli("ssh", cluster, node_id, "-c", "hostname").stdout == hostname.stdout
+    missing = rog_cli("ssh", cluster, "node999", "-c", "true")
+    assert missing.returncode != 0 and "has no running node 'node999'" in missing.stderr, missing.stderr
+    # rsync as Ray runs it (`--rsh` = the ssh options through subprocess.list2cmdline).
+    rsh = subprocess.list2cmdline(["ssh", *rog.ssh_options(keys.private_key, keys.known_hosts, proxy,
+                                                            first_contact=False)])
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(1024 * 1024))
+    for source, target in ((str(payload), f"root@{ip}:~/payload.bin"), (f"root@{ip}:~/payload.bin", str(tmp_path / "back.bin"))):
+        copied = subprocess.run(["rsync", "--rsh", rsh, "-avz", source, target], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
+
+    # The tunnel killed: the head cannot reach the webserver, then the webserver brings it back.
+    tunnel_pids = [a for a in _argvs() if "-R" in a.split() and f"root@{ip}" in a]
+    assert len(tunnel_pids) == 1, tunnel_pids
+    pid = next(int(e) for e in os.listdir("/proc") if e.isdigit() and _cmdline(e) == tunnel_pids[0])
+    os.kill(pid, 9)
+    _wait(lambda: "unreachable" in on_head(probe), 30, "the head to lose the webserver")
+    status = _wait(lambda: (lambda s: s if s["tunnels"][cluster][node_id]["state"] == "up" else None)(
+        client.request("GET", "/status")), 60, "the tunnel to come back")
+    assert status["tunnels"][cluster][node_id]["restarts"] >= 1
+    assert on_head(probe).split("\n")[1] == "running"
+    shown = rog_cli("status", "--port", str(port))
+    assert re.search(rf"tunnel from head {node_id}: up \(\d+ restart", shown.stdout), shown.stdout
+
+    # A changed host key is refused with OpenSSH's clear error.
+    original = Path(keys.known_hosts).read_text()
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    Path(keys.known_hosts).write_text(f"{ip} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
+    refused = subprocess.run(ssh + ["true"], capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 255 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+    Path(keys.known_hosts).write_text(original)
+
+    # Neither the token nor the app key in any process's argv.
+    secrets = [(datadir / rog.WEBSERVER_TOKEN_FILE).read_text().strip(),
+               (datadir / "localnet" / "appkey").read_text().strip()]
+    assert not [a for a in _argvs() if any(s in a for s in secrets)]
+
+    # Ending the node ends its tunnel and ssh processes and forgets its host key.
+    client.request("DELETE", f"/clusters/{cluster}/nodes/{node_id}")
+    _wait(lambda: not [a for a in _argvs() if f"root@{ip}" in a or f" {ip} 22" in a], 30, "no ssh to the node left")
+    _wait(lambda: not _pinned(keys.known_hosts, ip), 30, "the host key forgotten")
+
+
+def _pinned(known_hosts: str, ip: str) -> str:
+    """The key known_hosts holds for `ip` (hashed or not), '' if none."""
+    found = subprocess.run(["ssh-keygen", "-F", ip, "-f", known_hosts], capture_output=True, text=True)
+    lines = [line for line in found.stdout.splitlines() if line and not line.startswith("#")]
+    return " ".join(lines[0].split()[1:]) if lines else ""
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
