@@ -605,6 +605,11 @@ LOCAL_NETWORK_SCHEMA = {
     "time_scale": (1.0, _number(0, exclusive=True)),
 }
 
+AUTOSTOP_SCHEMA = {
+    "idle_minutes": (_REQUIRED, _number(0, exclusive=True)),
+    "down": (True, _boolean),
+}
+
 PROVIDER_PARAMETERS_SCHEMA = {
     "webserver_port": (DEFAULT_WEBSERVER_PORT, _port()),
     "webserver_datadir": (None, _string(nullable=True)),
@@ -617,6 +622,8 @@ PROVIDER_PARAMETERS_SCHEMA = {
     # node_config is checked separately: it is merged into every node type first.
     "node_config": ({}, _mapping()),
     "local_network": _Block(LOCAL_NETWORK_SCHEMA),
+    # Autostop (section 7, Autostop): tear the whole cluster down after this many idle minutes.
+    "autostop": _Block(AUTOSTOP_SCHEMA, optional=True),
     # Filled from `auth` by the node provider's bootstrap_config; Ray hands them back to us.
     "ssh_private_key": (None, _string(nullable=True)),
     "ssh_user": (None, _string(nullable=True)),
@@ -3795,6 +3802,7 @@ class ClusterService:
         self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
         self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
         self.commands = NodeCommands(self.log)
+        self.autostop = AutostopWatch(self.clusters, self.commands, self.provisioner, self.log)
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -3819,6 +3827,7 @@ class ClusterService:
                 self.golem = golem
                 await self._release_orphans()
                 self.payments.start()
+                self.autostop.start()
         return self.golem
 
     async def recover(self) -> None:
@@ -3900,9 +3909,12 @@ class ClusterService:
             raise UsageError(f"provider_parameters.node_start_timeout: {e}") from None
         self.payments.check_can_start(cluster_name, tags, parameters)
         await self.connect()
+        autostop = autostop_setting(parameters.get("autostop"))
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
+        if not any(n.alive for n in cluster.nodes.values()):
+            self.autostop.configure(cluster, autostop)  # a new session of the cluster: its YAML's setting
         self.records.cluster(cluster_name, network, parameters)  # (again) running
         nodes = []
         for _ in range(count):
@@ -3928,6 +3940,16 @@ class ClusterService:
             self.stop_node(node, "Terminating: requested by Ray")
         return node
 
+    def set_autostop(self, cluster_name: str, idle_minutes: float | None, down: bool) -> dict | None:
+        """`ray-on-golem autostop`: a running cluster's new autostop (None cancels it)."""
+        cluster = self.cluster(cluster_name)
+        if not any(n.alive for n in cluster.nodes.values()):
+            raise Conflict(f"cluster {cluster_name!r} has no live nodes")
+        setting = None
+        if idle_minutes is not None:
+            setting = autostop_setting({"idle_minutes": idle_minutes, "down": down}, "autostop")
+        return self.autostop.configure(cluster, setting)
+
     def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:
         """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
         self.provisioner.stop_node(node, message, error)
@@ -3945,6 +3967,7 @@ class ClusterService:
         """On the webserver's shutdown: end every node, settle payments, stop pipelines."""
         import asyncio
 
+        await self.autostop.stop()
         stops = []
         for cluster in self.clusters.values():
             for node in cluster.nodes.values():
@@ -4300,6 +4323,10 @@ class NodeCommands:
         self.runs[run_id] = record
         return run_id
 
+    def open_runs(self, cluster: "Cluster") -> int:
+        """Runs (`ray exec`/`submit` sessions) on the cluster's nodes that have not ended yet."""
+        return sum(1 for record in self.runs.values() if record["node"].cluster is cluster and not record["done"])
+
     async def _run_step(self, node: ClusterNode, script: str, offsets: tuple[int, int]):
         """One `run` of the start or poll script: (exit code or None, new offsets, stdout, stderr)."""
         code, out, err = await self.execute(node, script, localize=False)
@@ -4373,6 +4400,246 @@ def _run_command(script: str):
     from golem.resources.activity.commands import Run
 
     return Run(script)
+
+
+# --- Autostop ---------------------------------------------------------------------
+# `provider.parameters.autostop: {idle_minutes: N, down: true}` or `ray-on-golem autostop`:
+# a cluster idle for N minutes is torn down whole, head included (Ray's
+# idle_timeout_minutes only ever removes workers). Idle is what the head's Ray reports
+# (AUTOSTOP_PROBE: jobs from the GCS job table, running and pending tasks and actors from
+# the autoscaler's cluster status, as `ray status` shows them) plus the `ray exec`/`submit`
+# sessions this webserver runs on the cluster's nodes (NodeCommands.open_runs; `ray attach`
+# has no interactive shell on Golem, see GolemCommandRunner.remote_shell_command_str).
+# On the local network the times are divided by `local_network.time_scale`.
+
+AUTOSTOP_CHECK_INTERVAL_S = 20.0  # how often the head is asked whether it is idle
+AUTOSTOP_WARNING_S = 120.0  # the head's state log says the cluster goes down this much before
+AUTOSTOP_PROBE_TIMEOUT_S = 60.0
+# Run on the head with its environment file sourced (NODE_IP, RAY_GCS_PORT): prints one
+# JSON line. It reads the GCS directly (the head runs no dashboard, so no state API) and
+# never connects as a driver, so it does not count itself as a job.
+AUTOSTOP_PROBE = r'''
+import json, os
+from ray._raylet import GcsClient
+from ray.autoscaler.v2.sdk import get_cluster_status
+address = "%s:%s" % (os.environ["NODE_IP"], os.environ.get("RAY_GCS_PORT", "6379"))
+jobs = GcsClient(address=address).get_all_job_info(skip_submission_job_info_field=True,
+                                                   skip_is_running_tasks_field=True)
+running_jobs = [j.job_id.hex() for j in jobs.values()
+                if not j.is_dead and not j.config.ray_namespace.startswith("_ray_internal")]
+status = get_cluster_status(address)
+used = {u.resource_name: u.used for u in status.cluster_resource_usage
+        if u.resource_name not in ("memory", "object_store_memory") and not u.resource_name.startswith("node:")}
+demand = status.resource_demands
+pending = sum(d.count for d in demand.ray_task_actor_demand)
+pending += sum(d.count for d in demand.placement_group_demand)
+pending += sum(d.count for d in demand.cluster_constraint_demand)
+print(json.dumps({"jobs": len(running_jobs), "resources_used": {k: v for k, v in used.items() if v > 0},
+                  "pending_demand": pending}))
+'''
+
+
+def autostop_probe_command() -> str:
+    """The shell command that runs AUTOSTOP_PROBE with the head's Python (the one that runs its Ray)."""
+    return f"\"$(command -v python3 || command -v python)\" -c {shlex.quote(AUTOSTOP_PROBE)}"
+
+
+def autostop_busy(report: dict | None, sessions: int, error: str | None = None) -> str | None:
+    """Why the cluster is not idle, or None when it is: the whole idle rule, as a pure function.
+
+    `report` is AUTOSTOP_PROBE's answer, `sessions` the open `ray exec`/`submit` runs on
+    the cluster's nodes, `error` why the head could not be asked (then it counts as busy:
+    a cluster is never stopped on a guess).
+    """
+    if error is not None or report is None:
+        return f"cannot tell whether the head is idle: {error or 'no answer'}"
+    if sessions:
+        return f"{sessions} ray exec/submit/attach session(s) open"
+    if report.get("jobs"):
+        return f"{report['jobs']} job(s) running"
+    if report.get("pending_demand"):
+        return f"{report['pending_demand']} task(s)/actor(s) pending"
+    used = report.get("resources_used") or {}
+    if used:
+        return "tasks or actors running (" + ", ".join(f"{v:g} {k}" for k, v in sorted(used.items())) + ")"
+    return None
+
+
+def autostop_setting(raw, path: str = "provider_parameters.autostop") -> dict | None:
+    """The checked autostop block (AUTOSTOP_SCHEMA), None when absent; UsageError names the field."""
+    if raw is None:
+        return None
+    issues: list = []
+    setting = _walk(AUTOSTOP_SCHEMA, raw, path, issues, defaults=True)
+    if issues:
+        raise UsageError("; ".join(f"{where}: {message}" for where, message in issues))
+    return setting
+
+
+class Autostop:
+    """One cluster's autostop: its setting and how long the cluster has been idle.
+
+    `observe` is fed each check's verdict (autostop_busy) and answers what to do now:
+    "busy", "idle", "warn" (once per idle stretch, AUTOSTOP_WARNING_S before) or "down".
+    """
+
+    def __init__(self, idle_minutes: float, down: bool = True, time_scale: float = 1.0):
+        self.idle_minutes = idle_minutes
+        self.down = down
+        self.time_scale = time_scale
+        self.idle_since: float | None = None
+        self.busy_reason: str | None = "not checked yet"
+        self.checked_at: float | None = None
+        self.warned = False
+
+    @property
+    def idle_s(self) -> float:
+        return self.idle_minutes * 60.0 / self.time_scale
+
+    @property
+    def check_interval_s(self) -> float:
+        return max(1.0, AUTOSTOP_CHECK_INTERVAL_S / self.time_scale)
+
+    @property
+    def warning_s(self) -> float:
+        return AUTOSTOP_WARNING_S / self.time_scale
+
+    def observe(self, busy_reason: str | None, now: float) -> str:
+        self.checked_at = now
+        self.busy_reason = busy_reason
+        if busy_reason is not None:
+            self.idle_since = None
+            self.warned = False
+            return "busy"
+        if self.idle_since is None:
+            self.idle_since = now
+        left = self.remaining(now)
+        if left <= 0:
+            return "down"
+        if left <= self.warning_s and not self.warned:
+            self.warned = True
+            return "warn"
+        return "idle"
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds until the cluster goes down if it stays idle; None while it is busy."""
+        if self.idle_since is None:
+            return None
+        return max(0.0, self.idle_since + self.idle_s - now)
+
+    def as_dict(self, now: float) -> dict:
+        return {"idle_minutes": self.idle_minutes, "down": self.down, "time_scale": self.time_scale,
+                "idle_since": self.idle_since, "remaining_s": self.remaining(now), "busy": self.busy_reason,
+                "checked_at": self.checked_at}
+
+
+class AutostopWatch:
+    """Asks every cluster with an autostop whether it is idle and tears the idle ones down.
+
+    Owned by ClusterService; the head is asked through NodeCommands (the node command
+    path), the teardown goes through NodeProvisioner like a `ray down`, so every agreement
+    is terminated and its invoice paid by ClusterPayments.
+    """
+
+    def __init__(self, clusters: dict, commands: "NodeCommands", provisioner: "NodeProvisioner", log):
+        self.clusters = clusters
+        self.commands = commands
+        self.provisioner = provisioner
+        self.log = log
+        self._settings: dict[str, Autostop] = {}
+        self._next_check: dict[str, float] = {}
+        self._task = None
+
+    def configure(self, cluster: "Cluster", setting: dict | None) -> dict | None:
+        """Set (or with None cancel) the cluster's autostop; the idle time counts from now."""
+        if setting is None:
+            self._settings.pop(cluster.name, None)
+            return None
+        time_scale = 1.0
+        if cluster.local:
+            time_scale = float(((cluster.parameters.get("local_network") or {}).get("time_scale")) or 1.0)
+        autostop = Autostop(setting["idle_minutes"], setting.get("down", True), time_scale)
+        self._settings[cluster.name] = autostop
+        self._next_check[cluster.name] = 0.0
+        return autostop.as_dict(time.time())
+
+    def report(self) -> dict[str, dict]:
+        now = time.time()
+        return {name: autostop.as_dict(now) for name, autostop in self._settings.items()}
+
+    def start(self) -> None:
+        import asyncio
+
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _watch(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for name, autostop in list(self._settings.items()):
+                cluster = self.clusters.get(name)
+                if cluster is None or now < self._next_check.get(name, 0.0):
+                    continue
+                self._next_check[name] = now + autostop.check_interval_s
+                try:
+                    await self.check(cluster, autostop)
+                except Exception:  # noqa: BLE001 - the watcher must survive one bad cluster
+                    self.log.exception("autostop check of %s failed", name)
+
+    def _head(self, cluster: "Cluster") -> "ClusterNode | None":
+        for node in cluster.nodes.values():
+            if node.state == NodeState.RUNNING and node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+                return node
+        return None
+
+    async def check(self, cluster: "Cluster", autostop: Autostop) -> str:
+        """One check: ask the head, decide (autostop_busy, Autostop.observe), act."""
+        head = self._head(cluster)
+        if head is None:
+            autostop.observe("no running head", time.time())
+            return "busy"
+        report = error = None
+        try:
+            code, out, err = await self.commands.execute(head, autostop_probe_command(),
+                                                         timeout=AUTOSTOP_PROBE_TIMEOUT_S)
+            if code != 0:
+                error = f"the probe exited with {code}: {err.strip()[-300:]}"
+            else:
+                report = json.loads(out.strip().splitlines()[-1])
+        except (RayOnGolemError, ValueError, IndexError) as e:
+            error = str(e) or type(e).__name__
+        busy = autostop_busy(report, self.commands.open_runs(cluster), error)
+        action = autostop.observe(busy, time.time())
+        if action == "warn":
+            head.log(f"Autostop: idle since {format_time(autostop.idle_since)}; the cluster goes down in "
+                     f"{format_duration(autostop.remaining(time.time()))} unless work arrives")
+        elif action == "down" and autostop.down:
+            self.tear_down(cluster, autostop)
+        elif action == "down":
+            head.log(f"Autostop: idle for {autostop.idle_minutes:g} minute(s); `down: false` keeps it")
+            self._settings.pop(cluster.name, None)
+        return action
+
+    def tear_down(self, cluster: "Cluster", autostop: Autostop) -> None:
+        """The whole cluster, head included: each node's state log records why."""
+        self._settings.pop(cluster.name, None)
+        why = (f"Terminating: autostop, the cluster was idle for {autostop.idle_minutes:g} minute(s) "
+               f"(no task, actor or job running or pending, no ray exec/submit session)")
+        self.log.info("%s: %s", cluster.name, why)
+        for node in sorted(cluster.nodes.values(), key=lambda n: n.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD):
+            if node.alive:
+                self.provisioner.stop_node(node, why)
 
 
 # --- Payments -------------------------------------------------------------------
@@ -5900,6 +6167,7 @@ class WebserverHandler:
         ("GET", "/clusters/{cluster}/nodes/{node}/runs/{run}", "run_result"),
         ("POST", "/clusters/{cluster}/nodes/{node}/upload", "upload"),
         ("POST", "/clusters/{cluster}/nodes/{node}/download", "download"),
+        ("POST", "/clusters/{cluster}/autostop", "set_autostop"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
         # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
@@ -5946,6 +6214,13 @@ class WebserverHandler:
             request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
             body["count"], body["resources"], body["labels"], body["local"])
         return {"nodes": [node.as_dict() for node in nodes]}
+
+    async def set_autostop(self, request: Request) -> dict:
+        body = request.fields({"idle_minutes": (float, None), "down": (bool, True), "cancel": (bool, False)})
+        if body["cancel"] == (body["idle_minutes"] is not None):
+            raise UsageError("idle_minutes: give it, or cancel: true (not both)")
+        return {"cluster": request.params["cluster"],
+                "autostop": self.clusters.set_autostop(request.params["cluster"], body["idle_minutes"], body["down"])}
 
     async def list_nodes(self, request: Request) -> dict:
         """Non-terminated nodes; `?tag.KEY=VALUE` filters (a node must have every key with that value)."""
@@ -6300,6 +6575,8 @@ class Webserver:
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
             "budgets": self.cluster_service.payments.budgets(),
+            # Autostop (section 7): each cluster's setting and time to go.
+            "autostop": self.cluster_service.autostop.report(),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -6827,6 +7104,16 @@ def _format_duration(seconds: float) -> str:
     return " ".join(parts + [f"{seconds}s"])
 
 
+def format_autostop(autostop: dict) -> str:
+    """One status line: the cluster's autostop setting and its time to go."""
+    scale = f", time scale {autostop['time_scale']:g}" if autostop.get("time_scale", 1.0) != 1.0 else ""
+    what = "down" if autostop.get("down", True) else "report only"
+    text = f"autostop after {autostop['idle_minutes']:g} idle minute(s) ({what}{scale}): "
+    if autostop.get("remaining_s") is not None:
+        return text + f"idle, {_format_duration(autostop['remaining_s'])} to go"
+    return text + f"busy ({autostop.get('busy') or 'not checked yet'})"
+
+
 def format_status(report: dict) -> str:
     """The human status text, as in the original's `status` (docs/yagna-behaviour.md §7) plus yagna and clusters."""
     status = report["webserver"]
@@ -6872,6 +7159,9 @@ def format_status(report: dict) -> str:
                              f"burn rate up to {shown['burn_rate_per_hour']}")
                 if budget.get("warning"):
                     lines.append(f"\t  warning: {budget['warning']}")
+            autostop = (status.get("autostop") or {}).get(name)
+            if autostop:
+                lines.append("\t  " + format_autostop(autostop))
     else:
         lines.append("   Clusters:         none")
     if status["warnings"]:
@@ -8378,6 +8668,41 @@ def cmd_costs(args) -> int:
     return EXIT_OK
 
 
+def _add_autostop(commands, common) -> None:
+    parser = commands.add_parser(
+        "autostop", parents=[common], help="tear a running cluster down after N idle minutes",
+        description="Set or cancel the autostop of a running cluster (as `provider.parameters.autostop` "
+                    "does from the YAML): once no task, actor or job runs or waits on it and no "
+                    "`ray exec`/`submit` session is open for IDLE_MINUTES, the whole cluster, head "
+                    "included, is torn down and paid up.")
+    parser.add_argument("cluster", metavar="CLUSTER", help="cluster name (`cluster_name` of its YAML)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("-i", "--idle-minutes", type=float, metavar="N", help="idle minutes before it goes down")
+    group.add_argument("--cancel", action="store_true", help="cancel the cluster's autostop")
+    parser.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    parser.set_defaults(func=cmd_autostop)
+
+
+def cmd_autostop(args) -> int:
+    import urllib.parse
+
+    if args.idle_minutes is not None and not 0 < args.idle_minutes < float("inf"):
+        raise UsageError(f"--idle-minutes: expected a number > 0, got {args.idle_minutes:g}")
+    client = WebserverClient(_datadir(args), args.port)
+    try:
+        if client.status() is None:
+            raise ServiceUnavailable(f"no webserver is listening on {client.url}; is the cluster up?")
+        body = {"cancel": True} if args.cancel else {"idle_minutes": float(args.idle_minutes)}
+        answer = client.request("POST", f"/clusters/{urllib.parse.quote(args.cluster, safe='')}/autostop", body)
+    finally:
+        client.close()
+    if answer["autostop"] is None:
+        print(f"Cluster {args.cluster}: autostop cancelled")
+    else:
+        print(f"Cluster {args.cluster}: {format_autostop(answer['autostop'])}")
+    return EXIT_OK
+
+
 def cmd_ssh_proxy(args) -> int:
     datadir = args.datadir or default_datadir()
     proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir), vpn_app_key(datadir),
@@ -8428,6 +8753,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_dashboard(commands, common)
     _add_network_stats(commands, common)
     _add_costs(commands, common)
+    _add_autostop(commands, common)
     _add_ssh_proxy(commands, common)
     _add_pythonpath(commands, common)
     _add_install_pth(commands, common)

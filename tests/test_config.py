@@ -103,6 +103,12 @@ BAD_CONFIGS = [
     ("provider-old-module", setter("provider/module", "ray_on_golem.provider.node_provider.GolemNodeProvider"),
      "provider.module", "the original's module path"),
     ("commands-not-strings", setter("setup_commands", [1, 2]), "setup_commands", "list of shell commands"),
+    ("autostop-zero", setter(P + "autostop", {"idle_minutes": 0}), "provider.parameters.autostop.idle_minutes",
+     "expected a number > 0"),
+    ("autostop-no-minutes", setter(P + "autostop", {"down": True}), "provider.parameters.autostop.idle_minutes",
+     "required"),
+    ("autostop-down-not-bool", setter(P + "autostop", {"idle_minutes": 5, "down": "yes"}),
+     "provider.parameters.autostop.down", "true or false"),
     ("optimal-below-minimal", setter(NC + "budget_control/payment_interval_hours", {"minimal": 12, "optimal": 1}),
      "provider.parameters.node_config.budget_control.payment_interval_hours.optimal", ">= minimal"),
 ]
