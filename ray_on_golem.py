@@ -613,6 +613,8 @@ AUTOSTOP_SCHEMA = {
 PROVIDER_PARAMETERS_SCHEMA = {
     "webserver_port": (DEFAULT_WEBSERVER_PORT, _port()),
     "webserver_datadir": (None, _string(nullable=True)),
+    # A webserver that `ray up` starts stops after this long without a live node (section 8, IdleShutdown).
+    "webserver_idle_timeout": (None, lambda value: None if value is None else _duration(value)),
     "ray_gcs_expose_port": (6379, _port(nullable=True)),
     "enable_registry_stats": (True, _boolean),
     "payment_network": (DEFAULT_PAYMENT_NETWORK, _network),
@@ -6505,6 +6507,36 @@ class HttpTransport:
         await writer.drain()
 
 
+class IdleShutdown:
+    """`start --idle-timeout`: the webserver stops after this long without a live node.
+
+    Fed the live node count once a second (`observe`); it stops the webserver the way
+    `ray-on-golem stop` does, which stops yagna or the local network only if it started it.
+    """
+
+    def __init__(self, idle_timeout_s: float | None, now: float):
+        self.idle_timeout_s = idle_timeout_s
+        self.idle_since: float | None = now  # a new webserver has no cluster yet
+
+    def observe(self, live_nodes: int, now: float) -> bool:
+        """True when the webserver should stop now."""
+        if live_nodes:
+            self.idle_since = None
+            return False
+        if self.idle_since is None:
+            self.idle_since = now
+        return self.idle_timeout_s is not None and now - self.idle_since >= self.idle_timeout_s
+
+    def remaining(self, now: float) -> float | None:
+        if self.idle_timeout_s is None or self.idle_since is None:
+            return None
+        return max(0.0, self.idle_since + self.idle_timeout_s - now)
+
+    def as_dict(self, now: float) -> dict:
+        return {"idle_timeout_s": self.idle_timeout_s, "idle_since": self.idle_since,
+                "remaining_s": self.remaining(now)}
+
+
 class Webserver:
     """The long-running service: owns yagna, serves the routes, shuts down gracefully.
 
@@ -6518,7 +6550,8 @@ class Webserver:
 
     handler_class = WebserverHandler
 
-    def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local"):
+    def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local",
+                 idle_timeout: float | None = None):
         import time
 
         self.datadir = ensure_datadir(datadir)
@@ -6542,6 +6575,8 @@ class Webserver:
         self._watcher = None
         self._bring_up_task = None
         self._log = None
+        self.idle_shutdown = IdleShutdown(idle_timeout, time.time())
+        self._idle_watcher = None
 
     @property
     def port(self) -> int:
@@ -6577,6 +6612,8 @@ class Webserver:
             "budgets": self.cluster_service.payments.budgets(),
             # Autostop (section 7): each cluster's setting and time to go.
             "autostop": self.cluster_service.autostop.report(),
+            # `start --idle-timeout`: the setting and the time left without a cluster.
+            "idle_shutdown": self.idle_shutdown.as_dict(time.time()),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -6740,6 +6777,7 @@ class Webserver:
             self.state = "running"
             self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            self._idle_watcher = asyncio.get_running_loop().create_task(self._watch_idle())
             try:
                 await self.cluster_service.recover()
             except Exception as e:  # noqa: BLE001 - the webserver serves; the next node request retries
@@ -6749,6 +6787,18 @@ class Webserver:
             # What start-up allocated lives as long as the process: out of the collector's sight,
             # a full collection no longer walks it (tens of ms of stall at the p99 otherwise).
             gc.freeze()
+
+    async def _watch_idle(self) -> None:
+        """`--idle-timeout`: with no live node for that long, shut down (as `ray-on-golem stop`)."""
+        import asyncio
+
+        while self.state == "running":
+            await asyncio.sleep(1.0)
+            if self.state == "running" and self.idle_shutdown.observe(self.live_nodes(), time.time()):
+                self._log.info("no cluster for %s (--idle-timeout): stopping",
+                               format_duration(self.idle_shutdown.idle_timeout_s))
+                self.request_shutdown()
+                return
 
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning."""
@@ -6870,7 +6920,8 @@ def _failure_report(datadir: str, reason: str) -> str:
     return "\n".join(lines)
 
 
-def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print) -> int:
+def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print,
+                    idle_timeout: float | None = None) -> int:
     """Spawn the webserver detached unless one already runs; wait until it serves. Returns the exit code."""
     import subprocess
     import time
@@ -6910,7 +6961,8 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
         cmd, env = python_module_command(
-            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir,
+            *(("--idle-timeout", f"{idle_timeout:g}s") if idle_timeout is not None else ()),
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
@@ -7164,6 +7216,11 @@ def format_status(report: dict) -> str:
                 lines.append("\t  " + format_autostop(autostop))
     else:
         lines.append("   Clusters:         none")
+    idle = status.get("idle_shutdown") or {}
+    if idle.get("idle_timeout_s") is not None:
+        left = (f"{_format_duration(idle['remaining_s'])} left" if idle.get("remaining_s") is not None
+                else "clusters running")
+        lines.append(f"   Idle shutdown:    after {format_duration(idle['idle_timeout_s'])} without a cluster ({left})")
     if status["warnings"]:
         lines.append("   Server warnings:")
         lines.extend(f"\t{w}" for w in status["warnings"])
@@ -7359,7 +7416,8 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     params = resolved.parameters
     datadir = os.path.abspath(os.path.expanduser(params.get("webserver_datadir") or default_datadir()))
     code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
-                           out=lambda line: cli_logger.print("{}", line))
+                           out=lambda line: cli_logger.print("{}", line),
+                           idle_timeout=params.get("webserver_idle_timeout"))
     if code != EXIT_OK:
         raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
     return config
@@ -8243,11 +8301,11 @@ def cmd_webserver(args) -> int:
     """Run the webserver in the foreground until shut down."""
     import asyncio
 
-    return asyncio.run(Webserver(_datadir(args), args.port, args.network).run())
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network, idle_timeout=args.idle_timeout).run())
 
 
 def cmd_start(args) -> int:
-    return start_webserver(_datadir(args), args.port, args.network, args.timeout)
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout, idle_timeout=args.idle_timeout)
 
 
 def cmd_stop(args) -> int:
@@ -8332,7 +8390,23 @@ def _add_webserver(commands, common) -> None:
     p.add_argument("-p", "--port", type=_listen_port_arg, default=DEFAULT_WEBSERVER_PORT,
                    help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    _add_idle_timeout(p)
     p.set_defaults(func=cmd_webserver)
+
+
+def _duration_arg(value: str) -> float:
+    import argparse
+
+    try:
+        return parse_duration(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_idle_timeout(p) -> None:
+    p.add_argument("--idle-timeout", type=_duration_arg, default=None, metavar="DURATION",
+                   help="stop the webserver (and yagna or the local network, if it started them) after this "
+                        "long without a cluster, e.g. 30m (default: never)")
 
 
 def _add_start(commands, common) -> None:
@@ -8344,6 +8418,7 @@ def _add_start(commands, common) -> None:
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
     p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
+    _add_idle_timeout(p)
     p.set_defaults(func=cmd_start)
 
 
