@@ -4432,10 +4432,9 @@ running_jobs = [j.job_id.hex() for j in jobs.values()
 status = get_cluster_status(address)
 used = {u.resource_name: u.used for u in status.cluster_resource_usage
         if u.resource_name not in ("memory", "object_store_memory") and not u.resource_name.startswith("node:")}
-demand = status.resource_demands
-pending = sum(d.count for d in demand.ray_task_actor_demand)
-pending += sum(d.count for d in demand.placement_group_demand)
-pending += sum(d.count for d in demand.cluster_constraint_demand)
+demand = status.resource_demands  # request_resources() (cluster_constraint_demand) is a floor, not work
+pending = sum(b.count for d in demand.ray_task_actor_demand + demand.placement_group_demand
+              for b in d.bundles_by_count)
 print(json.dumps({"jobs": len(running_jobs), "resources_used": {k: v for k, v in used.items() if v > 0},
                   "pending_demand": pending}))
 '''
