@@ -6531,9 +6531,10 @@ class IdleShutdown:
             return None
         return max(0.0, self.idle_since + self.idle_timeout_s - now)
 
-    def as_dict(self, now: float) -> dict:
-        return {"idle_timeout_s": self.idle_timeout_s, "idle_since": self.idle_since,
-                "remaining_s": self.remaining(now)}
+    def as_dict(self, now: float, live_nodes: int) -> dict:
+        """For `status`: with live nodes there is no time left to show, whatever the last tick saw."""
+        return {"idle_timeout_s": self.idle_timeout_s, "idle_since": None if live_nodes else self.idle_since,
+                "remaining_s": None if live_nodes else self.remaining(now)}
 
 
 class Webserver:
@@ -6612,7 +6613,7 @@ class Webserver:
             # Autostop (section 7): each cluster's setting and time to go.
             "autostop": self.cluster_service.autostop.report(),
             # `start --idle-timeout`: the setting and the time left without a cluster.
-            "idle_shutdown": self.idle_shutdown.as_dict(time.time()),
+            "idle_shutdown": self.idle_shutdown.as_dict(time.time(), self.live_nodes()),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
