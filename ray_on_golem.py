@@ -621,9 +621,16 @@ LOCAL_NETWORK_SCHEMA = {
     "time_scale": (1.0, _number(0, exclusive=True)),
 }
 
+AUTOSTOP_SCHEMA = {
+    "idle_minutes": (_REQUIRED, _number(0, exclusive=True)),
+    "down": (True, _boolean),
+}
+
 PROVIDER_PARAMETERS_SCHEMA = {
     "webserver_port": (DEFAULT_WEBSERVER_PORT, _port()),
     "webserver_datadir": (None, _string(nullable=True)),
+    # A webserver that `ray up` starts stops after this long without a live node (section 8, IdleShutdown).
+    "webserver_idle_timeout": (None, lambda value: None if value is None else _duration(value)),
     "ray_gcs_expose_port": (6379, _port(nullable=True)),
     "enable_registry_stats": (True, _boolean),
     "payment_network": (DEFAULT_PAYMENT_NETWORK, _network),
@@ -633,6 +640,8 @@ PROVIDER_PARAMETERS_SCHEMA = {
     # node_config is checked separately: it is merged into every node type first.
     "node_config": ({}, _mapping()),
     "local_network": _Block(LOCAL_NETWORK_SCHEMA),
+    # Autostop (section 7, Autostop): tear the whole cluster down after this many idle minutes.
+    "autostop": _Block(AUTOSTOP_SCHEMA, optional=True),
     # Filled from `auth` by the node provider's bootstrap_config; Ray hands them back to us.
     "ssh_private_key": (None, _string(nullable=True)),
     "ssh_user": (None, _string(nullable=True)),
@@ -4055,6 +4064,7 @@ class ClusterService:
         self._start_lock = None
         self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
         self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
+        self.autostop = AutostopWatch(self.clusters, self.provisioner, self.log)
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -4079,6 +4089,7 @@ class ClusterService:
                 self.golem = golem
                 await self._release_orphans()
                 self.payments.start()
+                self.autostop.start()
         return self.golem
 
     async def recover(self) -> None:
@@ -4161,9 +4172,12 @@ class ClusterService:
             raise UsageError(f"provider_parameters.node_start_timeout: {e}") from None
         self.payments.check_can_start(cluster_name, tags, parameters)
         await self.connect()
+        autostop = autostop_setting(parameters.get("autostop"))
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
+        if not any(n.alive for n in cluster.nodes.values()):
+            self.autostop.configure(cluster, autostop)  # a new session of the cluster: its YAML's setting
         self.records.cluster(cluster_name, network, parameters)  # (again) running
         nodes = []
         for _ in range(count):
@@ -4189,6 +4203,16 @@ class ClusterService:
             self.stop_node(node, "Terminating: requested by Ray")
         return node
 
+    def set_autostop(self, cluster_name: str, idle_minutes: float | None, down: bool) -> dict | None:
+        """`ray-on-golem autostop`: a running cluster's new autostop (None cancels it)."""
+        cluster = self.cluster(cluster_name)
+        if not any(n.alive for n in cluster.nodes.values()):
+            raise Conflict(f"cluster {cluster_name!r} has no live nodes")
+        setting = None
+        if idle_minutes is not None:
+            setting = autostop_setting({"idle_minutes": idle_minutes, "down": down}, "autostop")
+        return self.autostop.configure(cluster, setting)
+
     def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:
         """Ray, the budget or a breach ends a live node: `terminating` at once, released in the background."""
         self.provisioner.stop_node(node, message, error)
@@ -4212,6 +4236,7 @@ class ClusterService:
         """On the webserver's shutdown: end every node, settle payments, stop pipelines."""
         import asyncio
 
+        await self.autostop.stop()
         stops = []
         for cluster in self.clusters.values():
             for node in cluster.nodes.values():
@@ -4387,26 +4412,36 @@ class NodeProvisioner:
         return ["ssh", *ssh_options(keys.private_key, keys.known_hosts, proxy, first_contact=first_contact),
                 *args, f"{SSH_USER}@{node.vpn_ip}"]
 
+    async def run(self, node: ClusterNode, command: str, timeout: float = 30.0) -> tuple[int, str, str]:
+        """Run one shell command on a running node over SSH: (exit code, stdout, stderr)."""
+        if node.state != NodeState.RUNNING or not node.network_id:
+            raise Conflict(f"node {node.node_id} is {node.state.value}")
+        return await self._ssh(node, self._ssh_argv(node, "-o", "ConnectTimeout=10") + [command],
+                               timeout=timeout, output=True)
+
     async def _ssh(self, node: ClusterNode, argv: list[str], stdin: bytes | None = None,
-                   timeout: float = 30.0) -> tuple[int, str]:
-        """Run one ssh to the node: (exit code, stderr)."""
+                   timeout: float = 30.0, output: bool = False):
+        """Run one ssh to the node: (exit code, stderr), with `output` (exit code, stdout, stderr)."""
         import asyncio
         import subprocess
 
         process = await asyncio.create_subprocess_exec(
             *argv, env=self._ssh_env(node), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.PIPE if output else subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            _, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+            out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
         except asyncio.TimeoutError:
             process.kill()
             await process.wait()
-            return 255, f"no answer within {timeout:g} s"
+            code, out, err = 255, b"", f"no answer within {timeout:g} s".encode()
         except asyncio.CancelledError:
             process.kill()
             await process.wait()
             raise
-        return process.returncode, err.decode(errors="replace").strip()
+        else:
+            code = process.returncode
+        err = err.decode(errors="replace").strip()
+        return (code, (out or b"").decode(errors="replace"), err) if output else (code, err)
 
     async def _open_ssh(self, node: ClusterNode) -> None:
         """Install the cluster key, start sshd as the Golem image expects, pin the host key at the
@@ -4594,6 +4629,258 @@ def _run_command(script: str):
     from golem.resources.activity.commands import Run
 
     return Run(script)
+
+
+# --- Autostop ---------------------------------------------------------------------
+# `provider.parameters.autostop: {idle_minutes: N, down: true}` or `ray-on-golem autostop`:
+# a cluster idle for N minutes is torn down whole, head included (Ray's
+# idle_timeout_minutes only ever removes workers). Idle is what the head's Ray reports
+# (AUTOSTOP_PROBE: jobs from the GCS job table, running and pending tasks and actors from
+# the autoscaler's cluster status, as `ray status` shows them) plus the open `ray exec`/
+# `submit`/`attach` sessions on the head: Ray's SSH runner opens each with `ssh -tt`, so
+# they are the head's sshd sessions holding a terminal (our own probe and the reverse
+# tunnel hold none).
+# On the local network the times are divided by `local_network.time_scale`.
+
+AUTOSTOP_CHECK_INTERVAL_S = 20.0  # how often the head is asked whether it is idle
+AUTOSTOP_WARNING_S = 120.0  # the head's state log says the cluster goes down this much before
+AUTOSTOP_PROBE_TIMEOUT_S = 60.0
+# Run over SSH on the head with its environment file sourced: prints one JSON line. It
+# reads the GCS directly (as `ray status` does, at the address `ray start` recorded) and
+# never connects as a driver, so it does not count itself as a job. Terminal sessions
+# are sshd's `user@pts/N` processes in the head's own network namespace (on the local
+# network the nodes share this machine's processes).
+AUTOSTOP_PROBE = r'''
+import json, os, re
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from ray._raylet import GcsClient
+from ray.autoscaler.v2.sdk import get_cluster_status
+address = canonicalize_bootstrap_address_or_die("auto")
+jobs = GcsClient(address=address).get_all_job_info(skip_submission_job_info_field=True,
+                                                   skip_is_running_tasks_field=True)
+running_jobs = [j.job_id.hex() for j in jobs.values()
+                if not j.is_dead and not j.config.ray_namespace.startswith("_ray_internal")]
+status = get_cluster_status(address)
+used = {u.resource_name: u.used for u in status.cluster_resource_usage
+        if u.resource_name not in ("memory", "object_store_memory") and not u.resource_name.startswith("node:")}
+demand = status.resource_demands  # request_resources() (cluster_constraint_demand) is a floor, not work
+pending = sum(b.count for d in demand.ray_task_actor_demand + demand.placement_group_demand
+              for b in d.bundles_by_count)
+terminals = set()
+own_net = os.readlink("/proc/self/ns/net")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            title = f.read().split(b"\0")[0].decode(errors="replace")
+        match = re.match(r"sshd(?:-session)?: (\S+@pts/\d+)", title)
+        if match and os.readlink("/proc/%s/ns/net" % pid) == own_net:
+            terminals.add(match.group(1))
+    except OSError:
+        pass
+print(json.dumps({"jobs": len(running_jobs), "resources_used": {k: v for k, v in used.items() if v > 0},
+                  "pending_demand": pending, "sessions": len(terminals)}))
+'''
+
+
+def autostop_probe_command() -> str:
+    """The shell command that runs AUTOSTOP_PROBE with the head's Python (the one that runs its Ray)."""
+    return (f'if [ -f "$HOME/{NODE_STATE_DIR}/env" ]; then . "$HOME/{NODE_STATE_DIR}/env"; fi; '
+            f"\"$(command -v python3 || command -v python)\" -c {shlex.quote(AUTOSTOP_PROBE)}")
+
+
+def autostop_busy(report: dict | None, error: str | None = None) -> str | None:
+    """Why the cluster is not idle, or None when it is: the whole idle rule, as a pure function.
+
+    `report` is AUTOSTOP_PROBE's answer, `error` why the head could not be asked (then it
+    counts as busy: a cluster is never stopped on a guess).
+    """
+    if error is not None or report is None:
+        return f"cannot tell whether the head is idle: {error or 'no answer'}"
+    if report.get("sessions"):
+        return f"{report['sessions']} ray exec/submit/attach session(s) open"
+    if report.get("jobs"):
+        return f"{report['jobs']} job(s) running"
+    if report.get("pending_demand"):
+        return f"{report['pending_demand']} task(s)/actor(s) pending"
+    used = report.get("resources_used") or {}
+    if used:
+        return "tasks or actors running (" + ", ".join(f"{v:g} {k}" for k, v in sorted(used.items())) + ")"
+    return None
+
+
+def autostop_setting(raw, path: str = "provider_parameters.autostop") -> dict | None:
+    """The checked autostop block (AUTOSTOP_SCHEMA), None when absent; UsageError names the field."""
+    if raw is None:
+        return None
+    issues: list = []
+    setting = _walk(AUTOSTOP_SCHEMA, raw, path, issues, defaults=True)
+    if issues:
+        raise UsageError("; ".join(f"{where}: {message}" for where, message in issues))
+    return setting
+
+
+class Autostop:
+    """One cluster's autostop: its setting and how long the cluster has been idle.
+
+    `observe` is fed each check's verdict (autostop_busy) and answers what to do now:
+    "busy", "idle", "warn" (once per idle stretch, AUTOSTOP_WARNING_S before) or "down".
+    """
+
+    def __init__(self, idle_minutes: float, down: bool = True, time_scale: float = 1.0):
+        self.idle_minutes = idle_minutes
+        self.down = down
+        self.time_scale = time_scale
+        self.idle_since: float | None = None
+        self.busy_reason: str | None = "not checked yet"
+        self.checked_at: float | None = None
+        self.warned = False
+
+    @property
+    def idle_s(self) -> float:
+        return self.idle_minutes * 60.0 / self.time_scale
+
+    @property
+    def check_interval_s(self) -> float:
+        return max(1.0, AUTOSTOP_CHECK_INTERVAL_S / self.time_scale)
+
+    @property
+    def warning_s(self) -> float:
+        return AUTOSTOP_WARNING_S / self.time_scale
+
+    def observe(self, busy_reason: str | None, now: float) -> str:
+        self.checked_at = now
+        self.busy_reason = busy_reason
+        if busy_reason is not None:
+            self.idle_since = None
+            self.warned = False
+            return "busy"
+        if self.idle_since is None:
+            self.idle_since = now
+        left = self.remaining(now)
+        if left <= 0:
+            return "down"
+        if left <= self.warning_s and not self.warned:
+            self.warned = True
+            return "warn"
+        return "idle"
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds until the cluster goes down if it stays idle; None while it is busy."""
+        if self.idle_since is None:
+            return None
+        return max(0.0, self.idle_since + self.idle_s - now)
+
+    def as_dict(self, now: float) -> dict:
+        return {"idle_minutes": self.idle_minutes, "down": self.down, "time_scale": self.time_scale,
+                "idle_since": self.idle_since, "remaining_s": self.remaining(now), "busy": self.busy_reason,
+                "checked_at": self.checked_at}
+
+
+class AutostopWatch:
+    """Asks every cluster with an autostop whether it is idle and tears the idle ones down.
+
+    Owned by ClusterService; the head is asked over SSH (NodeProvisioner.run), the teardown goes through NodeProvisioner like a `ray down`, so every agreement
+    is terminated and its invoice paid by ClusterPayments.
+    """
+
+    def __init__(self, clusters: dict, provisioner: "NodeProvisioner", log):
+        self.clusters = clusters
+        self.provisioner = provisioner
+        self.log = log
+        self._settings: dict[str, Autostop] = {}
+        self._next_check: dict[str, float] = {}
+        self._task = None
+
+    def configure(self, cluster: "Cluster", setting: dict | None) -> dict | None:
+        """Set (or with None cancel) the cluster's autostop; the idle time counts from now."""
+        if setting is None:
+            self._settings.pop(cluster.name, None)
+            return None
+        time_scale = 1.0
+        if cluster.local:
+            time_scale = float(((cluster.parameters.get("local_network") or {}).get("time_scale")) or 1.0)
+        autostop = Autostop(setting["idle_minutes"], setting.get("down", True), time_scale)
+        self._settings[cluster.name] = autostop
+        self._next_check[cluster.name] = 0.0
+        return autostop.as_dict(time.time())
+
+    def report(self) -> dict[str, dict]:
+        now = time.time()
+        return {name: autostop.as_dict(now) for name, autostop in self._settings.items()}
+
+    def start(self) -> None:
+        import asyncio
+
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _watch(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for name, autostop in list(self._settings.items()):
+                cluster = self.clusters.get(name)
+                if cluster is None or now < self._next_check.get(name, 0.0):
+                    continue
+                self._next_check[name] = now + autostop.check_interval_s
+                try:
+                    await self.check(cluster, autostop)
+                except Exception:  # noqa: BLE001 - the watcher must survive one bad cluster
+                    self.log.exception("autostop check of %s failed", name)
+
+    def _head(self, cluster: "Cluster") -> "ClusterNode | None":
+        for node in cluster.nodes.values():
+            if node.state == NodeState.RUNNING and node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+                return node
+        return None
+
+    async def check(self, cluster: "Cluster", autostop: Autostop) -> str:
+        """One check: ask the head, decide (autostop_busy, Autostop.observe), act."""
+        head = self._head(cluster)
+        if head is None:
+            autostop.observe("no running head", time.time())
+            return "busy"
+        report = error = None
+        try:
+            code, out, err = await self.provisioner.run(head, autostop_probe_command(),
+                                                        timeout=AUTOSTOP_PROBE_TIMEOUT_S)
+            if code != 0:
+                error = f"the probe exited with {code}: {err.strip()[-300:]}"
+            else:
+                report = json.loads(out.strip().splitlines()[-1])
+        except (RayOnGolemError, ValueError, IndexError) as e:
+            error = str(e) or type(e).__name__
+        busy = autostop_busy(report, error)
+        action = autostop.observe(busy, time.time())
+        if action == "warn":
+            head.log(f"Autostop: idle since {format_time(autostop.idle_since)}; the cluster goes down in "
+                     f"{format_duration(autostop.remaining(time.time()))} unless work arrives")
+        elif action == "down" and autostop.down:
+            self.tear_down(cluster, autostop)
+        elif action == "down":
+            head.log(f"Autostop: idle for {autostop.idle_minutes:g} minute(s); `down: false` keeps it")
+            self._settings.pop(cluster.name, None)
+        return action
+
+    def tear_down(self, cluster: "Cluster", autostop: Autostop) -> None:
+        """The whole cluster, head included: each node's state log records why."""
+        self._settings.pop(cluster.name, None)
+        why = (f"Terminating: autostop, the cluster was idle for {autostop.idle_minutes:g} minute(s) "
+               f"(no task, actor or job running or pending, no ray exec/submit session)")
+        self.log.info("%s: %s", cluster.name, why)
+        for node in sorted(cluster.nodes.values(), key=lambda n: n.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD):
+            if node.alive:
+                self.provisioner.stop_node(node, why)
 
 
 # --- Payments -------------------------------------------------------------------
@@ -6117,6 +6404,7 @@ class WebserverHandler:
         ("GET", "/clusters/{cluster}/nodes/{node}", "node_data"),
         ("DELETE", "/clusters/{cluster}/nodes/{node}", "terminate_node"),
         ("POST", "/clusters/{cluster}/nodes/{node}/tags", "set_node_tags"),
+        ("POST", "/clusters/{cluster}/autostop", "set_autostop"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
         # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
@@ -6164,6 +6452,13 @@ class WebserverHandler:
             request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
             body["count"], body["resources"], body["labels"], body["local"], body["requestor_versions"])
         return {"nodes": [node.as_dict() for node in nodes]}
+
+    async def set_autostop(self, request: Request) -> dict:
+        body = request.fields({"idle_minutes": (float, None), "down": (bool, True), "cancel": (bool, False)})
+        if body["cancel"] == (body["idle_minutes"] is not None):
+            raise UsageError("idle_minutes: give it, or cancel: true (not both)")
+        return {"cluster": request.params["cluster"],
+                "autostop": self.clusters.set_autostop(request.params["cluster"], body["idle_minutes"], body["down"])}
 
     async def list_nodes(self, request: Request) -> dict:
         """Non-terminated nodes; `?tag.KEY=VALUE` filters (a node must have every key with that value)."""
@@ -6411,6 +6706,37 @@ class HttpTransport:
         await writer.drain()
 
 
+class IdleShutdown:
+    """`start --idle-timeout`: the webserver stops after this long without a live node.
+
+    Fed the live node count once a second (`observe`); it stops the webserver the way
+    `ray-on-golem stop` does, which stops yagna or the local network only if it started it.
+    """
+
+    def __init__(self, idle_timeout_s: float | None, now: float):
+        self.idle_timeout_s = idle_timeout_s
+        self.idle_since: float | None = now  # a new webserver has no cluster yet
+
+    def observe(self, live_nodes: int, now: float) -> bool:
+        """True when the webserver should stop now."""
+        if live_nodes:
+            self.idle_since = None
+            return False
+        if self.idle_since is None:
+            self.idle_since = now
+        return self.idle_timeout_s is not None and now - self.idle_since >= self.idle_timeout_s
+
+    def remaining(self, now: float) -> float | None:
+        if self.idle_timeout_s is None or self.idle_since is None:
+            return None
+        return max(0.0, self.idle_since + self.idle_timeout_s - now)
+
+    def as_dict(self, now: float, live_nodes: int) -> dict:
+        """For `status`: with live nodes there is no time left to show, whatever the last tick saw."""
+        return {"idle_timeout_s": self.idle_timeout_s, "idle_since": None if live_nodes else self.idle_since,
+                "remaining_s": None if live_nodes else self.remaining(now)}
+
+
 class Webserver:
     """The long-running service: owns yagna, serves the routes, shuts down gracefully.
 
@@ -6424,7 +6750,8 @@ class Webserver:
 
     handler_class = WebserverHandler
 
-    def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local"):
+    def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local",
+                 idle_timeout: float | None = None):
         import time
 
         self.datadir = ensure_datadir(datadir)
@@ -6448,6 +6775,8 @@ class Webserver:
         self._watcher = None
         self._bring_up_task = None
         self._log = None
+        self.idle_shutdown = IdleShutdown(idle_timeout, time.time())
+        self._idle_watcher = None
 
     @property
     def port(self) -> int:
@@ -6483,6 +6812,10 @@ class Webserver:
             "budgets": self.cluster_service.payments.budgets(),
             # The heads' reverse SSH tunnels to this webserver (section 7, ReverseTunnel).
             "tunnels": self.cluster_service.tunnels(),
+            # Autostop (section 7): each cluster's setting and time to go.
+            "autostop": self.cluster_service.autostop.report(),
+            # `start --idle-timeout`: the setting and the time left without a cluster.
+            "idle_shutdown": self.idle_shutdown.as_dict(time.time(), self.live_nodes()),
             "warnings": self.yagna.warnings + self.warnings,
         }
 
@@ -6646,6 +6979,7 @@ class Webserver:
             self.state = "running"
             self._log.info("ready: %s at %s", self.yagna.kind, self.yagna.api_url)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_yagna())
+            self._idle_watcher = asyncio.get_running_loop().create_task(self._watch_idle())
             try:
                 await self.cluster_service.recover()
             except Exception as e:  # noqa: BLE001 - the webserver serves; the next node request retries
@@ -6655,6 +6989,18 @@ class Webserver:
             # What start-up allocated lives as long as the process: out of the collector's sight,
             # a full collection no longer walks it (tens of ms of stall at the p99 otherwise).
             gc.freeze()
+
+    async def _watch_idle(self) -> None:
+        """`--idle-timeout`: with no live node for that long, shut down (as `ray-on-golem stop`)."""
+        import asyncio
+
+        while self.state == "running":
+            await asyncio.sleep(1.0)
+            if self.state == "running" and self.idle_shutdown.observe(self.live_nodes(), time.time()):
+                self._log.info("no cluster for %s (--idle-timeout): stopping",
+                               format_duration(self.idle_shutdown.idle_timeout_s))
+                self.request_shutdown()
+                return
 
     async def _watch_yagna(self) -> None:
         """Turn an early exit of our daemon into a status warning."""
@@ -6776,7 +7122,8 @@ def _failure_report(datadir: str, reason: str) -> str:
     return "\n".join(lines)
 
 
-def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print) -> int:
+def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print,
+                    idle_timeout: float | None = None) -> int:
     """Spawn the webserver detached unless one already runs; wait until it serves. Returns the exit code."""
     import subprocess
     import time
@@ -6816,7 +7163,8 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
             out("Stop it with `ray-on-golem stop --kill`, then start again.")
             return EXIT_FAILED
         cmd, env = python_module_command(
-            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir
+            "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir,
+            *(("--idle-timeout", f"{idle_timeout:g}s") if idle_timeout is not None else ()),
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
@@ -7104,6 +7452,16 @@ def _format_duration(seconds: float) -> str:
     return " ".join(parts + [f"{seconds}s"])
 
 
+def format_autostop(autostop: dict) -> str:
+    """One status line: the cluster's autostop setting and its time to go."""
+    scale = f", time scale {autostop['time_scale']:g}" if autostop.get("time_scale", 1.0) != 1.0 else ""
+    what = "down" if autostop.get("down", True) else "report only"
+    text = f"autostop after {autostop['idle_minutes']:g} idle minute(s) ({what}{scale}): "
+    if autostop.get("remaining_s") is not None:
+        return text + f"idle, {_format_duration(autostop['remaining_s'])} to go"
+    return text + f"busy ({autostop.get('busy') or 'not checked yet'})"
+
+
 def format_status(report: dict) -> str:
     """The human status text, as in the original's `status` (docs/yagna-behaviour.md §7) plus yagna and clusters."""
     status = report["webserver"]
@@ -7154,8 +7512,16 @@ def format_status(report: dict) -> str:
                              f"burn rate up to {shown['burn_rate_per_hour']}")
                 if budget.get("warning"):
                     lines.append(f"\t  warning: {budget['warning']}")
+            autostop = (status.get("autostop") or {}).get(name)
+            if autostop:
+                lines.append("\t  " + format_autostop(autostop))
     else:
         lines.append("   Clusters:         none")
+    idle = status.get("idle_shutdown") or {}
+    if idle.get("idle_timeout_s") is not None:
+        left = (f"{_format_duration(idle['remaining_s'])} left" if idle.get("remaining_s") is not None
+                else "clusters running")
+        lines.append(f"   Idle shutdown:    after {format_duration(idle['idle_timeout_s'])} without a cluster ({left})")
     if status["warnings"]:
         lines.append("   Server warnings:")
         lines.extend(f"\t{w}" for w in status["warnings"])
@@ -7281,7 +7647,8 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     config["file_mounts"] = dict(config.get("file_mounts") or {})
     config["file_mounts"][f"~/{NODE_STATE_DIR}/lib/{os.path.basename(module)}"] = module
     code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
-                           out=lambda line: cli_logger.print("{}", line))
+                           out=lambda line: cli_logger.print("{}", line),
+                           idle_timeout=params.get("webserver_idle_timeout"))
     if code != EXIT_OK:
         raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
     return config
@@ -8090,11 +8457,11 @@ def cmd_webserver(args) -> int:
     """Run the webserver in the foreground until shut down."""
     import asyncio
 
-    return asyncio.run(Webserver(_datadir(args), args.port, args.network).run())
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network, idle_timeout=args.idle_timeout).run())
 
 
 def cmd_start(args) -> int:
-    return start_webserver(_datadir(args), args.port, args.network, args.timeout)
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout, idle_timeout=args.idle_timeout)
 
 
 def cmd_stop(args) -> int:
@@ -8179,7 +8546,23 @@ def _add_webserver(commands, common) -> None:
     p.add_argument("-p", "--port", type=_listen_port_arg, default=DEFAULT_WEBSERVER_PORT,
                    help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
+    _add_idle_timeout(p)
     p.set_defaults(func=cmd_webserver)
+
+
+def _duration_arg(value: str) -> float:
+    import argparse
+
+    try:
+        return parse_duration(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_idle_timeout(p) -> None:
+    p.add_argument("--idle-timeout", type=_duration_arg, default=None, metavar="DURATION",
+                   help="stop the webserver (and yagna or the local network, if it started them) after this "
+                        "long without a cluster, e.g. 30m (default: never)")
 
 
 def _add_start(commands, common) -> None:
@@ -8191,6 +8574,7 @@ def _add_start(commands, common) -> None:
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
     p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
+    _add_idle_timeout(p)
     p.set_defaults(func=cmd_start)
 
 
@@ -8515,6 +8899,41 @@ def cmd_costs(args) -> int:
     return EXIT_OK
 
 
+def _add_autostop(commands, common) -> None:
+    parser = commands.add_parser(
+        "autostop", parents=[common], help="tear a running cluster down after N idle minutes",
+        description="Set or cancel the autostop of a running cluster (as `provider.parameters.autostop` "
+                    "does from the YAML): once no task, actor or job runs or waits on it and no "
+                    "`ray exec`/`submit` session is open for IDLE_MINUTES, the whole cluster, head "
+                    "included, is torn down and paid up.")
+    parser.add_argument("cluster", metavar="CLUSTER", help="cluster name (`cluster_name` of its YAML)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("-i", "--idle-minutes", type=float, metavar="N", help="idle minutes before it goes down")
+    group.add_argument("--cancel", action="store_true", help="cancel the cluster's autostop")
+    parser.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    parser.set_defaults(func=cmd_autostop)
+
+
+def cmd_autostop(args) -> int:
+    import urllib.parse
+
+    if args.idle_minutes is not None and not 0 < args.idle_minutes < float("inf"):
+        raise UsageError(f"--idle-minutes: expected a number > 0, got {args.idle_minutes:g}")
+    client = WebserverClient(_datadir(args), args.port)
+    try:
+        if client.status() is None:
+            raise ServiceUnavailable(f"no webserver is listening on {client.url}; is the cluster up?")
+        body = {"cancel": True} if args.cancel else {"idle_minutes": float(args.idle_minutes)}
+        answer = client.request("POST", f"/clusters/{urllib.parse.quote(args.cluster, safe='')}/autostop", body)
+    finally:
+        client.close()
+    if answer["autostop"] is None:
+        print(f"Cluster {args.cluster}: autostop cancelled")
+    else:
+        print(f"Cluster {args.cluster}: {format_autostop(answer['autostop'])}")
+    return EXIT_OK
+
+
 def cmd_ssh_proxy(args) -> int:
     datadir = args.datadir or default_datadir()
     network_id = args.network_id
@@ -8616,6 +9035,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_dashboard(commands, common)
     _add_network_stats(commands, common)
     _add_costs(commands, common)
+    _add_autostop(commands, common)
     _add_ssh_proxy(commands, common)
     _add_ssh(commands, common)
     _add_pythonpath(commands, common)

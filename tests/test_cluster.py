@@ -563,3 +563,75 @@ def test_node_provider_is_thread_safe(fault_session):
     provider.terminate_nodes(created)
     assert provider.non_terminated_nodes({}) == []
     assert all(provider.is_terminated(n) for n in created)
+
+
+# --- Autostop (issue 13) -------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_autostop_tears_the_idle_cluster_down(session: RaySession, tmp_path: Path):
+    """`autostop: {idle_minutes: 1}` on the local network's time scale: the cluster stays up while
+    `ray submit` runs, then goes down by itself (head included), every node paid up."""
+    time_scale = 2.0  # idle_minutes 1 -> 30 s; one check every 10 s
+
+    def autostopped(config):
+        config["max_workers"] = 0
+        params = config["provider"]["parameters"]
+        params["node_start_timeout"] = "3m"
+        params["local_network"]["time_scale"] = time_scale
+        params["autostop"] = {"idle_minutes": 1}
+
+    config = session.config = write_cluster_yaml(tmp_path / "cluster.yaml", session.datadir, session.port, autostopped)
+    cluster = f"t-{session.port}"
+    idle_s = 60 / time_scale
+    interval_s = rog.AUTOSTOP_CHECK_INTERVAL_S / time_scale
+
+    up = session.ray("up", "-y", "--no-config-cache", str(config))
+    session.up = True
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    [head] = session.nodes(cluster)
+    status = session.rog("status")
+    assert f"autostop after 1 idle minute(s) (down, time scale {time_scale:g})" in status.stdout, status.stdout
+
+    # A job longer than the idle time plus two checks: the cluster must not go down under it.
+    job = tmp_path / "long_job.py"
+    job.write_text("import ray, time\nray.init(address=\"auto\")\n"
+                   "@ray.remote\ndef work():\n    time.sleep(%d)\n    return 'ok'\n"
+                   "print('RESULT', ray.get(work.remote()))\n" % int(idle_s + 2 * interval_s))
+    submit = session.ray("submit", "--no-config-cache", str(config), str(job))
+    submitted_at = time.monotonic()
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "RESULT ok" in submit.stdout
+    assert [n["node_id"] for n in session.nodes(cluster)] == [head["node_id"]]  # still up after the job
+
+    # Then, idle, it goes down by itself: at most one check to see it idle, the idle time,
+    # one more check (and the probe's own run time) after submit ended.
+    wait_for(lambda: session.nodes(cluster) == [], idle_s + 2 * interval_s + rog.AUTOSTOP_PROBE_TIMEOUT_S,
+             interval=0.5, what="the autostop to end the cluster")
+    went_down_s = time.monotonic() - submitted_at
+    session.up = False
+    assert went_down_s >= idle_s  # never before it was idle for idle_minutes
+    [(log,)] = session.db("SELECT state_log FROM nodes WHERE node_id = ?", head["node_id"])
+    log = json.loads(log)
+    warning = next(i for i, line in enumerate(log) if line.startswith("Autostop: idle since"))
+    down = next(i for i, line in enumerate(log) if line.startswith("Terminating: autostop, the cluster was idle"))
+    assert warning < down and log[-1] == "Terminated"
+
+    # Paid up: every agreement ended and invoiced, the allocation released, `costs` shows it.
+    assert session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)]
+    agreements = session.db("SELECT agreement_id FROM agreements")
+    wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE kind = 'invoice' AND status = 'accepted'")[0][0]
+             == len(agreements), 60, what="every invoice accepted")
+    wait_for(lambda: session.db("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL") == [(0,)], 60,
+             what="the allocation released")
+    costs = session.rog("costs", cluster, "--json")
+    assert costs.returncode == 0, costs.stderr
+    [entry] = json.loads(costs.stdout)["clusters"]
+    [node] = entry["nodes"]
+    assert node["node_id"] == head["node_id"] and node["state"] == "terminated" and float(node["cost"]) > 0
+    assert cluster not in session.api("GET", "/status")["autostop"]  # nothing left to stop
+
+    # `ray-on-golem autostop` on a cluster that is gone is refused, naming it.
+    refused = session.rog("autostop", cluster, "-i", "5", "--port", str(session.port))
+    assert refused.returncode == 1 and f"cluster {cluster!r} has no live nodes" in refused.stderr

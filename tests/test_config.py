@@ -105,6 +105,12 @@ BAD_CONFIGS = [
      "provider.module", "expected `ray_on_golem.GolemNodeProvider` (or the original's "
                         "`ray_on_golem.provider.node_provider.GolemNodeProvider`)"),
     ("commands-not-strings", setter("setup_commands", [1, 2]), "setup_commands", "list of shell commands"),
+    ("autostop-zero", setter(P + "autostop", {"idle_minutes": 0}), "provider.parameters.autostop.idle_minutes",
+     "expected a number > 0"),
+    ("autostop-no-minutes", setter(P + "autostop", {"down": True}), "provider.parameters.autostop.idle_minutes",
+     "required"),
+    ("autostop-down-not-bool", setter(P + "autostop", {"idle_minutes": 5, "down": "yes"}),
+     "provider.parameters.autostop.down", "true or false"),
     ("optimal-below-minimal", setter(NC + "budget_control/payment_interval_hours", {"minimal": 12, "optimal": 1}),
      "provider.parameters.node_config.budget_control.payment_interval_hours.optimal", ">= minimal"),
     # issue 16: each of these was exit 1 "internal error" or a problem without its name

@@ -931,3 +931,49 @@ def test_start_racing_a_foreground_webserver_makes_one(services):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_idle_timeout_stops_the_webserver_and_what_it_started(services):
+    """`start --idle-timeout`: a cluster keeps the webserver up; with none for that long it stops
+    itself and the local network it had started (issue 13)."""
+    started = services.start("--idle-timeout", "4s")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        _add_cluster(services.datadir, "busy-cluster", ["running"])
+        status = services.status()
+        assert "Idle shutdown:    after 4s without a cluster (clusters running)" in status.stdout, status.stdout
+        pids = dict(services.seen)
+        assert len(pids) == 2  # the webserver and the local network it started
+        webserver = services.runtime()["pid"]
+        # Well past the timeout, the live node keeps it running.
+        assert not rog.wait_process_exit(webserver, pids[webserver], 8)
+
+        with rog.Store(services.datadir) as store:
+            store.conn.execute("UPDATE nodes SET state = 'terminated' WHERE cluster_name = 'busy-cluster'")
+        report = json.loads(services.status("--json").stdout)["webserver"]["idle_shutdown"]
+        assert report["idle_timeout_s"] == 4.0
+        assert rog.wait_process_exit(webserver, pids[webserver], 60)
+        for pid, start in pids.items():
+            assert rog.wait_process_exit(pid, start, 30), f"pid {pid} left running"
+        assert not os.path.exists(os.path.join(services.datadir, rog.WEBSERVER_PID_FILE))
+    finally:
+        if services.alive():
+            services.stop("--force", "--kill")
+
+
+def test_idle_shutdown_clock():
+    idle = rog.IdleShutdown(600.0, now=1000.0)
+    assert idle.remaining(1100.0) == 500.0
+    assert not idle.observe(0, 1500.0)
+    assert idle.observe(2, 1700.0) is False and idle.remaining(1700.0) is None  # a cluster: no clock
+    assert not idle.observe(0, 1800.0) and idle.remaining(1800.0) == 600.0
+    assert idle.observe(0, 2400.0)
+    never = rog.IdleShutdown(None, now=0.0)
+    assert not never.observe(0, 1e9) and never.as_dict(1e9, 0)["remaining_s"] is None
+    assert idle.as_dict(2400.0, 1)["remaining_s"] is None  # live nodes: nothing to count down
+
+
+def test_idle_timeout_bad_duration_exits_2(services):
+    proc = services.start("--idle-timeout", "ten minutes")
+    assert proc.returncode == 2
+    assert "--idle-timeout: expected a duration like 90s" in proc.stderr

@@ -140,7 +140,8 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
 
     # The tunnel killed: the head cannot reach the webserver, then the webserver brings it back.
-    tunnel_pids = [a for a in _argvs() if "-R" in a.split() and f"root@{ip}" in a]
+    # Only this data dir's ssh (its key and ProxyCommand): other clusters on the machine use the same VPN IPs.
+    tunnel_pids = [a for a in _argvs() if "-R" in a.split() and f"root@{ip}" in a and str(datadir) in a]
     assert len(tunnel_pids) == 1, tunnel_pids
     pid = next(int(e) for e in os.listdir("/proc") if e.isdigit() and _cmdline(e) == tunnel_pids[0])
     os.kill(pid, 9)
@@ -168,7 +169,8 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
 
     # Ending the node ends its tunnel and ssh processes and forgets its host key.
     client.request("DELETE", f"/clusters/{cluster}/nodes/{node_id}")
-    _wait(lambda: not [a for a in _argvs() if f"root@{ip}" in a or f" {ip} 22" in a], 30, "no ssh to the node left")
+    _wait(lambda: not [a for a in _argvs() if (f"root@{ip}" in a or f" {ip} 22" in a) and str(datadir) in a], 30,
+          "no ssh to the node left")
     _wait(lambda: not _pinned(keys.known_hosts, ip), 30, "the host key forgotten")
 
 
