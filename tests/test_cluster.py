@@ -594,6 +594,18 @@ def test_autostop_tears_the_idle_cluster_down(session: RaySession, tmp_path: Pat
     status = session.rog("status")
     assert f"autostop after 1 idle minute(s) (down, time scale {time_scale:g})" in status.stdout, status.stdout
 
+    # An open `ray exec` (an SSH session with a terminal on the head, no job, no task) keeps it busy.
+    import threading
+
+    session_busy = lambda: (session.api("GET", "/status")["autostop"][cluster]["busy"] or "").startswith(  # noqa: E731
+        "1 ray exec/submit/attach session(s) open")
+    sleeper = threading.Thread(target=session.ray, args=("exec", "--no-config-cache", str(config), "sleep 30"))
+    sleeper.start()
+    try:
+        wait_for(session_busy, 30, interval=0.5, what="the open ray exec session to count as busy")
+    finally:
+        sleeper.join()
+
     # A job longer than the idle time plus two checks: the cluster must not go down under it.
     job = tmp_path / "long_job.py"
     job.write_text("import ray, time\nray.init(address=\"auto\")\n"
