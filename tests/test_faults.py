@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,23 +21,6 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, cli_env, pid_alive
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Webserver:
@@ -146,7 +128,7 @@ def test_status_after_kill_9_says_what_the_webserver_left_running(tmp_path):
 
 from decimal import Decimal  # noqa: E402
 
-from test_cluster import FaultNetwork, RAY_BIN, RaySession, processes_mentioning, session, write_cluster_yaml  # noqa: E402, F401 - session: the fixture
+from test_cluster import FaultNetwork, RAY_BIN, RaySession, processes_mentioning, session, wait_for, write_cluster_yaml  # noqa: E402, F401 - session: the fixture
 
 needs_ray = pytest.mark.skipif(not RAY_BIN.exists(), reason=f"the ray CLI is not installed next to {sys.executable}")
 

@@ -13,12 +13,12 @@ import re
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, SAMPLE_CLUSTER, cli_env
+from test_cluster import wait_for
 
 import ray_on_golem as rog
 
@@ -31,17 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.3)
 
 
 def _argvs() -> list[str]:
@@ -74,8 +63,8 @@ def webserver(tmp_path: Path):
     yield datadir, port, env, client, rog_cli
     client.close()
     rog_cli("stop", "--force", "--kill", "--port", str(port), timeout=200)
-    _wait(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 30, "the daemons to exit")
-    _wait(lambda: not any(str(datadir) in a for a in _argvs()), 30, "no process of the data dir left")
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 30, 0.3, "the daemons to exit")
+    wait_for(lambda: not any(str(datadir) in a for a in _argvs()), 30, 0.3, "no process of the data dir left")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(f"gln{pid}-" in netns for pid in pids), netns
 
@@ -90,8 +79,8 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     body = {"provider_parameters": params, "node_config": config.node_types["ray.head.default"].node_config,
             "tags": {"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}, "count": 1}
     node_id = client.request("POST", f"/clusters/{cluster}/nodes", body)["nodes"][0]["node_id"]
-    node = _wait(lambda: (lambda n: n if n["state"] != "pending" else None)(
-        client.request("GET", f"/clusters/{cluster}/nodes/{node_id}")), 150, "the head to start")
+    node = wait_for(lambda: (lambda n: n if n["state"] != "pending" else None)(
+        client.request("GET", f"/clusters/{cluster}/nodes/{node_id}")), 150, 0.3, "the head to start")
     assert node["state"] == "running", node
     log = "\n".join(node["state_log"])
     assert "SSH answers" in log and "Tunnel to the webserver up" in log, log
@@ -145,9 +134,9 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     assert len(tunnel_pids) == 1, tunnel_pids
     pid = next(int(e) for e in os.listdir("/proc") if e.isdigit() and _cmdline(e) == tunnel_pids[0])
     os.kill(pid, 9)
-    _wait(lambda: "unreachable" in on_head(probe), 30, "the head to lose the webserver")
-    status = _wait(lambda: (lambda s: s if s["tunnels"][cluster][node_id]["state"] == "up" else None)(
-        client.request("GET", "/status")), 60, "the tunnel to come back")
+    wait_for(lambda: "unreachable" in on_head(probe), 30, 0.3, "the head to lose the webserver")
+    status = wait_for(lambda: (lambda s: s if s["tunnels"][cluster][node_id]["state"] == "up" else None)(
+        client.request("GET", "/status")), 60, 0.3, "the tunnel to come back")
     assert status["tunnels"][cluster][node_id]["restarts"] >= 1
     assert on_head(probe).split("\n")[1] == "running"
     shown = rog_cli("status", "--port", str(port))
@@ -169,9 +158,9 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
 
     # Ending the node ends its tunnel and ssh processes and forgets its host key.
     client.request("DELETE", f"/clusters/{cluster}/nodes/{node_id}")
-    _wait(lambda: not [a for a in _argvs() if (f"root@{ip}" in a or f" {ip} 22" in a) and str(datadir) in a], 30,
-          "no ssh to the node left")
-    _wait(lambda: not _pinned(keys.known_hosts, ip), 30, "the host key forgotten")
+    wait_for(lambda: not [a for a in _argvs() if (f"root@{ip}" in a or f" {ip} 22" in a) and str(datadir) in a], 30,
+             0.3, "no ssh to the node left")
+    wait_for(lambda: not _pinned(keys.known_hosts, ip), 30, 0.3, "the host key forgotten")
 
 
 def _pinned(known_hosts: str, ip: str) -> str:
