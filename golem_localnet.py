@@ -3,8 +3,8 @@
 
 Runs as its own process (`python golem_localnet.py serve ...`). The unmodified
 golem-core must not be able to tell it from yagna; see
-docs/yagna-behaviour.md. `ray_on_golem.py` never imports this file, it
-only starts it. Standard library only on the server side.
+docs/yagna-behaviour.md (a bare `§N` in a comment is a section of it). `ray_on_golem.py` never
+imports this file, it only starts it. Standard library only on the server side.
 
 Sections, in dependency order:
 
@@ -63,7 +63,7 @@ STATE_FILE = "localnet.json"
 
 # yagna's long-poll defaults: payment events 5 s (DEFAULT_EVENT_TIMEOUT, docs/yagna-behaviour.md §2);
 # market events take `timeout` from the query; agreement wait is capped below golem-core's
-# 16 s client timeout (§2.7, checklist item 11).
+# 16 s client timeout (§3).
 PAYMENT_EVENT_TIMEOUT_S = 5.0
 MARKET_EVENT_TIMEOUT_S = 5.0
 MAX_LONG_POLL_S = 15.0
@@ -92,7 +92,7 @@ def utcnow() -> datetime:
 
 def iso(ts: datetime) -> str:
     """RFC 3339 with zone and at most microseconds: golem-core echoes it back truncated to µs,
-    so anything finer would make a strict `afterTimestamp` repeat events forever (§3.5)."""
+    so anything finer would make a strict `afterTimestamp` repeat events forever (§3)."""
     return ts.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -149,7 +149,7 @@ class Clock:
 
 
 def new_id(prefix: str = "") -> str:
-    """Opaque hex ids (yagna uses hex; golem-core path-quotes ids with no safe chars, §3.5)."""
+    """Opaque hex ids (yagna uses hex; golem-core path-quotes ids with no safe chars, §1)."""
     return prefix + uuid.uuid4().hex
 
 
@@ -639,8 +639,8 @@ DEFAULT_PROFILE: dict[str, Any] = {
 
 RUNTIME_CAPABILITIES = ["inet", "vpn", "manifest-support", "start-entrypoint"]
 USAGE_VECTOR = ["golem.usage.cpu_sec", "golem.usage.duration_sec"]
-# The outbound rule messages of a provider with default rules (yagna-api.md §5.1,
-# YG agent/provider/src/rules/outbound.rs).
+# The outbound rule messages of a provider with default rules (docs/yagna-behaviour.md §3,
+# yagna agent/provider/src/rules/outbound.rs).
 OUTBOUND_REJECTION = (
     "Outbound rejected because: Everyone rule didn't match whitelist ; "
     "Audited-Payload rule requires manifest signature ; Partner rule requires node descriptor ; "
@@ -652,7 +652,7 @@ PAYMENT_TIMEOUT_KEY = "golem.com.scheme.payu.payment-timeout-sec?"
 MID_AGREEMENT_REQUIRED_FROM_S = 10 * 3600  # payment_timeout.rs: payment_timeout_required_duration
 ACCEPT_TIMEOUT_KEY = "golem.com.payment.debit-notes.accept-timeout?"
 ACCEPT_TIMEOUT_S = 240  # expiration.rs: debit_note_acceptance_deadline (4min)
-MIN_EXPIRATION_S = 5 * 60  # expiration.rs limits (yagna-api.md §5.1)
+MIN_EXPIRATION_S = 5 * 60  # expiration.rs limits (docs/yagna-behaviour.md §3)
 MAX_EXPIRATION_S = 100 * 31_557_600
 MAX_EXPIRATION_WITHOUT_DEADLINE_S = 30 * 60
 
@@ -715,14 +715,14 @@ class Provider:
     _properties: dict | None = None
 
     def offer_properties(self, created_ms: int) -> dict:
-        """The flat offer properties of a yagna VM provider (yagna-api.md §4.1)."""
+        """The flat offer properties of a yagna VM provider (docs/yagna-behaviour.md §3)."""
         if self._properties is None:
             props: dict[str, Any] = {
                 "golem.activity.caps.transfer.protocol": ["gftp", "https", "http"],
                 ACCEPT_TIMEOUT_KEY: ACCEPT_TIMEOUT_S,
                 "golem.com.payment.protocol.version": 3,
                 "golem.com.pricing.model": "linear",
-                # usage-vector order, then the initial price (§4.1)
+                # usage-vector order, then the initial price (§3)
                 "golem.com.pricing.model.linear.coeffs": [self.cpu_sec_price, self.duration_sec_price, self.start_price],
                 "golem.com.scheme": "payu",
                 "golem.com.scheme.payu.debit-note.interval-sec?": 120,
@@ -1019,7 +1019,7 @@ class IdentityRoutes(HttpHandler):
                         "pending": None})
 
     async def get_root(self) -> Response:
-        # RoG's liveness check is a bare GET of the API URL: any answer counts (§1.3)
+        # RoG's liveness check is a bare GET of the API URL: any answer counts (§1)
         return self.ok({"name": "golem-localnet", "version": VERSION})
 
 
@@ -1027,7 +1027,7 @@ class IdentityRoutes(HttpHandler):
 # 5. Market ###################################################################
 ###############################################################################
 
-# --- constraints: golem-core's grammar, yagna's matching semantics (§4.3) ---
+# --- constraints: golem-core's grammar, yagna's matching semantics (§3) ---
 
 
 class ConstraintError(ValueError):
@@ -1121,7 +1121,7 @@ def _compare(prop: Any, op: str, value: str) -> bool:
             return _wildcard(value).fullmatch(prop) is not None
         return _ORDER[op](prop, value)
     if isinstance(prop, list):
-        # lists: `=` means contains; ordering is false (yagna resolver, §4.3)
+        # lists: `=` means contains; ordering is false (yagna resolver, §3)
         return op == "=" and any(_compare(item, "=", value) for item in prop)
     return False
 
@@ -1168,7 +1168,7 @@ def evaluate(tree: tuple, props: dict) -> bool | None:
 
 
 def flatten_properties(props: dict, prefix: str = "") -> dict:
-    """yagna flattens nested property objects into dotted keys on subscribe and counter (§3.5)."""
+    """yagna flattens nested property objects into dotted keys on subscribe and counter (§3)."""
     flat: dict = {}
     for key, value in props.items():
         full = f"{prefix}{key}"
@@ -1181,7 +1181,7 @@ def flatten_properties(props: dict, prefix: str = "") -> dict:
 
 # --- market state ---
 
-# the enums of ya-aioclient's models: anything else kills golem-core's loops (§3, checklist item 5)
+# the enums of ya-aioclient's models: anything else kills golem-core's loops (§2)
 PROPOSAL_STATES = ("Initial", "Draft", "Rejected", "Accepted", "Expired")
 AGREEMENT_STATES = ("Proposal", "Pending", "Cancelled", "Rejected", "Approved", "Expired", "Terminated")
 
@@ -1220,7 +1220,7 @@ class Proposal:
 
 
 class Demand:
-    """A subscribed demand: its queue of negotiation events, taken on delivery (§2.0)."""
+    """A subscribed demand: its queue of negotiation events, taken on delivery (§2)."""
 
     def __init__(self, market: "Market", properties: dict, constraints: str, tree: tuple) -> None:
         self.id = f"{uuid.uuid4().hex}-{secrets.token_hex(32)}"
@@ -1340,7 +1340,7 @@ class Market:
         demand.signal.notify()
 
     def offer_matches(self, demand: Demand, provider: Provider) -> bool:
-        """Both directions must hold (yagna matcher, §4.3)."""
+        """Both directions must hold (yagna matcher, §3)."""
         props = provider.offer_properties(self._offer_ms)
         if evaluate(demand.tree, props) is not True:
             return False
@@ -1374,7 +1374,7 @@ class Market:
 
     def take_events(self, demand: Demand, max_events: int) -> list[str]:
         """Take up to max_events, as JSON texts: yagna removes what it returns, so each
-        is delivered once (§2.0)."""
+        is delivered once (§2)."""
         self._release_due_offers(demand, max_events)
         out = []
         while demand.events and len(out) < max_events:
@@ -1455,7 +1455,7 @@ class Market:
 
     def rejection(self, provider: Provider, properties: dict) -> tuple[str, bool] | None:
         """The provider's negotiators on a counter-proposal: (message, is_final) or None to
-        accept. The exact strings of yagna's provider agent (§5.1), its default limits, and
+        accept. The exact strings of yagna's provider agent (§3), its default limits, and
         the order of its composite negotiator: Validation, LimitAgreements, LimitExpiration,
         DebitNoteInterval, PaymentTimeout, ManifestSignature (outbound rules)."""
         if "golem.com.payment.chosen-platform" not in properties:
@@ -1502,13 +1502,13 @@ class Market:
         if refusal is not None:
             message, final = refusal
             counter.state = "Rejected"
-            # golem-core reads reason.message without a None check: always send it (§2.5)
+            # golem-core reads reason.message without a None check: always send it (§2)
             demand.events.append({"eventType": "ProposalRejectedEvent", "proposalId": counter.id,
                                   "reason": {"message": message, "golem.proposal.rejection.is-final": final}})
         else:
             props = dict(provider.offer_properties(self._offer_ms))
             # a real provider echoes the requestor's mid-agreement terms within its limits,
-            # so one round trip is enough (§2.6), and drops them when the demand has none
+            # so one round trip is enough (§3), and drops them when the demand has none
             for key in (DEBIT_NOTE_INTERVAL_KEY, PAYMENT_TIMEOUT_KEY):
                 if key in counter.properties:
                     props[key] = counter.properties[key]
@@ -1602,7 +1602,7 @@ class Market:
             self.set_state(agreement, "Approved")
 
     async def wait(self, agreement: Agreement, timeout: float) -> Response:
-        """204 once approved, 410 when dead, 408 when undecided within `timeout` (§2.7)."""
+        """204 once approved, 410 when dead, 408 when undecided within `timeout` (§3)."""
         def decided() -> bool:
             self._expire(agreement)
             return agreement.state not in ("Proposal", "Pending")
@@ -1622,7 +1622,7 @@ class Market:
 
     def terminate(self, agreement: Agreement, reason: dict | None) -> None:
         if agreement.state != "Approved":
-            # golem-core swallows a 410 unless it says "from Approving"/"from Pending" (§2.7)
+            # golem-core swallows a 410 unless it says "from Approving"/"from Pending" (§3)
             raise HttpError(410, f"Can't update Agreement state from {agreement.state} to Terminated.")
         agreement.terminate_reason = reason
         self.set_state(agreement, "Terminated")
@@ -1777,7 +1777,7 @@ import tempfile
 from pathlib import Path
 
 ACTIVITY_MARKER_ENV = "GOLEM_LOCALNET_ACTIVITY"
-# The exe-unit's batch-result long-poll never holds longer than this (yagna-api.md §2.0:
+# The exe-unit's batch-result long-poll never holds longer than this (docs/yagna-behaviour.md §2:
 # golem-core's client timeout for it is 5.5 s).
 BATCH_POLL_MAX_SECONDS = 5.0
 # stdout/stderr of one `run` returned in its result (the tail beyond is dropped).
@@ -2041,7 +2041,7 @@ class Sandbox:
     """The 'virtual machine' of one activity: a directory as HOME, TMPDIR inside it, an own
     loopback address, and every process it starts.
 
-    Ownership is tracked three ways because none is enough alone (ray-provider.md §3.3): each
+    Ownership is tracked three ways because none is enough alone: each
     command runs in a session of its own (start_new_session), descendants are followed through
     their parent links on every scan, and an environment marker catches orphans that called
     setsid. The marker alone is not enough: Ray's processes rewrite /proc/<pid>/environ.
@@ -2400,14 +2400,7 @@ class NodeCgroups:
                     pass
             await asyncio.sleep(0.01)
         for group in self.dirs:
-            for _ in range(100):
-                try:
-                    group.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    await asyncio.sleep(0.01)
+            await asyncio.to_thread(_rmdir_when_empty, group)
 
     @classmethod
     def reap_stale(cls, alive: Callable[[int], bool]) -> None:
@@ -2424,14 +2417,19 @@ class NodeCgroups:
                             os.kill(member, signal.SIGKILL)
                         except OSError:
                             pass
-                    for _ in range(100):
-                        try:
-                            group.rmdir()
-                            break
-                        except FileNotFoundError:
-                            break
-                        except OSError:
-                            time.sleep(0.01)
+                    _rmdir_when_empty(group)
+
+
+def _rmdir_when_empty(group: Path, tries: int = 100) -> None:
+    """Remove a cgroup whose killed members may still be leaving (rmdir fails until they have)."""
+    for _ in range(tries):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
 
 
 def _own_cgroup(fstype: str, controllers: str) -> str:
@@ -2809,7 +2807,7 @@ class ActivityFaults:
 
 
 class Activity:
-    """One activity: the exe-unit state machine over a Sandbox (yagna-api.md §2.8-§2.9)."""
+    """One activity: the exe-unit state machine over a Sandbox (docs/yagna-behaviour.md §4)."""
 
     def __init__(self, engine: "ActivityEngine", activity_id: str, agreement, faults: ActivityFaults):
         self.engine = engine
@@ -2857,7 +2855,7 @@ class Activity:
 
     def check_answering(self) -> None:
         if not self.answering():
-            # What yagna's router answers when the provider's node is gone (yagna-api.md §2.0).
+            # What yagna's router answers when the provider's node is gone (docs/yagna-behaviour.md §2).
             raise HttpError(
                 500, f"GSB error: GSB failure: Bad request: endpoint address not found: /net/{self.provider_id}/exeunit"
             )
@@ -2885,7 +2883,7 @@ class Activity:
 
     async def results(self, batch_id: str, timeout: float, command_index: int | None = None) -> list:
         """Cumulative results from index 0; blocks until the batch (or `command_index`) is done or
-        `timeout` passes (exe-unit semantics, yagna-api.md §2.0)."""
+        `timeout` passes (exe-unit semantics, docs/yagna-behaviour.md §2)."""
         batch = self.batches.get(batch_id)
         if batch is None:
             raise HttpError(404, f"Batch {batch_id} not found for activity {self.activity_id}")
@@ -2917,7 +2915,7 @@ class Activity:
                         "stdout": stdout,
                         "stderr": stderr,
                         "message": message,
-                        # yagna ends a batch at its first error (yagna-api.md §2.9.3).
+                        # yagna ends a batch at its first error (docs/yagna-behaviour.md §4).
                         "isBatchFinished": last or not ok,
                     }
                 )
@@ -3061,7 +3059,7 @@ class ActivityEngine:
     def create(self, agreement) -> Activity:
         """An activity on an Approved agreement (section 5's `Agreement`)."""
         if agreement.state != "Approved":
-            # yagna: core/activity/src/provider/service.rs (yagna-api.md §2.7)
+            # yagna: core/activity/src/provider/service.rs (docs/yagna-behaviour.md §3)
             raise HttpError(
                 400, f"Bad request: Agreement {agreement.id} is not Approved. Current state: {agreement.state}"
             )
@@ -3249,7 +3247,7 @@ class ActivityEngine:
         return activity
 
     async def destroy(self, activity_id: str) -> None:
-        """DELETE /activity/{id}: idempotent (golem-core calls it 2-3 times, yagna-api.md §2.1)."""
+        """DELETE /activity/{id}: idempotent (golem-core calls it 2-3 times, docs/yagna-behaviour.md §1)."""
         await self.terminate(activity_id, "destroyed by requestor")
 
     async def terminate_agreement(self, agreement_id: str, reason: str) -> None:
@@ -3333,7 +3331,7 @@ def _read_capture(f) -> str:
 
 
 class ActivityRoutes(HttpHandler):
-    """The activity API (yagna-api.md §2.8-§2.9)."""
+    """The activity API (docs/yagna-behaviour.md §4)."""
 
     def _activity(self) -> Activity:
         activity = self.net.activities.get(self.params["activity_id"])
@@ -3342,7 +3340,7 @@ class ActivityRoutes(HttpHandler):
 
     async def post_activity(self) -> Response:
         # golem-core sends the agreement id as a JSON string and wants a string back; yagna
-        # answers an object body with an object (yagna-api.md §2.8, checklist item 7).
+        # answers an object body with an object (docs/yagna-behaviour.md §4).
         body = self.request.json()
         as_object = isinstance(body, dict)
         agreement_id = body.get("agreementId") if as_object else body
@@ -3390,7 +3388,7 @@ import struct
 _WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 WS_MAX_FRAME = 16 << 20
-# yagna pings the requestor's socket every 5 s (yagna-api.md §2.10); a ping also keeps proxies honest.
+# yagna pings the requestor's socket every 5 s (docs/yagna-behaviour.md §4); a ping also keeps proxies honest.
 WS_PING_INTERVAL = 5.0
 
 
@@ -3406,7 +3404,7 @@ class VpnNetwork:
     nodes: dict = dataclasses.field(default_factory=dict)  # ip -> node (provider) id
 
     def json(self) -> dict:
-        # `ip` WITH the prefix: without it golem-core sees a /32 and raises NetworkFull (§2.10).
+        # `ip` WITH the prefix: without it golem-core sees a /32 and raises NetworkFull (§4).
         return {
             "id": self.network_id,
             "ip": f"{self.network.network_address}/{self.network.prefixlen}",
@@ -3427,7 +3425,7 @@ class VpnNetwork:
 
 
 class NetRegistry:
-    """The net API's networks (yagna-api.md §2.10); node addresses resolve to activities."""
+    """The net API's networks (docs/yagna-behaviour.md §4); node addresses resolve to activities."""
 
     def __init__(self):
         self.networks: dict[str, VpnNetwork] = {}
@@ -3647,7 +3645,7 @@ async def bridge_websocket_tcp(ws: WebSocket, tcp: tuple[asyncio.StreamReader, a
 
 
 class NetRoutes(HttpHandler):
-    """The net API (yagna-api.md §2.10) and its TCP-over-WebSocket bridge."""
+    """The net API (docs/yagna-behaviour.md §4) and its TCP-over-WebSocket bridge."""
 
     async def post_net(self) -> Response:
         return self.ok(self.net.vpn.create(self.request.json()))
@@ -3719,7 +3717,7 @@ DEBIT_NOTE_EVENT_TYPES = tuple(f"DebitNote{t}Event" for t in ("Received", "Accep
 
 
 def decimal_str(value: Decimal) -> str:
-    """Amounts are decimal strings (§3.5); no exponent notation."""
+    """Amounts are decimal strings (§3); no exponent notation."""
     return format(value.normalize(), "f") if value else "0"
 
 
@@ -3759,7 +3757,7 @@ class EventLog:
         self.signal = Signal()
 
     def add(self, event_type: str, document_id: str, app_session_id: str | None) -> dict:
-        # an unknown eventType deserializes without the id and kills golem-core's loop (§3.3)
+        # an unknown eventType deserializes without the id and kills golem-core's loop (§2)
         if event_type not in self.event_types:
             raise ValueError(f"unknown payment event type {event_type}")
         date = self.clock.event_now()
@@ -3896,7 +3894,7 @@ class PaymentRoutes(HttpHandler):
         if allocation is None:
             raise HttpError(404, f"Allocation [{self.params['allocation_id']}] not found")
         if allocation.released:
-            # yagna 0.17.6's answer to a repeated release; golem-core ignores 404 and 410 (§2.3)
+            # yagna 0.17.6's answer to a repeated release; golem-core ignores 404 and 410 (§1)
             raise HttpError(410, f"Allocation {allocation.id} has been already released")
         allocation.released = True
         return self.ok(None)
@@ -4267,7 +4265,7 @@ class LocalnetHandler(IdentityRoutes, MarketRoutes, ActivityRoutes, NetRoutes, P
 
 
 M, A, P, N = "/market-api/v1", "/activity-api/v1", "/payment-api/v1", "/net-api/v1"
-PUBLIC_ROUTES = {"get_version", "get_root", "get_image_info"}  # yagna skips auth for /version/get (§1.2)
+PUBLIC_ROUTES = {"get_version", "get_root", "get_image_info"}  # yagna skips auth for /version/get (§1)
 
 ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/", "get_root"),
@@ -4275,7 +4273,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/version/get", "get_version"),
     ("GET", "/localnet/v1/state", "get_localnet_state"),
     ("GET", "/v1/image/info", "get_image_info"),  # the Golem registry (section 6)
-    # market (yagna-api.md §6.1)
+    # market (docs/yagna-behaviour.md §3)
     ("POST", f"{M}/demands", "post_demands"),
     ("GET", f"{M}/demands", "get_demands"),
     ("DELETE", f"{M}/demands/{{demand_id}}", "delete_demand"),
@@ -4302,7 +4300,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/debitNotes", "get_debit_notes"),
     ("GET", f"{P}/invoices/{{invoice_id}}", "get_invoice"),
     ("GET", f"{P}/debitNotes/{{debit_note_id}}", "get_debit_note"),
-    # spec endpoints golem-core 0.7.8 never calls: 501 with a JSON message (§6.1)
+    # spec endpoints golem-core 0.7.8 never calls: 501 with a JSON message (§1)
     ("GET", f"{M}/agreements", "not_implemented"),
     ("GET", f"{M}/agreementEvents", "not_implemented"),
     ("POST", f"{M}/agreements/{{agreement_id}}/cancel", "not_implemented"),
@@ -4319,7 +4317,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/invoices/{{invoice_id}}/payments", "not_implemented"),
     ("GET", f"{P}/debitNotes/{{debit_note_id}}/payments", "not_implemented"),
     ("GET", f"{P}/payments/status", "not_implemented"),
-    # activity (section 6): yagna-api.md §2.8-§2.9
+    # activity (section 6): docs/yagna-behaviour.md §4
     ("POST", f"{A}/activity", "post_activity"),
     ("DELETE", f"{A}/activity/{{activity_id}}", "delete_activity"),
     ("GET", f"{A}/activity/{{activity_id}}/state", "get_activity_state"),
@@ -4329,7 +4327,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{A}/activity/{{activity_id}}/command", "not_implemented"),
     ("GET", f"{A}/activity/{{activity_id}}/agreement", "not_implemented"),
     ("POST", f"{A}/activity/{{activity_id}}/encrypted", "not_implemented"),
-    # net (section 7): yagna-api.md §2.10
+    # net (section 7): docs/yagna-behaviour.md §4
     ("POST", f"{N}/net", "post_net"),
     ("GET", f"{N}/net", "get_nets"),
     ("GET", f"{N}/net/{{net_id}}", "get_net"),

@@ -5,7 +5,7 @@
 
 Prints one JSON trace on stdout: every call golem-core made (method, path, status, request
 and response JSON), through a recording reverse proxy. For yagna the program also plays the
-provider over REST with a second identity (yagna-offline.md §11.1-§11.2, §11.6) and stops
+provider over REST with a second identity (docs/yagna-behaviour.md §5) and stops
 the daemon by PID before it exits; the daemon PID is written to DIR/yagna.pids first so that
 the test can kill it if this program is itself killed.
 """
@@ -123,7 +123,7 @@ async def recorded(upstream: str, app_key: str) -> list[dict]:
     return proxy.trace
 
 
-# ---- the real yagna, loopback only (yagna-offline.md §1, §11.1) -----------------------
+# ---- the real yagna, loopback only (docs/yagna-behaviour.md §5) -----------------------
 
 
 def yagna_env(datadir: Path, requestor_key: str, id_secret: str) -> dict:
@@ -177,7 +177,7 @@ class Yagna:
         raise SystemExit("yagna REST did not come up")
 
     def stop(self) -> None:
-        """SIGINT first, SIGKILL as the fallback (yagna-offline.md §6, §11.8)."""
+        """SIGINT first, SIGKILL as the fallback (docs/yagna-behaviour.md §5)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGINT)
@@ -189,7 +189,7 @@ class Yagna:
 
 
 class FakeProvider(threading.Thread):
-    """The provider side over REST with the second identity (yagna-offline.md §11.2, §11.6)."""
+    """The provider side over REST with the second identity (docs/yagna-behaviour.md §5)."""
 
     def __init__(self, key: str, node_id: str) -> None:
         super().__init__(daemon=True)
@@ -267,7 +267,7 @@ def run_against_yagna(datadir: Path) -> list[dict]:
         yagna.proc.wait(30)
         # identities negotiate locally only if both exist when the daemon starts (§4b, §4c)
         yagna.start()
-        # payment accounts are registered in the running daemon (yagna-offline.md §3)
+        # payment accounts are registered in the running daemon (docs/yagna-behaviour.md §5)
         yagna.cli("payment", "init", "--sender", "--network", "holesky")
         yagna.cli("payment", "init", "--receiver", "--account", provider, "--network", "holesky")
         fake = FakeProvider(provider_key, provider)

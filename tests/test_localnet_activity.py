@@ -1,7 +1,7 @@
 """The local network's activities, VPN/TCP bridge and provider-side payments, end to end.
 
 Every test drives a real `golem_localnet.py serve` process with the unmodified golem-core
-(yagna-api.md §2.8-§2.11) and checks the processes of the sandboxes through /proc.
+(docs/yagna-behaviour.md §2-§4) and checks the processes of the sandboxes through /proc.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def test_network_keeps_its_prefix_and_nodes_are_idempotent(localnet):
             status, data = localnet.call("GET", f"{N}/net/{network.id}")
             assert data["ip"] == "192.168.0.0/16" and data["mask"] == "255.255.0.0"
             ip = await network.create_node("0x" + "ab" * 20)
-            await network.refresh_nodes()  # re-posts every node (yagna-api.md §2.10)
+            await network.refresh_nodes()  # re-posts every node (docs/yagna-behaviour.md §4)
             assert localnet.call("GET", f"{N}/net/{network.id}/nodes")[1] == [{"id": "0x" + "ab" * 20, "ip": ip}]
             status, got = localnet.call("POST", f"{N}/net/{network.id}/nodes", {"id": "0x1", "ip": "10.0.0.1"})
             assert status == 400 and "outside network 192.168.0.0/16" in got["message"]

@@ -1,8 +1,8 @@
 """The local network's market, payment and identity API, driven by the unmodified golem-core.
 
 Every test runs against a real `golem_localnet.py serve` process (fixtures in conftest.py).
-The silent-killer tests follow the checklist of yagna-api.md §7, one test per item this
-part of the network owns (items 7 and 8 belong to the activity and net sections).
+The silent-killer tests follow the checklist of docs/yagna-behaviour.md §2, one test per item this
+part of the network owns (the `POST /activity` and `POST /net` answers belong to the activity and net tests).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_population_is_reproducible_and_resembles_a_testnet(tmp_path):
     assert len(small) == 5 and sum(p["behaviour"] == "busy" for p in small) == 2
 
 
-# ---- the matcher: golem-core's grammar, yagna's semantics (yagna-api.md §4.3) ----------
+# ---- the matcher: golem-core's grammar, yagna's semantics (docs/yagna-behaviour.md §3) ----------
 
 OFFER = {"golem.inf.cpu.threads": 4, "golem.node.debug.subnet": "public", "golem.srv.caps.multi-activity": True,
          "golem.runtime.capabilities": ["inet", "vpn"], "golem.runtime.name": "vm"}
@@ -523,7 +523,7 @@ def test_agreement_limit_and_rematch_after_termination(localnet):
             with pytest.raises(ProposalRejected, match="Reached Agreements limit: 1"):
                 await asyncio.wait_for(refused.responses().__anext__(), 10)
             await agreement.terminate()
-            # after termination the offer matches the first demand again (yagna-offline.md §4c)
+            # after termination the offer matches the first demand again (docs/yagna-behaviour.md §5)
             seen = {p.id for p in offers.values()}
             rematched = [p for p in await collect_initial(first, 9) if p.id not in seen]
             assert [p.data.issuer_id for p in rematched] == [draft.data.issuer_id]
@@ -572,7 +572,7 @@ def test_rog_like_manager_stack_gets_an_approved_agreement(localnet):
             await proposals.start()
             got = []
             try:
-                # golem-core hands out a rejected agreement too (yagna-api.md §2.7): ask until approved
+                # golem-core hands out a rejected agreement too (docs/yagna-behaviour.md §3): ask until approved
                 while not got or got[-1][0] != "Approved":
                     agreement = await asyncio.wait_for(agreements.get_agreement(), 60)
                     data = await agreement.get_data(force=True)
@@ -591,7 +591,7 @@ def test_rog_like_manager_stack_gets_an_approved_agreement(localnet):
     assert localnet.state()["agreements"]["by_state"].get("Approved", 0) == 0  # all closed on exit
 
 
-# ---- silent killers (yagna-api.md §7) --------------------------------------------
+# ---- silent killers (docs/yagna-behaviour.md §2) --------------------------------------------
 
 
 def test_killer_01_long_polls_block_until_their_timeout(localnet_factory):
@@ -851,7 +851,7 @@ def _yagna_binary():
 
 @pytest.fixture
 def loopback_netns():
-    """A network namespace with only `lo` up (yagna-offline.md §1), or None without root."""
+    """A network namespace with only `lo` up (docs/yagna-behaviour.md §5), or None without root."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         yield None
         return
@@ -912,7 +912,7 @@ def test_fidelity_same_negotiation_on_real_yagna_and_localnet(localnet_factory, 
     if binary is None:
         pytest.skip("the yagna binary (PyPI golem-node 0.17.6) is not installed")
     if loopback_netns is None:
-        pytest.skip("needs root and `ip netns` for a loopback-only network namespace (yagna-offline.md §1)")
+        pytest.skip("needs root and `ip netns` for a loopback-only network namespace (docs/yagna-behaviour.md §5)")
     ydir = tmp_path / "yagna"
     ydir.mkdir()
     try:
