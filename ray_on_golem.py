@@ -2172,6 +2172,13 @@ class YagnaService:
     def log_path(self) -> str:
         return os.path.join(self.datadir, "localnet.log" if self.kind == "localnet" else "yagna.log")
 
+    @property
+    def registry_url(self) -> str:
+        """Where images are looked up: the local network serves the Golem registry's API itself;
+        `$RAY_ON_GOLEM_REGISTRY_URL` points elsewhere (a mirror)."""
+        return (os.environ.get("RAY_ON_GOLEM_REGISTRY_URL")
+                or (self.api_url if self.kind == "localnet" else DEFAULT_REGISTRY_URL))
+
     def info(self) -> dict:
         """What status shows about the daemon (no secrets)."""
         return {
@@ -2237,9 +2244,6 @@ class YagnaService:
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
-        # The local network serves the Golem registry API too: this process's demands look images
-        # up there (DemandSpec reads RAY_ON_GOLEM_REGISTRY_URL), unless the user points elsewhere.
-        os.environ.setdefault("RAY_ON_GOLEM_REGISTRY_URL", self.api_url)
 
     def _adopt_or_leave(self, what: str) -> None:
         """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
@@ -2683,10 +2687,6 @@ def golem_node_for(service: "YagnaService", collect_payment_events: bool = True)
 #
 # Every stage counts what passes it in the Funnel; every failure reason is grouped.
 
-# A fixed image for the local network: its providers run Ray from this host, so no
-# image is fetched; the hash only has to be well-formed.
-LOCAL_IMAGE_HASH = "0" * 56
-LOCAL_IMAGE_URL = "http://127.0.0.1/ray-on-golem-local.gvmi"
 DEFAULT_REGISTRY_URL = "https://registry.golem.network"
 
 DEFAULT_NEGOTIATION_CONCURRENCY = 16
@@ -2913,7 +2913,7 @@ class DemandSpec:
                  outbound_urls: tuple = (), min_mem_gib: float = 0.0, min_cpu_threads: int = 0,
                  min_storage_gib: float = 0.0, max_cpu_threads: int | None = None, runtime: str = "vm",
                  node_descriptor: dict | None = None, payment_timeout_s: int = 12 * 3600,
-                 registry_url: str = DEFAULT_REGISTRY_URL):
+                 registry_url: str):
         self.payment_network = payment_network
         self.subnet_tag = subnet_tag
         self.image_tag = image_tag
@@ -2930,8 +2930,7 @@ class DemandSpec:
         self.registry_url = registry_url
 
     @classmethod
-    def from_node_config(cls, node_config: dict, payment_network: str,
-                         registry_url: str | None = None) -> "DemandSpec":
+    def from_node_config(cls, node_config: dict, payment_network: str, registry_url: str) -> "DemandSpec":
         demand = node_config.get("demand") or {}
         budget = BudgetControl.from_node_config(node_config)
         return cls(
@@ -2948,13 +2947,11 @@ class DemandSpec:
             runtime=demand.get("runtime") or "vm",
             node_descriptor=demand.get("node_descriptor"),
             payment_timeout_s=int(budget.payment_interval_minimal_hours * 3600),
-            registry_url=(registry_url or os.environ.get("RAY_ON_GOLEM_REGISTRY_URL")
-                          or DEFAULT_REGISTRY_URL),
+            registry_url=registry_url,
         )
 
     def resolve_image(self, timeout: float = 10.0) -> tuple[str, str]:
-        """(sha3 hash, download URL) from the Golem registry; on the local network an image tag from
-        its own registry API (same contract) once one is known, else a fixed local image.
+        """(sha3 hash, download URL) from the Golem registry (the local network serves the same API).
 
         Registry contract (docs/yagna-behaviour.md §7): GET /v1/image/info?tag=|hash= → {"sha3", "http"}; 404 = unknown.
         """
@@ -2963,8 +2960,6 @@ class DemandSpec:
         import urllib.parse
         import urllib.request
 
-        if self.payment_network == "local" and (self.registry_url == DEFAULT_REGISTRY_URL or not self.image_tag):
-            return self.image_hash or LOCAL_IMAGE_HASH, LOCAL_IMAGE_URL
         if self.image_tag:
             what, query = "tag", {"tag": self.image_tag, "count": "false"}
         else:
@@ -4024,7 +4019,7 @@ class Cluster:
             if pipeline is None:
                 service = self.service
                 store = service.store
-                spec = DemandSpec.from_node_config(node_config, self.network)
+                spec = DemandSpec.from_node_config(node_config, self.network, service.yagna.registry_url)
                 budget = BudgetControl.from_node_config(node_config)
                 # The cluster's allocation (ClusterPayments): the pipeline allocates nothing itself.
                 pipeline = MarketPipeline(
@@ -8708,12 +8703,11 @@ class NetworkStatsScan:
 
         out = out or sys.stdout
         err = err or sys.stderr
-        spec = DemandSpec.from_node_config(self.node_config, self.payment_network)
         budget = BudgetControl.from_node_config(self.node_config)
         if not as_json:
             print(f"Gathering stats data for {duration_min:g} minute{'s' * (duration_min != 1)}...",
                   file=out, flush=True)
-        pipeline = asyncio.run(self._scan(spec, budget, duration_min * 60, err))
+        pipeline = asyncio.run(self._scan(budget, duration_min * 60, err))
         if as_json:
             report = {"node_type": self.node_type, "duration_minutes": duration_min,
                       "interrupted": self.interrupted, **pipeline.funnel.as_dict()}
@@ -8728,7 +8722,7 @@ class NetworkStatsScan:
         out.flush()
         return 130 if self.interrupted else EXIT_OK
 
-    async def _scan(self, spec: DemandSpec, budget: BudgetControl, duration_s: float, err):
+    async def _scan(self, budget: BudgetControl, duration_s: float, err):
         import asyncio
         import signal
 
@@ -8753,6 +8747,7 @@ class NetworkStatsScan:
                 None, top_up_testnet_wallet, yagna, self.payment_network, self.payment_driver)
             if warning:
                 print(f"{PACKAGE_NAME}: warning: {warning}", file=err, flush=True)
+            spec = DemandSpec.from_node_config(self.node_config, self.payment_network, yagna.registry_url)
             store = Store(self.datadir)
             progress = _ProgressLine(err, duration_s) if err.isatty() else None
             node = golem_node_for(yagna, collect_payment_events=False)

@@ -44,7 +44,7 @@ async def measured_run(mode: str, url: str, app_key: str, providers: int, concur
 
     node = GolemNode(app_key=app_key, api_url=url, collect_payment_events=False)
     await node.start()
-    spec = rog.DemandSpec.from_node_config({"demand": {"image_tag": "bench"}}, "local")
+    spec = rog.DemandSpec.from_node_config({"demand": {"image_tag": "golem/ray-on-golem:bench"}}, "local", url)
     pipeline = rog.MarketPipeline(node, spec, rog.BudgetControl(), concurrency=concurrency,
                                   response_timeout=response_timeout)
     cpu0, t0 = time.process_time(), time.monotonic()

@@ -1,4 +1,5 @@
-"""Market pieces that need no network: filter labels and maths, scoring, Funnel, demand.
+"""Market pieces: filter labels and maths, scoring, Funnel, demand (its image from the local
+network's registry), the pipeline signing drafts.
 
 The end-to-end behaviour (exact funnel counts against a seeded local network,
 no agreement, blacklist, Ctrl-C) is in tests/test_network_stats.py.
@@ -38,6 +39,9 @@ def proposal_data(props):
     return ProposalData(properties=Properties(props), constraints=Constraints(), proposal_id="p1",
                         issuer_id="0x" + "ab" * 20, state="Initial",
                         timestamp=datetime.now(timezone.utc), prev_proposal_id=None)
+
+
+LOCAL_IMAGE = "golem/ray-on-golem:local"  # an image the local network's registry knows
 
 
 def filters_for(budget_control):
@@ -153,22 +157,27 @@ def test_funnel_report_shape_sorts_errors_and_masks_ids():
     assert funnel.as_dict()["funnel"][0] == {"stage": "Initial", "count": 5}
 
 
-def test_demand_from_node_config_carries_resources_payment_terms_and_subnet():
+def test_demand_from_node_config_carries_resources_payment_terms_and_subnet(localnet):
+    import json
+    import urllib.request
+
     node_config = {
         "subnet_tag": "testers",
         "demand": {"image_tag": "golem/ray-on-golem:x", "min_mem_gib": 2, "min_cpu_threads": 2,
                    "max_cpu_threads": 8, "capabilities": ["vpn"]},
         "budget_control": {"payment_interval_hours": {"minimal": 2}},
     }
-    spec = rog.DemandSpec.from_node_config(node_config, "local")
+    spec = rog.DemandSpec.from_node_config(node_config, "local", localnet.url)
     builder = asyncio.run(spec.build(allocation=None))
     props = builder.properties
+    # the image as the local network's registry names it (the Golem registry's API)
+    with urllib.request.urlopen(f"{localnet.url}/v1/image/info?tag=golem/ray-on-golem:x") as response:
+        image = json.loads(response.read())
     assert props["golem.node.debug.subnet"] == "testers"
     assert props["golem.com.scheme.payu.payment-timeout-sec?"] == 2 * 3600
     assert props["golem.com.scheme.payu.debit-note.interval-sec?"] == rog.DEBIT_NOTE_INTERVAL_S
     assert props["golem.com.payment.debit-notes.accept-timeout?"] == rog.DEBIT_NOTE_ACCEPT_TIMEOUT_S
-    assert props["golem.srv.comp.task_package"] == (
-        f"hash:sha3:{rog.LOCAL_IMAGE_HASH}:{rog.LOCAL_IMAGE_URL}")
+    assert props["golem.srv.comp.task_package"] == f"hash:sha3:{image['sha3']}:{image['http']}"
     constraints = builder.constraints.serialize()
     for clause in ("(golem.node.debug.subnet=testers)", "(golem.runtime.name=vm)",
                    "(golem.runtime.capabilities=vpn)", "(golem.inf.mem.gib>=2)",
@@ -176,12 +185,13 @@ def test_demand_from_node_config_carries_resources_payment_terms_and_subnet():
         assert clause in constraints
 
 
-def test_outbound_urls_switch_to_a_manifest_payload():
+def test_outbound_urls_switch_to_a_manifest_payload(localnet):
     import base64
     import json
 
     spec = rog.DemandSpec.from_node_config(
-        {"demand": {"outbound_urls": ["https://pypi.dev.golem.network"]}}, "local")
+        {"demand": {"image_tag": LOCAL_IMAGE, "outbound_urls": ["https://pypi.dev.golem.network"]}}, "local",
+        localnet.url)
     builder = asyncio.run(spec.build(allocation=None))
     manifest = json.loads(base64.b64decode(builder.properties["golem.srv.comp.payload"]))
     assert manifest["compManifest"]["net"]["inet"]["out"] == {
@@ -222,7 +232,7 @@ def test_agreement_signs_the_best_draft_and_skips_a_provider_that_rejects(localn
 
     net = localnet_factory(profile=AGREEMENT_PROFILE)
     budget = rog.BudgetControl(cpu_load=1.0, duration_hours=1.0, max_cost=1.0)
-    spec = rog.DemandSpec("local", image_tag="test")
+    spec = rog.DemandSpec("local", image_tag=LOCAL_IMAGE, registry_url=net.url)
 
     async def scenario():
         node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
@@ -261,7 +271,8 @@ def test_max_drafts_holds_negotiation_until_a_draft_is_taken(localnet_factory):
     async def scenario():
         node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
         await node.start()
-        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local"), rog.BudgetControl(), max_drafts=1)
+        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local", image_tag=LOCAL_IMAGE, registry_url=net.url),
+                                      rog.BudgetControl(), max_drafts=1)
         try:
             await pipeline.start()
             counts = pipeline.funnel.counts
@@ -293,7 +304,8 @@ def test_a_long_lived_pipeline_subscribes_a_fresh_demand_before_yagna_drops_it(l
     async def scenario():
         node = GolemNode(app_key=net.app_key, api_url=net.url, collect_payment_events=False)
         await node.start()
-        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local"), rog.BudgetControl(), demand_refresh_s=1)
+        pipeline = rog.MarketPipeline(node, rog.DemandSpec("local", image_tag=LOCAL_IMAGE, registry_url=net.url),
+                                      rog.BudgetControl(), demand_refresh_s=1)
         try:
             await pipeline.start()
             while len(pipeline.demands) < 2 or pipeline.funnel.counts[rog.STAGE_NEGOTIATED] < 6:
