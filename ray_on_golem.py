@@ -2140,13 +2140,19 @@ class YagnaService:
     is used as it is and left running on stop: only what we started is ours to stop.
     """
 
-    def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME):
+    # The `local_network` block of a cluster YAML as flags of `golem_localnet.py serve`.
+    LOCALNET_FLAGS = {"providers": "--providers", "seed": "--seed", "profile": "--profile",
+                      "time_scale": "--time-scale"}
+
+    def __init__(self, network: str, datadir: str, appname: str = DEFAULT_YAGNA_APPNAME,
+                 local_network: dict | None = None):
         import logging
         import threading
 
         self.network = network
         self.datadir = datadir
         self.appname = appname
+        self.local_network = dict(local_network or {})  # used when it starts the local network
         self.kind = "localnet" if network == "local" else "yagna"
         self.api_url = ""
         self.app_key = ""  # secret: never logged, never in argv, never in an HTTP response
@@ -2241,6 +2247,9 @@ class YagnaService:
             # Default isolation (auto: namespaced, VM-like nodes when root): Ray reaches them by SSH.
             cmd, env = python_module_command("golem_localnet", "serve", "--port", "0", "--datadir", netdir,
                                              "--hide", self.datadir)
+            for key, flag in self.LOCALNET_FLAGS.items():
+                if self.local_network.get(key) is not None:
+                    cmd = [*cmd, flag, str(self.local_network[key])]
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
@@ -2449,32 +2458,9 @@ class YagnaService:
 # daemon is checked first (YagnaService.start GETs `/me`) and failures say what to do.
 
 
-class ConfiguredYagnaService(YagnaService):
-    """A YagnaService that starts the local network with the cluster's `local_network` block
-    (providers, seed, profile, time_scale), so a scan sees the market the YAML describes.
-
-    A small subclass at the end of the golem-core part of this section: the process side
-    (YagnaService) takes no such options yet; it should, and then this class goes away.
-    """
-
-    LOCALNET_FLAGS = {"providers": "--providers", "seed": "--seed", "profile": "--profile",
-                      "time_scale": "--time-scale"}
-
-    def __init__(self, network: str, datadir: str, local_network: dict | None = None):
-        super().__init__(network, datadir)
-        self.local_network = local_network or {}
-
-    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
-        if self.kind == "localnet":
-            for key, flag in self.LOCALNET_FLAGS.items():
-                if self.local_network.get(key) is not None:
-                    cmd = [*cmd, flag, str(self.local_network[key])]
-        super()._spawn(cmd, env)
-
-
 def start_yagna_for(network: str, datadir: str, local_network: dict | None = None) -> "YagnaService":
     """A started YagnaService (reused or spawned), or ServiceUnavailable naming the fix."""
-    service = ConfiguredYagnaService(network, datadir, local_network)
+    service = YagnaService(network, datadir, local_network=local_network)
     try:
         service.start()
     except ServiceUnavailable as e:
@@ -6746,7 +6732,7 @@ class Webserver:
     handler_class = WebserverHandler
 
     def __init__(self, datadir: str, port: int = DEFAULT_WEBSERVER_PORT, network: str = "local",
-                 idle_timeout: float | None = None):
+                 idle_timeout: float | None = None, local_network: dict | None = None):
         import time
 
         self.datadir = ensure_datadir(datadir)
@@ -6756,7 +6742,7 @@ class Webserver:
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self.redactor = _SecretRedactor()
-        self.yagna = YagnaService(network, self.datadir)
+        self.yagna = YagnaService(network, self.datadir, local_network=local_network)
         self.store = Store(self.datadir)
         self.cluster_service = ClusterService(network, self.store, self.yagna, lambda: self.state)
         self.router = Router(self.handler_class.ROUTES)
@@ -7118,7 +7104,7 @@ def _failure_report(datadir: str, reason: str) -> str:
 
 
 def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBSERVER_START_TIMEOUT, out=print,
-                    idle_timeout: float | None = None) -> int:
+                    idle_timeout: float | None = None, local_network: dict | None = None) -> int:
     """Spawn the webserver detached unless one already runs; wait until it serves. Returns the exit code."""
     import subprocess
     import time
@@ -7160,6 +7146,7 @@ def start_webserver(datadir: str, port: int, network: str, timeout: float = WEBS
         cmd, env = python_module_command(
             "ray_on_golem", "webserver", "--port", str(port), "--network", network, "--datadir", datadir,
             *(("--idle-timeout", f"{idle_timeout:g}s") if idle_timeout is not None else ()),
+            *local_network_args(local_network),
         )
         out(f"Starting webserver on {client.url}...")
         log = open_rotated_log(os.path.join(datadir, WEBSERVER_OUT_FILE), 1024 * 1024, backups=1)
@@ -7643,7 +7630,9 @@ def bootstrap_cluster_config(cluster_config: dict) -> dict:
     config["file_mounts"][f"~/{NODE_STATE_DIR}/lib/{os.path.basename(module)}"] = module
     code = start_webserver(datadir, int(params["webserver_port"]), resolved.payment_network,
                            out=lambda line: cli_logger.print("{}", line),
-                           idle_timeout=params.get("webserver_idle_timeout"))
+                           idle_timeout=params.get("webserver_idle_timeout"),
+                           local_network=_local_network_options(params.get("local_network"), None)
+                           if resolved.payment_network == "local" else None)
     if code != EXIT_OK:
         raise ServiceUnavailable(f"the Ray on Golem webserver could not be started (see {datadir})")
     return config
@@ -8452,11 +8441,30 @@ def cmd_webserver(args) -> int:
     """Run the webserver in the foreground until shut down."""
     import asyncio
 
-    return asyncio.run(Webserver(_datadir(args), args.port, args.network, idle_timeout=args.idle_timeout).run())
+    return asyncio.run(Webserver(_datadir(args), args.port, args.network, idle_timeout=args.idle_timeout,
+                                 local_network=_local_network_from_args(args)).run())
 
 
 def cmd_start(args) -> int:
-    return start_webserver(_datadir(args), args.port, args.network, args.timeout, idle_timeout=args.idle_timeout)
+    return start_webserver(_datadir(args), args.port, args.network, args.timeout, idle_timeout=args.idle_timeout,
+                           local_network=_local_network_from_args(args))
+
+
+def _local_network_from_args(args) -> dict:
+    """`--local-providers` etc.: the cluster YAML's `local_network` block on the command line
+    (a relative profile from the working directory: the webserver runs in the data dir)."""
+    block = {key: getattr(args, f"local_{key}") for key in YagnaService.LOCALNET_FLAGS
+             if getattr(args, f"local_{key}") is not None}
+    return _local_network_options(block, None)
+
+
+def local_network_args(local_network: dict | None) -> list[str]:
+    """The `webserver` flags that carry a `local_network` block to the process that starts it."""
+    args = []
+    for key in YagnaService.LOCALNET_FLAGS:
+        if (local_network or {}).get(key) is not None:
+            args += [f"--local-{key.replace('_', '-')}", str(local_network[key])]
+    return args
 
 
 def cmd_stop(args) -> int:
@@ -8542,6 +8550,7 @@ def _add_webserver(commands, common) -> None:
                    help=f"port on 127.0.0.1 (default: {DEFAULT_WEBSERVER_PORT}; 0 picks a free one)")  # fmt: skip
     p.add_argument("--network", type=_payment_network_arg, default=DEFAULT_SERVICE_NETWORK, help=_NETWORK_HELP)
     _add_idle_timeout(p)
+    _add_local_network(p)
     p.set_defaults(func=cmd_webserver)
 
 
@@ -8560,6 +8569,41 @@ def _add_idle_timeout(p) -> None:
                         "long without a cluster, e.g. 30m (default: never)")
 
 
+def _add_local_network(p) -> None:
+    group = p.add_argument_group("local network", "used when it starts the local network "
+                                 "(`--network local`); a running one is kept as it is")
+    group.add_argument("--local-providers", type=_local_network_arg("providers"), default=None, metavar="N",
+                       help="number of simulated providers (default: 8)")
+    group.add_argument("--local-seed", type=_local_network_arg("seed"), default=None, metavar="N",
+                       help="population seed (default: 0)")
+    group.add_argument("--local-profile", type=_local_network_arg("profile"), default=None, metavar="FILE",
+                       help="population profile (JSON or YAML, see README)")
+    group.add_argument("--local-time-scale", type=_local_network_arg("time_scale"), default=None, metavar="X",
+                       help="the local network's clock runs X times faster (default: 1)")
+
+
+def _local_network_arg(key: str):
+    """An argparse type checking a `--local-*` value as the YAML's `local_network.<key>` is checked."""
+    check = LOCAL_NETWORK_SCHEMA[key][1]
+
+    def parse(value: str):
+        import argparse  # already loaded by build_parser
+
+        converted = value
+        for convert in (int, float) if key != "profile" else ():
+            try:
+                converted = convert(value)
+                break
+            except ValueError:
+                pass
+        try:
+            return check(converted)
+        except _Invalid as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {e}") from None
+
+    return parse
+
+
 def _add_start(commands, common) -> None:
     p = commands.add_parser("start", parents=[common], help="start the webserver and yagna in the background",
                             description="Start the webserver detached, with yagna or the local network; "
@@ -8570,6 +8614,7 @@ def _add_start(commands, common) -> None:
     p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_START_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait until it serves (default: {WEBSERVER_START_TIMEOUT:.0f})")  # fmt: skip
     _add_idle_timeout(p)
+    _add_local_network(p)
     p.set_defaults(func=cmd_start)
 
 
@@ -8667,12 +8712,13 @@ def cmd_network_stats(args) -> int:
     return scan.run(args.duration, as_json=args.json, show_providers=args.providers)
 
 
-def _local_network_options(block: dict | None, config_path: str) -> dict:
-    """`local_network` with a relative `profile` taken from the YAML's directory, as users write it."""
+def _local_network_options(block: dict | None, config_path: str | None) -> dict:
+    """`local_network` with a relative `profile` taken from the YAML's directory, as users write it
+    (from the working directory when the path is unknown: Ray hands the provider a dict)."""
     options = dict(block or {})
     if options.get("profile"):
-        options["profile"] = os.path.join(os.path.dirname(os.path.abspath(config_path)),
-                                          os.path.expanduser(options["profile"]))
+        base = os.path.dirname(os.path.abspath(config_path)) if config_path else os.getcwd()
+        options["profile"] = os.path.join(base, os.path.expanduser(options["profile"]))
     return options
 
 

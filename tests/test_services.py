@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -269,6 +270,26 @@ def test_start_status_stop(any_services):
     assert "No webserver found on" in svc.stop("-p", str(svc.port)).stdout
 
 
+def test_start_shapes_the_local_network_it_starts(services):
+    """`--local-*` (what `ray up` passes from the YAML's `local_network`) reach the local network;
+    a second `start` keeps the running one as it is."""
+    started = services.start("--local-providers", "3", "--local-seed", "5", "--local-time-scale", "4")
+    assert started.returncode == 0, started.stdout + started.stderr
+    with open(os.path.join(services.datadir, "localnet", "localnet.json")) as f:
+        url = json.load(f)["url"]
+    with open(os.path.join(services.datadir, "localnet", "appkey")) as f:
+        key = f.read().strip()
+    request = urllib.request.Request(f"{url}/localnet/v1/state", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        state = json.load(response)
+    assert (state["providers"], state["time_scale"]) == (3, 4.0)
+    again = services.start("--local-providers", "9")
+    assert again.returncode == 0 and "already running" in again.stdout
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.load(response)["providers"] == 3
+    assert services.stop().returncode == 0
+
+
 def test_kill_9_then_status_and_start(any_services):
     svc = any_services
     assert svc.start().returncode == 0
@@ -392,6 +413,9 @@ def test_port_in_use_fails_cleanly(services):
         (["stop", "--timeout", "-1"], "'-1' must be a positive number of seconds"),
         (["start", "--timeout", "soon"], "'soon' is not a number of seconds"),
         (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["start", "--local-providers", "0"], "--local-providers: '0' is not an integer >= 1"),
+        (["start", "--local-time-scale", "-2"], "--local-time-scale: '-2' is not a number > 0"),
+        (["webserver", "--local-seed", "x"], "--local-seed: 'x' is not an integer"),
     ],
 )
 def test_bad_arguments_exit_2(args, message, tmp_path):
