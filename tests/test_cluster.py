@@ -624,8 +624,11 @@ def test_autostop_tears_the_idle_cluster_down(session: RaySession, tmp_path: Pat
     went_down_s = time.monotonic() - submitted_at
     session.up = False
     assert went_down_s >= idle_s  # never before it was idle for idle_minutes
-    [(log,)] = session.db("SELECT state_log FROM nodes WHERE node_id = ?", head["node_id"])
-    log = json.loads(log)
+    # Ray counts a terminating node as gone; its release (and the last log line) follows.
+    state_log = lambda: json.loads(session.db("SELECT state_log FROM nodes WHERE node_id = ?",  # noqa: E731
+                                              head["node_id"])[0][0])
+    wait_for(lambda: state_log()[-1] == "Terminated", 60, interval=0.5, what="the head's release")
+    log = state_log()
     warning = next(i for i, line in enumerate(log) if line.startswith("Autostop: idle since"))
     down = next(i for i, line in enumerate(log) if line.startswith("Terminating: autostop, the cluster was idle"))
     assert warning < down and log[-1] == "Terminated"
