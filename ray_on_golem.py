@@ -4110,7 +4110,8 @@ class LeftoverRentals:
     One code path for `ray-on-golem cleanup` (in the webserver through ClusterService.cleanup, or
     directly when none runs) and for a restarted webserver (ClusterService.recover). It speaks
     yagna's REST API itself: golem-core 0.7.8 (ya-aioclient 0.6) cannot list agreements or the
-    activities of one (docs/yagna-behaviour.md §3). Blocking calls: the webserver runs it in a thread.
+    activities of one (docs/yagna-behaviour.md §3). Its HTTP calls run in a thread, its Store work in
+    the caller's (sqlite3 objects stay in the thread that made them).
     """
 
     END_REASON = "cleanup"
@@ -4121,7 +4122,12 @@ class LeftoverRentals:
         self.app_session = app_session
         self.records = records
 
-    def _call(self, method: str, path: str, body=None, timeout: float = 30.0):
+    async def _call(self, method: str, path: str, body=None, timeout: float = 30.0):
+        import asyncio
+
+        return await asyncio.to_thread(self._request, method, path, body, timeout)
+
+    def _request(self, method: str, path: str, body, timeout: float):
         import urllib.parse
 
         status, data = http_request(method, self.api_url + path, token=self._app_key, body=body, timeout=timeout)
@@ -4130,7 +4136,7 @@ class LeftoverRentals:
             raise RayOnGolemError(f"{method} {urllib.parse.urlsplit(path).path}: HTTP {status}: {message}")
         return data
 
-    def find(self, before: float | None = None) -> dict:
+    async def find(self, before: float | None = None) -> dict:
         """`{"leftovers": [...], "owned": [...]}`: every Approved agreement of our app session
         (created before `before`, a time.time(), if given), split by whether a cluster owns it."""
         import urllib.parse
@@ -4138,7 +4144,7 @@ class LeftoverRentals:
         query = {"appSessionId": self.app_session, "state": "Approved"}
         if before is not None:
             query["beforeDate"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(before)) + f".{int(before % 1 * 1e6):06d}Z"
-        entries = self._call("GET", "/market-api/v1/agreements?" + urllib.parse.urlencode(query))
+        entries = await self._call("GET", "/market-api/v1/agreements?" + urllib.parse.urlencode(query))
         owners = self.records.owned_agreements()  # read after the list: what was signed meanwhile is in it
         found = {"leftovers": [], "owned": []}
         for entry in entries or []:
@@ -4149,33 +4155,33 @@ class LeftoverRentals:
             if owner is not None:
                 found["owned"].append({**item, **owner})
                 continue
-            details = self._call("GET", f"/market-api/v1/agreements/{urllib.parse.quote(agreement_id)}")
+            details = await self._call("GET", f"/market-api/v1/agreements/{urllib.parse.quote(agreement_id)}")
             offer = (details or {}).get("offer") or {}
             item["provider_id"] = offer.get("providerId")
             item["provider_name"] = (offer.get("properties") or {}).get("golem.node.id.name")
-            item["activities"] = [
-                {"activity_id": activity_id, "state": self._activity_state(activity_id)}
-                for activity_id in self._call("GET", "/activity-api/v1/activity?"
-                                              + urllib.parse.urlencode({"agreementId": agreement_id})) or []]
+            activity_ids = await self._call("GET", "/activity-api/v1/activity?"
+                                            + urllib.parse.urlencode({"agreementId": agreement_id}))
+            item["activities"] = [{"activity_id": activity_id, "state": await self._activity_state(activity_id)}
+                                  for activity_id in activity_ids or []]
             found["leftovers"].append(item)
         return found
 
-    def _activity_state(self, activity_id: str) -> str:
+    async def _activity_state(self, activity_id: str) -> str:
         try:
-            state = self._call("GET", f"/activity-api/v1/activity/{activity_id}/state", timeout=10.0)
+            state = await self._call("GET", f"/activity-api/v1/activity/{activity_id}/state", timeout=10.0)
             return str(((state or {}).get("state") or ["unknown"])[0])
         except (RayOnGolemError, ServiceUnavailable):
             return "unknown"
 
-    def end(self, leftover: dict) -> str:
+    async def end(self, leftover: dict) -> str:
         """Destroy its activities, then terminate it (reason `cleanup`); recorded either way. 'ended' or why not."""
         try:
             for activity in leftover["activities"]:
                 if activity["state"] != "Terminated":
-                    self._call("DELETE", f"/activity-api/v1/activity/{activity['activity_id']}")  # idempotent in yagna
+                    await self._call("DELETE", f"/activity-api/v1/activity/{activity['activity_id']}")  # idempotent in yagna
             try:
-                self._call("POST", f"/market-api/v1/agreements/{leftover['agreement_id']}/terminate",
-                           {"message": self.END_REASON})
+                await self._call("POST", f"/market-api/v1/agreements/{leftover['agreement_id']}/terminate",
+                                 {"message": self.END_REASON})
             except RayOnGolemError as e:
                 if "to Terminated" not in str(e):  # terminated meanwhile (by its provider): ended all the same
                     raise
@@ -4185,11 +4191,11 @@ class LeftoverRentals:
         self.records.leftover_ended(leftover, outcome)
         return outcome
 
-    def run(self, dry_run: bool, before: float | None = None) -> dict:
+    async def run(self, dry_run: bool, before: float | None = None) -> dict:
         """Find the leftovers and (unless `dry_run`) end them: the report `cleanup` prints."""
-        found = self.find(before)
+        found = await self.find(before)
         for leftover in found["leftovers"]:
-            leftover["outcome"] = "would end" if dry_run else self.end(leftover)
+            leftover["outcome"] = "would end" if dry_run else await self.end(leftover)
         return {"app_session_id": self.app_session, "dry_run": dry_run, **found}
 
 
@@ -4301,12 +4307,10 @@ class ClusterService:
         A node still waiting for its agreement may hold one yagna approved and we have not
         recorded yet: only agreements created before the oldest such node was asked for count.
         """
-        import asyncio
-
         leftovers = self.leftovers()
         waiting = [n.created_at for c in self.clusters.values() for n in c.nodes.values()
                    if n.state == NodeState.PENDING and n.agreement is None]
-        report = await asyncio.to_thread(leftovers.run, dry_run, min(waiting) if waiting else None)
+        report = await leftovers.run(dry_run, min(waiting) if waiting else None)
         for leftover in report["leftovers"]:
             self.log.info("cleanup: agreement %s of provider %s: %s", leftover["agreement_id"],
                           leftover.get("provider_name") or leftover.get("provider_id"), leftover["outcome"])
@@ -9146,6 +9150,8 @@ def _add_cleanup(commands, common) -> None:
 
 
 def cmd_cleanup(args) -> int:
+    import asyncio
+
     datadir = _datadir(args)
     client = WebserverClient(datadir, args.port)
     try:
@@ -9159,7 +9165,7 @@ def cmd_cleanup(args) -> int:
         with Store(datadir) as store:
             rentals = LeftoverRentals(url, vpn_app_key(datadir), app_session_id(datadir), ClusterRecords(store))
             try:
-                report = rentals.run(args.dry_run)
+                report = asyncio.run(rentals.run(args.dry_run))
             except ServiceUnavailable:
                 raise ServiceUnavailable(f"no yagna or local network answers on {url}: start the services "
                                          "(`ray-on-golem start`) or set YAGNA_API_URL") from None
