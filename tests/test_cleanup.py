@@ -160,3 +160,24 @@ def test_cleanup_without_a_webserver_asks_the_local_network_directly(tmp_path, r
         assert stop_localnet(ln) == 0
     gone = run_cli("cleanup")  # nothing answers any more: a clear error, exit 1
     assert gone.returncode == 1 and "no yagna or local network answers" in gone.stderr, gone.stderr
+
+
+@pytest.mark.yagna
+def test_cleanup_through_the_webserver_on_the_real_yagna(tmp_path, netns):
+    """The same list calls against yagna 0.17.6 itself (offline, loopback only): nothing of ours is
+    signed there, so nothing is listed and nothing ended."""
+    from test_services import _make_services, _teardown
+
+    svc = _make_services(tmp_path, "holesky", netns)
+    try:
+        started = svc.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        dry = svc.cli("cleanup", "--datadir", svc.datadir, "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+        assert json.loads(dry.stdout) == {"app_session_id": rog.app_session_id(svc.datadir), "dry_run": True,
+                                          "leftovers": [], "owned": []}
+        done = svc.cli("cleanup", "--datadir", svc.datadir)
+        assert done.returncode == 0 and "No Approved agreements of this data dir's app session." in done.stdout, done
+    finally:
+        svc.stop("--kill")
+        _teardown(svc)
