@@ -1562,6 +1562,26 @@ class Market:
         self._expire(agreement)
         return agreement
 
+    def list_agreements(self, app_session_id: str | None = None, state: str | None = None,
+                        before: datetime | None = None, after: datetime | None = None) -> list[dict]:
+        """`GET /agreements`: yagna's filters (equal session and state, creation time strictly
+        before/after) and its `AgreementListEntry` (core/market/src/db/dao/agreement.rs `list`,
+        core/market/src/market.rs `list_agreements`; docs/yagna-behaviour.md §3)."""
+        entries = []
+        for agreement in list(self.agreements.values()):
+            self._expire(agreement)
+            if app_session_id is not None and agreement.app_session_id != app_session_id:
+                continue
+            if state is not None and agreement.state != state:
+                continue
+            if (before is not None and agreement.timestamp >= before) or (after is not None and agreement.timestamp <= after):
+                continue
+            entry = {"id": agreement.id, "timestamp": iso(agreement.timestamp), "role": "Requestor"}
+            if agreement.approved_at is not None:
+                entry["approvedDate"] = iso(agreement.approved_at)
+            entries.append(entry)
+        return entries
+
     def set_state(self, agreement: Agreement, state: str) -> None:
         assert state in AGREEMENT_STATES, state
         old = agreement.state
@@ -1739,6 +1759,15 @@ class MarketRoutes(HttpHandler):
     async def get_agreement(self) -> Response:
         market = self.net.market
         return self.ok(market.get_agreement(self.params["agreement_id"]).to_json(market))
+
+    async def get_agreements(self) -> Response:
+        query = self.request.query
+        state = query.get("state") or None
+        if state is not None and state not in AGREEMENT_STATES:
+            raise HttpError(400, f"state: expected one of {', '.join(AGREEMENT_STATES)}, got {state!r}")
+        before = parse_iso(query["beforeDate"], "beforeDate") if query.get("beforeDate") else None
+        after = parse_iso(query["afterDate"], "afterDate") if query.get("afterDate") else None
+        return self.ok(self.net.market.list_agreements(query.get("appSessionId") or None, state, before, after))
 
     async def post_agreement_confirm(self) -> Response:
         market = self.net.market
@@ -3349,6 +3378,19 @@ class ActivityRoutes(HttpHandler):
         activity = self.net.activities.create(self.net.market.get_agreement(agreement_id))
         return self.ok({"activityId": activity.activity_id} if as_object else activity.activity_id, 201)
 
+    async def get_activities(self) -> Response:
+        """`GET /activity?agreementId=`: the ids of the agreement's activities, ended ones too
+        (yagna core/activity/src/api.rs `get_activities_for_agreement_web`)."""
+        agreement_id = self.request.query.get("agreementId")
+        if not agreement_id:
+            raise HttpError(400, "agreementId: expected an agreement id")
+        self.net.market.get_agreement(agreement_id)  # 404 for an unknown one
+        return self.ok([a.activity_id for a in self.net.activities.activities.values() if a.agreement_id == agreement_id])
+
+    async def get_activity_agreement(self) -> Response:
+        """`GET /activity/{id}/agreement`: the agreement id as a JSON string (yagna core/activity/src/api.rs)."""
+        return self.ok(self.net.activities.get(self.params["activity_id"]).agreement_id)
+
     async def delete_activity(self) -> Response:
         activity = self.net.activities.get(self.params["activity_id"])
         await self.net.activities.destroy(activity.activity_id)
@@ -4282,6 +4324,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", f"{M}/demands/{{demand_id}}/proposals/{{proposal_id}}", "post_counter_proposal"),
     ("POST", f"{M}/demands/{{demand_id}}/proposals/{{proposal_id}}/reject", "post_reject_proposal"),
     ("POST", f"{M}/agreements", "post_agreements"),
+    ("GET", f"{M}/agreements", "get_agreements"),
     ("GET", f"{M}/agreements/{{agreement_id}}", "get_agreement"),
     ("POST", f"{M}/agreements/{{agreement_id}}/confirm", "post_agreement_confirm"),
     ("POST", f"{M}/agreements/{{agreement_id}}/wait", "post_agreement_wait"),
@@ -4301,7 +4344,6 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/invoices/{{invoice_id}}", "get_invoice"),
     ("GET", f"{P}/debitNotes/{{debit_note_id}}", "get_debit_note"),
     # spec endpoints golem-core 0.7.8 never calls: 501 with a JSON message (§1)
-    ("GET", f"{M}/agreements", "not_implemented"),
     ("GET", f"{M}/agreementEvents", "not_implemented"),
     ("POST", f"{M}/agreements/{{agreement_id}}/cancel", "not_implemented"),
     ("POST", f"{M}/agreements/{{agreement_id}}/terminate/reason", "not_implemented"),
@@ -4319,13 +4361,14 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", f"{P}/payments/status", "not_implemented"),
     # activity (section 6): docs/yagna-behaviour.md §4
     ("POST", f"{A}/activity", "post_activity"),
+    ("GET", f"{A}/activity", "get_activities"),
     ("DELETE", f"{A}/activity/{{activity_id}}", "delete_activity"),
     ("GET", f"{A}/activity/{{activity_id}}/state", "get_activity_state"),
     ("GET", f"{A}/activity/{{activity_id}}/usage", "get_activity_usage"),
     ("POST", f"{A}/activity/{{activity_id}}/exec", "post_activity_exec"),
     ("GET", f"{A}/activity/{{activity_id}}/exec/{{batch_id}}", "get_activity_exec"),
     ("GET", f"{A}/activity/{{activity_id}}/command", "not_implemented"),
-    ("GET", f"{A}/activity/{{activity_id}}/agreement", "not_implemented"),
+    ("GET", f"{A}/activity/{{activity_id}}/agreement", "get_activity_agreement"),
     ("POST", f"{A}/activity/{{activity_id}}/encrypted", "not_implemented"),
     # net (section 7): docs/yagna-behaviour.md §4
     ("POST", f"{N}/net", "post_net"),

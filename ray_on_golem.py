@@ -1599,6 +1599,20 @@ MIGRATIONS.append([
 ])
 # A provider that bills more than its agreed prices allow (section 7, Payments).
 PROVIDER_EVENT_KINDS["billing_breach"] = False
+# `ray-on-golem cleanup` (section 7, LeftoverRentals): the agreements of our app session it ended,
+# most of them unknown to the other tables (a crash before they were recorded, another data dir's
+# store lost), hence no foreign keys.
+MIGRATIONS.append([
+    """CREATE TABLE cleanups (
+        agreement_id   TEXT PRIMARY KEY,
+        provider_id    TEXT,
+        provider_name  TEXT,
+        activities     TEXT NOT NULL DEFAULT '[]',
+        created_at     REAL,
+        ended_at       REAL NOT NULL,
+        outcome        TEXT NOT NULL
+    )""",
+])
 
 
 # The rows of clusters and payments (written by section 7): their queries live here, with the Store's.
@@ -1707,6 +1721,29 @@ class ClusterRecords:
         row = self.store.conn.execute("SELECT cluster_name, node_id FROM agreements WHERE agreement_id = ?",
                                       (agreement_id,)).fetchone()
         return dict(row) if row else None
+
+    def owned_agreements(self) -> dict[str, dict]:
+        """`{agreement_id: {cluster_name, node_id}}`: agreements not recorded ended whose node is not
+        terminated. They belong to a cluster (a restarted webserver adopts them); `cleanup` keeps them."""
+        return {r["agreement_id"]: {"cluster_name": r["cluster_name"], "node_id": r["node_id"]}
+                for r in self.store.conn.execute(
+                    "SELECT a.agreement_id, a.cluster_name, a.node_id FROM agreements a JOIN nodes n "
+                    "ON n.node_id = a.node_id WHERE a.terminated_at IS NULL AND n.state != 'terminated'")}
+
+    def leftover_ended(self, leftover: dict, outcome: str) -> None:
+        """`cleanup` ended (or failed to end) an agreement no cluster owned: one `cleanups` row each."""
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO cleanups (agreement_id, provider_id, provider_name, activities, "
+                "created_at, ended_at, outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (leftover["agreement_id"], leftover.get("provider_id"), leftover.get("provider_name"),
+                 json.dumps([a["activity_id"] for a in leftover.get("activities", [])]),
+                 leftover.get("created_at"), self.store.clock(), outcome))
+        if outcome == "ended":
+            self.agreement_ended(leftover["agreement_id"], "ended by `ray-on-golem cleanup`: no cluster owned it")
+
+    def cleanups(self) -> list[dict]:
+        return [dict(r) for r in self.store.conn.execute("SELECT * FROM cleanups ORDER BY ended_at")]
 
     def open_agreements(self) -> list[dict]:
         return [dict(r) for r in self.store.conn.execute(
@@ -2647,6 +2684,31 @@ def vpn_app_key(datadir: str) -> str:
     except OSError:
         raise UsageError("no app key: set YAGNA_APPKEY, or start the services (`ray-on-golem start`) "
                          "so the local network's key is in the data dir") from None
+
+
+def app_session_id(datadir: str) -> str:
+    """The app session of this data dir, the same across webserver restarts: yagna tags each agreement
+    we confirm with it (golem-core `Agreement.confirm`), so `GET /market-api/v1/agreements?appSessionId=`
+    lists ours and never another application's, and payment events are filtered by it
+    (docs/yagna-behaviour.md §3). Derived from the data dir's real path, so nothing to store or lose."""
+    import hashlib
+
+    return "ray-on-golem-" + hashlib.sha256(os.path.realpath(datadir).encode()).hexdigest()[:24]
+
+
+def yagna_api_url(datadir: str) -> str:
+    """yagna's REST root for a process that is not the webserver: $YAGNA_API_URL, the local network
+    of this data dir, else yagna's default (golem-core reads the same variable)."""
+    import json
+
+    url = os.environ.get("YAGNA_API_URL")
+    if not url:
+        try:
+            with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
+                url = json.load(f).get("url")
+        except (OSError, ValueError):
+            url = None
+    return (url or DEFAULT_YAGNA_API_URL).rstrip("/")
 
 
 def golem_node_for(service: "YagnaService", collect_payment_events: bool = True):
@@ -4022,6 +4084,117 @@ class Cluster:
         return pipeline
 
 
+class LeftoverRentals:
+    """Agreements of our app session that yagna still holds Approved although no cluster of ours
+    owns them (a crash before they were recorded, a terminate that failed), and their activities.
+
+    One code path for `ray-on-golem cleanup` (in the webserver through ClusterService.cleanup, or
+    directly when none runs) and for a restarted webserver (ClusterService.recover). It speaks
+    yagna's REST API itself: golem-core 0.7.8 (ya-aioclient 0.6) cannot list agreements or the
+    activities of one (docs/yagna-behaviour.md §3). Its HTTP calls run in a thread, its Store work in
+    the caller's (sqlite3 objects stay in the thread that made them).
+    """
+
+    END_REASON = "cleanup"
+
+    def __init__(self, api_url: str, app_key: str, app_session: str, records: "ClusterRecords"):
+        self.api_url = api_url.rstrip("/")
+        self._app_key = app_key  # secret: never in a message
+        self.app_session = app_session
+        self.records = records
+
+    async def _call(self, method: str, path: str, body=None, timeout: float = 30.0):
+        import asyncio
+
+        return await asyncio.to_thread(self._request, method, path, body, timeout)
+
+    def _request(self, method: str, path: str, body, timeout: float):
+        import urllib.parse
+
+        status, data = http_request(method, self.api_url + path, token=self._app_key, body=body, timeout=timeout)
+        if status >= 400:
+            message = data.get("message") if isinstance(data, dict) else data
+            raise RayOnGolemError(f"{method} {urllib.parse.urlsplit(path).path}: HTTP {status}: {message}")
+        return data
+
+    async def find(self, before: float | None = None) -> dict:
+        """`{"leftovers": [...], "owned": [...]}`: every Approved agreement of our app session
+        (created before `before`, a time.time(), if given), split by whether a cluster owns it."""
+        import urllib.parse
+
+        query = {"appSessionId": self.app_session, "state": "Approved"}
+        if before is not None:
+            query["beforeDate"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(before)) + f".{int(before % 1 * 1e6):06d}Z"
+        entries = await self._call("GET", "/market-api/v1/agreements?" + urllib.parse.urlencode(query))
+        owners = self.records.owned_agreements()  # read after the list: what was signed meanwhile is in it
+        found = {"leftovers": [], "owned": []}
+        for entry in entries or []:
+            agreement_id = entry["id"]
+            item = {"agreement_id": agreement_id, "created_at": _parse_rfc3339(entry.get("timestamp")),
+                    "approved_at": _parse_rfc3339(entry.get("approvedDate"))}
+            owner = owners.get(agreement_id)
+            if owner is not None:
+                found["owned"].append({**item, **owner})
+                continue
+            details = await self._call("GET", f"/market-api/v1/agreements/{urllib.parse.quote(agreement_id)}")
+            offer = (details or {}).get("offer") or {}
+            item["provider_id"] = offer.get("providerId")
+            item["provider_name"] = (offer.get("properties") or {}).get("golem.node.id.name")
+            activity_ids = await self._call("GET", "/activity-api/v1/activity?"
+                                            + urllib.parse.urlencode({"agreementId": agreement_id}))
+            item["activities"] = [{"activity_id": activity_id, "state": await self._activity_state(activity_id)}
+                                  for activity_id in activity_ids or []]
+            found["leftovers"].append(item)
+        return found
+
+    async def _activity_state(self, activity_id: str) -> str:
+        try:
+            state = await self._call("GET", f"/activity-api/v1/activity/{activity_id}/state", timeout=10.0)
+            return str(((state or {}).get("state") or ["unknown"])[0])
+        except (RayOnGolemError, ServiceUnavailable):
+            return "unknown"
+
+    async def end(self, leftover: dict) -> str:
+        """Destroy its activities, then terminate it (reason `cleanup`); recorded either way. 'ended' or why not."""
+        try:
+            for activity in leftover["activities"]:
+                if activity["state"] != "Terminated":
+                    await self._call("DELETE", f"/activity-api/v1/activity/{activity['activity_id']}")  # idempotent in yagna
+            try:
+                await self._call("POST", f"/market-api/v1/agreements/{leftover['agreement_id']}/terminate",
+                                 {"message": self.END_REASON})
+            except RayOnGolemError as e:
+                if "to Terminated" not in str(e):  # terminated meanwhile (by its provider): ended all the same
+                    raise
+            outcome = "ended"
+        except (RayOnGolemError, ServiceUnavailable) as e:
+            outcome = f"failed: {e}"
+        self.records.leftover_ended(leftover, outcome)
+        return outcome
+
+    async def run(self, dry_run: bool, before: float | None = None) -> dict:
+        """Find the leftovers and (unless `dry_run`) end them: the report `cleanup` prints."""
+        found = await self.find(before)
+        for leftover in found["leftovers"]:
+            leftover["outcome"] = "would end" if dry_run else await self.end(leftover)
+        return {"app_session_id": self.app_session, "dry_run": dry_run, **found}
+
+
+def _parse_rfc3339(text) -> float | None:
+    """yagna's timestamps (RFC 3339, `Z` or an offset, up to nanoseconds) as a time.time(); None if absent."""
+    from datetime import datetime, timezone
+
+    if not text:
+        return None
+    text = str(text).replace("Z", "+00:00")
+    main, dot, rest = text.partition(".")
+    if dot:  # Python parses at most microseconds
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{main}.{rest[:min(digits, 6)]}{rest[digits:]}"
+    parsed = datetime.fromisoformat(text)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+
+
 class ClusterService:
     """All clusters of the webserver, the route façade of the node routes; it runs in the webserver's loop.
 
@@ -4063,7 +4236,8 @@ class ClusterService:
                 yagna = self.yagna
                 if self._state() != "running" or not yagna.api_url:
                     raise ServiceUnavailable(f"{yagna.kind} is not ready yet; retry in a moment")
-                golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url)
+                golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url,
+                                  app_session_id=app_session_id(yagna.datadir))
                 await golem.start()
                 await golem.event_bus.on(NewDebitNote, self._on_debit_note)
                 await golem.event_bus.on(NewInvoice, self._on_invoice)
@@ -4101,6 +4275,27 @@ class ClusterService:
             except Exception as e:  # noqa: BLE001 - released or expired already is fine
                 self.log.info("orphan allocation %s: %s", allocation_id, e)
             self.records.allocation_released(allocation_id)
+
+    def leftovers(self) -> LeftoverRentals:
+        """Our app session's agreements no cluster owns (`cleanup`; recover() may end them too)."""
+        if self._state() != "running" or not self.yagna.api_url:
+            raise ServiceUnavailable(f"{self.yagna.kind} is not ready yet; retry in a moment")
+        return LeftoverRentals(self.yagna.api_url, self.yagna.app_key, app_session_id(self.yagna.datadir), self.records)
+
+    async def cleanup(self, dry_run: bool) -> dict:
+        """`ray-on-golem cleanup`: end the agreements of our app session that no cluster owns.
+
+        A node still waiting for its agreement may hold one yagna approved and we have not
+        recorded yet: only agreements created before the oldest such node was asked for count.
+        """
+        leftovers = self.leftovers()
+        waiting = [n.created_at for c in self.clusters.values() for n in c.nodes.values()
+                   if n.state == NodeState.PENDING and n.agreement is None]
+        report = await leftovers.run(dry_run, min(waiting) if waiting else None)
+        for leftover in report["leftovers"]:
+            self.log.info("cleanup: agreement %s of provider %s: %s", leftover["agreement_id"],
+                          leftover.get("provider_name") or leftover.get("provider_id"), leftover["outcome"])
+        return report
 
     # -- payments -------------------------------------------------------------------
 
@@ -6386,6 +6581,8 @@ class WebserverHandler:
         ("DELETE", "/clusters/{cluster}/nodes/{node}", "terminate_node"),
         ("POST", "/clusters/{cluster}/nodes/{node}/tags", "set_node_tags"),
         ("POST", "/clusters/{cluster}/autostop", "set_autostop"),
+        # `ray-on-golem cleanup` (section 7, LeftoverRentals): `{"dry_run": bool}`.
+        ("POST", "/cleanup", "cleanup"),
         # Payments (section 7): per node provider, prices, runtime and cost; `?cluster=NAME`.
         ("GET", "/costs", "costs"),
         # The status page (Dashboard): /login and the GET /dashboard routes admit its session cookie too.
@@ -6440,6 +6637,10 @@ class WebserverHandler:
             raise UsageError("idle_minutes: give it, or cancel: true (not both)")
         return {"cluster": request.params["cluster"],
                 "autostop": self.clusters.set_autostop(request.params["cluster"], body["idle_minutes"], body["down"])}
+
+    async def cleanup(self, request: Request) -> dict:
+        body = request.fields({"dry_run": (bool, False)})
+        return await self.clusters.cleanup(body["dry_run"])
 
     async def list_nodes(self, request: Request) -> dict:
         """Non-terminated nodes; `?tag.KEY=VALUE` filters (a node must have every key with that value)."""
@@ -8975,6 +9176,67 @@ def cmd_autostop(args) -> int:
     return EXIT_OK
 
 
+def _add_cleanup(commands, common) -> None:
+    parser = commands.add_parser(
+        "cleanup", parents=[common], help="end agreements and activities in yagna that no cluster of ours owns",
+        description="List the agreements yagna holds Approved for this data dir's app session (never another "
+                    "application's) and end those no cluster node owns: destroy their activities, then "
+                    "terminate them (reason `cleanup`). Asks the running webserver; with none running, "
+                    "talks to yagna or the local network directly ($YAGNA_APPKEY or the local network's key). "
+                    "Agreements of nodes recorded as running are kept (a restarted webserver adopts them).")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be ended; change nothing")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
+    parser.set_defaults(func=cmd_cleanup)
+
+
+def cmd_cleanup(args) -> int:
+    import asyncio
+
+    datadir = _datadir(args)
+    client = WebserverClient(datadir, args.port)
+    try:
+        running = client.status() is not None
+        if running:  # the webserver owns golem-core and the clusters: it decides what is owned
+            report = client.request("POST", "/cleanup", {"dry_run": args.dry_run}, timeout=300.0)
+    finally:
+        client.close()
+    if not running:
+        url = yagna_api_url(datadir)
+        with Store(datadir) as store:
+            rentals = LeftoverRentals(url, vpn_app_key(datadir), app_session_id(datadir), ClusterRecords(store))
+            try:
+                report = asyncio.run(rentals.run(args.dry_run))
+            except ServiceUnavailable:
+                raise ServiceUnavailable(f"no yagna or local network answers on {url}: start the services "
+                                         "(`ray-on-golem start`) or set YAGNA_API_URL") from None
+    failed = [r for r in report["leftovers"] if r["outcome"].startswith("failed")]
+    if args.json:
+        _print_json(report)
+        return EXIT_FAILED if failed else EXIT_OK
+    _print_cleanup(report)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_cleanup(report: dict) -> None:
+    """What `cleanup` found and did, for people: one row per leftover, then what it kept."""
+    leftovers, owned = report["leftovers"], report["owned"]
+    if not leftovers:
+        print("No leftover agreements: every Approved agreement of this data dir's app session belongs "
+              "to a cluster node." if owned else "No Approved agreements of this data dir's app session.")
+    else:
+        done = [r for r in leftovers if r["outcome"] in ("ended", "would end")]
+        print(f"{'Would end' if report['dry_run'] else 'Ended'} {len(done)} of {len(leftovers)} leftover "
+              "agreement(s) (no cluster owns them):")
+        _print_table(["AGREEMENT", "PROVIDER", "SINCE", "ACTIVITIES", "RESULT"], [
+            [r["agreement_id"], f"{r.get('provider_name') or '?'} ({r.get('provider_id') or '?'})",
+             format_time(r.get("approved_at") or r.get("created_at")),
+             ", ".join(f"{a['activity_id']} ({a['state']})" for a in r["activities"]) or "none",
+             r["outcome"]] for r in leftovers])
+    for r in owned:
+        print(f"Kept {r['agreement_id']}: node {r['node_id']} of cluster {r['cluster_name']}")
+
+
 def cmd_ssh_proxy(args) -> int:
     datadir = args.datadir or default_datadir()
     network_id = args.network_id
@@ -9077,6 +9339,7 @@ def build_parser() -> "argparse.ArgumentParser":
     _add_network_stats(commands, common)
     _add_costs(commands, common)
     _add_autostop(commands, common)
+    _add_cleanup(commands, common)
     _add_ssh_proxy(commands, common)
     _add_ssh(commands, common)
     _add_pythonpath(commands, common)
