@@ -4347,6 +4347,8 @@ class ClusterService:
         except UsageError as e:
             raise UsageError(f"provider_parameters.node_start_timeout: {e}") from None
         self.payments.check_can_start(cluster_name, tags, parameters)
+        # The checks of the cluster YAML (an image is required, ...): a 400 naming node_config.<field>.
+        resolve_node_config(node_config, head=tags.get(RAY_TAG_NODE_KIND) == "head")
         await self.connect()
         autostop = autostop_setting(parameters.get("autostop"))
         cluster = self.clusters.get(cluster_name)

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The node_config of a node requested over the webserver's API: the sample YAML's image (the local
+# network's registry knows every golem/ray-on-golem tag).
+NODE_CONFIG = {"demand": {"image_tag": "golem/ray-on-golem:0.13.0-py3.10.13-ray2.9.3"}}
 SAMPLE_CLUSTER = REPO / "sample-cluster.yaml"
 
 sys.path.insert(0, str(REPO))  # `import ray_on_golem` from the checkout, whatever the cwd

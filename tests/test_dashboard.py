@@ -23,7 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import NODE_CONFIG, REPO
 from test_cluster import RAY_BIN, RaySession, free_port, wait_for, write_cluster_yaml
 
 import ray_on_golem as rog
@@ -217,7 +217,7 @@ def test_a_stuck_node_shows_its_step_since_when_and_the_funnel_says_why(page_ses
     from playwright.sync_api import sync_playwright
 
     session = page_session
-    node_config = {"budget_control": {"max_cpu_per_hour_price": 0.000001}}
+    node_config = {**NODE_CONFIG, "budget_control": {"max_cpu_per_hour_price": 0.000001}}
     body = {"provider_parameters": {"payment_network": "local", "total_budget": 1, "node_start_timeout": 120},
             "node_config": node_config, "count": 1,
             "tags": {"ray-node-type": "worker", "ray-user-node-type": "ray.worker.default"}}

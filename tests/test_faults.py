@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, pid_alive
+from conftest import NODE_CONFIG, REPO, cli_env, pid_alive
 
 
 class Webserver:
@@ -79,7 +79,8 @@ def test_status_after_kill_9_says_what_the_webserver_left_running(tmp_path):
     try:
         node = first.call("POST", "/clusters/c9/nodes", {
             "provider_parameters": {"payment_network": "local", "total_budget": 1, "node_start_timeout": 120},
-            "tags": {"ray-node-type": "head", "ray-user-node-type": "head"}, "count": 1})["nodes"][0]
+            "node_config": NODE_CONFIG, "tags": {"ray-node-type": "head", "ray-user-node-type": "head"},
+            "count": 1})["nodes"][0]
         wait_for(lambda: first.call("GET", f"/clusters/c9/nodes/{node['node_id']}")["state"] == "running", 150,
                  what="the head node running")
         (agreement_id,), = first.db("SELECT agreement_id FROM agreements WHERE terminated_at IS NULL")

@@ -295,6 +295,8 @@ NODES = "/clusters/c16/nodes"
     (NODES, {"count": True}, "'count'"),
     (NODES, {"provider_parameters": {"node_start_timeout": "abc"}}, "provider_parameters.node_start_timeout"),
     (NODES, {"provider_parameters": {"node_start_timeout": [1]}}, "provider_parameters.node_start_timeout"),
+    (NODES, {"node_config": {}}, "node_config.demand: Either the `image_tag` or `image_hash` is required"),
+    (NODES, {"node_config": {"demand": {"image_tag": 7}}}, "node_config.demand.image_tag"),
     (NODES + "/node1/tags", {"tags": None}, "'tags'"),
     ("/shutdown", {"force": None}, "'force'"),
 ])

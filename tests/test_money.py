@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, pid_alive, start_localnet, stop_localnet
+from conftest import NODE_CONFIG, REPO, cli_env, pid_alive, start_localnet, stop_localnet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,7 +169,7 @@ class Money:
     def request_node(self, cluster: str, kind: str, budget: float) -> dict:
         status, body = self.call("POST", f"/clusters/{cluster}/nodes", {
             "provider_parameters": {"payment_network": "local", "total_budget": budget, "node_start_timeout": 90},
-            "tags": {"ray-node-type": kind, "ray-user-node-type": kind}, "count": 1})
+            "node_config": NODE_CONFIG, "tags": {"ray-node-type": kind, "ray-user-node-type": kind}, "count": 1})
         assert status == 200, body
         return body["nodes"][0]
 
@@ -294,7 +294,7 @@ def test_a_budget_running_out_stops_workers_newest_first_then_the_head(money_fac
     # The autoscaler asking for more is refused: the budget is used up.
     status, body = money.call("POST", "/clusters/c1/nodes", {
         "provider_parameters": {"payment_network": "local", "total_budget": budget},
-        "tags": {"ray-node-type": "worker"}, "count": 1})
+        "node_config": NODE_CONFIG, "tags": {"ray-node-type": "worker"}, "count": 1})
     assert status == 409 and "stopped by the budget" in body["error"], body
 
     # Every agreement's invoice settles; the ledger equals what the providers were paid.
@@ -414,7 +414,7 @@ def test_a_deadline_while_the_provider_approves_leaves_no_agreement_signed(money
     money = money_factory(profile(provider("slow-1", latency_s=8)))
     status, body = money.call("POST", "/clusters/c5/nodes", {
         "provider_parameters": {"payment_network": "local", "total_budget": 1, "node_start_timeout": 12},
-        "tags": {"ray-node-type": "head"}, "count": 1})
+        "node_config": NODE_CONFIG, "tags": {"ray-node-type": "head"}, "count": 1})
     assert status == 200, body
     node = money.wait_node("c5", body["nodes"][0]["node_id"], ("terminated",))
     assert "node_start_timeout of 12s reached" in node["error"], node
