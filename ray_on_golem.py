@@ -3848,6 +3848,8 @@ class SSHTunnel:
 
     _CONFIRMED = (("remote", re.compile(r"remote forward success for: listen \S*?:(\d+),")),
                   ("local", re.compile(r"Local forwarding listening on \S+ port (\d+)\.")))
+    # What `ssh -v` prints besides errors: not part of a failure's message.
+    _CHATTER = ("debug", "OpenSSH_", "Authenticated to", "Transferred:", "Bytes per second:")
 
     def __init__(self, ssh_argv, env: dict, log, forwards: dict[str, tuple[str, int, int]]):
         self.ssh_argv = ssh_argv  # ssh_argv(*options) -> the ssh argv to the head
@@ -3920,7 +3922,7 @@ class SSHTunnel:
                 if not raw:
                     break
                 line = raw.decode(errors="replace").strip()
-                if not line.startswith("debug"):
+                if line and not line.startswith(self._CHATTER):
                     errors.append(line)
                 for direction, pattern in self._CONFIRMED:
                     match = pattern.search(line)
@@ -4562,17 +4564,18 @@ class NodeProvisioner:
         if head:
             await self._open_tunnel(node)
 
-    async def _open_tunnel(self, node: ClusterNode) -> None:
+    async def _open_tunnel(self, node: ClusterNode, forwards: dict | None = None) -> None:
         """The head's provider reaches the webserver at its own 127.0.0.1:<webserver_port>; the
-        user reaches the head's Ray client server and dashboard at free ports of this machine."""
+        user reaches the head's Ray client server and dashboard at free ports of this machine.
+        `forwards`: a head's recorded `SSHTunnel.as_dict()["forwards"]` (same local ports again)."""
         import asyncio
 
         port = int(node.cluster.parameters.get("webserver_port") or DEFAULT_WEBSERVER_PORT)
         started = time.monotonic()
         node.tunnel = SSHTunnel(lambda *options: self._ssh_argv(node, *options), self._ssh_env(node), self.log,
-                                {"webserver": ("remote", port, port),
-                                 "client": ("local", 0, HEAD_RAY_CLIENT_PORT),
-                                 "dashboard": ("local", 0, HEAD_DASHBOARD_PORT)})
+                                forwards or {"webserver": ("remote", port, port),
+                                             "client": ("local", 0, HEAD_RAY_CLIENT_PORT),
+                                             "dashboard": ("local", 0, HEAD_DASHBOARD_PORT)})
         node.tunnel.start()
         try:
             await asyncio.wait_for(node.tunnel.up.wait(), SSH_READY_TIMEOUT_S)
