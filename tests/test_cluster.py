@@ -259,8 +259,11 @@ def assert_connect_lines(session: RaySession, up_output: str, head: dict, hostna
     """The two lines `ray up` ends with work: a Ray client runs a task on the head, the dashboard answers."""
     import urllib.request
 
-    client_port = int(re.search(r'^\s*ray\.init\("ray://127\.0\.0\.1:(\d+)"\)$', up_output, re.M).group(1))
-    dashboard = re.search(r"^\s*Dashboard: (http://127\.0\.0\.1:\d+)$", up_output, re.M).group(1)
+    # Ray's cli_logger prefixes each line with time and source when stdout is not a terminal.
+    client = re.search(r' ray\.init\("ray://127\.0\.0\.1:(\d+)"\)$', up_output, re.M)
+    dashboard = re.search(r" Dashboard: (http://127\.0\.0\.1:\d+)$", up_output, re.M)
+    assert client and dashboard, up_output[-3000:]
+    client_port, dashboard = int(client.group(1)), dashboard.group(1)
     assert {"client": client_port, "dashboard": int(dashboard.rsplit(":", 1)[1])} == head["local_ports"]
     with urllib.request.urlopen(f"{dashboard}/api/version", timeout=30) as answer:
         assert "ray_version" in json.load(answer)
