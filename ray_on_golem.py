@@ -3797,8 +3797,11 @@ def _free_port() -> int:
 
 SSH_USER = "root"  # the Golem image's only user (auth.ssh_user)
 SSH_READY_TIMEOUT_S = 60.0  # sshd started: it must answer within this
-TUNNEL_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # restart delays of a dead reverse tunnel
-TUNNEL_UP_AFTER_S = 2.0  # a tunnel ssh alive this long has its forward (ExitOnForwardFailure)
+TUNNEL_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # restart delays of a dead tunnel
+# The head's ports `ray up` forwards to this machine: Ray's defaults (`ray start --ray-client-server-port`,
+# `--dashboard-port`), which the head, a machine of its own, keeps.
+HEAD_RAY_CLIENT_PORT = 10001
+HEAD_DASHBOARD_PORT = 8265
 
 
 def cluster_dir(datadir: str, cluster_name: str) -> str:
@@ -3868,17 +3871,38 @@ def ssh_options(private_key: str, known_hosts: str, proxy: str | None, *, first_
     return ["-i", private_key] + [x for k, v in options.items() for x in ("-o", f"{k}={v}")]
 
 
-class ReverseTunnel:
-    """The head's way back: `ssh -N -R 127.0.0.1:P:127.0.0.1:P` from the head's loopback to
-    the webserver, restarted with backoff while the head runs; `state` is shown in `status`."""
+class SSHTunnel:
+    """One head's forwards over one supervised `ssh -N`, restarted with backoff while the head runs:
+    `remote` forwards (`-R`) the head's 127.0.0.1:<webserver port> back to the webserver (the
+    autoscaler's way back), `local` ones (`-L`) a free port of this machine's 127.0.0.1 to the head's
+    Ray client server and dashboard (what `ray up` prints). Its state and ports are in `status`.
 
-    def __init__(self, argv: list[str], env: dict, log):
-        self.argv = argv
+    `forwards` is `{name: (direction, listen_port, target_port)}`; a local listen port of 0 (or one
+    another process took meanwhile) is replaced by a free port before each start, else it is kept,
+    so a node's recorded `as_dict()["forwards"]` rebuilds the same tunnel (same addresses for users).
+
+    Up means ssh itself confirmed every forward, read from `ssh -v`: "remote forward success for:
+    listen H:P" (sshd has bound the head's port: it binds before it replies) and "Local forwarding
+    listening on H port P" (ssh has bound ours); ExitOnForwardFailure ends ssh on any refusal. That is
+    the moment the forwards work and costs nothing more. A probe (an ssh to the head that GETs the
+    webserver) would cost another connection through ssh-proxy per (re)start and race this one; a
+    connect to a local port cannot tell ssh's listener from another process's.
+    """
+
+    _CONFIRMED = (("remote", re.compile(r"remote forward success for: listen \S*?:(\d+),")),
+                  ("local", re.compile(r"Local forwarding listening on \S+ port (\d+)\.")))
+    # What `ssh -v` prints besides errors: not part of a failure's message.
+    _CHATTER = ("debug", "OpenSSH_", "Authenticated to", "Transferred:", "Bytes per second:")
+
+    def __init__(self, ssh_argv, env: dict, log, forwards: dict[str, tuple[str, int, int]]):
+        self.ssh_argv = ssh_argv  # ssh_argv(*options) -> the ssh argv to the head
         self.env = env
         self.log = log
+        self.forwards = {name: (direction, int(listen), int(target))
+                         for name, (direction, listen, target) in forwards.items()}
         self.state = "starting"
         self.restarts = 0
-        self.up = None  # asyncio.Event, set while the forward is up
+        self.up = None  # asyncio.Event, set while every forward is up
         self._task = None
         self._process = None
 
@@ -3888,29 +3912,77 @@ class ReverseTunnel:
         self.up = asyncio.Event()
         self._task = asyncio.create_task(self._supervise())
 
+    def local_ports(self) -> dict[str, int]:
+        """`{name: port}` of the local forwards (on this machine's 127.0.0.1)."""
+        return {name: listen for name, (direction, listen, _) in self.forwards.items() if direction == "local"}
+
+    def as_dict(self) -> dict:
+        return {"state": self.state, "restarts": self.restarts, "local_ports": self.local_ports(),
+                "forwards": {name: list(forward) for name, forward in self.forwards.items()}}
+
+    def claim_local_ports(self) -> None:
+        """Before each start: a free port for a local forward without one or whose port was taken."""
+        import socket
+
+        for name, (direction, listen, target) in self.forwards.items():
+            if direction != "local":
+                continue
+            if listen:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ssh binds its listeners
+                    try:
+                        s.bind((WEBSERVER_HOST, listen))
+                        continue
+                    except OSError:
+                        self.log.warning("tunnel: local port %d (%s) is taken, forwarding another", listen, name)
+            self.forwards[name] = (direction, _free_port(), target)
+
+    def _argv(self) -> list[str]:
+        options = ["-v", "-N", "-o", "ExitOnForwardFailure=yes"]
+        for direction, listen, target in self.forwards.values():
+            options += ["-R" if direction == "remote" else "-L",
+                        f"{WEBSERVER_HOST}:{listen}:{WEBSERVER_HOST}:{target}"]
+        return self.ssh_argv(*options)
+
     async def _supervise(self) -> None:
         import asyncio
+        import collections
         import subprocess
 
         failures = 0
         while True:
+            self.claim_local_ports()
             self._process = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                *self._argv(), env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, start_new_session=True)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._process.wait()), TUNNEL_UP_AFTER_S)
-            except asyncio.TimeoutError:
-                self.state = "up"
-                failures = 0
-                self.up.set()
-                await self._process.wait()
+            pending = set(self.forwards.values())
+            errors = collections.deque(maxlen=4)  # ssh's (and ssh-proxy's) last non-debug lines
+            while True:
+                try:
+                    raw = await self._process.stderr.readline()
+                except ValueError:  # a line over the stream's limit: dropped
+                    continue
+                if not raw:
+                    break
+                line = raw.decode(errors="replace").strip()
+                if line and not line.startswith(self._CHATTER):
+                    errors.append(line)
+                for direction, pattern in self._CONFIRMED:
+                    match = pattern.search(line)
+                    if match:
+                        pending -= {f for f in pending if f[0] == direction and f[1] == int(match.group(1))}
+                if not pending and not self.up.is_set():
+                    self.state = "up"
+                    failures = 0
+                    self.up.set()
+            await self._process.wait()
             self.up.clear()
-            error = (await self._process.stderr.read()).decode(errors="replace").strip()[-300:]
+            error = " ".join(errors)[-300:]
             delay = TUNNEL_BACKOFF_S[min(failures, len(TUNNEL_BACKOFF_S) - 1)]
             failures += 1
             self.restarts += 1
             self.state = f"down, restarting in {delay:g} s" + (f" ({error})" if error else "")
-            self.log.warning("reverse tunnel %s", self.state)
+            self.log.warning("tunnel %s", self.state)
             await asyncio.sleep(delay)
 
     async def stop(self) -> None:
@@ -3952,7 +4024,7 @@ class ClusterNode:
         self.external_ip: str | None = None
         self.vpn_ip: str | None = None
         self.network_id: str | None = None  # its VPN's net API id (ssh-proxy)
-        self.tunnel: ReverseTunnel | None = None  # the head's way back to the webserver
+        self.tunnel: SSHTunnel | None = None  # the head's way back to the webserver, and the user's to Ray
         self.ray_tmpdir: str | None = None
         self.provider_id: str | None = None
         self.provider_name: str | None = None
@@ -4013,6 +4085,7 @@ class ClusterNode:
             "external_ip": self.external_ip,
             "network_id": self.network_id,
             "tunnel": self.tunnel.state if self.tunnel is not None else None,
+            "local_ports": self.tunnel.local_ports() if self.tunnel is not None else None,
             "provider_id": self.provider_id,
             "provider_name": self.provider_name,
             "price": self.price,
@@ -4396,8 +4469,8 @@ class ClusterService:
         self.provisioner.stop_node(node, message, error)
 
     def tunnels(self) -> dict[str, dict[str, dict]]:
-        """`{cluster: {node: {state, restarts}}}`: the reverse tunnels of the live heads."""
-        return {name: {node.node_id: {"state": node.tunnel.state, "restarts": node.tunnel.restarts}
+        """`{cluster: {node: {state, restarts, local_ports, forwards}}}`: the tunnels of the live heads."""
+        return {name: {node.node_id: node.tunnel.as_dict()
                        for node in cluster.nodes.values() if node.tunnel is not None}
                 for name, cluster in self.clusters.items()}
 
@@ -4623,7 +4696,8 @@ class NodeProvisioner:
 
     async def _open_ssh(self, node: ClusterNode) -> None:
         """Install the cluster key, start sshd as the Golem image expects, pin the host key at the
-        first answer; on the head also copy the webserver token (0600) and open the reverse tunnel."""
+        first answer (on the head that first ssh also copies the webserver token, 0600, by stdin),
+        then on the head open its tunnel."""
         import asyncio
 
         cluster = node.cluster
@@ -4639,11 +4713,22 @@ class NodeProvisioner:
             'chmod 600 "$HOME/.ssh/authorized_keys" && '
             '(service ssh start >/dev/null 2>&1 || { mkdir -p /run/sshd && /usr/sbin/sshd; })'),
             kind="start_failed", what="starting sshd")
+        sshd_started = time.monotonic()
+        head = node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD
+        command, stdin = ["true"], None
+        if head:  # the head's provider authenticates with the token: copied on the first contact
+            datadir = cluster.service.yagna.datadir
+            token = read_token(datadir)
+            if token is None:
+                raise RayOnGolemError(f"no webserver token in {datadir}")
+            command = [f'umask 077 && mkdir -p "$HOME/{NODE_STATE_DIR}" && '
+                       f'cat > "$HOME/{NODE_STATE_DIR}/{WEBSERVER_TOKEN_FILE}"']
+            stdin = (token + "\n").encode()
         deadline = time.monotonic() + SSH_READY_TIMEOUT_S
         error = ""
         while time.monotonic() < deadline:
             code, error = await self._ssh(node, self._ssh_argv(node, "-o", "ConnectTimeout=10", first_contact=True)
-                                          + ["true"], timeout=20.0)
+                                          + command, stdin=stdin, timeout=20.0)
             if code == 0:
                 break
             if "HOST IDENTIFICATION HAS CHANGED" in error or "Host key verification failed" in error:
@@ -4652,35 +4737,32 @@ class NodeProvisioner:
         else:
             raise NodeStartFailed("connection_failed", f"sshd did not answer within "
                                   f"{SSH_READY_TIMEOUT_S:g} s: {error[-300:]}")
-        node.log(f"SSH answers ({time.monotonic() - started:.1f} s after starting sshd)")
-        if node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+        node.log(f"SSH answers (sshd started in {sshd_started - started:.1f} s, "
+                 f"first answer {time.monotonic() - sshd_started:.1f} s later)")
+        if head:
             await self._open_tunnel(node)
 
-    async def _open_tunnel(self, node: ClusterNode) -> None:
-        """The head's provider reaches the webserver at its own 127.0.0.1:<webserver_port>."""
+    async def _open_tunnel(self, node: ClusterNode, forwards: dict | None = None) -> None:
+        """The head's provider reaches the webserver at its own 127.0.0.1:<webserver_port>; the
+        user reaches the head's Ray client server and dashboard at free ports of this machine.
+        `forwards`: a head's recorded `SSHTunnel.as_dict()["forwards"]` (same local ports again)."""
         import asyncio
 
-        datadir = node.cluster.service.yagna.datadir
-        token = read_token(datadir)
-        if token is None:
-            raise RayOnGolemError(f"no webserver token in {datadir}")
-        code, error = await self._ssh(node, self._ssh_argv(node) + [
-            f'umask 077 && mkdir -p "$HOME/{NODE_STATE_DIR}" && cat > "$HOME/{NODE_STATE_DIR}/{WEBSERVER_TOKEN_FILE}"'],
-            stdin=(token + "\n").encode())
-        if code != 0:
-            raise NodeStartFailed("connection_failed", f"copying the webserver token failed: {error[-300:]}")
         port = int(node.cluster.parameters.get("webserver_port") or DEFAULT_WEBSERVER_PORT)
         started = time.monotonic()
-        node.tunnel = ReverseTunnel(self._ssh_argv(node, "-N", "-o", "ExitOnForwardFailure=yes", "-R",
-                                                   f"{WEBSERVER_HOST}:{port}:{WEBSERVER_HOST}:{port}"),
-                                    self._ssh_env(node), self.log)
+        node.tunnel = SSHTunnel(lambda *options: self._ssh_argv(node, *options), self._ssh_env(node), self.log,
+                                forwards or {"webserver": ("remote", port, port),
+                                             "client": ("local", 0, HEAD_RAY_CLIENT_PORT),
+                                             "dashboard": ("local", 0, HEAD_DASHBOARD_PORT)})
         node.tunnel.start()
         try:
             await asyncio.wait_for(node.tunnel.up.wait(), SSH_READY_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise NodeStartFailed("connection_failed", f"the reverse tunnel did not come up: "
+            raise NodeStartFailed("connection_failed", f"the tunnel to the head did not come up: "
                                   f"{node.tunnel.state}") from None
-        node.log(f"Tunnel to the webserver up ({time.monotonic() - started:.1f} s)")
+        ports = node.tunnel.local_ports()
+        node.log(f"Tunnel to the webserver up ({time.monotonic() - started:.1f} s); Ray client on "
+                 f"{WEBSERVER_HOST}:{ports['client']}, dashboard on {WEBSERVER_HOST}:{ports['dashboard']}")
 
     async def _batch(self, node: ClusterNode, command, *, kind: str, what: str, timeout: float = DEPLOY_TIMEOUT_S):
         """Run one command as its own batch; NodeStartFailed(kind) when it fails."""
@@ -6994,7 +7076,7 @@ class Webserver:
             "clusters": self.clusters(),
             # Payments (section 7): spent, reserved, remaining and burn rate per cluster.
             "budgets": self.cluster_service.payments.budgets(),
-            # The heads' reverse SSH tunnels to this webserver (section 7, ReverseTunnel).
+            # The heads' SSH tunnels: back to this webserver, and the local forwards (section 7, SSHTunnel).
             "tunnels": self.cluster_service.tunnels(),
             # Autostop (section 7): each cluster's setting and time to go.
             "autostop": self.cluster_service.autostop.report(),
@@ -7647,6 +7729,14 @@ def format_autostop(autostop: dict) -> str:
     return text + f"busy ({autostop.get('busy') or 'not checked yet'})"
 
 
+def connect_lines(local_ports: dict | None) -> list[str]:
+    """How a user reaches a cluster through its head's local forwards (`status`, the end of `ray up`)."""
+    if not local_ports:
+        return []
+    return [f'ray.init("ray://{WEBSERVER_HOST}:{local_ports["client"]}")',
+            f"Dashboard: http://{WEBSERVER_HOST}:{local_ports['dashboard']}"]
+
+
 def format_status(report: dict) -> str:
     """The human status text, as in the original's `status` (docs/yagna-behaviour.md §7) plus yagna and clusters."""
     status = report["webserver"]
@@ -7689,6 +7779,7 @@ def format_status(report: dict) -> str:
             for node_id, tunnel in sorted(((status.get("tunnels") or {}).get(name) or {}).items()):
                 lines.append(f"\t  tunnel from head {node_id}: {tunnel['state']}"
                              + (f" ({tunnel['restarts']} restart(s))" if tunnel["restarts"] else ""))
+                lines.extend(f"\t  {line}" for line in connect_lines(tunnel.get("local_ports")))
             if budget:
                 shown = format_budget(budget)
                 lines.append(f"\t  budget {shown['total_budget']}: {shown['spent']} spent, "
@@ -7908,6 +7999,35 @@ class GolemNodeProviderMixin:
         self._client = webserver_client_for(provider_config)
         self._lock = _threading.Lock()
         self._cache: dict[str, dict] = {}
+        if not os.environ.get(ON_GOLEM_NETWORK_ENV):
+            self._print_how_to_connect_after_ray_up()
+
+    def _print_how_to_connect_after_ray_up(self) -> None:
+        """`ray up` ends with how to connect: Ray fires `cluster_booting_completed` once the head is set
+        up (ray/autoscaler/_private/commands.py::get_or_create_head_node, just before its "Useful
+        commands"), in `ray up` (and `ray exec --start`) only. Registered once per cluster and process."""
+        from ray.autoscaler._private.event_system import CreateClusterEvent, global_event_system
+
+        event = CreateClusterEvent.cluster_booting_completed
+        for callback in global_event_system.callback_map.get(event, []):
+            if getattr(callback, "__name__", "") == "_print_how_to_connect" and \
+                    getattr(callback.__self__, "cluster_name", None) == self.cluster_name:
+                return
+        global_event_system.add_callback_handler(event, self._print_how_to_connect)
+
+    def _print_how_to_connect(self, event: dict) -> None:
+        from ray.autoscaler._private.cli_logger import cli_logger
+
+        try:
+            head = self._node(event["head_node_id"], fresh=True)
+        except Exception:  # noqa: BLE001 - another cluster's head (SDK), or the webserver gone: no hint
+            return
+        lines = connect_lines(head.get("local_ports"))
+        if lines:
+            cli_logger.newline()
+            cli_logger.print("Connect to the cluster (the webserver forwards these ports while the cluster runs):")
+            for line in lines:
+                cli_logger.print("  {}", line)
 
     # -- helpers ----------------------------------------------------------
     def _call(self, method: str, path: str, body: dict | None = None):

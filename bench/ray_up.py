@@ -5,16 +5,20 @@ market (bench/local_provider.py), measured in the same run.
 
     python bench/ray_up.py [--runs 3]
 
-Prints the median of the runs and the ratio to the baseline (target: <= 1.3x). Each
+Prints the median of the runs and the ratio to the baseline (target: <= 1.2x). Each
 run is a fresh cluster (`ray up -y --no-config-cache`, workers from `min_workers: 2`,
 then `ray down -y`); the Golem runs include starting the webserver and the local
-network, as a user's first `ray up` does.
+network, as a user's first `ray up` does. Then where a Golem run's time goes, from the
+nodes' state logs (their numbered steps [n/7], "SSH answers (sshd started in A s, first
+answer B s later)", "Tunnel to the webserver up (C s)"): median per step, head and workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import os
 import shutil
 import socket
@@ -76,7 +80,30 @@ def ready_workers(kind: str, workdir: Path, port: int, cluster: str) -> int:
     return sum(1 for t in tags if t.get("ray-node-type") == "worker" and t.get("ray-node-status") == "up-to-date")
 
 
-def one_run(kind: str) -> tuple[float, float]:
+STEP_NAMES = ("agreement", "activity", "VPN", "deploy", "start", "bootstrap")
+
+
+def bring_up_steps(node: dict) -> dict[str, float]:
+    """Seconds per bring-up step of one running node, from its state log and timestamps."""
+    log, at = node["state_log"], node["state_log_at"]
+    numbered = {int(m.group(1)): at[i] for i, line in enumerate(log) if (m := re.match(r"\[(\d)/7\]", line))}
+    steps = {name: numbered[n + 2] - numbered[n + 1] for n, name in enumerate(STEP_NAMES[:-1]) if n + 2 in numbered}
+    text = "\n".join(log)
+    ssh = re.search(r"SSH answers \(sshd started in ([\d.]+) s, first answer ([\d.]+) s later\)", text)
+    tunnel = re.search(r"Tunnel to the webserver up \(([\d.]+) s\)", text)
+    if ssh and 6 in numbered and 7 in numbered:
+        steps["sshd start"], steps["first SSH"] = float(ssh.group(1)), float(ssh.group(2))
+        if tunnel:
+            steps["tunnel up"] = float(tunnel.group(1))
+        # Environment script and version check: step 6 without the SSH parts.
+        steps["bootstrap"] = numbered[7] - numbered[6] - sum(steps.get(k, 0.0) for k in ("sshd start", "first SSH",
+                                                                                          "tunnel up"))
+    if 1 in numbered and 7 in numbered:
+        steps["node total [1/7]-[7/7]"] = numbered[7] - numbered[1]
+    return steps
+
+
+def one_run(kind: str) -> tuple[float, float, dict]:
     workdir = Path(tempfile.mkdtemp(prefix=f"rog-bench-{kind}-"))
     port = free_port()
     config = cluster_config(kind, workdir, port)
@@ -88,7 +115,7 @@ def one_run(kind: str) -> tuple[float, float]:
                PYTHONPATH=os.pathsep.join([str(REPO / "bench"), str(REPO)]))
     env.pop("RAY_ON_GOLEM_DATADIR", None)
     try:
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         up = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(path)], env=env, capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, timeout=900)
         head = time.monotonic() - started
@@ -100,7 +127,23 @@ def one_run(kind: str) -> tuple[float, float]:
                 raise SystemExit(f"{kind}: {WORKERS} workers not ready within 900 s")
             time.sleep(0.25)
         workers = time.monotonic() - started
-        return head, workers
+        steps: dict = {"head": {}, "worker": collections.defaultdict(list)}
+        if kind == "golem":
+            client = rog.WebserverClient(str(workdir / "datadir"), port)
+            try:
+                nodes = client.request("GET", f"/clusters/{config['cluster_name']}/nodes")["nodes"]
+            finally:
+                client.close()
+            for node in nodes:
+                found = bring_up_steps(node)
+                if node["tags"].get("ray-node-type") == "head":
+                    found["ray up start -> [1/7] (services, market)"] = node["state_log_at"][0] - started_wall
+                    found["[7/7] -> ray up done (Ray's setup, ray start)"] = started_wall + head - node["state_log_at"][-1]
+                    steps["head"] = found
+                else:
+                    for name, value in found.items():
+                        steps["worker"][name].append(value)
+        return head, workers, steps
     finally:
         subprocess.run([RAY, "down", "-y", str(path)], env=env, capture_output=True, stdin=subprocess.DEVNULL,
                        timeout=600)
@@ -116,10 +159,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per variant (default 3)")
     args = parser.parse_args()
     results: dict[str, list[tuple[float, float]]] = {"baseline": [], "golem": []}
+    head_steps, worker_steps = collections.defaultdict(list), collections.defaultdict(list)
     for i in range(args.runs):  # interleaved, so machine load hits both alike
         for kind in ("baseline", "golem"):
-            head, workers = one_run(kind)
+            head, workers, steps = one_run(kind)
             results[kind].append((head, workers))
+            for name, value in steps["head"].items():
+                head_steps[name].append(value)
+            for name, values in steps["worker"].items():
+                worker_steps[name].extend(values)
             print(f"run {i + 1}/{args.runs} {kind:8}  head {head:6.1f} s  {WORKERS} workers {workers:6.1f} s",
                   file=sys.stderr, flush=True)
     base_head = statistics.median(h for h, _ in results["baseline"])
@@ -130,6 +178,13 @@ def main() -> int:
         head = statistics.median(h for h, _ in results[kind])
         workers = statistics.median(w for _, w in results[kind])
         print(f"{label:<28}{head:>10.1f} s{head / base_head:>7.2f}x{workers:>18.1f} s{workers / base_workers:>7.2f}x")
+    print(f"\nRay on Golem bring-up steps, median (head of {args.runs} runs, workers of all runs)")
+    print(f"{'step':<48}{'head':>10}{'worker':>10}")
+    for name in [*STEP_NAMES, "sshd start", "first SSH", "tunnel up", "node total [1/7]-[7/7]",
+                 *[n for n in head_steps if n.startswith(("ray up", "[7/7]"))]]:
+        cells = [f"{statistics.median(d[name]):>8.2f} s" if d.get(name) else f"{'-':>10}"
+                 for d in (head_steps, worker_steps)]
+        print(f"{name:<48}{cells[0]:>10}{cells[1]:>10}")
     return 0
 
 

@@ -255,6 +255,26 @@ def assert_dashboard_forward(session: RaySession, config: Path) -> None:
         proc.wait(timeout=30)
 
 
+def assert_connect_lines(session: RaySession, up_output: str, head: dict, hostname: str) -> None:
+    """The two lines `ray up` ends with work: a Ray client runs a task on the head, the dashboard answers."""
+    import urllib.request
+
+    # Ray's cli_logger prefixes each line with time and source when stdout is not a terminal.
+    client = re.search(r' ray\.init\("ray://127\.0\.0\.1:(\d+)"\)$', up_output, re.M)
+    dashboard = re.search(r" Dashboard: (http://127\.0\.0\.1:\d+)$", up_output, re.M)
+    assert client and dashboard, up_output[-3000:]
+    client_port, dashboard = int(client.group(1)), dashboard.group(1)
+    assert {"client": client_port, "dashboard": int(dashboard.rsplit(":", 1)[1])} == head["local_ports"]
+    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=30) as answer:
+        assert "ray_version" in json.load(answer)
+    driver = ("import socket, ray\n"
+              f"ray.init('ray://127.0.0.1:{client_port}')\n"
+              "print('ON', ray.get(ray.remote(lambda: socket.gethostname()).remote()))\n")
+    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=180,
+                         cwd=session.tmp_path, env=session.env, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and f"ON {hostname}" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
 def assert_no_secret_in_argv(session: RaySession) -> None:
     secrets = [(session.datadir / rog.WEBSERVER_TOKEN_FILE).read_text().strip(),
                (session.datadir / "localnet" / "appkey").read_text().strip()]
@@ -291,6 +311,9 @@ def test_ray_up_exec_submit_autoscale_down(session: RaySession, tmp_path: Path):
     assert session.api("GET", "/status")["tunnels"][cluster][head["node_id"]]["state"] == "up"
     hostname = session.ray("exec", str(config), "hostname").stdout.strip().splitlines()[-1]
     assert hostname in attach_and_type(session, config, "hostname")
+    # `ray up` ended with how to connect: the webserver's forwards on free ports of 127.0.0.1.
+    assert_connect_lines(session, up.stdout + up.stderr, head, hostname)
+    assert "ray.init(" not in status.stdout + status.stderr  # only `ray up` prints it
     # rsync-up then rsync-down round-trip 20 MiB byte for byte.
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(20 * 1024 * 1024))

@@ -86,6 +86,7 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     assert "SSH answers" in log and "Tunnel to the webserver up" in log, log
     ip = node["internal_ip"]
     assert ip.startswith("10.") and node["tunnel"] == "up"
+    print("\n".join(node["state_log"]))
 
     # One key pair per cluster, 0600; the node's host key pinned at first contact.
     assert stat.S_IMODE(os.stat(keys.private_key).st_mode) == 0o600
@@ -109,6 +110,15 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
         return run.stdout
 
     assert on_head(probe).split("\n")[:2] == ["0o600", "running"]
+    # The local forwards: free ports of this machine's 127.0.0.1 to the head's dashboard and Ray client ports.
+    ports = node["local_ports"]
+    assert set(ports) == {"client", "dashboard"} and len(set(ports.values())) == 2, ports
+    started = subprocess.run(ssh + [f"mkdir -p ~/web && echo forwarded-{node_id} > ~/web/marker.txt && cd ~/web && "
+                                    f"(nohup python3 -m http.server {rog.HEAD_DASHBOARD_PORT} --bind 127.0.0.1 "
+                                    ">/dev/null 2>&1 &)"], capture_output=True, text=True, env=env, timeout=60)
+    assert started.returncode == 0, started.stderr
+    assert wait_for(lambda: _get(f"http://127.0.0.1:{ports['dashboard']}/marker.txt"), 30, 0.3,
+                    "the dashboard forward") == f"forwarded-{node_id}"
     hostname = subprocess.run(ssh + ["hostname"], capture_output=True, text=True, env=env, timeout=60)
     assert hostname.returncode == 0 and hostname.stdout.strip(), hostname.stderr
     # `ray-on-golem ssh CLUSTER [NODE] -c COMMAND`: the head by default, a node by id.
@@ -139,8 +149,15 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
         client.request("GET", "/status")), 60, 0.3, "the tunnel to come back")
     assert status["tunnels"][cluster][node_id]["restarts"] >= 1
     assert on_head(probe).split("\n")[1] == "running"
+    # Same local ports after the restart: what `ray up` printed still connects.
+    assert status["tunnels"][cluster][node_id]["local_ports"] == ports
+    assert _get(f"http://127.0.0.1:{ports['dashboard']}/marker.txt") == f"forwarded-{node_id}"
     shown = rog_cli("status", "--port", str(port))
     assert re.search(rf"tunnel from head {node_id}: up \(\d+ restart", shown.stdout), shown.stdout
+    assert f'ray.init("ray://127.0.0.1:{ports["client"]}")' in shown.stdout, shown.stdout
+    assert f"Dashboard: http://127.0.0.1:{ports['dashboard']}" in shown.stdout, shown.stdout
+    as_json = json.loads(rog_cli("status", "--json", "--port", str(port)).stdout)
+    assert as_json["webserver"]["tunnels"][cluster][node_id]["local_ports"] == ports
 
     # A changed host key is refused with OpenSSH's clear error.
     original = Path(keys.known_hosts).read_text()
@@ -161,6 +178,42 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     wait_for(lambda: not [a for a in _argvs() if (f"root@{ip}" in a or f" {ip} 22" in a) and str(datadir) in a], 30,
              0.3, "no ssh to the node left")
     wait_for(lambda: not _pinned(keys.known_hosts, ip), 30, 0.3, "the host key forgotten")
+    assert _get(f"http://127.0.0.1:{ports['dashboard']}/marker.txt") is None  # the local forwards ended too
+
+
+def test_tunnel_local_ports_are_free_ports_and_kept_while_free():
+    """Two clusters never share a local port: each forward takes a free port, and a recorded port
+    another process took meanwhile is replaced before the tunnel (re)starts."""
+    import logging
+    import socket
+
+    log = logging.getLogger("test")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        kept = _free_port()
+        tunnels = [rog.SSHTunnel(lambda *o: ["ssh", *o], {}, log, {
+            "webserver": ("remote", 4578, 4578), "client": ("local", 0, rog.HEAD_RAY_CLIENT_PORT),
+            "dashboard": ("local", busy, rog.HEAD_DASHBOARD_PORT)}) for _ in range(2)]
+        for tunnel in tunnels:
+            tunnel.claim_local_ports()
+        ports = [p for t in tunnels for p in t.local_ports().values()]
+        assert busy not in ports and 0 not in ports and len(set(ports)) == len(ports) == 4, ports
+        assert tunnels[0].as_dict()["forwards"]["webserver"] == ["remote", 4578, 4578]
+        again = rog.SSHTunnel(lambda *o: ["ssh", *o], {}, log, {"dashboard": ("local", kept, 8265)})
+        again.claim_local_ports()
+        assert again.local_ports() == {"dashboard": kept}
+
+
+def _get(url: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode().strip()
+    except OSError:
+        return None
 
 
 def _pinned(known_hosts: str, ip: str) -> str:
