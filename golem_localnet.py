@@ -3502,7 +3502,9 @@ class NetRegistry:
         return [{"id": node, "ip": ip} for ip, node in self.get(network_id).nodes.items()]
 
     def addresses(self, network_id: str) -> list:
-        return [{"ip": ip} for ip in self.get(network_id).addresses]
+        # yagna 0.17.6 answers each address with the network's prefix (`10.7.0.1/16`, tests/test_yagna_net.py)
+        vpn = self.get(network_id)
+        return [{"ip": f"{ip}/{vpn.network.prefixlen}"} for ip in vpn.addresses]
 
 
 # --- WebSocket (RFC 6455), server side ---------------------------------------

@@ -5,7 +5,9 @@
 offline is checked against its answers: the app key the webserver stores for `ssh-proxy`, the
 VPN calls golem-core makes for a node (create the network, add a provider's node), and the
 WebSocket `ssh-proxy` opens. What it cannot do offline: reach a provider, so the WebSocket to a
-node's port ends in yagna's 504 (no provider answers on the VPN) rather than in bytes of an sshd.
+node's port ends in yagna's 504 (no provider answers on the VPN) rather than in bytes of an sshd;
+nor look images up in the Golem registry (registry.golem.network is on the internet: the local
+network serves that API, tests/test_localnet_isolation.py).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def test_ssh_proxy_finds_the_app_key_and_url_and_the_net_api_answers_as_we_expec
         seen = json.loads(calls.stdout.splitlines()[-1])
         # create_network("10.N.0.0/16") as Cluster.ensure_vpn: yagna's network, the requestor at .1
         assert seen["network"]["ip"] == "10.7.0.0/16" and seen["network"]["mask"] == "255.255.0.0"
-        assert {a["ip"] for a in seen["addresses"]} == {"10.7.0.1"}
+        assert {a["ip"] for a in seen["addresses"]} == {"10.7.0.1/16"}
         # create_node(provider): the node at the next free address, the deploy's `net` entry for it
         assert seen["node_ip"] == "10.7.0.2"
         assert seen["nodes"] == {"10.7.0.2": PROVIDER_ID}
@@ -78,8 +80,12 @@ def test_ssh_proxy_finds_the_app_key_and_url_and_the_net_api_answers_as_we_expec
         assert "Traceback" not in proxy["stderr"]
         wrong_key = seen["ssh_proxy_wrong_key"]
         assert wrong_key["code"] != 0 and "HTTP/1.1 401" in wrong_key["stderr"], wrong_key
+        # yagna's answers where the local network says more (its 404s name the missing network or node):
+        # an unknown network is 403 with no body, an address no node holds is 504 like a silent node.
         no_such_net = seen["ssh_proxy_no_such_network"]
-        assert no_such_net["code"] != 0 and "HTTP/1.1 404" in no_such_net["stderr"], no_such_net
+        assert no_such_net["code"] != 0 and "HTTP/1.1 403" in no_such_net["stderr"], no_such_net
+        assert seen["get_no_such_network"] == [403, None]
+        assert "HTTP/1.1 504" in seen["ssh_proxy_no_such_node"]["stderr"]
         # golem-core deleted the network on close: nothing left on yagna
         assert seen["networks_after"] == []
         assert svc.stop().returncode == 0
@@ -125,6 +131,8 @@ async def main():
         seen["ssh_proxy_wrong_key"] = await loop.run_in_executor(
             None, ssh_proxy, network.id, seen["node_ip"], {"YAGNA_APPKEY": "not-the-key"})
         seen["ssh_proxy_no_such_network"] = await loop.run_in_executor(None, ssh_proxy, "f" * 32, "10.7.0.2")
+        seen["get_no_such_network"] = rog.http_request("GET", f"{net_url}/net/{'f' * 32}", token=key, timeout=30)
+        seen["ssh_proxy_no_such_node"] = await loop.run_in_executor(None, ssh_proxy, network.id, "10.7.0.9")
     seen["networks_after"] = get("/net")
     print(json.dumps(seen))
 
