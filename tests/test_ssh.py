@@ -163,6 +163,21 @@ def test_head_over_ssh_with_pinned_key_and_a_supervised_tunnel(webserver, tmp_pa
     wait_for(lambda: not _pinned(keys.known_hosts, ip), 30, 0.3, "the host key forgotten")
 
 
+def test_sshd_never_answers_is_a_profile_fault_by_provider_or_by_share(tmp_path: Path):
+    def population(profile: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "profile.json"
+        path.write_text(json.dumps(profile))
+        return subprocess.run([sys.executable, str(REPO / "golem_localnet.py"), "population", "--json", "--profile",
+                               str(path)], capture_output=True, text=True, timeout=60)
+
+    by_share = json.loads(population({"providers": 20, "activity_faults": {"sshd_never_answers": 0.1}}).stdout)
+    assert sorted(p["sshd_never_answers"] for p in by_share["providers"]) == [0.0] * 18 + [1.0] * 2
+    explicit = json.loads(population({"providers": 2, "explicit": [_provider("mute-sshd", 0.01, sshd_never_answers=1.0)]}).stdout)
+    assert [p["sshd_never_answers"] for p in explicit["providers"]] == [1.0, 0.0]
+    bad = population({"providers": 2, "activity_faults": {"sshd_never_answers": 2}})
+    assert bad.returncode != 0 and "activity_faults.sshd_never_answers: expected a share in [0, 1]" in bad.stderr
+
+
 @pytest.mark.slow
 def test_a_node_whose_sshd_never_answers_is_replaced_and_its_provider_penalised(fault_session):
     """The cheap provider's node runs, but its sshd never answers (the local network's
