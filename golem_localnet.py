@@ -595,7 +595,8 @@ class HttpServer:
 #   activity_faults:           # share of providers whose activities fail (drawn from the seed,
 #     deploy_fails: 0.02       #   apart from the draws above): every deploy fails,
 #     dies: 0.02               #   activities die dies_after_s simulated seconds after creation,
-#     stops_answering: 0.02    #   the exe-unit stops answering (500 GSB error) after that time
+#     stops_answering: 0.02    #   the exe-unit stops answering (500 GSB error) after that time,
+#     sshd_never_answers: 0.02 #   the node runs but its sshd never answers (VPN to port 22 is silent)
 #     dies_after_s: [600, 7200]
 #     stops_answering_after_s: [600, 7200]
 #   explicit:                  # exact providers placed first (any Provider field)
@@ -709,6 +710,7 @@ class Provider:
     deploy_fails: float = 0.0
     dies_after_s: float | None = None
     stops_answering_after_s: float | None = None
+    sshd_never_answers: float = 0.0  # probability: the node's port 22 swallows bytes, answers none
     # billing (section 8): usage counters multiplied by this; debit notes on this interval
     inflate_billing: float = 1.0
     debit_note_interval_s: float | None = None
@@ -764,6 +766,7 @@ class Provider:
             "offer_at_s": self.offer_at_s, "payment_platforms": list(self.payment_platforms),
             "deploy_fails": self.deploy_fails, "dies_after_s": self.dies_after_s,
             "stops_answering_after_s": self.stops_answering_after_s,
+            "sshd_never_answers": self.sshd_never_answers,
             "inflate_billing": self.inflate_billing, "debit_note_interval_s": self.debit_note_interval_s,
         }
 
@@ -845,22 +848,24 @@ class Population:
         """Activity faults by share, from a generator of their own so that adding faults to a
         profile leaves every other draw (and the market funnel) unchanged."""
         faults = self.profile.get("activity_faults") or {}
-        known = {"deploy_fails", "dies", "stops_answering", "dies_after_s", "stops_answering_after_s"}
+        known = {"deploy_fails", "dies", "stops_answering", "dies_after_s", "stops_answering_after_s",
+                 "sshd_never_answers"}
         if not isinstance(faults, dict) or not set(faults) <= known:
             raise ProfileError(f"profile field activity_faults: keys must be among {', '.join(sorted(known))}")
         rng = random.Random(f"activity-faults:{self.seed}")
         explicit = len(self.profile.get("explicit") or [])
         for name, attr in (("deploy_fails", "deploy_fails"), ("dies", "dies_after_s"),
-                           ("stops_answering", "stops_answering_after_s")):
+                           ("stops_answering", "stops_answering_after_s"),
+                           ("sshd_never_answers", "sshd_never_answers")):
             share = faults.get(name, 0)
             if not isinstance(share, (int, float)) or not 0 <= share <= 1:
                 raise ProfileError(f"profile field activity_faults.{name}: expected a share in [0, 1]")
-            # deploy_fails is a share only; the other two also have a time range of their own
+            # deploy_fails and sshd_never_answers are shares only; the others also have a time range
             lo, hi = _range(faults, attr) if attr != name and attr in faults else (600.0, 7200.0)
             order = list(range(explicit, len(self.providers)))
             rng.shuffle(order)
             for idx in order[:round(share * len(self.providers))]:
-                setattr(self.providers[idx], attr, 1.0 if name == "deploy_fails" else round(rng.uniform(lo, hi), 3))
+                setattr(self.providers[idx], attr, 1.0 if name == attr else round(rng.uniform(lo, hi), 3))
 
     def _generate(self, count: int) -> list[Provider]:
         profile, rng = self.profile, random.Random(self.seed)
@@ -942,7 +947,7 @@ class Population:
                                    "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
                                    "latency_s", "agreement_limit", "offer_at_s", "node_id",
                                    "deploy_fails", "dies_after_s", "stops_answering_after_s",
-                                   "inflate_billing", "debit_note_interval_s"):
+                                   "sshd_never_answers", "inflate_billing", "debit_note_interval_s"):
                         raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
                     if key in ("inflate_billing", "debit_note_interval_s") and not (
                             isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
@@ -2814,11 +2819,13 @@ class Batch:
 @dataclasses.dataclass
 class ActivityFaults:
     """The faults of one activity, decided at creation from its provider's profile fields
-    (`deploy_fails`, `dies_after_s`, `stops_answering_after_s`, section 3) and the seed."""
+    (`deploy_fails`, `dies_after_s`, `stops_answering_after_s`, `sshd_never_answers`, section 3)
+    and the seed."""
 
     deploy_fails: bool = False
     dies_after: float | None = None  # real seconds after creation: terminates with an error
     stops_answering_after: float | None = None  # real seconds after creation: exe-unit calls fail
+    sshd_never_answers: bool = False  # the net bridge to port 22 swallows bytes and answers none
 
     @classmethod
     def for_provider(cls, provider, seed, activity_ordinal: int, time_scale: float = 1.0) -> "ActivityFaults":
@@ -2832,6 +2839,7 @@ class ActivityFaults:
             deploy_fails=rng.random() < float(provider.deploy_fails or 0),
             dies_after=real(provider.dies_after_s),
             stops_answering_after=real(provider.stops_answering_after_s),
+            sshd_never_answers=rng.random() < float(provider.sshd_never_answers or 0),
         )
 
 
@@ -3534,7 +3542,9 @@ class NetRegistry:
         return [{"id": node, "ip": ip} for ip, node in self.get(network_id).nodes.items()]
 
     def addresses(self, network_id: str) -> list:
-        return [{"ip": ip} for ip in self.get(network_id).addresses]
+        # yagna 0.17.6 answers each address with the network's prefix (`10.7.0.1/16`, tests/test_yagna_net.py)
+        vpn = self.get(network_id)
+        return [{"ip": f"{ip}/{vpn.network.prefixlen}"} for ip in vpn.addresses]
 
 
 # --- WebSocket (RFC 6455), server side ---------------------------------------
@@ -3734,6 +3744,11 @@ class NetRoutes(HttpHandler):
         if activity is None:
             raise HttpError(404, f"No node with address {ip} in network {vpn.network_id}")
         activity.check_answering()
+        if port == 22 and activity.faults.sshd_never_answers:
+            # The provider's fault: the activity runs, the WebSocket opens, but its sshd never
+            # answers (as behind a VPN that drops the node's packets): ssh waits for a banner.
+            await self._swallow()
+            return Response(101, upgraded=True)
         try:
             if activity.node:
                 # From inside the node's network namespace: the only way in, as through yagna.
@@ -3749,6 +3764,21 @@ class NetRoutes(HttpHandler):
         await writer.drain()
         await bridge_websocket_tcp(WebSocket(reader, writer), tcp)
         return Response(101, upgraded=True)
+
+    async def _swallow(self) -> None:
+        """Accept the WebSocket, read what the client sends until it closes, send nothing back."""
+        reader, writer = self.request.connection
+        writer.write(websocket_handshake_response(self.request.headers["sec-websocket-key"]))
+        await writer.drain()
+        ws = WebSocket(reader, writer)
+        try:
+            while (await ws.receive())[0] != WS_CLOSE:
+                pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await ws.close()
+            writer.close()
 
 ###############################################################################
 # 8. Payments #################################################################

@@ -1874,6 +1874,9 @@ MAINNET_PAYMENT_NETWORKS = ("polygon", "mainnet")
 DEFAULT_SERVICE_NETWORK = "local"  # what `start` runs when no cluster asks: works with no wallet and no internet
 YAGNA_READY_TIMEOUT = 120.0  # real yagna offline answers after ~3.7 s (relay timeout): docs/yagna-behaviour.md §5
 YAGNA_STOP_TIMEOUT = 10.0
+# The app key the webserver uses, for `ssh-proxy` (Ray's ProxyCommand runs in the user's shell,
+# which need not hold $YAGNA_APPKEY): mode 0600 in the data dir, rewritten at every start.
+YAGNA_APPKEY_FILE = "yagna.appkey"
 YAGNA_LOG_MAX_BYTES = 10 * 1024 * 1024
 # Chains whose RPC endpoint yagna resolves at run time as `{CHAIN}_GETH_ADDR` (docs/yagna-behaviour.md §5).
 YAGNA_CHAINS = ("MAINNET", "GOERLI", "HOLESKY", "MUMBAI", "POLYGON", "AMOY", "SEPOLIA", "HOODI", "RINKEBY")
@@ -2245,6 +2248,7 @@ class YagnaService:
             self._connect_or_start_yagna(timeout)
         me = self.get("/me")
         self.identity = me.get("identity") if isinstance(me, dict) else None
+        write_secret_file(os.path.join(self.datadir, YAGNA_APPKEY_FILE), self.app_key + "\n")
         self.version = self._fetch_version()
         self._log.info(
             "using %s at %s (version %s, %s)",
@@ -2657,14 +2661,15 @@ class VpnTcpProxy:
         return 0
 
 
-def vpn_net_api_url(datadir: str) -> str:
-    """Where the net API is: $YAGNA_NET_URL, $YAGNA_API_URL, the local network of this data dir,
-    else yagna's default (golem-core reads the same variables)."""
+def vpn_net_api_url(datadir: str, recorded_api_url: str | None = None) -> str:
+    """Where the net API is: $YAGNA_NET_URL, $YAGNA_API_URL (golem-core reads the same variables),
+    the yagna URL the webserver recorded (`recorded_api_url`), the local network of this data dir,
+    else yagna's default."""
     import json
 
     if os.environ.get("YAGNA_NET_URL"):
         return os.environ["YAGNA_NET_URL"]
-    api = os.environ.get("YAGNA_API_URL")
+    api = os.environ.get("YAGNA_API_URL") or recorded_api_url
     if not api:
         try:
             with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
@@ -2675,15 +2680,20 @@ def vpn_net_api_url(datadir: str) -> str:
 
 
 def vpn_app_key(datadir: str) -> str:
-    """The app key from $YAGNA_APPKEY or the local network's key file; never from argv."""
+    """The app key from $YAGNA_APPKEY, the one the webserver uses (its data dir's key file, for
+    the real yagna and the local network alike), or the local network's own key file; never argv."""
     if os.environ.get("YAGNA_APPKEY"):
         return os.environ["YAGNA_APPKEY"]
-    try:
-        with open(os.path.join(datadir, "localnet", "appkey")) as f:
-            return f.read().strip()
-    except OSError:
-        raise UsageError("no app key: set YAGNA_APPKEY, or start the services (`ray-on-golem start`) "
-                         "so the local network's key is in the data dir") from None
+    for path in (os.path.join(datadir, YAGNA_APPKEY_FILE), os.path.join(datadir, "localnet", "appkey")):
+        try:
+            with open(path) as f:
+                key = f.read().strip()
+        except OSError:
+            continue
+        if key:
+            return key
+    raise UsageError("no app key: set YAGNA_APPKEY, or start the services (`ray-on-golem start`) "
+                     f"so that the app key is in the data dir ({os.path.join(datadir, YAGNA_APPKEY_FILE)})")
 
 
 def app_session_id(datadir: str) -> str:
@@ -9373,7 +9383,8 @@ def cmd_ssh_proxy(args) -> int:
         if not found:
             raise NotFound(f"cluster {network_id[1:]!r} has no running node at {args.ip}")
         network_id = found[0]
-    proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir), vpn_app_key(datadir),
+    recorded = (read_runtime(datadir).get("yagna") or {}).get("url")
+    proxy = VpnTcpProxy(args.api_url or vpn_net_api_url(datadir, recorded), vpn_app_key(datadir),
                         network_id, args.ip, args.port)
     proxy.connect()
     return proxy.run()

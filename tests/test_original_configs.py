@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +171,93 @@ def test_a_node_of_other_versions_ends_naming_both(session: RaySession):
     wait_for(lambda: session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)], 60,
              what="agreements terminated")
     session.rog("stop", "--force", "--datadir", str(session.datadir), "--port", str(session.port), timeout=200)
+
+
+# --- `ray up` with the original's golem-cluster.yaml, with the pinned Ray and the image's Ray 2.9.3 ------
+
+RAY_OF_THE_IMAGE = "ray[default]==2.9.3"
+
+
+def requestor_bin_dirs() -> list:
+    """Where `ray` and `python` come from: our venv (the pinned Ray), and a venv a user makes for the
+    image's Ray with `pip install 'ray[default]==2.9.3' golem-core` (our module by PYTHONPATH)."""
+    def pip_venv():
+        from test_zipapp import ray_venv
+
+        return ray_venv(RAY_OF_THE_IMAGE, "golem-core==0.7.8", "setuptools<81") / "bin"
+
+    return [pytest.param(lambda: Path(sys.executable).parent, id="ray-pinned"),
+            pytest.param(pip_venv, id="ray-2.9.3")]
+
+
+class VenvRaySession(RaySession):
+    """A RaySession whose `ray` (hence the webserver, the local network and its nodes' Python) is
+    the one of `bin_dir`."""
+
+    def __init__(self, tmp_path: Path, datadir: Path, port: int, bin_dir: Path):
+        super().__init__(tmp_path, datadir, port)
+        self.bin_dir = bin_dir
+        self.env["PATH"] = f"{bin_dir}{os.pathsep}{self.env['PATH']}"
+
+    def ray(self, *args: str, timeout: float = 600, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / "ray"), *args], capture_output=True, text=True, timeout=timeout,
+                              cwd=self.tmp_path, env=self.env, input=stdin,
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaced local nodes (sshd on each) need root")
+@pytest.mark.parametrize("bin_dir", requestor_bin_dirs())
+def test_ray_up_exec_submit_down_with_the_originals_golem_cluster_yaml(tmp_path: Path, bin_dir):
+    """The original's golem-cluster.yaml with `payment_network: "local"` as the only edit: its module
+    path, its image tag, its default webserver port, its head and worker start commands, min_workers 1."""
+    from test_cluster import processes_mentioning, wait_for
+
+    bin_dir = bin_dir()
+    text = (ORIGINAL_CONFIGS / "golem-cluster.yaml").read_text()
+    config = tmp_path / "golem-cluster.yaml"
+    config.write_text(text.replace('payment_network: "holesky"', 'payment_network: "local"', 1))
+    assert config.read_text() != text
+    session = VenvRaySession(tmp_path, tmp_path / "datadir", rog.DEFAULT_WEBSERVER_PORT, bin_dir)
+    version = subprocess.run([str(bin_dir / "python"), "-c", "import ray; print(ray.__version__)"],
+                             capture_output=True, text=True, env=session.env, timeout=120).stdout.strip()
+    assert version == ("2.9.3" if "2.9.3" in str(bin_dir) else __import__("ray").__version__)
+    cluster = "golem-cluster"
+    try:
+        up = session.ray("up", "-y", "--no-config-cache", str(config))
+        session.up = True
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        head, = session.nodes(cluster)
+        assert head["state"] == "running" and head["internal_ip"].startswith("10.")
+        assert session.api("GET", "/status")["tunnels"][cluster][head["node_id"]]["state"] == "up"
+
+        # min_workers: 1 — the head's autoscaler (the original's module path, this ray_on_golem
+        # first on its import path) asks the webserver through the tunnel; the worker joins with
+        # the YAML's `ray start --address $RAY_HEAD_IP:6379`.
+        def worker_joined():
+            status = session.ray("exec", "--no-config-cache", str(config), "ray status", timeout=180)
+            return status if status.returncode == 0 and " 1 ray.worker.default" in status.stdout else None
+
+        status = wait_for(worker_joined, 420, 5, "the YAML's one worker in `ray status`")
+        assert " 1 ray.head.default" in status.stdout
+        submit = session.ray("submit", "--no-config-cache", str(config), str(REPO / "examples" / "fan_out.py"),
+                             "--", "4", "2")
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert re.search(r"^NODES [12]$", submit.stdout, re.M), submit.stdout
+        assert f"(Ray {version})" in session.ray("exec", str(config), "python -c 'import ray; "
+                                                 "print(f\"(Ray {ray.__version__})\")'").stdout
+
+        down = session.ray("down", "-y", str(config), timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        session.up = False
+        assert session.nodes(cluster) == []
+        assert session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)]
+        state = session.localnet_state()
+        assert set(state["agreements"]["by_state"]) <= {"Terminated", "Rejected"}
+        assert set(state["activities"]["by_state"]) == {"Terminated"}
+        wait_for(lambda: not processes_mentioning([f"root@{ip}" for ip in session.node_ips]
+                                                  + [f" {ip} 22" for ip in session.node_ips]), 30,
+                 what="no ssh process to a node left")
+    finally:
+        session.close(config)  # `ray down` if still up, the webserver stopped; then nothing left

@@ -595,9 +595,12 @@ def test_no_secret_in_argv_or_logs(running):
     client = rog.WebserverClient(running.datadir, running.port)
     client.request("GET", "/wallet")
     assert running.stop().returncode == 0
+    secret_files = (rog.WEBSERVER_TOKEN_FILE, rog.YAGNA_APPKEY_FILE)  # the secrets' own files, 0600
+    for name in secret_files:
+        assert os.stat(os.path.join(running.datadir, name)).st_mode & 0o777 == 0o600, name
     for name in os.listdir(running.datadir):
         path = os.path.join(running.datadir, name)
-        if os.path.isfile(path) and name != rog.WEBSERVER_TOKEN_FILE:
+        if os.path.isfile(path) and name not in secret_files:
             with open(path, errors="replace") as f:
                 text = f.read()
             assert token not in text and app_key not in text, name

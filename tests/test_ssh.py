@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE_CLUSTER, cli_env
-from test_cluster import wait_for
+from test_cluster import _provider, fault_session, request_worker, session, wait_for, wait_node  # noqa: F401 - fixtures
 
 import ray_on_golem as rog
 
@@ -214,6 +214,73 @@ def _get(url: str) -> str | None:
             return response.read().decode().strip()
     except OSError:
         return None
+
+
+def test_sshd_never_answers_is_a_profile_fault_by_provider_or_by_share(tmp_path: Path):
+    def population(profile: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "profile.json"
+        path.write_text(json.dumps(profile))
+        return subprocess.run([sys.executable, str(REPO / "golem_localnet.py"), "population", "--json", "--profile",
+                               str(path)], capture_output=True, text=True, timeout=60)
+
+    by_share = json.loads(population({"providers": 20, "activity_faults": {"sshd_never_answers": 0.1}}).stdout)
+    assert sorted(p["sshd_never_answers"] for p in by_share["providers"]) == [0.0] * 18 + [1.0] * 2
+    explicit = json.loads(population({"providers": 2, "explicit": [_provider("mute-sshd", 0.01, sshd_never_answers=1.0)]}).stdout)
+    assert [p["sshd_never_answers"] for p in explicit["providers"]] == [1.0, 0.0]
+    bad = population({"providers": 2, "activity_faults": {"sshd_never_answers": 2}})
+    assert bad.returncode != 0 and "activity_faults.sshd_never_answers: expected a share in [0, 1]" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_node_whose_sshd_never_answers_is_replaced_and_its_provider_penalised(fault_session):
+    """The cheap provider's node runs, but its sshd never answers (the local network's
+    `sshd_never_answers` fault): the node is not declared ready, the provider is left (agreement
+    terminated, activity destroyed) and penalised, and a dearer provider's node is ready in time."""
+    profile = {"providers": 2, "known_at_start": 1.0, "behaviours": {}, "explicit": [
+        _provider("cheap-silent-sshd", 0.01, sshd_never_answers=1.0), _provider("dear-ok", 0.45, latency_s=1.5)]}
+    session = fault_session(profile)
+    population = subprocess.run([sys.executable, str(REPO / "golem_localnet.py"), "population", "--json", "--profile",
+                                 str(session.datadir / "localnet" / "profile.json")], check=True, capture_output=True,
+                                text=True).stdout
+    ids = {p["name"]: p["node_id"] for p in json.loads(population)["providers"]}
+    silent_id, sound_id = ids["cheap-silent-sshd"], ids["dear-ok"]
+    first = request_worker(session, "silent", timeout="3m")
+    seen = []
+
+    def not_ready_while_silent():
+        node = session.api("GET", f"/clusters/silent/nodes/{first['node_id']}")
+        seen.append((node["state"], node["provider_name"]))
+        return node if node["state"] != "pending" else None
+
+    node = wait_for(not_ready_while_silent, 200, 0.5, "the node to run or end")
+    assert node["state"] == "running", node
+    # Never ready on the silent provider: pending all the while it held it.
+    assert ("pending", "cheap-silent-sshd") in seen and ("running", "cheap-silent-sshd") not in seen, seen
+    assert node["provider_name"] == "dear-ok"
+    log = "\n".join(node["state_log"])
+    failed = [line for line in node["state_log"] if "sshd did not answer within" in line]
+    assert len(failed) == 1 and "cheap-silent-sshd" in failed[0], log
+    assert log.index(failed[0]) < log.index("SSH answers"), log
+    # Penalised as a connection failure; its reputation falls below the sound provider's.
+    assert session.db("SELECT node_id, kind FROM provider_events WHERE kind NOT IN ('agreement_ok', 'deploy_ok')") == [
+        (silent_id, "connection_failed")]
+    updated = session.rog("reputation", "update", "--network", "local", "--datadir", str(session.datadir))
+    assert updated.returncode == 0, updated.stderr
+    listed = json.loads(session.rog("reputation", "list", "--json", "--network", "local",
+                                    "--datadir", str(session.datadir)).stdout)
+    scores = {p["node_id"]: p for p in listed["providers"]}
+    assert scores[silent_id]["local_failed"] == 1 and scores[sound_id]["local_failed"] == 0, scores
+    assert scores[silent_id]["score"] < scores[sound_id]["score"], scores
+    # Nothing of the silent attempt is left: its agreement ended, its activity destroyed, no ssh.
+    agreements = dict(session.db("SELECT provider_id, terminated_at IS NOT NULL FROM agreements"))
+    assert agreements == {silent_id: 1, sound_id: 0}, agreements
+    assert session.db("SELECT COUNT(*) FROM activities WHERE destroyed_at IS NULL") == [(1,)]
+    state = session.localnet_state()
+    assert state["agreements"]["by_state"].get("Approved") == 1, state["agreements"]
+    assert not [a for a in _argvs() if a.startswith("ssh ") and str(session.datadir) in a]
+    session.api("DELETE", f"/clusters/silent/nodes/{node['node_id']}")
+    wait_for(lambda: session.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)], 30,
+             what="agreements terminated")
 
 
 def _pinned(known_hosts: str, ip: str) -> str:

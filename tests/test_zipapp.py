@@ -327,18 +327,19 @@ def ray_only_venv(request) -> Path:
     return ray_venv(request.param)
 
 
-def ray_venv(requirement: str) -> Path:
-    """A virtualenv holding only `requirement` (and what it pulls in), as a user makes one.
+def ray_venv(requirement: str, *more: str) -> Path:
+    """A virtualenv holding only `requirement` and `more` (and what they pull in), as a user makes one
+    (one pip command: golem-core's certifi pin breaks requests otherwise, see pyproject.toml).
 
-    Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the Ray
-    requirement and the Python version; made under a lock, marked ready only once pip succeeded.
+    Kept between runs under `$ROG_TEST_CACHE` (default ~/.cache/ray-on-golem-tests), keyed by the
+    requirements and the Python version; made under a lock, marked ready only once pip succeeded.
     """
     import fcntl
     import shutil
 
     base = Path(os.environ.get("ROG_TEST_CACHE") or Path.home() / ".cache" / "ray-on-golem-tests")
     base.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", requirement)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", "+".join((requirement, *more)))
     venv = base / f"{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
     ready = venv / ".ray-on-golem-test-ready"
     with open(f"{venv}.lock", "w") as lock:
@@ -346,7 +347,7 @@ def ray_venv(requirement: str) -> Path:
         if not ready.exists():
             shutil.rmtree(venv, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement, *more],
                                  capture_output=True, text=True, timeout=1800)
             assert pip.returncode == 0, pip.stderr[-3000:]
             ready.write_text(requirement + "\n")
