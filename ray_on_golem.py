@@ -2662,21 +2662,10 @@ class VpnTcpProxy:
 
 
 def vpn_net_api_url(datadir: str, recorded_api_url: str | None = None) -> str:
-    """Where the net API is: $YAGNA_NET_URL, $YAGNA_API_URL (golem-core reads the same variables),
-    the yagna URL the webserver recorded (`recorded_api_url`), the local network of this data dir,
-    else yagna's default."""
-    import json
-
+    """Where the net API is: $YAGNA_NET_URL (golem-core reads it too), else under yagna's REST root."""
     if os.environ.get("YAGNA_NET_URL"):
         return os.environ["YAGNA_NET_URL"]
-    api = os.environ.get("YAGNA_API_URL") or recorded_api_url
-    if not api:
-        try:
-            with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
-                api = json.load(f).get("url")
-        except (OSError, ValueError):
-            api = None
-    return f"{(api or DEFAULT_YAGNA_API_URL).rstrip('/')}/net-api/v1"
+    return f"{yagna_api_url(datadir, recorded_api_url)}/net-api/v1"
 
 
 def vpn_app_key(datadir: str) -> str:
@@ -2706,12 +2695,13 @@ def app_session_id(datadir: str) -> str:
     return "ray-on-golem-" + hashlib.sha256(os.path.realpath(datadir).encode()).hexdigest()[:24]
 
 
-def yagna_api_url(datadir: str) -> str:
-    """yagna's REST root for a process that is not the webserver: $YAGNA_API_URL, the local network
-    of this data dir, else yagna's default (golem-core reads the same variable)."""
+def yagna_api_url(datadir: str, recorded_api_url: str | None = None) -> str:
+    """yagna's REST root for a process that is not the webserver: $YAGNA_API_URL (golem-core reads
+    the same variable), the yagna URL the webserver recorded (`recorded_api_url`), the local network
+    of this data dir, else yagna's default."""
     import json
 
-    url = os.environ.get("YAGNA_API_URL")
+    url = os.environ.get("YAGNA_API_URL") or recorded_api_url
     if not url:
         try:
             with open(os.path.join(datadir, "localnet", "localnet.json")) as f:
