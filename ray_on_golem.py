@@ -4205,11 +4205,12 @@ class ClusterService:
                 golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url,
                                   app_session_id=app_session_id(yagna.datadir))
                 await golem.start()
+                self.golem = golem
+                # Re-adopted agreements first: a document of theirs must find its account, not count as late.
+                await self._readopt()
                 await golem.event_bus.on(NewDebitNote, self._on_debit_note)
                 await golem.event_bus.on(NewInvoice, self._on_invoice)
-                self.golem = golem
-                await self._readopt()
-                # Documents that came while no webserver ran (events are only delivered from now on).
+                # Documents that came while no webserver ran (golem-core's events start at its start).
                 await self.payments.settle_received(golem)
                 await self._release_orphans()
                 self.payments.start()
