@@ -4211,7 +4211,12 @@ class ClusterService:
                 await golem.event_bus.on(NewDebitNote, self._on_debit_note)
                 await golem.event_bus.on(NewInvoice, self._on_invoice)
                 # Documents that came while no webserver ran (golem-core's events start at its start).
-                await self.payments.settle_received(golem)
+                try:
+                    async with GolemNode(app_key=yagna.app_key, api_url=yagna.api_url,
+                                         collect_payment_events=False) as lister:
+                        await self.payments.settle_received(golem, lister)
+                except Exception as e:  # noqa: BLE001 - the next documents come as events; orphans still go
+                    self.log.warning("settling the documents that came meanwhile failed: %s", _describe_error(e))
                 await self._release_orphans()
                 self.payments.start()
                 self.autostop.start()
@@ -5607,17 +5612,22 @@ class ClusterPayments:
                                                            row["agreement_created_at"] or node.created_at)
         self.agreement_adopted(agreement_id, node)
 
-    async def settle_received(self, golem) -> None:
+    async def settle_received(self, golem, lister) -> None:
         """Debit notes and invoices that came while no webserver ran (golem-core delivers events
         only from its start on): each one still RECEIVED is settled now, oldest first, as if it had
-        just come; one the previous webserver was accepting when it died is accepted at yagna now."""
-        for kind, documents in (("debit_note", await golem.debit_notes()), ("invoice", await golem.invoices())):
+        just come; one the previous webserver was accepting when it died is accepted at yagna now.
+        `lister`: a GolemNode of its own that lists them (golem-core refuses to list a resource kind
+        into a node already holding one of them with data, ResourceMeta's "Repeated id", as `golem`
+        may from events); they are settled as `golem`'s."""
+        listed = (("debit_note", await lister.debit_notes()), ("invoice", await lister.invoices()))
+        for kind, documents in listed:
             pending = []
             for document in documents:
                 data = document.data
                 if str(data.status).upper() != "RECEIVED" or self.records.agreement_owner(data.agreement_id) is None:
                     continue
-                pending.append((data.timestamp, document))
+                pending.append((data.timestamp, golem.debit_note(document.id) if kind == "debit_note"
+                                else golem.invoice(document.id)))
             for _, document in sorted(pending, key=lambda item: item[0]):
                 if self.ledger.known(document.id) == "accepting":
                     await self._finish_accepting(document, kind)

@@ -176,6 +176,11 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
         restart_webserver(session, cluster)
         assert submit.wait(timeout=240) == 0, out.read_text()[-3000:]
         [ray_node] = re.findall(r"^RESULT (\w+)$", out.read_text(), re.M)
+        # No gap: every debit note the network issued, those of the downtime too, is accepted.
+        issued = session.localnet_state()["debit_notes"]
+        wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE kind = 'debit_note' AND status = 'accepted'")
+                 [0][0] >= issued, 30, what="every debit note accepted")
+        assert session.db("SELECT COUNT(*) FROM ledger WHERE status != 'accepted'") == [(0,)]
         [again] = session.nodes(cluster)
         assert (again["node_id"], again["provider_id"]) == (head["node_id"], head["provider_id"])
         assert any(line.startswith("Re-adopted") for line in again["state_log"])
@@ -184,8 +189,9 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert re.findall(r"^RESULT (\w+)$", second.stdout, re.M) == [ray_node]  # the same Ray node
         assert [n["node_id"] for n in session.nodes(cluster)] == [head["node_id"]]
-        # The head's autoscaler rode out the restart (Ray's monitor exits after 5 failed updates in a row).
-        monitor = session.ray("exec", "--no-config-cache", str(config), "pgrep -f 'autoscaler/_private/[m]onitor.py'")
+        # The head's autoscaler rode out the restart (Ray's v1 monitor exits after 5 failed updates in a row).
+        monitor = session.ray("exec", "--no-config-cache", str(config),
+                              "pgrep -f 'autoscaler/(_private|v2)/[m]onitor.py'")
         assert monitor.returncode == 0, monitor.stdout[-2000:] + monitor.stderr[-2000:]
 
         down = session.ray("down", "-y", str(config), timeout=300)
