@@ -158,13 +158,13 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
         [head] = session.nodes(cluster)
 
         job = tmp_path / "job.py"
-        job.write_text("import ray, time\nray.init(address='auto')\n"
-                       "@ray.remote\ndef work():\n    print('STARTED', flush=True)\n    time.sleep(45)\n"
+        job.write_text("import ray, sys, time\nray.init(address='auto')\n"
+                       "@ray.remote\ndef work(seconds):\n    print('STARTED', flush=True)\n    time.sleep(seconds)\n"
                        "    return ray.get_runtime_context().get_node_id()\n"
-                       "print('RESULT', ray.get(work.remote()), flush=True)\n")
+                       "print('RESULT', ray.get(work.remote(float(sys.argv[1]))), flush=True)\n")
         out = tmp_path / "submit.out"
         with open(out, "w") as f:
-            submit = subprocess.Popen([str(RAY_BIN), "submit", "--no-config-cache", str(config), str(job)],
+            submit = subprocess.Popen([str(RAY_BIN), "submit", "--no-config-cache", str(config), str(job), "45"],
                                       stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=session.env,
                                       stdin=subprocess.DEVNULL)
         wait_for(lambda: "STARTED" in out.read_text(), 120, what="the task to start on the head")
@@ -185,7 +185,7 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
         assert (again["node_id"], again["provider_id"]) == (head["node_id"], head["provider_id"])
         assert any(line.startswith("Re-adopted") for line in again["state_log"])
 
-        second = session.ray("submit", "--no-config-cache", str(config), str(job))
+        second = session.ray("submit", "--no-config-cache", str(config), str(job), "1")
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert re.findall(r"^RESULT (\w+)$", second.stdout, re.M) == [ray_node]  # the same Ray node
         assert [n["node_id"] for n in session.nodes(cluster)] == [head["node_id"]]
