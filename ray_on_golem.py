@@ -4243,7 +4243,8 @@ class ClusterService:
 
     def _check_recovered(self) -> None:
         if not self._recovered:
-            raise ServiceUnavailable("the webserver is re-adopting the clusters of the previous one; retry in a moment")
+            raise ServiceUnavailable(f"{self.yagna.kind} is not ready yet; retry in a moment" if self._state() != "running"
+                                     else "the webserver is re-adopting the clusters of the previous one; retry in a moment")
 
     async def _readopt(self) -> None:
         """A restart keeps the cluster: rebuild each recorded cluster with live nodes, re-attach
