@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -164,15 +165,21 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
                        "print('RESULT', ray.get(work.remote(float(sys.argv[1]))), flush=True)\n")
         out = tmp_path / "submit.out"
         with open(out, "w") as f:
-            submit = subprocess.Popen([str(RAY_BIN), "submit", "--no-config-cache", str(config), str(job), "45"],
+            submit = subprocess.Popen([str(RAY_BIN), "submit", "--no-config-cache", str(config), str(job), "60"],
                                       stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=session.env,
                                       stdin=subprocess.DEVNULL)
         wait_for(lambda: "STARTED" in out.read_text(), 120, what="the task to start on the head")
         assert submit.poll() is None, out.read_text()[-3000:]
+        killed_at = time.monotonic()
         kill_webserver(session)
         notes = session.localnet_state()["debit_notes"]
         wait_for(lambda: session.localnet_state()["debit_notes"] > notes, 30,
                  what="a debit note issued while no webserver runs")
+        # Down longer than Ray's autoscaler tolerates failed updates in a row: its provider must wait.
+        from ray.autoscaler._private.constants import AUTOSCALER_MAX_NUM_FAILURES, AUTOSCALER_UPDATE_INTERVAL_S
+
+        time.sleep(max(0.0, killed_at + AUTOSCALER_UPDATE_INTERVAL_S * (AUTOSCALER_MAX_NUM_FAILURES + 2)
+                       - time.monotonic()))
         restart_webserver(session, cluster)
         assert submit.wait(timeout=240) == 0, out.read_text()[-3000:]
         [ray_node] = re.findall(r"^RESULT (\w+)$", out.read_text(), re.M)
