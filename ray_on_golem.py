@@ -7854,9 +7854,10 @@ def format_status(report: dict) -> str:
 # (the head's autoscaler) knows it is inside the cluster.
 ON_GOLEM_NETWORK_ENV = "ON_GOLEM_NETWORK"
 # On the head, the provider rides out a webserver restart (kill -9, then `ray-on-golem start`):
-# Ray's StandardAutoscaler gives up after AUTOSCALER_MAX_NUM_FAILURES (5) failed updates in a
-# row (ray/autoscaler/_private/autoscaler.py), so a call waits for the webserver this long
-# (connection refused, or 503 while it re-adopts its clusters) instead of failing.
+# every failed autoscaler update is an error in the head's monitor log and a lost round; Ray's v1
+# StandardAutoscaler raises after AUTOSCALER_MAX_NUM_FAILURES (5) in a row
+# (ray/autoscaler/_private/autoscaler.py). So a call waits for the webserver this long
+# (connection refused or reset, or 503 while it re-adopts its clusters) instead of failing.
 WEBSERVER_RESTART_WAIT_S = 180.0
 WEBSERVER_RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 
