@@ -605,6 +605,9 @@ class HttpServer:
 #     # the invoice) multiplied by inflate_billing; debit notes every debit_note_interval_s
 #     # real seconds instead of the agreed interval (tests get notes without waiting minutes)
 #     - {name: greedy, inflate_billing: 10, debit_note_interval_s: 2}
+#     # and a shorter window to accept each debit note than the agreed one (real seconds), after
+#     # which the provider terminates the agreement
+#     - {name: strict, debit_note_interval_s: 2, debit_note_accept_timeout_s: 5}
 #   wallet_tglm: 1000          # the requestor's local wallet starts funded with this much tGLM
 #
 # The same seed and profile always give the same population (`population --json`).
@@ -714,6 +717,7 @@ class Provider:
     # billing (section 8): usage counters multiplied by this; debit notes on this interval
     inflate_billing: float = 1.0
     debit_note_interval_s: float | None = None
+    debit_note_accept_timeout_s: float | None = None
     _properties: dict | None = None
 
     def offer_properties(self, created_ms: int) -> dict:
@@ -768,6 +772,7 @@ class Provider:
             "stops_answering_after_s": self.stops_answering_after_s,
             "sshd_never_answers": self.sshd_never_answers,
             "inflate_billing": self.inflate_billing, "debit_note_interval_s": self.debit_note_interval_s,
+            "debit_note_accept_timeout_s": self.debit_note_accept_timeout_s,
         }
 
 
@@ -947,9 +952,10 @@ class Population:
                                    "cpu_sec_price", "duration_sec_price", "start_price", "behaviour",
                                    "latency_s", "agreement_limit", "offer_at_s", "node_id",
                                    "deploy_fails", "dies_after_s", "stops_answering_after_s",
-                                   "sshd_never_answers", "inflate_billing", "debit_note_interval_s"):
+                                   "sshd_never_answers", "inflate_billing", "debit_note_interval_s",
+                                   "debit_note_accept_timeout_s"):
                         raise ProfileError(f"profile field explicit[{i}].{key}: unknown field")
-                    if key in ("inflate_billing", "debit_note_interval_s") and not (
+                    if key in ("inflate_billing", "debit_note_interval_s", "debit_note_accept_timeout_s") and not (
                             isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
                         raise ProfileError(f"profile field explicit[{i}].{key}: expected a number > 0")
                     if key == "behaviour" and value not in BEHAVIOURS:
@@ -4103,7 +4109,8 @@ class ProviderBilling:
                 coeffs=coeffs,
                 # a profile's `debit_note_interval_s` overrides the agreed interval (tests)
                 interval=float(agreement.provider.debit_note_interval_s or interval or DEFAULT_DEBIT_NOTE_INTERVAL),
-                accept_timeout=float(min(accept or ACCEPT_TIMEOUT_S, ACCEPT_TIMEOUT_S)),
+                accept_timeout=float(agreement.provider.debit_note_accept_timeout_s
+                                     or min(accept or ACCEPT_TIMEOUT_S, ACCEPT_TIMEOUT_S)),
                 payment_timeout=float(payment_timeout) if payment_timeout else None,
             )
             self._billing[agreement.id] = billing

@@ -1613,6 +1613,13 @@ MIGRATIONS.append([
         outcome        TEXT NOT NULL
     )""",
 ])
+# A restart keeps the cluster (section 7, ClusterService.recover): what re-adoption needs, as
+# JSON. Per cluster its VPN (net API id, address range) and Ray ports; per node its rental
+# (agreement, activity, VPN address) and what its ClusterNode is rebuilt from.
+MIGRATIONS.append([
+    "ALTER TABLE clusters ADD COLUMN runtime TEXT",
+    "ALTER TABLE nodes ADD COLUMN runtime TEXT",
+])
 
 
 # The rows of clusters and payments (written by section 7): their queries live here, with the Store's.
@@ -1655,13 +1662,43 @@ class ClusterRecords:
         with self.store.transaction() as conn:
             conn.execute(
                 "INSERT INTO nodes (node_id, cluster_name, node_type, state, tags, provider_id, internal_ip, "
-                "state_log, attempts, deadline, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "state_log, attempts, deadline, created_at, updated_at, runtime) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, tags = excluded.tags, "
                 "provider_id = excluded.provider_id, internal_ip = excluded.internal_ip, "
-                "state_log = excluded.state_log, attempts = excluded.attempts, updated_at = excluded.updated_at",
+                "state_log = excluded.state_log, attempts = excluded.attempts, updated_at = excluded.updated_at, "
+                "runtime = excluded.runtime",
                 (node.node_id, node.cluster.name, node.node_type, node.state.value, json.dumps(node.tags),
                  node.provider_id, node.internal_ip, json.dumps(node.state_log), node.attempts,
-                 node.deadline_at, node.created_at, now))
+                 node.deadline_at, node.created_at, now, json.dumps(node.runtime_record())))
+
+    def cluster_runtime(self, name: str, runtime: dict) -> None:
+        """The cluster's VPN and Ray ports, for a restarted webserver to re-adopt it."""
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE clusters SET runtime = ? WHERE name = ?", (json.dumps(runtime), name))
+
+    def adoptable(self) -> list[dict]:
+        """Clusters with nodes not terminated, as a previous webserver left them: `{name, network,
+        parameters, runtime, nodes: [row + runtime + agreement created_at/pricing], allocation_id}`."""
+        clusters = []
+        for row in self.store.conn.execute(
+                "SELECT name, network, config, runtime FROM clusters WHERE name IN "
+                "(SELECT cluster_name FROM nodes WHERE state != 'terminated') ORDER BY created_at").fetchall():
+            nodes = []
+            for node in self.store.conn.execute(
+                    "SELECT n.*, a.created_at AS agreement_created_at, a.pricing, a.terminated_at "
+                    "FROM nodes n LEFT JOIN agreements a ON a.agreement_id = json_extract(n.runtime, '$.agreement_id') "
+                    "WHERE n.cluster_name = ? AND n.state != 'terminated' ORDER BY n.created_at", (row["name"],)):
+                node = dict(node)
+                for key in ("tags", "state_log", "runtime"):
+                    node[key] = json.loads(node[key] or ("[]" if key == "state_log" else "{}"))
+                nodes.append(node)
+            allocation = self.store.conn.execute(
+                "SELECT allocation_id FROM allocations WHERE cluster_name = ? AND released_at IS NULL "
+                "ORDER BY created_at DESC", (row["name"],)).fetchone()
+            clusters.append({"name": row["name"], "network": row["network"], "parameters": json.loads(row["config"]),
+                             "runtime": json.loads(row["runtime"] or "{}"), "nodes": nodes,
+                             "allocation_id": allocation[0] if allocation else None})
+        return clusters
 
     def agreement(self, agreement_id: str, node: "ClusterNode", provider_id: str, terms: dict) -> None:
         with self.store.transaction() as conn:
@@ -1829,6 +1866,13 @@ class Ledger:
         rows = self.store.conn.execute(
             "SELECT spent FROM ledger WHERE allocation_id = ? AND status IN ('accepting', 'accepted')", (allocation_id,))
         return sum((Decimal(r[0]) for r in rows), Decimal(0))
+
+    def accepted_documents(self, allocation_id: str) -> list[dict]:
+        """The documents an allocation accepted (or was accepting when its webserver died), oldest
+        first: a restarted webserver rebuilds what each agreement and activity has accepted."""
+        return [dict(r) for r in self.store.conn.execute(
+            "SELECT document_id, kind, agreement_id, activity_id, amount, spent, status FROM ledger "
+            "WHERE allocation_id = ? AND status IN ('accepting', 'accepted') ORDER BY created_at", (allocation_id,))]
 
     def accepted_for_node(self, node_id: str):
         """What one node's debit notes and invoices were accepted for (each row spends its increase)."""
@@ -4001,6 +4045,24 @@ class SSHTunnel:
         return self._process.pid if self._process is not None and self._process.returncode is None else None
 
 
+def stale_tunnel_pids(known_hosts: str, vpn_ip: str) -> list[int]:
+    """The reverse tunnels to `vpn_ip` a killed webserver left running: SSHTunnel starts ssh in
+    a session of its own, so it outlives its webserver (and would hold the head's forward port)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if (argv and os.path.basename(argv[0]) == "ssh" and "-R" in argv and argv[-1] == f"{SSH_USER}@{vpn_ip}"
+                and f"UserKnownHostsFile={known_hosts}" in argv):
+            pids.append(int(entry))
+    return pids
+
+
 class ClusterNode:
     """One node of a cluster: what Ray sees (state, tags, IPs) and what it rents."""
 
@@ -4068,6 +4130,34 @@ class ClusterNode:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def runtime_record(self) -> dict:
+        """What a restarted webserver needs to re-adopt this node (ClusterRecords.node stores it)."""
+        return {"agreement_id": self.agreement.id if self.agreement is not None else None,
+                "activity_id": self.activity.id if self.activity is not None else None,
+                "vpn_ip": self.vpn_ip, "network_id": self.network_id, "external_ip": self.external_ip,
+                "ray_tmpdir": self.ray_tmpdir, "provider_name": self.provider_name, "price": self.price,
+                "node_config": self.node_config, "resources": self.resources, "labels": self.labels,
+                "local": self.local, "requestor_versions": self.requestor_versions, "timeout_s": self.timeout_s,
+                # the head's tunnel: reopened with the same local ports (what `ray up` printed)
+                "tunnel_forwards": self.tunnel.as_dict()["forwards"] if self.tunnel is not None else None}
+
+    @classmethod
+    def restored(cls, cluster: "Cluster", row: dict) -> "ClusterNode":
+        """The node a previous webserver recorded (ClusterRecords.adoptable), not yet re-attached
+        to its agreement and activity (NodeProvisioner.readopt does that)."""
+        runtime = row["runtime"]
+        node = cls(cluster, row["node_id"], runtime.get("node_config") or {}, row["tags"],
+                   runtime.get("resources") or {}, runtime.get("labels") or {},
+                   float(runtime.get("timeout_s") or DEFAULT_NODE_START_TIMEOUT), runtime.get("local"),
+                   runtime.get("requestor_versions"))
+        node.state_log = list(row["state_log"])
+        node.state_log_at = [row["updated_at"]] * len(node.state_log)
+        node.created_at, node.deadline_at, node.attempts = row["created_at"], row["deadline"], row["attempts"]
+        node.provider_id, node.internal_ip = row["provider_id"], row["internal_ip"]
+        for key in ("vpn_ip", "network_id", "external_ip", "ray_tmpdir", "provider_name", "price"):
+            setattr(node, key, runtime.get(key))
+        return node
+
     def cost_so_far(self) -> str:
         """GLM accepted so far for this node, from the Ledger (exact decimal)."""
         return str(self.cluster.service.payments.ledger.accepted_for_node(self.node_id))
@@ -4100,9 +4190,10 @@ class ClusterNode:
 class Cluster:
     """The nodes of one Ray cluster, its VPN and its market pipelines (one per node_config)."""
 
-    def __init__(self, service: "ClusterService", name: str, parameters: dict):
+    def __init__(self, service: "ClusterService", name: str, parameters: dict, runtime: dict | None = None):
         import asyncio
 
+        runtime = runtime or {}  # what a previous webserver recorded (runtime_record): a re-adopted cluster
         self.service = service
         self.name = name
         self.parameters = parameters
@@ -4112,11 +4203,31 @@ class Cluster:
         self.vpn = None
         self.local = self.network == "local"
         # On the local network every head binds this machine: ports per cluster.
-        self.gcs_port = _free_port() if self.local else 6379
-        self.client_port = _free_port() if self.local else 10001
+        self.gcs_port = runtime.get("gcs_port") or (_free_port() if self.local else 6379)
+        self.client_port = runtime.get("client_port") or (_free_port() if self.local else 10001)
         self.lock = asyncio.Lock()
-        self.number = len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
+        self.number = runtime.get("number") or len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
         self.keys = ClusterKeys(service.yagna.datadir, name)
+
+    def runtime_record(self) -> dict:
+        """What a restarted webserver needs to re-adopt the cluster (ClusterRecords.cluster_runtime)."""
+        return {"gcs_port": self.gcs_port, "client_port": self.client_port, "number": self.number,
+                "network_id": self.vpn.id if self.vpn is not None else None}
+
+    async def readopt_vpn(self, network_id: str | None) -> None:
+        """Re-attach the VPN a previous webserver made (by its recorded id), with its addresses taken:
+        the requestor's (golem-core gave it the first host) and the nodes' (re-posting a node is
+        idempotent, as golem-core's refresh_nodes relies on), so a new node gets a free one."""
+        if not network_id:
+            return
+        vpn = next((n for n in await self.service.golem.networks() if n.id == network_id), None)
+        if vpn is None:
+            return
+        await vpn.add_requestor_ip(f"10.{self.number}.0.1")
+        for node in self.nodes.values():
+            if node.alive and node.vpn_ip and node.provider_id:
+                await vpn.create_node(node.provider_id, node.vpn_ip)
+        self.vpn = vpn
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in NodeState}
@@ -4130,6 +4241,7 @@ class Cluster:
                 # One network per cluster (the original shared one /16 between all clusters
                 # and never released addresses): golem-core hands out the next free host.
                 self.vpn = await self.service.golem.create_network(f"10.{self.number}.0.0/{CLUSTER_VPN_PREFIX}")
+                self.service.records.cluster_runtime(self.name, self.runtime_record())
         return self.vpn
 
     async def pipeline(self, node_config: dict):
@@ -4292,6 +4404,7 @@ class ClusterService:
         self.payments = ClusterPayments(store, self.records, self.clusters, self.log, self.stop_node)
         self.provisioner = NodeProvisioner(store, self.records, self.payments, self.log)
         self.autostop = AutostopWatch(self.clusters, self.provisioner, self.log)
+        self._recovered = False  # recover() ran: until then the node routes answer 503
 
     # -- golem-core ---------------------------------------------------------------
 
@@ -4312,42 +4425,104 @@ class ClusterService:
                 golem = GolemNode(app_key=yagna.app_key, api_url=yagna.api_url,
                                   app_session_id=app_session_id(yagna.datadir))
                 await golem.start()
+                self.golem = golem
+                # Re-adopted agreements first: a document of theirs must find its account, not count as late.
+                await self._readopt()
                 await golem.event_bus.on(NewDebitNote, self._on_debit_note)
                 await golem.event_bus.on(NewInvoice, self._on_invoice)
-                self.golem = golem
+                # Documents that came while no webserver ran (golem-core's events start at its start).
+                try:
+                    async with GolemNode(app_key=yagna.app_key, api_url=yagna.api_url,
+                                         collect_payment_events=False) as lister:
+                        await self.payments.settle_received(golem, lister)
+                except Exception as e:  # noqa: BLE001 - the next documents come as events; orphans still go
+                    self.log.warning("settling the documents that came meanwhile failed: %s", _describe_error(e))
                 await self._release_orphans()
                 self.payments.start()
                 self.autostop.start()
         return self.golem
 
     async def recover(self) -> None:
-        """Once the webserver's yagna is ready: end what a previous webserver left (crash, kill -9).
+        """Once the webserver's yagna is ready: take back what a previous webserver left (crash, kill -9).
 
-        Its nodes rows end at once (they would count as live: phantom nodes, `stop` refused);
-        its agreements and allocations are released through yagna (an allocation's funds stay
-        reserved until it is released or its 10-year timeout passes).
+        Its clusters are re-adopted (`_readopt`: the nodes still alive keep running, the dead
+        ones are ended and reported), then what belongs to no cluster is released: agreements
+        and allocations through yagna (an allocation's funds stay reserved until it is released
+        or its 10-year timeout passes), node rows at once (they would count as live: phantom
+        nodes, `stop` refused). Until then the node routes answer 503 (the head's provider retries).
         """
-        live = {node_id for cluster in self.clusters.values() for node_id in cluster.nodes}
-        ended = self.records.end_stale_nodes(live, "Terminated: the webserver running it stopped (crash or kill)")
-        if ended:
-            self.log.info("%d node(s) of a previous webserver marked terminated", ended)
-        if self.records.open_agreements() or self.records.open_allocations():
-            await self.connect()  # releases them (_release_orphans)
+        try:
+            if self.records.adoptable() or self.records.open_agreements() or self.records.open_allocations():
+                await self.connect()  # re-adopts (_readopt), then releases the rest (_release_orphans)
+        finally:
+            self._recovered = True
+            live = {node_id for cluster in self.clusters.values() for node_id in cluster.nodes}
+            ended = self.records.end_stale_nodes(live, "Terminated: the webserver running it stopped (crash or kill)")
+            if ended:
+                self.log.info("%d node(s) of a previous webserver marked terminated", ended)
+
+    def _check_recovered(self) -> None:
+        if not self._recovered:
+            raise ServiceUnavailable(f"{self.yagna.kind} is not ready yet; retry in a moment" if self._state() != "running"
+                                     else "the webserver is re-adopting the clusters of the previous one; retry in a moment")
+
+    async def _readopt(self) -> None:
+        """A restart keeps the cluster: rebuild each recorded cluster with live nodes, re-attach
+        its VPN, allocation and nodes by id; NodeProvisioner.readopt keeps the nodes that are
+        alive and ends the others, with why in their state log."""
+        import asyncio
+
+        for record in self.records.adoptable():
+            name = record["name"]
+            if name in self.clusters or record["network"] != self.network:
+                continue
+            cluster = self.clusters[name] = Cluster(self, name, record["parameters"], record["runtime"])
+            rows = {row["node_id"]: row for row in record["nodes"]}
+            for row in record["nodes"]:
+                cluster.nodes[row["node_id"]] = ClusterNode.restored(cluster, row)
+            try:
+                await cluster.readopt_vpn(record["runtime"].get("network_id"))
+            except Exception as e:  # noqa: BLE001 - without its VPN no node can be reached: they end below
+                self.log.warning("cluster %s: re-attaching its VPN failed: %s", name, _describe_error(e))
+            if record["allocation_id"]:
+                self.payments.readopt_allocation(cluster, self.golem.allocation(record["allocation_id"]))
+            for node in list(cluster.nodes.values()):
+                await self.provisioner.readopt(node, rows[node.node_id])
+            if any(n.alive for n in cluster.nodes.values()):
+                self.autostop.configure(cluster, autostop_setting(record["parameters"].get("autostop")))
+            else:
+                asyncio.create_task(self.provisioner.end_cluster(cluster))
+            self.log.info("cluster %s re-adopted: %s", name, cluster.counts())
 
     async def _release_orphans(self) -> None:
-        """Agreements and allocations a previous webserver left open (crash, kill -9): end them."""
+        """Agreements and allocations a previous webserver left open that no re-adopted cluster
+        holds: end them; then what yagna holds for our app session that the Store never recorded
+        (a crash between approval and record), as `ray-on-golem cleanup` does."""
+        held = {node.agreement.id for cluster in self.clusters.values() for node in cluster.nodes.values()
+                if node.agreement is not None}
+        held_allocations = {allocation.id for allocation in self.payments.allocations.values()}
         for row in self.records.open_agreements():
+            if row["agreement_id"] in held:
+                continue
             try:
                 await self.golem.agreement(row["agreement_id"]).terminate("Ray on Golem restarted")
             except Exception as e:  # noqa: BLE001 - gone already is fine
                 self.log.info("orphan agreement %s: %s", row["agreement_id"], e)
             self.records.agreement_ended(row["agreement_id"], "orphaned by a previous webserver")
         for allocation_id in self.records.open_allocations():
+            if allocation_id in held_allocations:
+                continue
             try:
                 await self.golem.allocation(allocation_id).release()
             except Exception as e:  # noqa: BLE001 - released or expired already is fine
                 self.log.info("orphan allocation %s: %s", allocation_id, e)
             self.records.allocation_released(allocation_id)
+        rentals = LeftoverRentals(self.yagna.api_url, self.yagna.app_key, app_session_id(self.yagna.datadir),
+                                  self.records)
+        try:
+            await self._end_leftovers(rentals, dry_run=False)
+        except (RayOnGolemError, OSError) as e:  # `cleanup` can do it later
+            self.log.warning("listing the agreements of our app session failed: %s", _describe_error(e))
 
     def leftovers(self) -> LeftoverRentals:
         """Our app session's agreements no cluster owns (`cleanup`; recover() may end them too)."""
@@ -4361,10 +4536,12 @@ class ClusterService:
         A node still waiting for its agreement may hold one yagna approved and we have not
         recorded yet: only agreements created before the oldest such node was asked for count.
         """
-        leftovers = self.leftovers()
         waiting = [n.created_at for c in self.clusters.values() for n in c.nodes.values()
                    if n.state == NodeState.PENDING and n.agreement is None]
-        report = await leftovers.run(dry_run, min(waiting) if waiting else None)
+        return await self._end_leftovers(self.leftovers(), dry_run, min(waiting) if waiting else None)
+
+    async def _end_leftovers(self, rentals: LeftoverRentals, dry_run: bool, before: float | None = None) -> dict:
+        report = await rentals.run(dry_run, before)
         for leftover in report["leftovers"]:
             self.log.info("cleanup: agreement %s of provider %s: %s", leftover["agreement_id"],
                           leftover.get("provider_name") or leftover.get("provider_id"), leftover["outcome"])
@@ -4384,6 +4561,7 @@ class ClusterService:
         return {name: cluster.counts() for name, cluster in self.clusters.items()}
 
     def cluster(self, name: str) -> Cluster:
+        self._check_recovered()
         cluster = self.clusters.get(name)
         if cluster is None:
             raise NotFound(f"no cluster named {name!r}")
@@ -4397,6 +4575,7 @@ class ClusterService:
 
     def list_nodes(self, cluster_name: str, tag_filter: dict) -> list[ClusterNode]:
         """Pending and running nodes whose tags match (Ray: terminating counts as gone)."""
+        self._check_recovered()
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             return []
@@ -4422,6 +4601,7 @@ class ClusterService:
         self.payments.check_can_start(cluster_name, tags, parameters)
         # The checks of the cluster YAML (an image is required, ...): a 400 naming node_config.<field>.
         resolve_node_config(node_config, head=tags.get(RAY_TAG_NODE_KIND) == "head")
+        self._check_recovered()
         await self.connect()
         autostop = autostop_setting(parameters.get("autostop"))
         cluster = self.clusters.get(cluster_name)
@@ -4430,6 +4610,7 @@ class ClusterService:
         if not any(n.alive for n in cluster.nodes.values()):
             self.autostop.configure(cluster, autostop)  # a new session of the cluster: its YAML's setting
         self.records.cluster(cluster_name, network, parameters)  # (again) running
+        self.records.cluster_runtime(cluster_name, cluster.runtime_record())
         nodes = []
         for _ in range(count):
             node_id = f"node{self.records.next_node_number()}"
@@ -4812,6 +4993,71 @@ class NodeProvisioner:
                                         detail=reason[:500], cluster_name=node.cluster.name)
                 self.stop_node(node, f"Activity ended on {node.provider}: {reason}")
                 return
+
+    # -- a restart keeps the cluster -----------------------------------------------------
+
+    async def readopt(self, node: ClusterNode, row: dict) -> None:
+        """A node a previous webserver ran (ClusterNode.restored): re-attach its agreement and
+        activity by id; alive (activity Ready/Deployed and SSH answering through the VPN with the
+        pinned host key), it runs on with its tunnel (head) and monitor; else it ends, with why."""
+        import asyncio
+        import signal
+
+        golem = node.cluster.service.golem
+        runtime = row["runtime"]
+        if runtime.get("agreement_id"):
+            node.agreement = golem.agreement(runtime["agreement_id"])
+            self.payments.readopt_agreement(node, row)
+        if runtime.get("activity_id"):
+            node.activity = golem.activity(runtime["activity_id"])
+        stale = stale_tunnel_pids(node.cluster.keys.known_hosts, node.vpn_ip or "-")
+        for pid in stale:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass  # its own session (SSHTunnel): ssh and its ProxyCommand
+        for _ in range(100):  # gone, so its local ports are free for the new tunnel (same ports)
+            if not any(process_alive(pid) for pid in stale):
+                break
+            await asyncio.sleep(0.05)
+        why = await self._why_dead(node, row)
+        if why is None and node.tags.get(RAY_TAG_NODE_KIND) == RAY_NODE_KIND_HEAD:
+            try:
+                await self._open_tunnel(node, runtime.get("tunnel_forwards"))
+            except RayOnGolemError as e:
+                why = str(e)
+        if why is not None:
+            node.error = f"found dead after the webserver restarted: {why}"
+            if row["state"] == NodeState.RUNNING.value:
+                self.store.record_event(node.provider_id, node.cluster.network, "activity_died",
+                                        detail=why[:500], cluster_name=node.cluster.name)
+            self.set_state(node, NodeState.TERMINATING, f"Found dead after the webserver restarted: {why}")
+            await self._end_node(node, "Terminated")
+            return
+        node.state = NodeState.RUNNING
+        node.log(f"Re-adopted after the webserver restarted (activity, SSH{' and tunnel' if node.tunnel else ''} checked)")
+        node.monitor = asyncio.create_task(self._monitor(node))
+
+    async def _why_dead(self, node: ClusterNode, row: dict) -> str | None:
+        """Why a recorded node cannot be re-adopted, or None when it is alive."""
+        if row["state"] != NodeState.RUNNING.value:
+            return f"it was {row['state']} when the webserver stopped"
+        if node.activity is None or node.agreement is None or not node.network_id or not node.vpn_ip:
+            return "its rental was not fully recorded"
+        if node.cluster.vpn is None:
+            return "its VPN is gone"
+        try:
+            state = await node.activity.get_state()
+        except Exception as e:  # noqa: BLE001
+            return f"its activity cannot be read: {_describe_error(e)}"
+        states = [s for s in (state.state or []) if s]
+        if not states or states[0] not in ("Ready", "Deployed"):
+            reason = state.error_message or state.reason or ""
+            return f"its activity is {states[0] if states else 'unknown'}" + (f" ({reason})" if reason else "")
+        code, error = await self._ssh(node, self._ssh_argv(node, "-o", "ConnectTimeout=10") + ["true"], timeout=30.0)
+        if code != 0:
+            return f"SSH through the VPN does not answer: {error[-300:]}"
+        return None
 
     # -- ending -------------------------------------------------------------------------
 
@@ -5428,6 +5674,15 @@ class Spending:
                 scope[activity_id if kind == "debit_note" else None] = amount
         return verdict
 
+    def restore(self, kind: str, agreement_id: str, activity_id: str | None, amount) -> None:
+        """An accepted document from the ledger (a restarted webserver): counted as accepted, its
+        spending already in `spent`, so the next document of its activity pays only its increase."""
+        scope = self._accepted.setdefault(agreement_id, {})
+        if kind == "invoice":
+            scope.clear()
+            self._invoiced.add(agreement_id)
+        scope[activity_id if kind == "debit_note" else None] = amount
+
     def undo(self, agreement_id: str, activity_id: str | None, kind: str, verdict: Verdict) -> None:
         """Take back an accepted debit note whose acceptance failed at yagna (an invoice's is not
         undone: the activities' totals it replaced are gone, so its spending stays counted)."""
@@ -5604,6 +5859,65 @@ class ClusterPayments:
                 self.records.allocation(allocation.id, cluster.name, payment_platform(cluster.network),
                                                 str(budget))
         return allocation
+
+    def readopt_allocation(self, cluster: "Cluster", allocation) -> None:
+        """A restarted webserver's cluster keeps its allocation; what it spent and what each
+        agreement and activity accepted come back from the ledger, so nothing is paid twice."""
+        spending = Spending(self.budget_of(cluster.parameters), self.ledger.spent(allocation.id))
+        for row in self.ledger.accepted_documents(allocation.id):
+            spending.restore(row["kind"], row["agreement_id"], row["activity_id"], parse_amount(row["amount"], "amount"))
+        self.allocations[cluster.name] = allocation
+        self.spending[cluster.name] = spending
+
+    def readopt_agreement(self, node: "ClusterNode", row: dict) -> None:
+        """A re-adopted node's agreement: its prices from the Store, billable from when it was signed."""
+        agreement_id = node.agreement.id
+        if row.get("pricing"):
+            terms = PriceTerms.from_json(json.loads(row["pricing"]))
+            self.accounts[agreement_id] = AgreementAccount(agreement_id, node, node.provider_id, terms,
+                                                           row["agreement_created_at"] or node.created_at)
+        self.agreement_adopted(agreement_id, node)
+
+    async def settle_received(self, golem, lister) -> None:
+        """Debit notes and invoices that came while no webserver ran (golem-core delivers events
+        only from its start on): each one still RECEIVED is settled now, oldest first, as if it had
+        just come; one the previous webserver was accepting when it died is accepted at yagna now.
+        `lister`: a GolemNode of its own that lists them (golem-core refuses to list a resource kind
+        into a node already holding one of them with data, ResourceMeta's "Repeated id", as `golem`
+        may from events); they are settled as `golem`'s."""
+        listed = (("debit_note", await lister.debit_notes()), ("invoice", await lister.invoices()))
+        for kind, documents in listed:
+            pending = []
+            for document in documents:
+                data = document.data
+                if str(data.status).upper() != "RECEIVED" or self.records.agreement_owner(data.agreement_id) is None:
+                    continue
+                pending.append((data.timestamp, golem.debit_note(document.id) if kind == "debit_note"
+                                else golem.invoice(document.id)))
+            for _, document in sorted(pending, key=lambda item: item[0]):
+                if self.ledger.known(document.id) == "accepting":
+                    await self._finish_accepting(document, kind)
+                else:
+                    await self.settle(document, kind)
+
+    async def _finish_accepting(self, document, kind: str) -> None:
+        """The ledger counted it as spent, yagna never heard: accept it at yagna now."""
+        data = document.data
+        account = self.accounts.get(data.agreement_id)
+        allocation = self.allocations.get(account.node.cluster.name) if account is not None else None
+        if allocation is None:
+            return
+        amount = parse_amount(data.total_amount_due if kind == "debit_note" else data.amount, "amount")
+        try:
+            await document.accept(allocation, amount)
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("accepting %s %s failed: %s", kind, document.id, _describe_error(e))
+            return
+        row = next(r for r in self.ledger.accepted_documents(allocation.id) if r["document_id"] == document.id)
+        self.ledger.update(document.id, "accepted", spent=row["spent"])
+        if kind == "invoice":
+            account.settled = True
+            self.invoice_due.discard(data.agreement_id)
 
     async def release_allocation(self, cluster: "Cluster") -> None:
         allocation = self.allocations.pop(cluster.name, None)
@@ -7820,6 +8134,13 @@ def format_status(report: dict) -> str:
 # Set in the environment of every node (see section 7): code running on a node
 # (the head's autoscaler) knows it is inside the cluster.
 ON_GOLEM_NETWORK_ENV = "ON_GOLEM_NETWORK"
+# On the head, the provider rides out a webserver restart (kill -9, then `ray-on-golem start`):
+# every failed autoscaler update is an error in the head's monitor log and a lost round; Ray's v1
+# StandardAutoscaler raises after AUTOSCALER_MAX_NUM_FAILURES (5) in a row
+# (ray/autoscaler/_private/autoscaler.py). So a call waits for the webserver this long
+# (connection refused or reset, or 503 while it re-adopts its clusters) instead of failing.
+WEBSERVER_RESTART_WAIT_S = 180.0
+WEBSERVER_RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 
 
 class _ThreadClients:
@@ -7835,16 +8156,31 @@ class _ThreadClients:
         self._local = _threading.local()
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
+        import logging
+
         client = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = WebserverClient(self.datadir, self.port, timeout=timeout)
-        try:
-            # A keep-alive connection the webserver closed while idle is retried fresh by HTTPConnection.
-            return client.request(method, path, body)
-        except ServiceUnavailable:
-            raise ServiceUnavailable(
-                f"the Ray on Golem webserver does not answer on {self.url}; start it with "
-                f"`ray-on-golem start --datadir {self.datadir}`") from None
+        # Only on the head (the autoscaler): `ray up` on this machine says at once that nothing answers.
+        wait_s = WEBSERVER_RESTART_WAIT_S if os.environ.get(ON_GOLEM_NETWORK_ENV) else 0.0
+        deadline = time.monotonic() + wait_s
+        attempt = 0
+        while True:
+            try:
+                # A keep-alive connection the webserver closed while idle is retried fresh by HTTPConnection.
+                return client.request(method, path, body)
+            except ServiceUnavailable as e:  # nothing listening, or 503: never a 4xx
+                delay = WEBSERVER_RETRY_BACKOFF_S[min(attempt, len(WEBSERVER_RETRY_BACKOFF_S) - 1)]
+                if time.monotonic() + delay > deadline:
+                    raise ServiceUnavailable(
+                        f"the Ray on Golem webserver does not answer on {self.url}"
+                        + (f" (waited {wait_s:g} s)" if wait_s else "") + "; start it with "
+                        f"`ray-on-golem start --datadir {self.datadir}`") from None
+                logging.getLogger("ray_on_golem.provider").warning(
+                    "%s %s: %s; retrying in %g s (a restarting webserver is waited for up to %g s)",
+                    method, path, e, delay, wait_s)
+                attempt += 1
+                time.sleep(delay)
 
 
 def _node_path(cluster_name: str, node_id: str | None = None, action: str = "") -> str:

@@ -181,3 +181,21 @@ def test_cleanup_through_the_webserver_on_the_real_yagna(tmp_path, netns):
     finally:
         svc.stop("--kill")
         _teardown(svc)
+
+
+@pytest.mark.slow
+def test_the_webserver_ends_our_unrecorded_leftovers_when_it_connects(money_factory):
+    """A crash between approval and record leaves an agreement of our session that no row names: the
+    next webserver ends it when it connects to yagna (after re-adopting), as `cleanup` would; another
+    application's agreement stays."""
+    money = money_factory(PROVIDERS)
+    ln = money.localnet
+    ours, our_activity = sign(ln, rog.app_session_id(str(money.datadir)), "p-1")
+    theirs, _ = sign(ln, "another-application", "p-2")
+    head = money.request_node("c1", "head", 5.0)  # the webserver's first connection to yagna
+    money.wait_node("c1", head["node_id"], ("running",))
+    states = agreement_states(ln)
+    assert states[ours] == "Terminated" and activity_states(ln)[our_activity] == "Terminated"
+    assert states[theirs] == "Approved"
+    with money.db() as conn:
+        assert [tuple(r) for r in conn.execute("SELECT agreement_id, outcome FROM cleanups")] == [(ours, "ended")]

@@ -113,12 +113,14 @@ def test_status_after_kill_9_says_what_the_webserver_left_running(tmp_path):
         assert [(a["allocation_id"], a["on_network"]) for a in left["allocations"]] == [(allocation_id, "present")]
         assert [(n["node_id"], n["state"]) for n in left["nodes"]] == [(node["node_id"], "running")]
     finally:
-        # A new webserver takes over what the dead one left, ends it, and stops the network on exit.
+        # A new webserver takes over what the dead one left (it re-adopts the node, alive: see
+        # tests/test_restart.py), `stop --force` ends it, and the network stops on exit.
         second = Webserver(tmp_path, datadir).start()
-        wait_for(lambda: second.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)], 60,
-                 what="the orphaned agreement ended")
+        wait_for(lambda: second.db("SELECT COUNT(*) FROM nodes WHERE state = 'pending'") == [(0,)], 60,
+                 what="the node re-adopted or ended")
         assert second.cli("stop", "--force").returncode == 0
         second.proc.wait(timeout=120)
+        assert second.db("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL") == [(0,)]
         wait_for(lambda: not pid_alive(localnet_pid), 30, what="the local network to stop")
     # with nothing left, `status` says only that no webserver listens
     quiet = second.cli("status", "--json")

@@ -382,7 +382,9 @@ def test_an_inflated_debit_note_is_rejected_recorded_and_its_provider_blocked(mo
 
 
 @pytest.mark.slow
-def test_a_restart_after_kill_9_ends_what_the_dead_webserver_left(money_factory):
+def test_a_restart_after_kill_9_readopts_what_the_dead_webserver_left(money_factory):
+    """A restart keeps the cluster (tests/test_restart.py has the rest): the live head goes on with its
+    allocation; only `stop --force` ends it, and then the wallet is no longer reserved."""
     money = money_factory(profile(provider("p-1")))
     head = money.request_node("c4", "head", 5.0)
     money.wait_node("c4", head["node_id"], ("running",))
@@ -391,20 +393,24 @@ def test_a_restart_after_kill_9_ends_what_the_dead_webserver_left(money_factory)
     money.proc.wait()
 
     again = money_factory(None, after=money)
-    with again.db() as conn:  # ended once yagna is there, before any node request
-        deadline = time.monotonic() + 60
-        while conn.execute("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL").fetchone()[0]:
-            assert time.monotonic() < deadline, [dict(r) for r in conn.execute("SELECT * FROM allocations")]
-            time.sleep(0.3)
-        (state, log), = conn.execute("SELECT state, state_log FROM nodes WHERE node_id = ?", (head["node_id"],))
-        assert conn.execute("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL").fetchone()[0] == 0
-    assert state == "terminated" and "the webserver running it stopped" in json.loads(log)[-1]
-    assert again.localnet.state()["allocations"]["count"] == 0  # the wallet is no longer reserved
-    status = again.call("GET", "/status")[1]
-    assert status["clusters"]["c4"].get("running", 0) == 0 and status["clusters"]["c4"].get("pending", 0) == 0
-    stopped = again.cli("stop")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr  # no phantom node holds it up
+    deadline = time.monotonic() + 60
+    while (answer := again.call("GET", f"/clusters/c4/nodes/{head['node_id']}"))[0] == 503:  # re-adopting
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.3)
+    node = again.wait_node("c4", head["node_id"], ("running", "terminated"))
+    assert node["state"] == "running" and node["state_log"][-1].startswith("Re-adopted"), node["state_log"]
+    assert again.localnet.state()["allocations"]["count"] == 1  # the same allocation pays on
+    with again.db() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL").fetchone()[0] == 1
+    refused = again.cli("stop")
+    assert refused.returncode != 0  # a live node holds it up
+    stopped = again.cli("stop", "--force")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     again.proc.wait(timeout=90)
+    with again.db() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM agreements WHERE terminated_at IS NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM allocations WHERE released_at IS NULL").fetchone()[0] == 0
+    assert again.localnet.state()["allocations"]["count"] == 0  # the wallet is no longer reserved
 
 
 @pytest.mark.slow
@@ -432,7 +438,8 @@ def test_costs_reads_the_ledger_when_no_webserver_runs(tmp_path, run_cli, datadi
         terms = rog.PriceTerms(("golem.usage.cpu_sec", "golem.usage.duration_sec"),
                                (Decimal("0.0025"), Decimal("0.005")), Decimal("0.01"), 2)
         with store.transaction() as conn:
-            conn.execute("INSERT INTO clusters VALUES ('c3', 'local', 'stopped', '{}', '1.5', ?, ?)", (now, now))
+            conn.execute("INSERT INTO clusters (name, network, state, config, total_budget, created_at, updated_at) "
+                         "VALUES ('c3', 'local', 'stopped', '{}', '1.5', ?, ?)", (now, now))
             conn.execute("INSERT INTO nodes (node_id, cluster_name, node_type, state, created_at, updated_at) "
                          "VALUES ('node7', 'c3', 'worker', 'terminated', ?, ?)", (now - 100, now))
             conn.execute("INSERT INTO agreements (agreement_id, cluster_name, node_id, provider_id, network, state, "
