@@ -4682,6 +4682,18 @@ class ClusterService:
             await _quietly(self.golem.aclose())
             self.golem = None
 
+    async def detach(self) -> None:
+        """`ray-on-golem stop --keep-clusters`: stop watching and paying and leave every node,
+        agreement, activity, allocation and VPN as it is, for the next webserver to re-adopt
+        (recover), as after a crash. golem-core's aclose would end them, so it is not called."""
+        await self.autostop.stop()
+        await self.payments.stop()
+        for cluster in self.clusters.values():
+            for node in cluster.nodes.values():
+                await self.provisioner.detach(node)
+            for pipeline in cluster.pipelines.values():  # demands only: the allocation is kept
+                await _quietly(pipeline.stop())
+
 
 class NodeProvisioner:
     """Rents and prepares nodes provider after provider, watches the running ones, and ends them.
@@ -5093,6 +5105,18 @@ class NodeProvisioner:
             # It never ran (deadline, failure): nothing else will end the cluster's
             # pipelines (allocation, demand) and VPN.
             asyncio.create_task(self.end_cluster(cluster))
+
+    async def detach(self, node: ClusterNode) -> None:
+        """`stop --keep-clusters`: stop watching the node and close its tunnel; its rentals stay as
+        they are for the next webserver (readopt)."""
+        import asyncio
+
+        for task in (node.provisioning, node.monitor):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if node.tunnel is not None:
+            await node.tunnel.stop()
 
     async def stop(self, node: ClusterNode, end_cluster: bool = True) -> None:
         import asyncio
@@ -7003,8 +7027,8 @@ class WebserverHandler:
         return await self.server.wallet_status()
 
     async def shutdown(self, request: Request) -> dict:
-        body = request.fields({"force": (bool, False)})
-        return self.server.request_shutdown(force=body["force"])
+        body = request.fields({"force": (bool, False), "keep_clusters": (bool, False)})
+        return self.server.request_shutdown(force=body["force"], keep_clusters=body["keep_clusters"])
 
     # -- node routes (section 7) ------------------------------------------------------
 
@@ -7354,6 +7378,7 @@ class Webserver:
         self._run_lock_fd: int | None = None
         self._watcher = None
         self._bring_up_task = None
+        self.keep_clusters = False  # `stop --keep-clusters`: the clusters outlive this process
         self._log = None
         self.idle_shutdown = IdleShutdown(idle_timeout, time.time())
         self._idle_watcher = None
@@ -7433,13 +7458,20 @@ class Webserver:
                 result["errors"].append(str(e))
         return result
 
-    def request_shutdown(self, force: bool = False) -> dict:
-        """Start a graceful shutdown; a 409 while nodes live unless `force` (which terminates them first)."""
+    def request_shutdown(self, force: bool = False, keep_clusters: bool = False) -> dict:
+        """Start a graceful shutdown; a 409 while nodes live unless `force` (which terminates them
+        first) or `keep_clusters` (which leaves them, and the daemon, to the next webserver)."""
         import asyncio
 
+        if force and keep_clusters:
+            raise UsageError("keep_clusters: not together with force")
         if self.state == "shutting_down":
             return {"shutdown": "already_shutting_down", "live_nodes": self.live_nodes()}
         live = self.live_nodes()
+        if keep_clusters:
+            self._log.info("shutdown requested, clusters kept (live nodes: %d)", live)
+            asyncio.get_running_loop().create_task(self.shutdown(keep_clusters=True))
+            return {"shutdown": "will_shutdown_keeping_clusters", "live_nodes": live}
         if live and not force:
             per_cluster = {name: sum(n for state, n in counts.items() if state != "terminated")
                            for name, counts in sorted(self.clusters().items())}  # fmt: skip
@@ -7449,26 +7481,35 @@ class Webserver:
         asyncio.get_running_loop().create_task(self.shutdown(force))
         return {"shutdown": "forced_shutdown" if force else "will_shutdown", "live_nodes": live}
 
-    async def shutdown(self, force: bool = False) -> None:
-        """End the clusters, stop taking requests, stop yagna if ours; then `run()` returns."""
+    async def shutdown(self, force: bool = False, keep_clusters: bool = False) -> None:
+        """End the clusters, stop taking requests, stop yagna if ours; then `run()` returns.
+        With `keep_clusters` the clusters and the daemon stay, and webserver.json stays as the
+        record the next webserver adopts them from (as after a crash)."""
         import asyncio
 
         if self.state == "shutting_down":
             return
         self.state = "shutting_down"
+        self.keep_clusters = keep_clusters
         self.transport.begin_close()
         self.yagna.cancel_start()
         await asyncio.sleep(0)  # let the response to POST /shutdown go out first
         try:
-            await self.cluster_service.shutdown(force)
+            if keep_clusters:
+                await self.cluster_service.detach()
+            else:
+                await self.cluster_service.shutdown(force)
         except Exception:  # noqa: BLE001 - a failure here must not keep yagna alive
             self._log.exception("ending the clusters failed")
         self.transport.close()
         starting = self._bring_up_task
         if starting is not None and starting is not asyncio.current_task() and not starting.done():
             await asyncio.wait([starting])  # returns promptly: _wait_ready sees `cancelled`
-        outcome = await asyncio.to_thread(self.yagna.stop)
-        self._log.info("%s: %s", self.yagna.kind, outcome)
+        if keep_clusters:
+            self._log.info("%s left running for the clusters", self.yagna.kind)
+        else:
+            outcome = await asyncio.to_thread(self.yagna.stop)
+            self._log.info("%s: %s", self.yagna.kind, outcome)
         self._stopped.set()
 
     # -- process lifecycle ---------------------------------------------------------
@@ -7497,10 +7538,10 @@ class Webserver:
                    "yagna_pid_start_time": self.yagna.pid_start_time}  # fmt: skip
         write_secret_file(os.path.join(self.datadir, WEBSERVER_RUNTIME_FILE), json.dumps(runtime))
 
-    def _remove_runtime_files(self) -> None:
+    def _remove_runtime_files(self, keep_runtime: bool = False) -> None:
         pid = read_pidfile(self.datadir)
         if pid and pid[0] == os.getpid():
-            for name in (WEBSERVER_PID_FILE, WEBSERVER_RUNTIME_FILE):
+            for name in (WEBSERVER_PID_FILE,) + (() if keep_runtime else (WEBSERVER_RUNTIME_FILE,)):
                 try:
                     os.unlink(os.path.join(self.datadir, name))
                 except FileNotFoundError:
@@ -7534,7 +7575,7 @@ class Webserver:
         self._bring_up_task = loop.create_task(self._bring_up())
         await self._stopped.wait()
         await self.transport.wait_closed()
-        self._remove_runtime_files()
+        self._remove_runtime_files(keep_runtime=self.keep_clusters)
         self.store.close()
         self._log.info("stopped, bye")
         return self.exit_code
@@ -7849,7 +7890,7 @@ def _kill_leftovers(datadir: str, pid: int, start_time: int | None, out) -> None
 
 
 def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
-                   timeout: float = WEBSERVER_STOP_TIMEOUT, out=print) -> int:  # fmt: skip
+                   timeout: float = WEBSERVER_STOP_TIMEOUT, out=print, keep_clusters: bool = False) -> int:  # fmt: skip
     """Graceful shutdown through the route; `kill` ends a process that does not answer or exit in time."""
     client = WebserverClient(datadir, port)
     pidfile = live_pid(datadir)
@@ -7875,9 +7916,10 @@ def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
         out("The webserver is already shutting down.")
     else:
         out("Forcing webserver shutdown (terminating nodes, settling payments)..." if force
+            else "Requesting webserver shutdown, leaving the clusters running..." if keep_clusters
             else "Requesting webserver shutdown...")  # fmt: skip
         try:
-            client.request("POST", "/shutdown", {"force": force})
+            client.request("POST", "/shutdown", {"force": force, "keep_clusters": keep_clusters})
         except Conflict as e:
             out(f"Cannot stop the webserver: {e}.")
             out("Use `ray-on-golem stop --force` to terminate them and settle payments first.")
@@ -7887,7 +7929,10 @@ def stop_webserver(datadir: str, port: int | None, force: bool, kill: bool,
     client.close()
     if wait_process_exit(pid, start_time, timeout):
         yagna = status["yagna"]
-        if yagna["started_by_us"]:
+        if keep_clusters:
+            out(f"Webserver stopped (pid {pid}); its clusters and the {yagna['kind']} they use are left running: "
+                "`ray-on-golem start` re-adopts them.")
+        elif yagna["started_by_us"]:
             out(f"Webserver stopped (pid {pid}), and the {yagna['kind']} it had started (pid {yagna['pid']}).")
         else:
             out(f"Webserver stopped (pid {pid}); {yagna['kind']} at {yagna['url']} left running (started externally).")
@@ -9127,7 +9172,8 @@ def local_network_args(local_network: dict | None) -> list[str]:
 
 
 def cmd_stop(args) -> int:
-    return stop_webserver(_datadir(args), args.port, args.force, args.kill, args.timeout)
+    return stop_webserver(_datadir(args), args.port, args.force, args.kill, args.timeout,
+                          keep_clusters=args.keep_clusters)
 
 
 def cmd_status(args) -> int:
@@ -9280,10 +9326,15 @@ def _add_start(commands, common) -> None:
 def _add_stop(commands, common) -> None:
     p = commands.add_parser("stop", parents=[common], help="stop the webserver and the yagna it started",
                             description="Shut the webserver down gracefully; it stops yagna only if it "
-                                        "started it. Refuses while clusters have live nodes unless --force.")  # fmt: skip
+                                        "started it. Refuses while clusters have live nodes unless --force "
+                                        "(end them) or --keep-clusters (leave them to the next start).")  # fmt: skip
     p.add_argument("-p", "--port", type=_port_arg, default=None, help="port (default: the running webserver's)")
-    p.add_argument("-f", "--force", action="store_true",
-                   help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("-f", "--force", action="store_true",
+                     help="stop even with live nodes: terminate them and settle payments first")  # fmt: skip
+    how.add_argument("--keep-clusters", action="store_true",
+                     help="stop only the webserver: the clusters (nodes, agreements, payments due) and yagna "
+                          "stay, and the next `ray-on-golem start` re-adopts them (e.g. to upgrade Ray on Golem)")
     p.add_argument("-k", "--kill", action="store_true", help="kill the process if it does not answer or exit in time")
     p.add_argument("--timeout", type=_seconds_arg, default=WEBSERVER_STOP_TIMEOUT, metavar="SECONDS",
                    help=f"how long to wait for the process to exit (default: {WEBSERVER_STOP_TIMEOUT:.0f})")  # fmt: skip

@@ -299,6 +299,8 @@ NODES = "/clusters/c16/nodes"
     (NODES, {"node_config": {"demand": {"image_tag": 7}}}, "node_config.demand.image_tag"),
     (NODES + "/node1/tags", {"tags": None}, "'tags'"),
     ("/shutdown", {"force": None}, "'force'"),
+    ("/shutdown", {"keep_clusters": "yes"}, "'keep_clusters'"),
+    ("/shutdown", {"force": True, "keep_clusters": True}, "keep_clusters: not together with force"),
 ])
 def test_body_fields_reject_null_and_wrong_types(webserver_server, path, body, field):
     """Every body field is checked before anything happens: a 400 naming it, no cluster registered."""

@@ -1,4 +1,5 @@
-"""A restart keeps the cluster (issue 13): `kill -9` of the webserver, then `ray-on-golem start`.
+"""A restart keeps the cluster (issue 13): `kill -9` of the webserver (or `stop --keep-clusters`), then
+`ray-on-golem start`.
 
 The new webserver re-adopts every node still alive from what the dead one recorded (same node
 ids, same providers), settles the debit notes that came meanwhile without paying any twice, and
@@ -75,15 +76,25 @@ def test_spending_rebuilt_from_the_ledger_pays_only_the_increase():
     assert not rebuilt.decide(terms, "invoice", "agr", None, Decimal("0.08"), None, 60.0).accept  # never twice
 
 
+def stop_keeping_clusters(session: RaySession) -> None:
+    """`ray-on-golem stop --keep-clusters`: a clean stop that leaves the clusters to the next start."""
+    stopped = session.rog("stop", "--keep-clusters", "--datadir", str(session.datadir), "--port", str(session.port))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "`ray-on-golem start` re-adopts them" in stopped.stdout, stopped.stdout
+    status = session.rog("status", "--datadir", str(session.datadir), "--port", str(session.port))
+    assert "the webserver is gone but left running" in status.stdout and "1 node" in status.stdout, status.stdout
+
+
 @pytest.mark.slow
-def test_restart_readopts_the_live_node_and_pays_what_came_meanwhile(fault_session):
+@pytest.mark.parametrize("stop", [kill_webserver, stop_keeping_clusters], ids=["kill-9", "stop-keep-clusters"])
+def test_restart_readopts_the_live_node_and_pays_what_came_meanwhile(fault_session, stop):
     session = fault_session({"providers": 3, "known_at_start": 1.0, "behaviours": {}, "explicit": STEADY})
     node = request_worker(session, "keep")
     before = wait_node(session, "keep", node["node_id"], {"running"})
     [(agreement_id,)] = session.db("SELECT agreement_id FROM agreements WHERE terminated_at IS NULL")
     wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE status = 'accepted'")[0][0] >= 1, 30,
              what="a first debit note accepted")
-    kill_webserver(session)
+    stop(session)
     notes_before = session.localnet_state()["debit_notes"]
     wait_for(lambda: session.localnet_state()["debit_notes"] >= notes_before + 2, 30,
              what="debit notes issued while no webserver runs")
