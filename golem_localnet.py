@@ -2232,7 +2232,10 @@ for spec in $NODE_PRIVATE; do
 done
 i=0
 for keep in $NODE_KEEP; do
-    mkdir -p "$keep"; mount --bind "/run/golem/keep/$i" "$keep"; mount -o remount,bind,ro "$keep"
+    mkdir -p "$keep" "/run/golem/overlay/keep$i/upper" "/run/golem/overlay/keep$i/work"
+    mount -o remount,bind,ro "/run/golem/keep/$i"
+    mount -t overlay overlay -o \
+        "lowerdir=/run/golem/keep/$i,upperdir=/run/golem/overlay/keep$i/upper,workdir=/run/golem/overlay/keep$i/work" "$keep"
     umount -l "/run/golem/keep/$i"; i=$((i+1))
 done
 for hide in $NODE_HIDE; do
@@ -2631,7 +2634,8 @@ class NodeMachine:
         return mounts
 
     def _keep_paths(self) -> list[str]:
-        """The image's Python when it lives under a directory the node gets empty (/root, /tmp)."""
+        """The image's Python when it lives under a directory the node gets empty (/root, /tmp):
+        put back on a copy-on-write layer of its own, as the overlaid directories are."""
         keep = []
         for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
                      os.path.dirname(os.path.realpath(__file__))}:
