@@ -463,7 +463,7 @@ def test_unauthorised_requests_get_401_json(shared, auth, method, path):
         (("POST", "/shutdown", b"{bad json"), 400, "request body is not valid JSON"),
         (("POST", "/shutdown", b"[1, 2]"), 400, "request body must be a JSON object"),
         (("POST", "/shutdown", b'{"force": 1}'), 400, "field 'force' must be bool, got int"),
-        (("POST", "/shutdown", b'{"forse": true}'), 400, "unknown field 'forse' (expected: force)"),
+        (("POST", "/shutdown", b'{"forse": true}'), 400, "unknown field 'forse' (expected: force, keep_clusters)"),
         (("GET", "/nope", b""), 404, "no route /nope"),
         (("DELETE", "/status", b""), 405, "DELETE not allowed on /status (allowed: GET)"),
     ],
