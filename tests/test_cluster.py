@@ -270,8 +270,14 @@ def assert_connect_lines(session: RaySession, up_output: str, head: dict, hostna
     driver = ("import socket, ray\n"
               f"ray.init('ray://127.0.0.1:{client_port}')\n"
               "print('ON', ray.get(ray.remote(lambda: socket.gethostname()).remote()))\n")
-    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=180,
-                         cwd=session.tmp_path, env=session.env, stdin=subprocess.DEVNULL)
+    for attempt in range(3):
+        run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=180,
+                             cwd=session.tmp_path, env=session.env, stdin=subprocess.DEVNULL)
+        # Ray's proxier on the head gives each client a server process of its own and gives up if that
+        # one is slow to start (ray/util/client/server/proxier.py) - on a busy 2-core machine, at times:
+        # a new client is what a user would try. Any other failure fails at once.
+        if run.returncode == 0 or "Starting Ray client server failed" not in run.stderr:
+            break
     assert run.returncode == 0 and f"ON {hostname}" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
 
 
