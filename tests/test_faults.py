@@ -137,14 +137,18 @@ needs_ray = pytest.mark.skipif(not RAY_BIN.exists(), reason=f"the ray CLI is not
 
 # 2-thread machines only (a node's CPU limit is its offer; this machine has 2 cores). Of the 20
 # providers, 4 fail every deploy, 2 have activities that die and 2 whose exe-unit stops answering
-# 10-30 s after a start, and one bills ten times its usage: all of them cheap, so the market tries
-# them first (the cost score outweighs the random part), while the 9 sound drawn providers cost ~1
-# GLM per CPU-hour. Ray cannot replace a head, so the head asks for 8 GiB, which only the two sound
-# explicit providers have (`priority_subnet_tag` is not used yet, see the README's limitations).
+# 10-30 s after a start, and one bills ten times its usage. The market's cost score is
+# 1/(1 + x/max_cost), x the expected cost per CPU (sample YAML: load 0.8 for half an hour, so
+# x = 0.4·cpu/h + 0.25·env/h + start/2), and its random part weighs 0.1. With max_cost 0.6 the 9 sound
+# drawn providers (~1 GLM per CPU-hour) score 0.55-0.6, the faulty ones (0.3) 0.8, so the market tries
+# them first, and the overbiller (0.02) 0.98, so the first worker is rented from it whatever the random
+# part draws. Ray cannot replace a head, so the head asks for 8 GiB, which only the two sound explicit
+# providers have (`priority_subnet_tag` is not used yet, see the README's limitations).
 SIZES = [{"weight": 1, "cpu_threads": 2, "mem_gib": 4.0, "storage_gib": 20.0}]
 SOUND = {"cpu_threads": 2, "cpu_cores": 1, "mem_gib": 4.0, "storage_gib": 20.0, "behaviour": "ok", "offer_at_s": 0.0,
-         "subnet": "public", "cpu_sec_price": 0.02 / 3600, "duration_sec_price": 0.01 / 3600, "start_price": 0.0}
-OVERBILLER = {**SOUND, "name": "overbiller", "inflate_billing": 10, "debit_note_interval_s": 5}
+         "subnet": "public", "cpu_sec_price": 0.3 / 3600, "duration_sec_price": 0.1 / 3600, "start_price": 0.0}
+OVERBILLER = {**SOUND, "name": "overbiller", "cpu_sec_price": 0.02 / 3600, "duration_sec_price": 0.01 / 3600,
+              "inflate_billing": 10, "debit_note_interval_s": 5}
 STORM_SEED = 2
 STORM_PROFILE = {
     "providers": 20, "seed": STORM_SEED, "known_at_start": 1.0, "latency_s": [0.05, 0.3], "sizes": SIZES,
@@ -256,6 +260,7 @@ def storm_run(session: RaySession, tmp_path: Path, population: dict[str, dict]) 
         params["node_start_timeout"] = "4m"
         params["total_budget"] = float(BUDGET)
         params["node_config"]["budget_control"]["max_cpu_per_hour_price"] = 2.0  # the sound ones cost ~1
+        params["node_config"]["budget_control"]["per_cpu_expected_usage"]["max_cost"] = 0.6  # see STORM_PROFILE
         config["available_node_types"]["ray.worker.default"].update(min_workers=3, max_workers=3)
         config["available_node_types"]["ray.head.default"]["node_config"] = {"demand": {"min_mem_gib": 8}}
 
