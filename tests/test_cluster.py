@@ -602,7 +602,7 @@ def test_node_provider_is_thread_safe(fault_session):
 def test_autostop_tears_the_idle_cluster_down(session: RaySession, tmp_path: Path):
     """`autostop: {idle_minutes: 1}` on the local network's time scale: the cluster stays up while
     `ray submit` runs, then goes down by itself (head included), every node paid up."""
-    time_scale = 2.0  # idle_minutes 1 -> 30 s; one check every 10 s
+    time_scale = 4.0  # idle_minutes 1 -> 15 s; one check every 5 s
 
     def autostopped(config):
         config["max_workers"] = 0
@@ -628,7 +628,8 @@ def test_autostop_tears_the_idle_cluster_down(session: RaySession, tmp_path: Pat
 
     session_busy = lambda: (session.api("GET", "/status")["autostop"][cluster]["busy"] or "").startswith(  # noqa: E731
         "1 ray exec/submit/attach session(s) open")
-    sleeper = threading.Thread(target=session.ray, args=("exec", "--no-config-cache", str(config), "sleep 30"))
+    sleeper = threading.Thread(target=session.ray, args=("exec", "--no-config-cache", str(config),
+                                                         f"sleep {int(idle_s) + 5}"))
     sleeper.start()
     try:
         wait_for(session_busy, 30, interval=0.5, what="the open ray exec session to count as busy")
