@@ -2195,7 +2195,9 @@ NODE_PRIVATE_DIRS = (("/tmp", "1777"), ("/dev/shm", "1777"), ("/root", "700"))
 # ray/_private/utils.py get_num_cpus and get_cgroup_mem_stats), a /proc/meminfo for `free` (as
 # lxcfs does), the image read-only with a copy-on-write layer (overlay, its upper in the node's
 # /run) over the directories software writes to (/etc: the bring-up writes /etc/hostname and
-# /etc/environment; /usr, /var, /opt, the image's Python for `pip install`), a host key of its own
+# /etc/environment; /usr, /var, /opt, the image's Python for `pip install`), the image's commands
+# (its Python, `ray`, `pip`: NodeMachine._image_commands) in the node's own /usr/local/bin, where a
+# plain SSH login's PATH finds them as in the python:3.10 based Golem image, a host key of its own
 # for sshd and root login by key only, then reaps orphans forever (dash's `wait` reaps any child, as an init must).
 # Arguments come in the environment; nothing of the host's environment is passed.
 NODE_INIT_SCRIPT = r"""
@@ -2213,6 +2215,11 @@ for dir in $NODE_OVERLAY; do
     i=$((i+1))
 done
 echo "$NODE_NAME" > /etc/hostname
+mkdir -p /usr/local/bin
+for command in $NODE_IMAGE_COMMANDS; do
+    printf '#!/bin/sh\nexec %s "$@"\n' "${command#*=}" > "/usr/local/bin/${command%%=*}"
+    chmod 755 "/usr/local/bin/${command%%=*}"
+done
 if [ -d /etc/ssh ]; then
     rm -f /etc/ssh/ssh_host_*
     if command -v ssh-keygen >/dev/null; then ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; fi
@@ -2644,10 +2651,33 @@ class NodeMachine:
                     keep.append(path)
         return sorted(keep)
 
+    @staticmethod
+    def _image_commands() -> list[str]:
+        """`name=target` for each command of the image a node gets in its own /usr/local/bin: the
+        image is the Python that runs the local network, so `python3`, `python` and every program of
+        its bin dir (`ray`, `pip`, ...). Small scripts that exec the target by its path, not symlinks:
+        a symlink to a venv's python loses the venv. When that bin dir is on NODE_PATH already, only
+        the Python names it lacks (Debian's /usr/bin has no `python`)."""
+        bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+        on_path = os.path.realpath(bin_dir) in {os.path.realpath(d) for d in NODE_PATH.split(os.pathsep)}
+
+        def program(name: str) -> bool:
+            path = os.path.join(bin_dir, name)
+            return os.path.isfile(path) and os.access(path, os.X_OK)
+
+        commands = {name: sys.executable for name in ("python3", "python") if not (on_path and program(name))}
+        if not on_path:
+            for name in sorted(os.listdir(bin_dir)):
+                if re.fullmatch(r"[A-Za-z0-9._+-]+", name) and program(name):
+                    commands.setdefault(name, os.path.join(bin_dir, name))
+        return [f"{name}={target}" for name, target in commands.items()
+                if re.fullmatch(r"[A-Za-z0-9._+/-]+", target)]
+
     async def _boot(self) -> None:
         env = {
             "PATH": NODE_PATH,
             "NODE_NAME": self.name,
+            "NODE_IMAGE_COMMANDS": " ".join(self._image_commands()),
             "NODE_KEEP": " ".join(self._keep_paths()),
             "NODE_OVERLAY": " ".join(self._overlay_paths()),
             "NODE_READONLY": " ".join(self._readonly_mounts()),
@@ -2701,9 +2731,10 @@ class NodeMachine:
         return ["nsenter", "-t", str(self.init_pid), "--all", "--wd=/root", *argv]
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
-        """A fresh environment, as a VM's exe-unit gives: nothing of the host's."""
+        """A fresh environment, as a VM's exe-unit gives: nothing of the host's; the image's PATH
+        (its commands are in /usr/local/bin, see _image_commands)."""
         env = {
-            "PATH": os.pathsep.join([os.path.dirname(sys.executable), NODE_PATH]),
+            "PATH": NODE_PATH,
             "HOME": "/root",
             "USER": "root",
             "LANG": "C.UTF-8",
@@ -4499,13 +4530,14 @@ class Localnet:
 ###############################################################################
 
 
-def _write_state_file(datadir: str, url: str, isolation: str = "sandbox", isolation_reason: str | None = None) -> None:
-    """DIR/localnet.json: where and who, no secrets (docs/internals.md)."""
+def _write_state_file(datadir: str, url: str, isolation: str = "sandbox", isolation_reason: str | None = None,
+                      time_scale: float = 1.0) -> None:
+    """DIR/localnet.json: where and who, what its nodes and its clock are, no secrets (docs/internals.md)."""
     path = os.path.join(datadir, STATE_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"url": url, "pid": os.getpid(), "started_at": iso(utcnow()), "isolation": isolation,
-                   "isolation_reason": isolation_reason}, f)
+                   "isolation_reason": isolation_reason, "time_scale": time_scale}, f)
     os.replace(tmp, path)
 
 
@@ -4530,7 +4562,7 @@ async def serve(args: argparse.Namespace, population: Population) -> int:
         print(f"golem-localnet: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
     url = f"http://{args.host}:{port}"
-    _write_state_file(args.datadir, url, isolation, reason)
+    _write_state_file(args.datadir, url, isolation, reason, net.clock.time_scale)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2251,6 +2251,9 @@ class YagnaService:
         self.orphan: dict | None = None
         self.cancelled = threading.Event()  # set by a shutdown that comes while we start
         self.stopped = False
+        # What the network is, as the local network says in its localnet.json (the real one: 1.0, None):
+        self.time_scale = 1.0  # simulated seconds per real second (autostop's idle clock)
+        self.no_nodes_reason: str | None = None  # why no Ray node can run on it (sandbox mode)
         self._process = None
         self._log = logging.getLogger("ray_on_golem.yagna")
 
@@ -2280,6 +2283,7 @@ class YagnaService:
             "identity": self.identity,
             "payment_network": self.network,
             "payment_platform": self.payment_platform,
+            "time_scale": self.time_scale,
         }
 
     # -- start ---------------------------------------------------------------
@@ -2338,6 +2342,23 @@ class YagnaService:
             self._spawn(cmd, env)
             self._wait_ready(timeout, lambda: self._localnet_url(state_path))
         self.app_key = os.environ.get("YAGNA_APPKEY") or self._read_localnet_appkey(netdir)
+        self._read_localnet_traits(state_path)
+
+    def _read_localnet_traits(self, state_path: str) -> None:
+        """Its clock and how it makes nodes, from the `localnet.json` of the process we use: a node
+        in the shared-loopback sandbox cannot run sshd, so Ray cannot reach it (docs/internals.md)."""
+        import json
+
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = {}
+        self.time_scale = float(state.get("time_scale") or 1.0)
+        if (state.get("isolation") or "sandbox") == "sandbox":
+            why = f" ({state['isolation_reason']})" if state.get("isolation_reason") else ""
+            self.no_nodes_reason = (f"the local network runs in sandbox mode{why}: its nodes share this machine's "
+                                    "loopback and cannot run sshd; run it as root for VM-like nodes")
 
     def _adopt_or_leave(self, what: str) -> None:
         """A reachable daemon is ours only if a killed webserver of this data dir had started it."""
@@ -3759,41 +3780,30 @@ def diagnose_funnel(funnel) -> str:
     return text
 
 
-def node_environment_script(node_id: str, vpn_ip: str, gcs_port: int, client_port: int,
-                            local: dict | None) -> str:
-    """Bootstrap: write the node's environment file; print `NODE_IP RAY_TMPDIR`.
+def node_environment_script(node_id: str, vpn_ip: str) -> str:
+    """Bootstrap: write the node's environment file; print `NODE_IP`.
 
-    On the local network every node shares this machine: it takes the Python that
-    runs `ray up` (as a VM image carries the same Ray), its own loopback IP (the
-    local network's NODE_IP) and its own short Ray temp dir (Ray's unix sockets
-    must stay under 107 bytes, so not inside the sandbox's deep HOME).
+    The same on every network: the image's `python3` and `ray` are on the node's PATH, every node
+    is a machine of its own (Ray's default temp dir and fixed ports); only this module is added.
     """
     lines = [
         f'export NODE_IP="${{NODE_IP:-{vpn_ip}}}"',
-        'export RAY_TMPDIR="$ray_tmp"',
         "export ON_GOLEM_NETWORK=1",
         "export RAY_USAGE_STATS_ENABLED=0",
         f"export RAY_ON_GOLEM_NODE_ID={shlex.quote(node_id)}",
-        f"export RAY_GCS_PORT={int(gcs_port)}",
-        f"export RAY_CLIENT_SERVER_PORT={int(client_port)}",
     ]
-    if local:
-        if local.get("python_bin_dir"):
-            lines.append(f'export PATH={shlex.quote(local["python_bin_dir"])}:"$PATH"')
-        if local.get("module_dir"):
-            lines.append(f'export PYTHONPATH={shlex.quote(local["module_dir"])}${{PYTHONPATH:+:$PYTHONPATH}}')
     # This version of ray_on_golem first, whatever the image holds (`ray up` copies it there: file_mounts).
     lib = f"$HOME/{NODE_STATE_DIR}/lib"
     lines.append(f'export PYTHONPATH="\\{lib}/ray-on-golem.pyz:\\{lib}\\${{PYTHONPATH:+:\\$PYTHONPATH}}"')
     body = "\n".join(lines)
     return (
-        f'mkdir -p "$HOME/{NODE_STATE_DIR}" && ray_tmp=$(mktemp -d /tmp/rog-XXXXXXXX) && '
+        f'mkdir -p "$HOME/{NODE_STATE_DIR}" && '
         f'NODE_IP="${{NODE_IP:-{vpn_ip}}}" && '
         f"cat > \"$HOME/{NODE_STATE_DIR}/env\" <<EOF\n{body}\nEOF\n"
         # Ray's SSH runner sources ~/.bashrc before each command: the node's environment with it.
         f'grep -qs "{NODE_STATE_DIR}/env" "$HOME/.bashrc" || '
         f'echo \'[ -f "$HOME/{NODE_STATE_DIR}/env" ] && . "$HOME/{NODE_STATE_DIR}/env"\' >> "$HOME/.bashrc"\n'
-        'printf "%s %s" "$NODE_IP" "$ray_tmp"'
+        'printf "%s" "$NODE_IP"'
     )
 
 
@@ -4067,7 +4077,7 @@ class ClusterNode:
     """One node of a cluster: what Ray sees (state, tags, IPs) and what it rents."""
 
     def __init__(self, cluster: "Cluster", node_id: str, node_config: dict, tags: dict, resources: dict,
-                 labels: dict, timeout_s: float, local: dict | None, requestor_versions: dict | None = None):
+                 labels: dict, timeout_s: float, requestor_versions: dict | None = None):
         import asyncio
 
         self.cluster = cluster
@@ -4076,7 +4086,6 @@ class ClusterNode:
         self.tags = {str(k): str(v) for k, v in tags.items()}
         self.resources = resources
         self.labels = labels
-        self.local = local  # python_bin_dir/module_dir of the `ray up` side (local network only)
         self.requestor_versions = requestor_versions  # {"python", "ray"} of the requesting provider
         self.node_type = self.tags.get(RAY_TAG_USER_NODE_TYPE) or self.tags.get(RAY_TAG_NODE_KIND) or "unknown"
         self.state = NodeState.PENDING
@@ -4087,7 +4096,6 @@ class ClusterNode:
         self.vpn_ip: str | None = None
         self.network_id: str | None = None  # its VPN's net API id (ssh-proxy)
         self.tunnel: SSHTunnel | None = None  # the head's way back to the webserver, and the user's to Ray
-        self.ray_tmpdir: str | None = None
         self.provider_id: str | None = None
         self.provider_name: str | None = None
         self.price: dict | None = None
@@ -4135,9 +4143,9 @@ class ClusterNode:
         return {"agreement_id": self.agreement.id if self.agreement is not None else None,
                 "activity_id": self.activity.id if self.activity is not None else None,
                 "vpn_ip": self.vpn_ip, "network_id": self.network_id, "external_ip": self.external_ip,
-                "ray_tmpdir": self.ray_tmpdir, "provider_name": self.provider_name, "price": self.price,
+                "provider_name": self.provider_name, "price": self.price,
                 "node_config": self.node_config, "resources": self.resources, "labels": self.labels,
-                "local": self.local, "requestor_versions": self.requestor_versions, "timeout_s": self.timeout_s,
+                "requestor_versions": self.requestor_versions, "timeout_s": self.timeout_s,
                 # the head's tunnel: reopened with the same local ports (what `ray up` printed)
                 "tunnel_forwards": self.tunnel.as_dict()["forwards"] if self.tunnel is not None else None}
 
@@ -4148,13 +4156,12 @@ class ClusterNode:
         runtime = row["runtime"]
         node = cls(cluster, row["node_id"], runtime.get("node_config") or {}, row["tags"],
                    runtime.get("resources") or {}, runtime.get("labels") or {},
-                   float(runtime.get("timeout_s") or DEFAULT_NODE_START_TIMEOUT), runtime.get("local"),
-                   runtime.get("requestor_versions"))
+                   float(runtime.get("timeout_s") or DEFAULT_NODE_START_TIMEOUT), runtime.get("requestor_versions"))
         node.state_log = list(row["state_log"])
         node.state_log_at = [row["updated_at"]] * len(node.state_log)
         node.created_at, node.deadline_at, node.attempts = row["created_at"], row["deadline"], row["attempts"]
         node.provider_id, node.internal_ip = row["provider_id"], row["internal_ip"]
-        for key in ("vpn_ip", "network_id", "external_ip", "ray_tmpdir", "provider_name", "price"):
+        for key in ("vpn_ip", "network_id", "external_ip", "provider_name", "price"):
             setattr(node, key, runtime.get(key))
         return node
 
@@ -4201,18 +4208,13 @@ class Cluster:
         self.nodes: dict[str, ClusterNode] = {}
         self.pipelines: dict[str, object] = {}
         self.vpn = None
-        self.local = self.network == "local"
-        # On the local network every head binds this machine: ports per cluster.
-        self.gcs_port = runtime.get("gcs_port") or (_free_port() if self.local else 6379)
-        self.client_port = runtime.get("client_port") or (_free_port() if self.local else 10001)
         self.lock = asyncio.Lock()
         self.number = runtime.get("number") or len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
         self.keys = ClusterKeys(service.yagna.datadir, name)
 
     def runtime_record(self) -> dict:
         """What a restarted webserver needs to re-adopt the cluster (ClusterRecords.cluster_runtime)."""
-        return {"gcs_port": self.gcs_port, "client_port": self.client_port, "number": self.number,
-                "network_id": self.vpn.id if self.vpn is not None else None}
+        return {"number": self.number, "network_id": self.vpn.id if self.vpn is not None else None}
 
     async def readopt_vpn(self, network_id: str | None) -> None:
         """Re-attach the VPN a previous webserver made (by its recorded id), with its addresses taken:
@@ -4582,7 +4584,7 @@ class ClusterService:
         return [n for n in cluster.nodes.values() if n.alive and tags_match(n.tags, tag_filter)]
 
     async def request_nodes(self, cluster_name: str, parameters: dict, node_config: dict, tags: dict,
-                            count: int, resources: dict, labels: dict, local: dict | None,
+                            count: int, resources: dict, labels: dict,
                             requestor_versions: dict | None = None) -> list[ClusterNode]:
         """Create `count` pending nodes at once; each is provisioned in the background."""
         import asyncio
@@ -4603,6 +4605,8 @@ class ClusterService:
         resolve_node_config(node_config, head=tags.get(RAY_TAG_NODE_KIND) == "head")
         self._check_recovered()
         await self.connect()
+        if self.yagna.no_nodes_reason:  # before anything is rented
+            raise Conflict(f"no Ray node can run on this network: {self.yagna.no_nodes_reason}")
         autostop = autostop_setting(parameters.get("autostop"))
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
@@ -4615,7 +4619,7 @@ class ClusterService:
         for _ in range(count):
             node_id = f"node{self.records.next_node_number()}"
             node = ClusterNode(cluster, node_id, node_config, tags, resources, labels, timeout_s,
-                               local if cluster.local else None, requestor_versions)
+                               requestor_versions)
             cluster.nodes[node_id] = node
             node.touch()
             node.provisioning = asyncio.create_task(self.provisioner.provision(node))
@@ -4815,12 +4819,10 @@ class NodeProvisioner:
         node.step(5)
         await self._batch(node, Start(), kind="start_failed", what="start")
         node.step(6)
-        script = node_environment_script(node.node_id, node.vpn_ip, cluster.gcs_port, cluster.client_port,
-                                         node.local)
+        script = node_environment_script(node.node_id, node.vpn_ip)
         result = await self._batch(node, _run_command(script), kind="start_failed", what="bootstrap")
         fields = (result.stdout or "").split()
         node.internal_ip = fields[0] if fields else node.vpn_ip
-        node.ray_tmpdir = fields[1] if len(fields) > 1 else None
         await self._check_versions(node)
         # Ray reaches nodes by SSH to their VPN address (through ssh-proxy): one address serves both.
         node.external_ip = node.internal_ip
@@ -4894,9 +4896,6 @@ class NodeProvisioner:
         import asyncio
 
         cluster = node.cluster
-        if cluster.local and (localnet_isolation(cluster.service.yagna.datadir) or {}).get("mode") == "sandbox":
-            raise RayOnGolemError("the local network runs in sandbox mode (nodes share this machine's "
-                                  "loopback and cannot run sshd): run it as root for namespaced nodes")
         keys = cluster.keys.ensure()
         keys.forget_host(node.vpn_ip)
         started = time.monotonic()
@@ -5088,12 +5087,6 @@ class NodeProvisioner:
             await _quietly(agreement.terminate(reason[:200]))
             self.records.agreement_ended(agreement.id, reason[:500])
             self.payments.agreement_ended(agreement.id, billed=activity is not None)
-        if node.ray_tmpdir and node.cluster.local and node.ray_tmpdir.startswith("/tmp/rog-"):
-            import shutil
-
-            # The local network's nodes share this machine's /tmp (see node_environment_script).
-            shutil.rmtree(node.ray_tmpdir, ignore_errors=True)
-            node.ray_tmpdir = None
 
     async def _end_node(self, node: ClusterNode, message: str) -> None:
         import asyncio
@@ -5326,10 +5319,8 @@ class AutostopWatch:
         if setting is None:
             self._settings.pop(cluster.name, None)
             return None
-        time_scale = 1.0
-        if cluster.local:
-            time_scale = float(((cluster.parameters.get("local_network") or {}).get("time_scale")) or 1.0)
-        autostop = Autostop(setting["idle_minutes"], setting.get("down", True), time_scale)
+        # Idle minutes on the clock of the network the cluster rents from (the local network's --time-scale).
+        autostop = Autostop(setting["idle_minutes"], setting.get("down", True), cluster.service.yagna.time_scale)
         self._settings[cluster.name] = autostop
         self._next_check[cluster.name] = 0.0
         return autostop.as_dict(time.time())
@@ -7039,6 +7030,8 @@ class WebserverHandler:
         return {"clusters": self.clusters.counts()}
 
     async def request_nodes(self, request: Request) -> dict:
+        # `local` is taken and ignored: earlier versions' provider sent it (a head's autoscaler brought
+        # up before an upgrade still does, to the upgraded webserver that re-adopted its cluster).
         body = request.fields({
             "provider_parameters": (dict, {}), "node_config": (dict, {}), "tags": (dict, {}),
             "count": (int, 1), "resources": (dict, {}), "labels": (dict, {}), "local": (dict, None),
@@ -7050,7 +7043,7 @@ class WebserverHandler:
             raise UsageError("tags: values must be strings")
         nodes = await self.clusters.request_nodes(
             request.params["cluster"], body["provider_parameters"], body["node_config"], body["tags"],
-            body["count"], body["resources"], body["labels"], body["local"], body["requestor_versions"])
+            body["count"], body["resources"], body["labels"], body["requestor_versions"])
         return {"nodes": [node.as_dict() for node in nodes]}
 
     async def set_autostop(self, request: Request) -> dict:
@@ -8479,11 +8472,6 @@ class GolemNodeProviderMixin:
             "resources": resources or {},
             "labels": labels or {},
             "requestor_versions": requestor_versions(),
-            # Used on the local network only, where nodes run on this machine:
-            # they run the Python and Ray of this `ray up` (a VM image would
-            # carry the same versions) and import this module.
-            "local": {"python_bin_dir": os.path.dirname(sys.executable),
-                      "module_dir": os.path.dirname(os.path.abspath(__file__))},
         }
         try:
             nodes = self._client.request("POST", _node_path(self.cluster_name), body)["nodes"]

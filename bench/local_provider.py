@@ -6,6 +6,8 @@ file and start commands as Ray on Golem nodes (ray_on_golem.node_environment_scr
 but created at once: no webserver, no agreement, no activity. Commands run by `/bin/sh`
 (no sshd per node), files move as tar archives, `ray stop` is scoped to the node: the
 helpers below are what Ray on Golem used before its nodes became machines of their own.
+These nodes share this machine, so each also gets a Ray temp dir of its own (`RAY_TMPDIR`,
+short: Ray's unix sockets must stay under 107 bytes) and this Python first on its PATH.
 State lives in a JSON file under `provider.state_dir`, guarded by flock, so the
 `ray up` process and the head's autoscaler share it.
 """
@@ -33,6 +35,7 @@ from ray.autoscaler.node_provider import NodeProvider
 
 # --- nodes sharing this machine: environment, node-scoped `ray stop`, file archives ----------
 
+RAY_TMPDIR_PREFIX = "/tmp/rog-"  # a node's Ray temp dir: /tmp/rog-XXXXXXXX
 _RAY_STOP_RE = re.compile(r"(?<![\w./-])ray stop(?=$|[\s;&|)])[^;&|\n)]*")
 NODE_RAY_STOP = f"python3 {os.path.abspath(__file__)} stop-node"
 
@@ -248,7 +251,7 @@ class LocalNodeProvider(NodeProvider):
             node = state["nodes"][node_id]
             node["state"] = "terminated"
         shutil.rmtree(node["home"], ignore_errors=True)
-        if node.get("ray_tmpdir", "").startswith("/tmp/rog-"):
+        if node.get("ray_tmpdir", "").startswith(RAY_TMPDIR_PREFIX):
             shutil.rmtree(node["ray_tmpdir"], ignore_errors=True)
 
     def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner,
@@ -275,15 +278,19 @@ class LocalCommandRunner(CommandRunnerInterface):
         return env
 
     def _bootstrap(self) -> None:
-        # The head binds fixed ports of this machine: the baseline takes free ones, like the Golem cluster.
-        ports = self.provider.provider_config
-        script = rog.node_environment_script(self.node_id, self.node["ip"], ports["gcs_port"], ports["client_port"],
-                                             {"python_bin_dir": os.path.dirname(sys.executable),
-                                              "module_dir": os.path.dirname(os.path.abspath(rog.__file__))})
-        out = subprocess.run(["/bin/sh", "-c", script], env=self._env(), cwd=self.node["home"], check=True,
-                             capture_output=True, text=True).stdout.split()
+        """The Golem node's environment file, plus what a node sharing this machine needs: a Ray
+        temp dir of its own (`ray stop` finds the node's processes by it) and this Python first."""
+        import tempfile
+
+        script = rog.node_environment_script(self.node_id, self.node["ip"])
+        subprocess.run(["/bin/sh", "-c", script], env=self._env(), cwd=self.node["home"], check=True,
+                       capture_output=True, text=True)
+        ray_tmpdir = tempfile.mkdtemp(prefix=os.path.basename(RAY_TMPDIR_PREFIX), dir=os.path.dirname(RAY_TMPDIR_PREFIX))
+        with open(os.path.join(self.node["home"], rog.NODE_STATE_DIR, "env"), "a") as env:
+            env.write(f"export RAY_TMPDIR={ray_tmpdir}\n"
+                      f'export PATH={os.path.dirname(sys.executable)}:"$PATH"\n')
         with self.provider._state(write=True) as state:
-            state["nodes"][self.node_id]["ray_tmpdir"] = out[1]
+            state["nodes"][self.node_id]["ray_tmpdir"] = ray_tmpdir
 
     def run(self, cmd=None, timeout=120, exit_on_fail=False, port_forward=None, with_output=False,
             environment_variables=None, run_env="auto", ssh_options_override_ssh_key="",

@@ -57,8 +57,7 @@ def cluster_config(kind: str, workdir: Path, port: int) -> dict:
         params["webserver_datadir"] = str(workdir / "datadir")
     else:
         config["provider"] = {"type": "external", "module": "local_provider.LocalNodeProvider",
-                              "state_dir": str(workdir / "state"), "gcs_port": free_port(),
-                              "client_port": free_port()}
+                              "state_dir": str(workdir / "state")}
     return config
 
 

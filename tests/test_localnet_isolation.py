@@ -193,10 +193,12 @@ def test_two_nodes_in_one_vpn_are_machines_of_their_own(isolated, tmp_path):
                    "-o", f"ProxyCommand={sys.executable} {REPO / 'ray_on_golem.py'} ssh-proxy {network.id} %h %p",
                    f"root@{ip_a}"]
             env = {**os.environ, "YAGNA_APPKEY": ln.app_key, "YAGNA_API_URL": ln.url}
-            done = subprocess.run([*ssh, "hostname; echo ---; ps ax; echo ---; nproc; echo ---; free -m"],
-                                  capture_output=True, text=True, env=env, timeout=60)
+            done = subprocess.run([*ssh, "hostname; echo ---; ps ax; echo ---; nproc; echo ---; free -m; echo ---; "
+                                         "command -v python3 ray pip; python3 -c 'import sys, ray; "
+                                         "print(sys.prefix, ray.__version__)'; echo ---; cat $(command -v ray)"],
+                                  capture_output=True, text=True, env=env, timeout=120)
             assert done.returncode == 0, done.stderr
-            hostname, ps, nproc, free = done.stdout.split("---\n")
+            hostname, ps, nproc, free, image, ray_command = done.stdout.split("---\n")
             assert hostname.strip() == "node-a"
             commands = [line.split(None, 4)[4] for line in ps.strip().splitlines()[1:]]
             assert commands[0].startswith("/bin/sh -s golem-node-init")  # PID 1 of the node
@@ -206,6 +208,15 @@ def test_two_nodes_in_one_vpn_are_machines_of_their_own(isolated, tmp_path):
             assert max(pids) < 1000 and pids[0] == 1
             assert nproc.strip() == "1"
             assert free.splitlines()[1].split()[1] == "1024"  # Mem: total, MiB
+            # A plain login's PATH finds the image's Python and Ray (the local network's Python) in the
+            # node's own /usr/local/bin, as on the python:3.10 based Golem image; the host's has none of it.
+            import ray
+
+            assert image.splitlines() == ["/usr/local/bin/python3", "/usr/local/bin/ray", "/usr/local/bin/pip",
+                                          f"{sys.prefix} {ray.__version__}"], image
+            assert ray_command == f'#!/bin/sh\nexec {Path(sys.executable).parent}/ray "$@"\n'
+            host_ray = Path("/usr/local/bin/ray")
+            assert not host_ray.exists() or host_ray.read_text(errors="replace") != ray_command
             # A password is never enough (root login by key only), and the host key is the node's own.
             denied = subprocess.run([*ssh[:-1], "-o", "PreferredAuthentications=password", ssh[-1], "true"],
                                     capture_output=True, text=True, env=env, timeout=60)

@@ -139,7 +139,7 @@ def test_a_node_of_other_versions_ends_naming_both(session: RaySession):
     started = session.rog("start", "--datadir", str(session.datadir), "--port", str(session.port),
                           "--network", "local")
     assert started.returncode == 0, started.stdout + started.stderr
-    local = {"python_bin_dir": str(Path(sys.executable).parent)}  # the node runs this Python and its Ray
+    # The local network `start` runs is this Python: its nodes' image has this Python and its Ray.
     ours = {"python": platform.python_version(), "ray": ray.__version__}
 
     def node(cluster: str, versions: dict) -> dict:
@@ -147,7 +147,7 @@ def test_a_node_of_other_versions_ends_naming_both(session: RaySession):
         params = dict(json.loads(json.dumps(config.parameters)), payment_network="local", node_start_timeout=120)
         body = {"provider_parameters": params, "node_config": config.node_types["ray.worker.default"].node_config,
                 "tags": {"ray-node-type": "worker", "ray-user-node-type": "ray.worker.default"}, "count": 1,
-                "local": local, "requestor_versions": versions}
+                "requestor_versions": versions}
         first = session.api("POST", f"/clusters/{cluster}/nodes", body)["nodes"][0]
         return wait_node(session, cluster, first["node_id"], {"running", "terminated"}, timeout=150)
 

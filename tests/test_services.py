@@ -283,11 +283,52 @@ def test_start_shapes_the_local_network_it_starts(services):
     with urllib.request.urlopen(request, timeout=10) as response:
         state = json.load(response)
     assert (state["providers"], state["time_scale"]) == (3, 4.0)
+    # The webserver knows the clock of the network it uses (autostop's idle minutes run on it).
+    assert services.runtime()["yagna"]["time_scale"] == 4.0
     again = services.start("--local-providers", "9")
     assert again.returncode == 0 and "already running" in again.stdout
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.load(response)["providers"] == 3
     assert services.stop().returncode == 0
+
+
+def test_a_sandboxed_local_network_gets_no_node_request(services, tmp_path):
+    """A local network in sandbox mode (its nodes share this machine's loopback and cannot run sshd,
+    so Ray could not reach them): the webserver that uses it refuses a node request at once, 409
+    saying why, before any demand or agreement; its time scale is the webserver's too."""
+    from pathlib import Path
+
+    from conftest import start_localnet, stop_localnet
+
+    ln = start_localnet(Path(services.datadir) / "localnet", providers=2, isolation="sandbox", time_scale=3)
+    try:
+        started = services.start()
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert services.runtime()["yagna"]["time_scale"] == 3.0 and not services.runtime()["yagna"]["started_by_us"]
+        config = rog.load_cluster_config(os.path.join(ROOT, "sample-cluster.yaml"))
+        body = {"provider_parameters": dict(config.parameters, payment_network="local"),
+                "node_config": config.node_types["ray.head.default"].node_config,
+                "tags": {"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}, "count": 1}
+        client = rog.WebserverClient(services.datadir, services.port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.request("POST", "/clusters/sandboxed/nodes", body)
+                raise AssertionError("a node was accepted on a sandboxed local network")
+            except rog.ServiceUnavailable:  # still connecting: retry
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            except rog.Conflict as e:
+                message = str(e)
+                break
+        assert message == ("no Ray node can run on this network: the local network runs in sandbox mode: its "
+                           "nodes share this machine's loopback and cannot run sshd; run it as root for VM-like nodes")
+        state = ln.state()
+        assert state["demands"]["count"] == 0 and state["agreements"]["count"] == 0, state
+        assert client.request("GET", "/clusters/sandboxed/nodes")["nodes"] == []
+        assert services.stop().returncode == 0
+    finally:
+        assert stop_localnet(ln) == 0
 
 
 def test_kill_9_then_status_and_start(any_services):
