@@ -3716,6 +3716,29 @@ import shlex
 import time
 
 
+class BackgroundTask:
+    """A coroutine that runs in the background from `start()` until `stop()` cancels it and waits
+    for it to end: the watchers of autostop and payments, a tunnel's supervisor."""
+
+    def __init__(self, run):
+        self._run = run  # async callable, run once per start
+        self._task = None
+
+    def start(self) -> None:
+        import asyncio
+
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
 class NodeState(str, enum.Enum):
     PENDING = "pending"
     RUNNING = "running"
@@ -3957,14 +3980,14 @@ class SSHTunnel:
         self.state = "starting"
         self.restarts = 0
         self.up = None  # asyncio.Event, set while every forward is up
-        self._task = None
+        self._supervisor = BackgroundTask(self._supervise)
         self._process = None
 
     def start(self) -> None:
         import asyncio
 
         self.up = asyncio.Event()
-        self._task = asyncio.create_task(self._supervise())
+        self._supervisor.start()
 
     def local_ports(self) -> dict[str, int]:
         """`{name: port}` of the local forwards (on this machine's 127.0.0.1)."""
@@ -4040,11 +4063,7 @@ class SSHTunnel:
             await asyncio.sleep(delay)
 
     async def stop(self) -> None:
-        import asyncio
-
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._supervisor.stop()
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
             await self._process.wait()
@@ -5312,7 +5331,7 @@ class AutostopWatch:
         self.log = log
         self._settings: dict[str, Autostop] = {}
         self._next_check: dict[str, float] = {}
-        self._task = None
+        self._watching = BackgroundTask(self._watch)
 
     def configure(self, cluster: "Cluster", setting: dict | None) -> dict | None:
         """Set (or with None cancel) the cluster's autostop; the idle time counts from now."""
@@ -5330,18 +5349,10 @@ class AutostopWatch:
         return {name: autostop.as_dict(now) for name, autostop in self._settings.items()}
 
     def start(self) -> None:
-        import asyncio
-
-        if self._task is None:
-            self._task = asyncio.create_task(self._watch())
+        self._watching.start()
 
     async def stop(self) -> None:
-        import asyncio
-
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._watching.stop()
 
     async def _watch(self) -> None:
         import asyncio
@@ -5841,7 +5852,7 @@ class ClusterPayments:
         self.invoice_due: set[str] = set()  # agreements that billed: end_cluster waits for their invoices
         self.agreement_node: dict[str, "ClusterNode"] = {}  # agreement id -> the node it was signed for
         self._lock = None
-        self._watcher = None
+        self._watching = BackgroundTask(self._watch)
 
     # -- allocations ----------------------------------------------------------------
 
@@ -6082,18 +6093,10 @@ class ClusterPayments:
     # -- budget policy ------------------------------------------------------------------
 
     def start(self) -> None:
-        import asyncio
-
-        if self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch())
+        self._watching.start()
 
     async def stop(self) -> None:
-        import asyncio
-
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-            self._watcher = None
+        await self._watching.stop()
 
     async def _watch(self) -> None:
         import asyncio

@@ -67,15 +67,19 @@ def cluster_config(kind: str, workdir: Path, port: int) -> dict:
     return config
 
 
+def golem_nodes(workdir: Path, port: int, cluster: str) -> list[dict]:
+    """The cluster's nodes as the webserver of a Golem run reports them."""
+    client = rog.WebserverClient(str(workdir / "datadir"), port)
+    try:
+        return client.request("GET", f"/clusters/{cluster}/nodes")["nodes"]
+    finally:
+        client.close()
+
+
 def ready_workers(kind: str, workdir: Path, port: int, cluster: str) -> int:
     """Workers Ray's updater marked `up-to-date` (their `ray start` finished)."""
     if kind == "golem":
-        client = rog.WebserverClient(str(workdir / "datadir"), port)
-        try:
-            nodes = client.request("GET", f"/clusters/{cluster}/nodes")["nodes"]
-        finally:
-            client.close()
-        tags = [n["tags"] for n in nodes]
+        tags = [n["tags"] for n in golem_nodes(workdir, port, cluster)]
     else:
         try:
             state = json.loads((workdir / "state" / "nodes.json").read_text())
@@ -134,12 +138,7 @@ def one_run(kind: str) -> tuple[float, float, dict]:
         workers = time.monotonic() - started
         steps: dict = {"head": {}, "worker": collections.defaultdict(list)}
         if kind == "golem":
-            client = rog.WebserverClient(str(workdir / "datadir"), port)
-            try:
-                nodes = client.request("GET", f"/clusters/{config['cluster_name']}/nodes")["nodes"]
-            finally:
-                client.close()
-            for node in nodes:
+            for node in golem_nodes(workdir, port, config["cluster_name"]):
                 found = bring_up_steps(node)
                 if node["tags"].get("ray-node-type") == "head":
                     found["ray up start -> [1/7] (services, market)"] = node["state_log_at"][0] - started_wall

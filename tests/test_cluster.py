@@ -149,6 +149,16 @@ class RaySession:
                 pass
         return pids
 
+    def stop_with(self, networks=()) -> None:
+        """A test's own teardown: `ray down` if still up, the webserver (it terminates the nodes),
+        then the local networks the test started itself (FaultNetwork)."""
+        if self.up and self.config is not None:
+            self.ray("down", "-y", str(self.config), timeout=300)
+            self.up = False
+        self.rog("stop", "--force", "--kill", "--datadir", str(self.datadir), "--port", str(self.port), timeout=200)
+        for network in networks:
+            network.stop()
+
     def close(self, config: Path | None) -> None:
         """`ray down` if still up, stop the webserver; then nothing of the cluster may be left."""
         pids = self.daemon_pids()
@@ -458,12 +468,7 @@ def fault_session(session: RaySession):
         return session
 
     yield start
-    # The webserver first (it terminates the nodes), then the network we started;
-    # the `session` fixture then checks that nothing is left.
-    session.rog("stop", "--force", "--kill", "--datadir", str(session.datadir), "--port", str(session.port),
-                timeout=200)
-    for network in networks:
-        network.stop()
+    session.stop_with(networks)  # the `session` fixture then checks that nothing is left
 
 
 def request_worker(session: RaySession, cluster: str, timeout: str = "60s") -> dict:

@@ -242,12 +242,7 @@ def test_fault_storm_still_yields_the_cluster(session: RaySession, tmp_path: Pat
     try:
         storm_run(session, tmp_path, population)
     finally:
-        if session.up:
-            session.ray("down", "-y", str(session.config), timeout=300)
-            session.up = False
-        session.rog("stop", "--force", "--kill", "--datadir", str(session.datadir), "--port", str(session.port),
-                    timeout=200)
-        network.stop()
+        session.stop_with([network])
     session.close(None)  # nothing of the cluster is left: no process, no daemon
     assert not processes_mentioning([str(session.datadir)])
     assert netns_list() == namespaces_before

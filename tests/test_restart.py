@@ -220,12 +220,7 @@ def test_kill_9_during_ray_submit_keeps_the_cluster(session: RaySession, tmp_pat
         assert session.db("SELECT COUNT(*) FROM activities WHERE destroyed_at IS NULL") == [(0,)]
         assert not [p for p in processes_mentioning([str(session.datadir)]) if " ssh" in p or "ssh-proxy" in p]
     finally:
-        if session.up:
-            session.ray("down", "-y", str(config), timeout=300)
-            session.up = False
-        session.rog("stop", "--force", "--kill", "--datadir", str(session.datadir), "--port", str(session.port),
-                    timeout=200)
-        network.stop()
+        session.stop_with([network])
     session.close(None)  # nothing of the cluster is left: no process, no daemon
     assert not processes_mentioning([str(session.datadir)])
     assert netns_list() == namespaces_before
