@@ -4230,10 +4230,28 @@ class Cluster:
         self.lock = asyncio.Lock()
         self.number = runtime.get("number") or len(service.clusters) % 254 + 1  # its VPN: 10.<number>.0.0/16
         self.keys = ClusterKeys(service.yagna.datadir, name)
+        # What `ray-on-golem autostop` set for this session of the cluster ({"setting": dict | None}),
+        # which outlives a webserver restart; None: the YAML's setting applies.
+        self.autostop_override: dict | None = runtime.get("autostop_override")
 
     def runtime_record(self) -> dict:
         """What a restarted webserver needs to re-adopt the cluster (ClusterRecords.cluster_runtime)."""
-        return {"number": self.number, "network_id": self.vpn.id if self.vpn is not None else None}
+        return {"number": self.number, "network_id": self.vpn.id if self.vpn is not None else None,
+                "autostop_override": self.autostop_override}
+
+    def current_autostop(self) -> dict | None:
+        """The autostop this cluster runs under: what the CLI set last, else its YAML's."""
+        if self.autostop_override is not None:
+            return self.autostop_override["setting"]
+        return autostop_setting(self.parameters.get("autostop"))
+
+    def override_autostop(self, setting: dict | None) -> None:
+        """`ray-on-golem autostop` (setting None: cancelled), kept until the cluster's session ends."""
+        self.autostop_override = {"setting": setting}
+
+    def new_session(self) -> None:
+        """The first node of a new session (no live node): what the CLI set for the last one is gone."""
+        self.autostop_override = None
 
     async def readopt_vpn(self, network_id: str | None) -> None:
         """Re-attach the VPN a previous webserver made (by its recorded id), with its addresses taken:
@@ -4510,7 +4528,7 @@ class ClusterService:
             for node in list(cluster.nodes.values()):
                 await self.provisioner.readopt(node, rows[node.node_id])
             if any(n.alive for n in cluster.nodes.values()):
-                self.autostop.configure(cluster, autostop_setting(record["parameters"].get("autostop")))
+                self.autostop.configure(cluster, cluster.current_autostop())
             else:
                 asyncio.create_task(self.provisioner.end_cluster(cluster))
             self.log.info("cluster %s re-adopted: %s", name, cluster.counts())
@@ -4631,6 +4649,7 @@ class ClusterService:
         if cluster is None:
             cluster = self.clusters[cluster_name] = Cluster(self, cluster_name, parameters)
         if not any(n.alive for n in cluster.nodes.values()):
+            cluster.new_session()
             self.autostop.configure(cluster, autostop)  # a new session of the cluster: its YAML's setting
         self.records.cluster(cluster_name, network, parameters)  # (again) running
         self.records.cluster_runtime(cluster_name, cluster.runtime_record())
@@ -4666,6 +4685,8 @@ class ClusterService:
         setting = None
         if idle_minutes is not None:
             setting = autostop_setting({"idle_minutes": idle_minutes, "down": down}, "autostop")
+        cluster.override_autostop(setting)
+        self.records.cluster_runtime(cluster_name, cluster.runtime_record())  # a restart keeps it
         return self.autostop.configure(cluster, setting)
 
     def stop_node(self, node: ClusterNode, message: str, error: str | None = None) -> None:

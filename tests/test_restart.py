@@ -94,6 +94,8 @@ def test_restart_readopts_the_live_node_and_pays_what_came_meanwhile(fault_sessi
     [(agreement_id,)] = session.db("SELECT agreement_id FROM agreements WHERE terminated_at IS NULL")
     wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE status = 'accepted'")[0][0] >= 1, 30,
              what="a first debit note accepted")
+    # `ray-on-golem autostop` changes the cluster's setting; the restart keeps it (not the YAML's).
+    session.api("POST", "/clusters/keep/autostop", {"idle_minutes": 90, "down": False})
     stop(session)
     notes_before = session.localnet_state()["debit_notes"]
     wait_for(lambda: session.localnet_state()["debit_notes"] >= notes_before + 2, 30,
@@ -105,6 +107,8 @@ def test_restart_readopts_the_live_node_and_pays_what_came_meanwhile(fault_sessi
     assert (after["provider_id"], after["internal_ip"]) == (before["provider_id"], before["internal_ip"])
     assert after["state_log"][-1].startswith("Re-adopted after the webserver restarted")
     assert [n["node_id"] for n in session.api("GET", "/clusters/keep/nodes")["nodes"]] == [node["node_id"]]
+    autostop = session.api("GET", "/status")["autostop"]["keep"]
+    assert (autostop["idle_minutes"], autostop["down"]) == (90, False), autostop
     # The notes that came meanwhile are settled, and the next ones too: every note the network
     # issued is in the ledger, accepted, and none paid twice (the ledger equals the wallet).
     notes_after = session.localnet_state()["debit_notes"]
