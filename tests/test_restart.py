@@ -95,7 +95,7 @@ def test_restart_readopts_the_live_node_and_pays_what_came_meanwhile(fault_sessi
     wait_for(lambda: session.db("SELECT COUNT(*) FROM ledger WHERE status = 'accepted'")[0][0] >= 1, 30,
              what="a first debit note accepted")
     # `ray-on-golem autostop` changes the cluster's setting; the restart keeps it (not the YAML's).
-    session.api("POST", "/clusters/keep/autostop", {"idle_minutes": 90, "down": False})
+    session.api("POST", "/clusters/keep/autostop", {"idle_minutes": 90.0, "down": False})
     stop(session)
     notes_before = session.localnet_state()["debit_notes"]
     wait_for(lambda: session.localnet_state()["debit_notes"] >= notes_before + 2, 30,
