@@ -1071,8 +1071,8 @@ def load_cluster_config(source) -> ClusterConfig:
         if parameters.get("payment_network") != "local" and _has(provider.get("parameters"), "local_network"):
             warnings.append("provider.parameters.local_network is used only with payment_network: local; ignored")
         if _has(provider.get("parameters"), "ray_gcs_expose_port"):
-            warnings.append("provider.parameters.ray_gcs_expose_port is not used: no local port of a fixed "
-                            "number is bound for Ray's GCS (each cluster's ports are picked free)")
+            warnings.append("provider.parameters.ray_gcs_expose_port is not used: no local port is bound for "
+                            "Ray's GCS (`ray up` forwards the head's Ray client and dashboard to free local ports)")
         if parameters.get("payment_network") == "polygon":
             warnings.append("payment_network: polygon spends real GLM (mainnet)")
 
